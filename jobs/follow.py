@@ -1,0 +1,86 @@
+"""Following a run from its run folder: a live bar on a terminal, plain periodic lines in a log or CI.
+
+Everything shown is read from the run folder (metrics.jsonl, events.jsonl, run.json), so following looks the
+same whatever target runs the job.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+
+PLAIN_EVERY_S = 10.0
+
+
+class RunFollower:
+    def __init__(self, run: RunFolder, console: Console):
+        self.run, self.console = run, console
+        self.metrics_seen = self.events_seen = 0
+        self.last: dict = {}
+        self.first_eval: float | None = None
+        self.last_eval: float | None = None
+        self._last_plain = 0.0
+
+    def follow(self, is_done: Callable[[], bool], poll_s: float = 0.5) -> dict:
+        """Show progress until ``is_done()`` and the run has a final state; returns run.json."""
+        live = self.console.is_terminal
+        with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=self.console, disable=not live, transient=False) as bar:
+            task = bar.add_task("train", total=None, info="waiting for workers")
+            while True:
+                done = is_done()
+                self._drain(bar, task, live)
+                if done:
+                    break
+                time.sleep(poll_s)
+        return self.run.read_json("run.json")
+
+    def _drain(self, bar: Progress, task, live: bool) -> None:
+        events = self.run.read_jsonl("events.jsonl")
+        for event in events[self.events_seen:]:
+            self._show_event(event)
+        self.events_seen = len(events)
+        metrics = self.run.read_jsonl("metrics.jsonl")
+        for record in metrics[self.metrics_seen:]:
+            self._take_metrics(record)
+        self.metrics_seen = len(metrics)
+        if "loss" in self.last:
+            total = self.last.get("total_steps")
+            bar.update(task, total=total, completed=self.last["step"], info=self._train_info())
+            if not live and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+                self._last_plain = time.monotonic()
+                self.console.print(f"train  step {self.last['step']}/{total}  {self._train_info()}")
+
+    def _take_metrics(self, record: dict) -> None:
+        if "eval_loss" in record:
+            if self.first_eval is None:
+                self.first_eval = record["eval_loss"]
+            self.last_eval = record["eval_loss"]
+            self.console.print(f"eval   step {record['step']}  loss {record['eval_loss']:.4f}  "
+                               f"perplexity {record['eval_perplexity']:.2f}")
+        else:
+            self.last = record
+
+    def _train_info(self) -> str:
+        return f"loss {self.last['loss']:.4f}  lr {self.last['lr']:.2e}  {self.last['tokens_per_s']:,.0f} tok/s"
+
+    def _show_event(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "data_prepared":
+            self.console.print(f"data   {event['records_read']:,} records → {event['train_records']:,} train, "
+                               f"{event['eval_records']:,} eval")
+        elif kind == "training_started":
+            self.console.print(f"train  {event['total_steps']} steps on {event['world_size']} workers"
+                               + (f", resuming at step {event['start_step']}" if event["start_step"] else ""))
+        elif kind == "checkpoint_saved":
+            self.console.print(f"ckpt   step {event['step']}  ✓ {event['files']} files, sha256 manifest written")
+        elif kind in ("checkpoint_skipped", "resumed"):
+            self.console.print(f"ckpt   {kind.replace('_', ' ')}: {event.get('detail') or event.get('checkpoint')}")
+
+
+def is_finished(run: RunFolder) -> bool:
+    return run.read_json("run.json").get("state") in TERMINAL_STATES

@@ -1,0 +1,191 @@
+"""From a validated `JobSpec` to the `ResolvedJob`: every default filled in, paths absolute, method concrete.
+
+The resolved job is the only thing that crosses from the submitter to the workers; it is written into the run
+folder as ``job.yaml``. Planning is pure and fast: no torch, no Ray, no network.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from tunerun.jobs.errors import Problem, SpecError
+from tunerun.jobs.spec import JobSpec
+
+TUNERUN_VERSION = "0.1.0"
+
+
+class StepPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    world_size: int
+    micro_batch_size: int
+    grad_accumulation: int
+    global_batch_size: int
+    train_records_estimate: int | None  # before cleaning and split; the trainer recounts after preparation
+    steps_per_epoch_estimate: int | None
+    total_steps_estimate: int | None
+
+
+class ResolvedJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    spec: JobSpec
+    steps: StepPlan
+    deepspeed: dict | None  # the exact DeepSpeed config the workers pass to deepspeed.initialize
+    tunerun_version: str = TUNERUN_VERSION
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.spec.storage.uri.rstrip('/')}/{self.run_id}"
+
+
+def new_run_id(name: str, now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{name}-{now:%Y%m%d-%H%M%S}"
+
+
+def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> ResolvedJob:
+    """Fill in what the spec leaves implicit. Raises SpecError for what can only be checked here."""
+    problems: list[Problem] = []
+    spec = _absolute_paths(spec, problems)
+    if spec.method.kind == "auto":
+        problems.append(Problem("method.kind", "'auto' needs the memory planner, which is not available yet; "
+                                "choose full, lora or qlora"))
+    if problems:
+        raise SpecError(source, problems)
+    return ResolvedJob(
+        run_id=run_id or new_run_id(spec.name),
+        spec=spec,
+        steps=_step_plan(spec),
+        deepspeed=deepspeed_config(spec),
+    )
+
+
+def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
+    """Relative paths are relative to the directory the command runs in (as in Axolotl and LLaMA-Factory)."""
+    model_path = Path(spec.model.path).expanduser()
+    if not _is_remote(spec.model.path):
+        if not (model_path / "config.json").is_file():
+            what = "does not exist" if not model_path.exists() else "has no config.json"
+            problems.append(Problem("model.path", f"{model_path.resolve()} {what}; expected a Hugging Face model "
+                                    "folder (config.json, weights, tokenizer)"))
+        model_path = model_path.resolve()
+    data = spec.data.model_copy(update={
+        "train": _absolute(spec.data.train),
+        "eval": _absolute(spec.data.eval) if spec.data.eval else None,
+    })
+    for field, value in (("data.train", data.train), ("data.eval", data.eval)):
+        if value and not _is_remote(value) and not local_files(value):
+            problems.append(Problem(field, f"no file matches {value}; paths are relative to the current directory"))
+    storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
+    if _is_remote(storage.uri):
+        problems.append(Problem("storage.uri", "S3 storage is not available yet; use a local folder such as ./runs"))
+    model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path})
+    return spec.model_copy(update={"model": model, "data": data, "storage": storage, "method": _method_blocks(spec)})
+
+
+def _method_blocks(spec: JobSpec):
+    """Keep only the settings blocks the chosen method uses, so the resolved job shows what applies."""
+    kind = spec.method.kind
+    return spec.method.model_copy(update={
+        "lora": spec.method.lora if kind in ("lora", "qlora") else None,
+        "quantization": spec.method.quantization if kind == "qlora" else None,
+        "zero": spec.method.zero if kind == "full" else None,
+    })
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def _absolute(path: str) -> str:
+    return path if _is_remote(path) else str(Path(path).expanduser().absolute())
+
+
+def local_files(pattern: str) -> list[Path]:
+    """The files an absolute path or glob names, sorted."""
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+
+
+def _step_plan(spec: JobSpec) -> StepPlan:
+    records = count_records(spec.data.train)
+    train_records = steps_per_epoch = total = None
+    if records is not None:
+        held_out = 0 if spec.data.eval else (max(1, round(records * spec.data.eval_fraction))
+                                             if spec.data.eval_fraction > 0 and records >= 2 else 0)
+        train_records = records - held_out
+        steps_per_epoch = max(1, math.ceil(train_records / spec.training.global_batch_size))
+    if spec.training.max_steps:
+        total = spec.training.max_steps
+    elif steps_per_epoch:
+        total = steps_per_epoch * spec.training.epochs
+    return StepPlan(
+        world_size=spec.resources.num_workers,
+        micro_batch_size=spec.training.micro_batch_size,
+        grad_accumulation=spec.grad_accumulation,
+        global_batch_size=spec.training.global_batch_size,
+        train_records_estimate=train_records,
+        steps_per_epoch_estimate=steps_per_epoch,
+        total_steps_estimate=total,
+    )
+
+
+def count_records(pattern: str) -> int | None:
+    """Records in local JSONL/JSON files, counted cheaply (None for remote data or other formats)."""
+    if _is_remote(pattern):
+        return None
+    total = 0
+    for file in local_files(pattern):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if file.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                total += len(json.loads(text))
+            except json.JSONDecodeError:
+                return None
+        else:
+            total += sum(1 for line in text.splitlines() if line.strip())
+    return total
+
+
+def deepspeed_config(spec: JobSpec) -> dict | None:
+    """The DeepSpeed JSON for `full` runs, generated from the spec (users never write it by hand)."""
+    if spec.method.kind != "full":
+        return None
+    zero = spec.method.zero
+    training = spec.training
+    optimization: dict = {
+        "stage": zero.stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
+    if zero.offload_optimizer:
+        optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_worker > 0}
+    if zero.offload_params:
+        optimization["offload_param"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_worker > 0}
+    if zero.stage == 3:
+        # Lets rank 0 write a consolidated 16-bit state dict for export without zero_to_fp32.
+        optimization["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": training.global_batch_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accumulation,
+        "gradient_clipping": training.max_grad_norm,
+        "zero_optimization": optimization,
+        "bf16": {"enabled": spec.model.dtype == "bfloat16"},
+        "fp16": {"enabled": spec.model.dtype == "float16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": training.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
+                       "weight_decay": training.weight_decay},
+        },
+        "steps_per_print": 10**9,  # tunerun reports progress itself
+        "wall_clock_breakdown": False,
+    }

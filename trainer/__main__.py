@@ -1,0 +1,5 @@
+import sys
+
+from tunerun.trainer.entrypoint import main
+
+sys.exit(main())

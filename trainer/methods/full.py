@@ -16,7 +16,11 @@ _live_ds_config: list[HfDeepSpeedConfig] = []
 
 
 def load_model(job: ResolvedJob) -> torch.nn.Module:
+    import deepspeed
+
     spec = job.spec
+    # Adopts the process group Ray Train already set up; DeepSpeed's batch arithmetic needs its world size.
+    deepspeed.init_distributed()
     _live_ds_config[:] = [HfDeepSpeedConfig(job.deepspeed)]
     model = AutoModelForCausalLM.from_pretrained(
         spec.model.path, dtype=torch_dtype(spec.model.dtype), trust_remote_code=spec.model.trust_remote_code

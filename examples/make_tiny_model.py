@@ -88,6 +88,10 @@ def make_tiny_model(out_dir, corpus_files: list[Path] | None = None, vocab_size:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # With the default 0.02 init a frozen random head caps logits near ±1.3, so LoRA/QLoRA (which keep the
+        # head frozen) could never predict confidently. A pretrained model's head has large norms; so does this.
+        model.lm_head.weight.normal_(0.0, 0.5)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, max_new_tokens=32, do_sample=False,

@@ -142,8 +142,14 @@ def _print_outcome(job, run_folder, info, follower) -> None:
     if info.get("error_kind") == "user":
         err_console.print(f"[red]error[/red] {info.get('error')}", soft_wrap=True)
     else:
-        err_console.print(f"[red]failed[/red] {info.get('error', 'the run failed')}; "
-                          f"see {run_folder.file('logs/driver.log')}", soft_wrap=True)
+        err_console.print(f"[red]failed[/red] {_last_line(info.get('error', 'the run failed'))}; "
+                          f"full traceback in {run_folder.file('logs/driver.log')}", soft_wrap=True)
+
+
+def _last_line(error: str) -> str:
+    """Worker tracebacks arrive inside the error text; the last line names the actual exception."""
+    lines = [line.strip() for line in error.splitlines() if line.strip() and not line.startswith(" ")]
+    return (lines[-1] if lines else error)[:500]
 
 
 @main.command()

@@ -41,13 +41,12 @@ class RunFollower:
 
     def _drain(self, bar: Progress, task, live: bool) -> None:
         events = self.run.read_jsonl("events.jsonl")
-        for event in events[self.events_seen:]:
-            self._show_event(event)
-        self.events_seen = len(events)
         metrics = self.run.read_jsonl("metrics.jsonl")
-        for record in metrics[self.metrics_seen:]:
-            self._take_metrics(record)
-        self.metrics_seen = len(metrics)
+        fresh = [(e["time"], 0, e) for e in events[self.events_seen:]]
+        fresh += [(m["time"], 1, m) for m in metrics[self.metrics_seen:]]
+        self.events_seen, self.metrics_seen = len(events), len(metrics)
+        for _, is_metric, record in sorted(fresh, key=lambda item: item[:2]):
+            self._take_metrics(record) if is_metric else self._show_event(record)
         if "loss" in self.last:
             total = self.last.get("total_steps")
             bar.update(task, total=total, completed=self.last["step"], info=self._train_info())

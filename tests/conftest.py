@@ -34,3 +34,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def example_module():
     """``example_module("make_support_data")`` imports that script from examples/."""
     return load_example
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is present (a lent GPU machine) and skip, saying why, everywhere else."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

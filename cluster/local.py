@@ -22,11 +22,14 @@ NAME = "local"
 def create_run(job: ResolvedJob, target: str) -> RunFolder:
     """Write the resolved job and the initial run.json: the run exists from here on."""
     run = RunFolder(job.spec.storage.uri, job.run_id)
+    relaunch = run.exists("run.json")
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    fields = {} if relaunch else {"created_at": time.time()}
+    # A relaunched run id keeps its data and checkpoints: training resumes from the newest complete one.
     run.update_run_info(run_id=job.run_id, name=job.spec.name, state="pending", target=target,
-                        method=job.spec.method.kind, created_at=time.time(),
-                        workers=job.spec.resources.num_workers)
-    run.event("run_created", target=target)
+                        method=job.spec.method.kind, workers=job.spec.resources.num_workers,
+                        error=None, error_kind=None, **fields)
+    run.event("run_relaunched" if relaunch else "run_created", target=target)
     return run
 
 

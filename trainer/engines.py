@@ -172,6 +172,16 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder), tag="deepspeed")
 
     def load_state(self, folder: Path) -> None:
+        # DeepSpeed's own loader unpickles freely (weights_only=False); read its files as plain tensors instead,
+        # allowing only the plain-data classes DeepSpeed stores in its optimizer states.
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        def load(path, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+        self.engine.checkpoint_engine.load = load
         path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")

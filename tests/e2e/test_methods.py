@@ -62,6 +62,21 @@ def assert_complete_checkpoints(run: Path, expected_steps: list[int]) -> None:
         assert any(entry["path"] == "progress.json" for entry in manifest["files"])
 
 
+def assert_relaunch_resumes(tmp_path: Path, tiny_model_dir: Path, run: Path, overrides: list[str],
+                            from_step: int, to_step: int) -> None:
+    """Launching the same run id again continues from the newest complete checkpoint, not from step 0."""
+    before = train_losses(run)
+    result, _ = run_job(tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}")
+    assert_run_succeeded(result, run)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[-1]["step"] == from_step, resumed
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(from_step + 1) == 1  # nothing before the checkpoint was trained twice
+    after = train_losses(run)[len(before):]
+    assert after[0] < before[0], (before, after)  # the curve continues rather than restarts
+
+
 def assert_loss_falls(run: Path) -> None:
     losses = train_losses(run)
     assert len(losses) >= 6
@@ -83,20 +98,22 @@ def test_lora_quickstart_trains_and_held_out_loss_falls(tmp_path, tiny_model_dir
 
 
 def test_qlora_trains_4bit_base_with_adapters(tmp_path, tiny_model_dir):
-    result, run = run_job(tmp_path, tiny_model_dir, "method.kind=qlora",
-                          "method.quantization={quant_type: nf4, double_quant: true, compute_dtype: bfloat16}",
-                          "training.max_steps=8", "checkpoint.every_steps=4", "eval.every_steps=8")
+    method = ["method.kind=qlora",
+              "method.quantization={quant_type: nf4, double_quant: true, compute_dtype: bfloat16}",
+              "checkpoint.every_steps=4", "eval.every_steps=8"]
+    result, run = run_job(tmp_path, tiny_model_dir, *method, "training.max_steps=8")
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     assert_complete_checkpoints(run, [4, 8])
+    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)
     config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
 
 
 def test_full_zero3_trains_and_exports_loadable_weights(tmp_path, tiny_model_dir):
-    result, run = run_job(tmp_path, tiny_model_dir, "method={kind: full, zero: {stage: 3}}",
-                          "training.learning_rate=1e-3", "training.max_steps=8",
-                          "checkpoint.every_steps=4", "eval.every_steps=8")
+    method = ["method={kind: full, zero: {stage: 3}}", "training.learning_rate=1e-3",
+              "checkpoint.every_steps=4", "eval.every_steps=8"]
+    result, run = run_job(tmp_path, tiny_model_dir, *method, "training.max_steps=8")
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     assert_complete_checkpoints(run, [4, 8])
@@ -110,3 +127,5 @@ def test_full_zero3_trains_and_exports_loadable_weights(tmp_path, tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = [n for n, p in tuned.state_dict().items() if not p.equal(base.state_dict()[n])]
     assert len(changed) > 10
+
+    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)

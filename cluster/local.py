@@ -61,14 +61,16 @@ def cancel(run: RunFolder, grace_s: float = 20.0) -> bool:
     pid = run.read_json("run.json").get("local", {}).get("pid")
     if not pid or not _alive(pid):
         return False
+    run.event("cancel_requested")
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     if _alive(pid):
         os.killpg(pid, signal.SIGKILL)
-    run.update_run_info(state="cancelled", finished_at=time.time())
-    run.event("run_cancelled")
+    if run.read_json("run.json").get("state") not in TERMINAL_STATES:  # the driver had no chance to say so
+        run.update_run_info(state="cancelled", finished_at=time.time())
+        run.event("run_cancelled")
     return True
 
 

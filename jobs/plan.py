@@ -6,6 +6,7 @@ folder as ``job.yaml``. Planning is pure and fast: no torch, no Ray, no network.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 from pathlib import Path
@@ -80,8 +81,12 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
         "eval": _absolute(spec.data.eval) if spec.data.eval else None,
     })
     for field, value in (("data.train", data.train), ("data.eval", data.eval)):
-        if value and not _is_remote(value) and not local_files(value):
+        if not value or _is_remote(value):
+            continue
+        if not local_files(value):
             problems.append(Problem(field, f"no file matches {value}; paths are relative to the current directory"))
+        elif count_records(value) == 0:
+            problems.append(Problem(field, f"{value} holds no records; expected one JSON object per line"))
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
     if _is_remote(storage.uri):
         problems.append(Problem("storage.uri", "S3 storage is not available yet; use a local folder such as ./runs"))
@@ -138,6 +143,7 @@ def _step_plan(spec: JobSpec) -> StepPlan:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def count_records(pattern: str) -> int | None:
     """Records in local JSONL/JSON files, counted cheaply (None for remote data or other formats)."""
     if _is_remote(pattern):

@@ -38,10 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         _finish(run, "failed", error=str(exc), error_kind="user")
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except BaseException as exc:  # noqa: BLE001 - the run folder must say the run ended, whatever happened
-        state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+    except (KeyboardInterrupt, SystemExit):
+        # `tunerun cancel` / Ctrl-C: SIGTERM reaches us as SystemExit once Ray has installed its handler.
+        _finish(run, "cancelled")
+        return EXIT_INTERNAL_ERROR
+    except Exception as exc:  # noqa: BLE001 - the run folder must say the run ended, whatever happened
         traceback.print_exc()
-        _finish(run, state, error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
+        _finish(run, "failed", error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
         return EXIT_INTERNAL_ERROR
     _finish(run, "succeeded")
     return 0

@@ -21,6 +21,7 @@ class RunFollower:
         self.run, self.console = run, console
         self.metrics_seen = self.events_seen = 0
         self.last: dict = {}
+        self.first_train: dict | None = None
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self._last_plain = 0.0
@@ -62,10 +63,24 @@ class RunFollower:
             self.console.print(f"eval   step {record['step']}  loss {record['eval_loss']:.4f}  "
                                f"perplexity {record['eval_perplexity']:.2f}")
         else:
+            self.first_train = self.first_train or record
             self.last = record
 
     def _train_info(self) -> str:
-        return f"loss {self.last['loss']:.4f}  lr {self.last['lr']:.2e}  {self.last['tokens_per_s']:,.0f} tok/s"
+        info = f"loss {self.last['loss']:.4f}  lr {self.last['lr']:.2e}  {self.last['tokens_per_s']:,.0f} tok/s"
+        return info + (f"  eta {self._eta()}" if not self.console.is_terminal else "")
+
+    def _eta(self) -> str:
+        """From the pace since this follower first saw a step (a resumed run's earlier steps don't count)."""
+        first = self.first_train or self.last
+        steps_done = self.last["step"] - first["step"]
+        if steps_done <= 0:
+            return "?"
+        pace = (self.last["elapsed_s"] - first["elapsed_s"]) / steps_done
+        if pace < 0:  # the worker group restarted and its clock with it
+            return "?"
+        left = int(pace * (self.last["total_steps"] - self.last["step"]))
+        return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
     def _show_event(self, event: dict) -> None:
         kind = event["event"]

@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
         ids = schedule.micro_batches(progress.step, rank)
         micro = [collate([train_set[i] for i in batch], tokenizer.pad_token_id) for batch in ids]
         loss = engine.train_step(micro)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        tokens = sum(_tokens_in(b) for b in micro)
         loss, tokens = _all_reduce_mean_and_sum(loss, tokens)
         progress = ckpt.Progress(progress.step + 1, schedule.epoch_of(progress.step), progress.tokens_seen + tokens)
         elapsed = time.perf_counter() - started
@@ -122,6 +122,12 @@ def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int,
         _barrier()
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _tokens_in(batch: dict) -> int:
+    """Real (non-padding) tokens; packed batches carry no attention mask because they have no padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _all_reduce_mean_and_sum(loss: float, tokens: int) -> tuple[float, int]:

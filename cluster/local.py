@@ -7,49 +7,86 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
 from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
 
 NAME = "local"
 
 
-def create_run(job: ResolvedJob, target: str) -> RunFolder:
-    """Write the resolved job and the initial run.json: the run exists from here on."""
-    run = RunFolder(job.spec.storage.uri, job.run_id)
-    relaunch = run.exists("run.json")
+def create_run(job: ResolvedJob, target: str, resume: bool = False) -> RunFolder:
+    """Write the resolved job and the initial run.json: the run exists from here on.
+
+    An existing run id is only taken over with ``resume`` (or by a target restarting the same job, such as a
+    Slurm requeue): a finished run is never overwritten by accident.
+    """
+    if job.spec.storage.is_s3:
+        from tunerun.cluster.s3 import check_access
+
+        check_access(job.spec.storage)  # bad credentials or a missing bucket fail here, before anything starts
+    run = RunFolder(job.spec.storage, job.run_id)
+    exists = run.exists("run.json")
+    if exists and not resume:
+        state = run.read_json("run.json").get("state")
+        raise TargetError(f"run {job.run_id} already exists in {job.spec.storage.uri} (state {state}); "
+                          f"continue it with --resume {job.run_id}, or choose another --run-id")
+    if resume and not exists:
+        raise TargetError(f"--resume {job.run_id}: no such run in {job.spec.storage.uri}")
+    if resume and status(run).get("state") in ("pending", "running"):
+        raise TargetError(f"run {job.run_id} is still running; cancel it first (tunerun cancel {job.run_id})")
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    fields = {} if relaunch else {"created_at": time.time()}
-    # A relaunched run id keeps its data and checkpoints: training resumes from the newest complete one.
+    fields = {} if exists else {"created_at": time.time()}
+    # A resumed run keeps its data and checkpoints: training continues from the newest complete one.
     run.update_run_info(run_id=job.run_id, name=job.spec.name, state="pending", target=target,
                         method=job.spec.method.kind, workers=job.spec.resources.num_workers,
                         error=None, error_kind=None, **fields)
-    run.event("run_relaunched" if relaunch else "run_created", target=target)
+    run.event("run_resumed" if exists else "run_created", target=target)
+    run.flush()
     return run
 
 
-def submit(job: ResolvedJob) -> tuple[RunFolder, subprocess.Popen]:
-    run = create_run(job, NAME)
-    log_path = run.file("logs/driver.log")
+def driver_log_path(run: RunFolder) -> Path:
+    """Where the driver's output goes: in the run folder when it is local, else a local spool uploaded at the end."""
+    if run.is_local:
+        return run.local_path("logs/driver.log")
+    cache = Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
+    return cache / "logs" / run.run_id / "driver.log"
+
+
+def submit(job: ResolvedJob, resume: bool = False) -> tuple[RunFolder, subprocess.Popen]:
+    run = create_run(job, NAME, resume)
+    log_path = driver_log_path(run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tunerun.trainer", run.uri()]
+    if job.spec.storage.endpoint_url:
+        command += ["--endpoint-url", job.spec.storage.endpoint_url]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tunerun.trainer", str(run.path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "TUNERUN_DRIVER_LOG": str(log_path)},
             start_new_session=True,  # its own process group: cancel stops Ray workers too
         )
-    run.update_run_info(local={"pid": process.pid, "log": str(log_path)})
+    run.update_run_info(local={"pid": process.pid, "log": str(log_path), "host": socket.gethostname()})
     return run, process
+
+
+def _driver_pid(info: dict) -> int | None:
+    """The local driver's pid, if it ran on this host (a run folder on S3 is seen from many machines)."""
+    local = info.get("local") or {}
+    return local.get("pid") if local.get("host", socket.gethostname()) == socket.gethostname() else None
 
 
 def status(run: RunFolder) -> dict:
     info = run.read_json("run.json")
-    pid = info.get("local", {}).get("pid")
+    pid = _driver_pid(info)
     if info.get("state") not in TERMINAL_STATES and pid and not _alive(pid):
         info["state"] = "failed"
         info["error"] = "the driver process is gone without recording an outcome; see logs/driver.log"
@@ -58,7 +95,7 @@ def status(run: RunFolder) -> dict:
 
 def cancel(run: RunFolder, grace_s: float = 20.0) -> bool:
     """SIGTERM the driver's process group, then SIGKILL after ``grace_s``. True if something was running."""
-    pid = run.read_json("run.json").get("local", {}).get("pid")
+    pid = _driver_pid(run.read_json("run.json"))
     if not pid or not _alive(pid):
         return False
     run.event("cancel_requested")

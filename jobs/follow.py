@@ -17,17 +17,20 @@ PLAIN_EVERY_S = 10.0
 
 
 class RunFollower:
-    def __init__(self, run: RunFolder, console: Console):
+    def __init__(self, run: RunFolder, console: Console, from_start: bool = True):
         self.run, self.console = run, console
         self.metrics_seen = self.events_seen = 0
+        if not from_start:  # a resumed run: show only what happens from now on
+            self.events_seen = len(run.read_jsonl("events.jsonl"))
+            self.metrics_seen = len(run.read_jsonl("metrics.jsonl"))
         self.last: dict = {}
         self.first_train: dict | None = None
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self._last_plain = 0.0
 
-    def follow(self, is_done: Callable[[], bool], poll_s: float = 0.5) -> dict:
-        """Show progress until ``is_done()`` and the run has a final state; returns run.json."""
+    def follow(self, is_done: Callable[[], bool], poll_s: float = 0.5) -> None:
+        """Show progress until ``is_done()``, then everything the run recorded up to that moment."""
         live = self.console.is_terminal
         with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=self.console, disable=not live, transient=False) as bar:
@@ -38,7 +41,6 @@ class RunFollower:
                 if done:
                     break
                 time.sleep(poll_s)
-        return self.run.read_json("run.json")
 
     def _drain(self, bar: Progress, task, live: bool) -> None:
         events = self.run.read_jsonl("events.jsonl")

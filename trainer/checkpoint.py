@@ -1,8 +1,9 @@
 """Checkpoints in the run folder: ``checkpoints/step-000200/`` with ``manifest.json`` written last.
 
 A checkpoint is complete only when its manifest exists and every file matches its size and sha256; anything
-else (a crash mid-save, a partial upload) is never resumed from. Ray Train persists the files each rank
-wrote; rank 0 writes the manifest after a barrier, so it always describes every rank's files.
+else (a crash mid-save, a partial upload) is never resumed from. Each rank hashes the files it wrote, Ray Train
+persists them (to a local folder or object storage), and rank 0 writes the manifest after a barrier, once it
+has checked that every rank's files arrived: the manifest is the last object written.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from tunerun.cluster.storage import RunFolder
+from tunerun.jobs.errors import StorageError
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -29,6 +33,7 @@ class Progress:
     step: int
     epoch: int
     tokens_seen: int
+    world_size: int = 0  # 0: not recorded
 
 
 def sha256_of(path: Path) -> str:
@@ -39,27 +44,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, step: int) -> dict:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "step": step,
-        "files": [{"path": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": sha256_of(p)}
-                  for p in files],
-    }
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(folder / MANIFEST)
+def file_digests(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of the files one rank wrote for a checkpoint."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_manifest(run: RunFolder, name: str, step: int, digests: dict[str, dict]) -> dict:
+    """Rank 0, after every rank's files are persisted: check they all arrived, then write the manifest."""
+    stored = run.list_files(name)
+    for path, entry in digests.items():
+        if stored.get(path) != entry["size"]:
+            raise StorageError(f"checkpoint {name}: {path} is missing or incomplete on the store "
+                               f"({stored.get(path)} of {entry['size']} bytes)")
+    manifest = {"step": step, "files": [{"path": p, **e} for p, e in sorted(digests.items())]}
+    run.write_json(f"{name}/{MANIFEST}", manifest)
     return manifest
 
 
-def verify(folder: Path) -> str | None:
-    """None when the checkpoint is complete, else why it is not."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest (incomplete save)"
-    except json.JSONDecodeError:
-        return "manifest is not valid JSON"
+def verify(folder: Path, manifest: dict | None = None) -> str | None:
+    """None when the checkpoint in ``folder`` is complete, else why it is not."""
+    if manifest is None:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except FileNotFoundError:
+            return "no manifest (incomplete save)"
+        except json.JSONDecodeError:
+            return "manifest is not valid JSON"
     for entry in manifest["files"]:
         path = folder / entry["path"]
         if not path.is_file():
@@ -69,16 +80,54 @@ def verify(folder: Path) -> str | None:
     return None
 
 
-def latest_complete(run_path: Path) -> tuple[Path | None, list[str]]:
-    """The newest complete checkpoint, and a note for each newer one that was skipped."""
+def latest_complete(run: RunFolder, scratch: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint as a local folder (downloaded into ``scratch`` from object storage),
+    and a note for each newer one that was skipped and why."""
     skipped = []
-    folders = sorted((run_path / "checkpoints").glob(f"{PREFIX}*"), reverse=True)
-    for folder in folders:
-        problem = verify(folder)
+    for name in sorted(run.list_dir("checkpoints"), reverse=True):
+        if not name.startswith(PREFIX):
+            continue
+        key = f"checkpoints/{name}"
+        problem, folder = _fetch_verified(run, key, scratch / name)
         if problem is None:
             return folder, skipped
-        skipped.append(f"{folder.name}: {problem}")
+        skipped.append(f"{name}: {problem}")
     return None, skipped
+
+
+def _fetch_verified(run: RunFolder, key: str, local: Path) -> tuple[str | None, Path]:
+    if not run.exists(f"{key}/{MANIFEST}"):
+        return "no manifest (incomplete save)", local
+    try:
+        manifest = run.read_json(f"{key}/{MANIFEST}")
+    except json.JSONDecodeError:
+        return "manifest is not valid JSON", local
+    stored = run.list_files(key)
+    for entry in manifest["files"]:  # sizes first: a cheap listing catches missing and truncated objects
+        if stored.get(entry["path"]) != entry["size"]:
+            return f"{entry['path']} is missing or has the wrong size", local
+    folder = run.local_path(key) if run.is_local else run.download_dir(key, local)
+    return verify(folder, manifest), folder
+
+
+def saved_world_size(run: RunFolder) -> int | None:
+    """World size recorded by the newest checkpoint that has a manifest (None when there is none)."""
+    for name in sorted(run.list_dir("checkpoints"), reverse=True):
+        key = f"checkpoints/{name}"
+        if name.startswith(PREFIX) and run.exists(f"{key}/{MANIFEST}"):
+            return json.loads(run.read_text(f"{key}/progress.json")).get("world_size") or None
+    return None
+
+
+def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:
+    """Delete checkpoint folders older than ``before_step`` that never got a manifest (a crash mid-save)."""
+    removed = []
+    for name in run.list_dir("checkpoints"):
+        if name.startswith(PREFIX) and int(name[len(PREFIX):]) < before_step \
+                and not run.exists(f"checkpoints/{name}/{MANIFEST}"):
+            run.delete(f"checkpoints/{name}")
+            removed.append(name)
+    return removed
 
 
 def save_progress(folder: Path, progress: Progress, rank: int) -> None:

@@ -38,6 +38,7 @@ class ResolvedJob(BaseModel):
     spec: JobSpec
     steps: StepPlan
     deepspeed: dict | None  # the exact DeepSpeed config the workers pass to deepspeed.initialize
+    method_choice: str | None = None  # why `method: auto` picked spec.method, with the memory planner's numbers
     tunerun_version: str = TUNERUN_VERSION
 
     @property
@@ -53,10 +54,10 @@ def new_run_id(name: str, now: dt.datetime | None = None) -> str:
 def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> ResolvedJob:
     """Fill in what the spec leaves implicit. Raises SpecError for what can only be checked here."""
     problems: list[Problem] = []
-    spec = _absolute_paths(spec, problems)
+    choice = None
     if spec.method.kind == "auto":
-        problems.append(Problem("method.kind", "'auto' needs the memory planner, which is not available yet; "
-                                "choose full, lora or qlora"))
+        spec, choice = _choose_method(spec, problems)
+    spec = _absolute_paths(spec, problems)
     if problems:
         raise SpecError(source, problems)
     return ResolvedJob(
@@ -64,7 +65,43 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
         spec=spec,
         steps=_step_plan(spec),
         deepspeed=deepspeed_config(spec),
+        method_choice=choice,
     )
+
+
+def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str | None]:
+    """`method: auto`: the memory planner picks the cheapest method that fits (see `tunerun.jobs.memory`).
+
+    The user's lora and quantization blocks are kept for the adapter candidates; ZeRO settings are chosen here.
+    """
+    from tunerun.jobs import memory
+    from tunerun.jobs.spec import ZeroSpec
+
+    if _is_remote(spec.model.path):
+        problems.append(Problem("method.kind", "'auto' reads the model's config.json, so model.path must be a "
+                                "local folder; choose full, lora or qlora"))
+        return spec, None
+    if not (Path(spec.model.path).expanduser() / "config.json").is_file():
+        return spec, None  # _absolute_paths reports the missing model folder
+    hardware = memory.hardware_for(spec)
+    if hardware.device_bytes is None:
+        problems.append(Problem("resources.gpu_memory_gb", "method.kind auto needs the memory of one GPU to choose "
+                                "a method, e.g. gpu_memory_gb: 80 (or `tunerun plan --gpu-memory 80GB`)"))
+        return spec, None
+    try:
+        plan = memory.plan_memory(spec, hardware)
+    except memory.MemoryPlanError as exc:
+        problems.append(Problem("method.kind", f"'auto' cannot size this model: {exc}; choose full, lora or qlora"))
+        return spec, None
+    chosen = memory.choose(plan.candidates)
+    if chosen is None:
+        problems.append(Problem("method.kind", memory.explain_refusal(plan.candidates, hardware)))
+        return spec, None
+    update: dict = {"kind": chosen.kind}
+    if chosen.kind == "full":
+        update["zero"] = ZeroSpec(**chosen.zero)
+    method = spec.method.model_copy(update=update)
+    return spec.model_copy(update={"method": method}), memory.explain_choice(chosen, plan.candidates, hardware)
 
 
 def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
@@ -88,8 +125,6 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
         elif count_records(value) == 0:
             problems.append(Problem(field, f"{value} holds no records; expected one JSON object per line"))
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
-    if _is_remote(storage.uri):
-        problems.append(Problem("storage.uri", "S3 storage is not available yet; use a local folder such as ./runs"))
     model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path})
     return spec.model_copy(update={"model": model, "data": data, "storage": storage, "method": _method_blocks(spec)})
 

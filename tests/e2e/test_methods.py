@@ -24,11 +24,12 @@ def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def run_job(tmp_path: Path, tiny_model_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+def run_job(tmp_path: Path, tiny_model_dir: Path, *overrides: str,
+            resume: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
             f"storage.uri={tmp_path / 'runs'}", *overrides]
-    result = tunerun("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)], "--run-id", "e2e",
-                     cwd=tmp_path)
+    result = tunerun("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                     "--resume" if resume else "--run-id", "e2e", cwd=tmp_path)
     return result, tmp_path / "runs" / "e2e"
 
 
@@ -64,9 +65,9 @@ def assert_complete_checkpoints(run: Path, expected_steps: list[int]) -> None:
 
 def assert_relaunch_resumes(tmp_path: Path, tiny_model_dir: Path, run: Path, overrides: list[str],
                             from_step: int, to_step: int) -> None:
-    """Launching the same run id again continues from the newest complete checkpoint, not from step 0."""
+    """`--resume` continues from the newest complete checkpoint, not from step 0."""
     before = train_losses(run)
-    result, _ = run_job(tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}")
+    result, _ = run_job(tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}", resume=True)
     assert_run_succeeded(result, run)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"]

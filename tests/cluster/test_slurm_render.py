@@ -1,0 +1,96 @@
+"""The sbatch script: rendered from slurm/train.sbatch.j2, compared with reviewed expected files, inert for
+hostile spec values.
+
+Regenerate the expected files after a deliberate template change with:
+    TUNERUN_REGENERATE=1 python -m pytest tests/cluster/test_slurm_render.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tunerun.cluster.slurm import render
+from tunerun.jobs.errors import SpecError
+from tunerun.jobs.loader import load_job, load_job_text
+from tunerun.jobs.plan import resolve
+
+REPO = Path(__file__).resolve().parents[2]
+EXPECTED = Path(__file__).resolve().parent / "expected" / "slurm"
+EXAMPLES = sorted((REPO / "jobs" / "examples").glob("*.yaml"))
+FIXED = ["storage.uri=s3://training/runs", "storage.endpoint_url=https://minio.internal:9000",
+         "targets.slurm.log_dir=/shared/slurm-logs", "targets.slurm.python=/shared/venv/bin/python"]
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    """A working directory holding what the example specs point at (model folders, data files)."""
+    monkeypatch.chdir(tmp_path)
+    for example in EXAMPLES:
+        spec = load_job(example)
+        model = tmp_path / spec.model.path
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "config.json").write_text("{}")
+        train = tmp_path / spec.data.train.replace("*", "part-0")
+        train.parent.mkdir(parents=True, exist_ok=True)
+        train.write_text(json.dumps({"text": "x"}) + "\n")
+    return tmp_path
+
+
+def rendered(example: Path, *overrides: str) -> str:
+    job = resolve(load_job(example, [*FIXED, *overrides]), run_id=f"{example.stem}-20261123-101500")
+    return render(job)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_shipped_examples_render_to_their_reviewed_scripts(user_project, example):
+    script = rendered(example)
+    expected = EXPECTED / f"{example.stem}.sbatch"
+    if os.environ.get("TUNERUN_REGENERATE"):
+        expected.write_text(script)
+    assert script == expected.read_text(), f"template output changed; see the module docstring to regenerate"
+
+
+def test_script_carries_resources_signals_and_credentials_by_name_only(user_project):
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "this-must-not-appear-anywhere"
+    try:
+        script = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("zero3-70b")])
+    finally:
+        del os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert "AWS_SECRET_ACCESS_KEY" in script and "this-must-not-appear-anywhere" not in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("key,value", [
+    ("targets.slurm.partition", 'x"; rm -rf ~; echo "'),
+    ("targets.slurm.account", "$(whoami)"),
+    ("targets.slurm.time", "04:00:00 --wrap=id"),
+    ("targets.slurm.export", "[AWS_KEY=secret]"),
+    ("targets.slurm.python", "python3; id"),
+])
+def test_hostile_values_for_sbatch_lines_are_refused(user_project, key, value):
+    with pytest.raises(SpecError) as error:
+        load_job(EXAMPLES[0], [*FIXED, f"{key}={value}"])
+    assert key in str(error.value)
+
+
+def test_a_newline_cannot_start_a_new_directive_or_command(user_project):
+    with pytest.raises(SpecError, match="control characters"):
+        load_job_text('name: x\nmodel: {path: m}\ndata: {train: d}\ntargets: {slurm: {qos: "a\\n#SBATCH --uid=0"}}')
+
+
+def test_shell_values_are_quoted_and_never_evaluated(user_project, tmp_path):
+    """The storage URI reaches the shell: run the script's variable lines and compare with the literal."""
+    canary = tmp_path / "canary"
+    hostile = f"/tmp/runs $(touch {canary}) `touch {canary}` ; touch {canary}"
+    script = rendered(EXAMPLES[0], f"storage.uri={hostile}", "storage.endpoint_url=null")
+    assignments = [line for line in script.splitlines() if line.startswith(("RUN_URI=", "PYTHON="))]
+    probe = "\n".join([*assignments, 'printf "%s" "$RUN_URI"'])
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.endswith(f"/{EXAMPLES[0].stem}-20261123-101500") and "$(touch" in out
+    assert not canary.exists()

@@ -152,6 +152,8 @@ def local_files(pattern: str) -> list[Path]:
     path = Path(pattern)
     if path.is_file():
         return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
 
 
@@ -185,6 +187,8 @@ def count_records(pattern: str) -> int | None:
         return None
     total = 0
     for file in local_files(pattern):
+        if file.suffix not in (".json", ".jsonl"):
+            return None  # Parquet/CSV: the trainer counts them after preparation
         text = file.read_text(encoding="utf-8", errors="replace")
         if file.suffix == ".json" and text.lstrip().startswith("["):
             try:

@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import CleanSpec, DataSpec
 from tunerun.trainer.cleaning import mask_pii, normalize_text
-from tunerun.trainer.data import collate, detect_format, prepare_data, read_records, resolve_files, to_messages
+from tunerun.trainer.data import collate, prepare_data
+from tunerun.trainer.data_formats import detect_format, to_conversation, to_messages
+from tunerun.trainer.data_read import read_records, resolve_files
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
@@ -70,9 +72,11 @@ def test_support_tickets_report_counts_the_planted_duplicates_and_pii(tokenizer,
     r = data.report
     assert (r.format, r.records_read, r.malformed) == ("chat", 600, 0)
     assert (r.duplicates, r.near_duplicates) == (gen.EXACT_DUPLICATES, gen.NEAR_DUPLICATES)
+    # MinHash finds 4 more: tickets generated twice with only the greeting different ("Hi," / "Hello,").
+    assert r.fuzzy_duplicates == 4
     assert r.pii_masked["email"] > 0 and r.pii_masked["phone"] > 0
     assert r.pii_masked["ip_address"] == 1 and r.pii_masked["iban"] == 1
-    kept = 600 - gen.EXACT_DUPLICATES - gen.NEAR_DUPLICATES
+    kept = 600 - gen.EXACT_DUPLICATES - gen.NEAR_DUPLICATES - r.fuzzy_duplicates
     assert (r.train_records, r.eval_records) == (kept - round(kept * 0.05), round(kept * 0.05))
     assert len(data.train) == r.train_records and r.contaminated_eval == 0
     json.dumps(dataclasses.asdict(r))  # the report is written as JSON
@@ -125,6 +129,7 @@ def test_alpaca_demo_file_loads(tokenizer):
 @needs_shared
 def test_identity_file_loads_as_alpaca(tokenizer):
     data = prepare_data(spec(FORMATS_DIR / "identity.json", eval_fraction=0), tokenizer, seed=0)
+    assert data.report.fuzzy_duplicates == 0  # same answers, different questions: not copies
     assert (data.report.format, data.report.records_read, data.report.train_records) == ("alpaca", 91, 91)
     assert trained_text(tokenizer, data.train[0]).startswith("Hello! I am {{name}}")
 
@@ -133,12 +138,16 @@ def test_identity_file_loads_as_alpaca(tokenizer):
 def test_glaive_toolcall_file_loads_as_sharegpt_with_tools(tokenizer):
     data = prepare_data(spec(FORMATS_DIR / "glaive_toolcall_en_demo.json"), tokenizer, seed=0)
     assert (data.report.format, data.report.records_read, data.report.malformed) == ("sharegpt", 300, 0)
-    assert data.report.train_records > 200
-    first = next(r for _, _, r, _ in read_records([FORMATS_DIR / "glaive_toolcall_en_demo.json"]))
-    messages = to_messages(first, "sharegpt")
-    assert [m["role"] for m in messages] == ["system", *["user", "assistant"] * 4]
-    assert messages[0]["content"].startswith("Available tools:\n[{")
-    assert messages[4]["content"].startswith('{"name": "search_recipes"')  # function_call is an assistant turn
+    assert data.report.train_records > 200 and data.report.duplicates == 34  # the demo file repeats records
+    first = next(r for _, r, _ in read_records([FORMATS_DIR / "glaive_toolcall_en_demo.json"]))
+    conversation = to_conversation(first, "sharegpt")
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant", "user", "assistant", "tool",
+                                                           "assistant", "user", "assistant"]
+    assert conversation.tools[0]["type"] == "function" and conversation.tools[0]["function"]["name"] == "search_recipes"
+    call = conversation.messages[3]["tool_calls"][0]["function"]  # function_call is an assistant tool call
+    assert call == {"name": "search_recipes", "arguments": {"ingredients": ["chicken", "bell peppers", "rice"]}}
+    text = tokenizer.decode(data.train[0]["input_ids"])
+    assert "<|system|>\nAvailable tools:\n[{" in text and "<|tool|>\n" in text
 
 
 @needs_shared
@@ -186,9 +195,10 @@ def test_json_file_with_one_object_per_line_and_array_line_numbers(tmp_path):
     write_jsonl(lines, [{"text": "a"}, {"text": "b"}])
     array = tmp_path / "array.json"
     array.write_text('[\n  {"text": "a"},\n  7,\n  {"text":\n "c"}\n]\n')
-    assert [(n, r) for _, n, r, _ in read_records([lines])] == [(1, {"text": "a"}), (2, {"text": "b"})]
-    assert [(n, e) for _, n, _, e in read_records([array])] == [
-        (2, None), (3, "expected a JSON object, got int"), (4, None)]
+    assert [(w, r) for w, r, _ in read_records([lines])] == [(f"{lines}:1", {"text": "a"}),
+                                                              (f"{lines}:2", {"text": "b"})]
+    assert [(w, e) for w, _, e in read_records([array])] == [
+        (f"{array}:2", None), (f"{array}:3", "expected a JSON object, got int"), (f"{array}:4", None)]
 
 
 # ---------------------------------------------------------------- bad input
@@ -232,20 +242,16 @@ def test_glob_matches_files_in_order(tmp_path):
 def test_empty_file_has_no_training_records(tokenizer, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
-    with pytest.raises(DataError, match=f"no training records in {path}"):
+    with pytest.raises(DataError, match=rf"no training records left in {path} \(read 0\); the files hold no records"):
         prepare_data(spec(path), tokenizer, seed=0)
 
 
 def test_records_without_trainable_text_count_as_empty(tokenizer, tmp_path):
-    no_reply = {"messages": [{"role": "user", "content": "x"}]}
-    path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "   "), chat("q", "a"), no_reply])
+    weight_zero = chat("q", "not trained")
+    weight_zero["messages"][-1]["weight"] = 0
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "   "), chat("q", "a"), weight_zero])
     report = prepare_data(spec(path, eval_fraction=0), tokenizer, seed=0).report
     assert (report.empty, report.train_records) == (2, 1)
-
-
-def test_packing_is_refused_for_now(tokenizer):
-    with pytest.raises(DataError, match="data.packing is not supported yet"):
-        prepare_data(spec(SUPPORT, packing=True), tokenizer, seed=0)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -297,6 +303,7 @@ def test_pii_masking_applies_to_all_messages_and_can_be_off(tokenizer, tmp_path)
     text = tokenizer.decode(data.train[0]["input_ids"])
     assert "bob@" not in text and text.count("<EMAIL>") == 2 and "<PHONE>" in text and "4111 1111 1111 1112" in text
     assert data.report.pii_masked == {"email": 2, "phone": 1, "ip_address": 0, "iban": 0, "credit_card": 0}
+    assert "bob@" not in json.dumps(dataclasses.asdict(data.report))  # counts only, never the values
     off = prepare_data(spec(path, eval_fraction=0, clean={"pii": "off"}), tokenizer, seed=0)
     assert "bob@example.com" in tokenizer.decode(off.train[0]["input_ids"]) and off.report.pii_masked == {}
 
@@ -307,13 +314,20 @@ def test_pii_masking_applies_to_all_messages_and_can_be_off(tokenizer, tmp_path)
 def test_truncation_keeps_trainable_examples_and_drops_the_rest(tokenizer, tmp_path):
     texts = write_jsonl(tmp_path / "text.jsonl", [{"text": "word " * 50}, {"text": "short"}])
     data = prepare_data(spec(texts, max_seq_len=32, eval_fraction=0), tokenizer, seed=0)
-    assert (data.report.truncated, data.report.truncated_dropped) == (1, 0)
+    assert (data.report.truncated, data.report.too_long_dropped) == (1, 0)
     assert len(data.train[0]["input_ids"]) == 32 and len(data.train[1]["input_ids"]) < 32
     assert data.train[0]["labels"][1:] == data.train[0]["input_ids"][1:]
     # The default template alone takes ~20 tokens: a long question leaves no room for the answer.
     chats = write_jsonl(tmp_path / "chat.jsonl", [chat("long " * 40, "a"), chat("q", "a")])
     data = prepare_data(spec(chats, max_seq_len=32, eval_fraction=0), tokenizer, seed=0)
-    assert (data.report.truncated, data.report.truncated_dropped, data.report.train_records) == (1, 1, 1)
+    assert (data.report.truncated, data.report.too_long_dropped, data.report.train_records) == (0, 1, 1)
+
+
+def test_too_long_drop_removes_instead_of_truncating(tokenizer, tmp_path):
+    texts = write_jsonl(tmp_path / "text.jsonl", [{"text": "word " * 50}, {"text": "short"}])
+    data = prepare_data(spec(texts, max_seq_len=32, eval_fraction=0, too_long="drop"), tokenizer, seed=0)
+    assert (data.report.truncated, data.report.too_long_dropped, data.report.train_records) == (0, 1, 1)
+    assert data.report.token_lengths["max"] < 32
 
 
 def test_split_is_deterministic_by_seed(tokenizer):

@@ -9,6 +9,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DeepSpeedEngine, torch_dtype
+from tunerun.trainer.methods.lora import no_kv_cache
 
 # transformers consults a live HfDeepSpeedConfig during from_pretrained: with ZeRO-3 it loads the weights
 # straight into partitions (deepspeed.zero.Init), so a 70B model never sits whole in one process.
@@ -25,6 +26,7 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         spec.model.path, dtype=torch_dtype(spec.model.dtype), trust_remote_code=spec.model.trust_remote_code
     )
+    no_kv_cache(model)
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -16,10 +16,18 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
     base = AutoModelForCausalLM.from_pretrained(
         spec.model.path, dtype=torch_dtype(spec.model.dtype), trust_remote_code=spec.model.trust_remote_code
     )
+    no_kv_cache(base)
     if spec.training.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with DDP without enable_input_require_grads.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return add_adapters(base, job)
+
+
+def no_kv_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """Training needs no KV cache, and with one transformers will not build the block-diagonal mask that keeps
+    packed examples (position_ids restarting at 0) from attending to each other."""
+    model.config.use_cache = False
+    return model
 
 
 def add_adapters(base: torch.nn.Module, job: ResolvedJob) -> torch.nn.Module:

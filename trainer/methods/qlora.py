@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import torch_dtype, worker_device
-from tunerun.trainer.methods.lora import add_adapters, export, make_engine
+from tunerun.trainer.methods.lora import add_adapters, export, make_engine, no_kv_cache
 
 __all__ = ["load_model", "make_engine", "export"]
 
@@ -33,6 +33,7 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
         device_map={"": worker_device()},
         trust_remote_code=spec.model.trust_remote_code,
     )
+    no_kv_cache(base)
     base = prepare_model_for_kbit_training(
         base,
         use_gradient_checkpointing=spec.training.gradient_checkpointing,

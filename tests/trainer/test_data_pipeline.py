@@ -1,0 +1,196 @@
+"""Preparation as a whole: the content-hash cache, the report files, custom PII patterns, MinHash near-dup,
+sequence packing (attention stays inside each example), and worker processes giving the same result."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunerun.trainer.data as data_module
+from tunerun.jobs.plan import resolve
+from tunerun.jobs.spec import CleanSpec, DataSpec, JobSpec
+from tunerun.trainer.cleaning import custom_rules, mask_custom
+from tunerun.trainer.data import collate, prepare_data
+from tunerun.trainer.data_pipeline import PREPARED_FILES, content_hash, prepare_to_folder, prepared_folder
+
+REPO = Path(__file__).resolve().parents[2]
+SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
+STORY = ("the customer wrote that the package arrived two days late and the box was damaged on one side so the "
+         "blender inside had a cracked lid and she would like a replacement lid sent to her home address")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat(user: str, reply: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+def job_for(tiny_model_dir: Path, train: Path, **data) -> object:
+    spec = JobSpec.model_validate({"name": "prep", "model": {"path": str(tiny_model_dir)}, "method": {"kind": "lora"},
+                                   "data": {"train": str(train), **data}})
+    return resolve(spec, run_id="prep-1")
+
+
+# ---------------------------------------------------------------- cleaning additions
+
+
+def test_custom_pii_patterns_mask_and_count(tokenizer, tmp_path):
+    assert mask_custom("ask EMP-123456 or EMP-9", custom_rules({"EMPLOYEE_ID": r"EMP-\d{6}"}), counts := {}) == (
+        "ask <EMPLOYEE_ID> or EMP-9")
+    assert counts == {"employee_id": 1}
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("I am EMP-000042, mail me at a.b@example.com", "Hi EMP-000042")])
+    clean = CleanSpec(pii_patterns={"EMPLOYEE_ID": r"EMP-\d{6}"})
+    data = prepare_data(DataSpec(train=str(path), eval_fraction=0, clean=clean), tokenizer, seed=0)
+    assert data.report.pii_masked["employee_id"] == 2 and data.report.pii_masked["email"] == 1
+    assert "<EMPLOYEE_ID>" in tokenizer.decode(data.train[0]["input_ids"])
+
+
+def test_invalid_pii_pattern_is_refused_when_the_spec_loads():
+    with pytest.raises(ValidationError, match=r"EMPLOYEE_ID: 'EMP-\(\\d' is not a valid regular expression"):
+        CleanSpec(pii_patterns={"EMPLOYEE_ID": r"EMP-(\d"})
+    with pytest.raises(ValidationError, match="matches the empty string"):
+        CleanSpec(pii_patterns={"ANY": r"\d*"})
+
+
+def test_minhash_removes_reworded_copies_at_the_threshold(tokenizer, tmp_path):
+    long_story = f"{STORY} and she also asked whether the warranty covers the motor since it now makes a loud noise"
+    one_word = long_story.replace("loud noise", "loud sound")  # word 3-gram Jaccard 0.90 (estimated 0.92)
+    # word 3-gram Jaccard 0.74 (estimated 0.67):
+    two_words = STORY.replace("two days", "three days").replace("home address", "office address")
+    rows = [chat(long_story, "category: shipping"), chat(one_word, "category: shipping"),
+            chat(STORY, "category: shipping"), chat(two_words, "category: shipping")]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    report = prepare_data(DataSpec(train=str(path), eval_fraction=0), tokenizer, seed=0).report
+    assert (report.near_duplicates, report.fuzzy_duplicates, report.train_records) == (0, 1, 3)
+    strict = DataSpec(train=str(path), eval_fraction=0, clean=CleanSpec(near_dedup_threshold=0.6))
+    assert prepare_data(strict, tokenizer, seed=0).report.fuzzy_duplicates == 2
+    off = DataSpec(train=str(path), eval_fraction=0, clean=CleanSpec(near_dedup_threshold=1.0))
+    assert prepare_data(off, tokenizer, seed=0).report.fuzzy_duplicates == 0
+
+
+def test_contamination_counts_fuzzy_copies_of_training_examples(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(STORY, "category: shipping"), chat("reset password", "login")])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [chat(STORY.replace("two", "four"), "category: shipping"),
+                                                  chat("where is my refund", "refund")])
+    report = prepare_data(DataSpec(train=str(train), eval=str(evals)), tokenizer, seed=0).report
+    assert (report.eval_records, report.contaminated_eval) == (2, 1)
+
+
+def test_normalisation_can_be_switched_off(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("spaced   out", "ｆｕｌｌ width")])
+    on = prepare_data(DataSpec(train=str(path), eval_fraction=0), tokenizer, seed=0)
+    off = prepare_data(DataSpec(train=str(path), eval_fraction=0, clean=CleanSpec(normalize=False)), tokenizer, seed=0)
+    assert "spaced out" in tokenizer.decode(on.train[0]["input_ids"])
+    assert "spaced   out" in tokenizer.decode(off.train[0]["input_ids"])
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_fills_rows_and_restarts_positions(tokenizer):
+    plain = prepare_data(DataSpec(train=str(SUPPORT), max_seq_len=256), tokenizer, seed=0)
+    packed = prepare_data(DataSpec(train=str(SUPPORT), max_seq_len=256, packing=True), tokenizer, seed=0)
+    rows, report = packed.train, packed.report
+    assert report.train_records == len(plain.train) and report.packed_rows == len(rows) < len(plain.train) / 2
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) <= 256 for r in rows)
+    assert report.packing_efficiency > 0.85
+    assert sum(r["position_ids"].count(0) for r in rows) == len(plain.train)  # every example, once
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in plain.train for t in e["input_ids"])
+    assert packed.eval == plain.eval  # evaluation stays one example per row
+
+
+def test_collate_of_packed_rows_gives_position_ids_and_no_mask():
+    batch = collate([{"input_ids": [1, 5, 1, 7], "labels": [-100, 5, -100, 7], "position_ids": [0, 1, 0, 1]},
+                     {"input_ids": [1, 9], "labels": [-100, 9], "position_ids": [0, 1]}], pad_token_id=3)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]  # padding is a sequence of its own
+    assert batch["labels"].tolist() == [[-100, 5, -100, 7], [-100, 9, -100, -100]]
+
+
+def test_packed_row_logits_equal_each_example_run_alone(tiny_model_dir, tokenizer, tmp_path):
+    """transformers builds a block-causal mask from position ids when there is no attention mask and no KV
+    cache (masking_utils.find_packed_sequence_indices), so packing must not change what a model computes."""
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("my order never arrived", "category: shipping"),
+                                              chat("I was charged twice this month", "category: billing")])
+    plain = prepare_data(DataSpec(train=str(path), eval_fraction=0), tokenizer, seed=0).train
+    packed = prepare_data(DataSpec(train=str(path), eval_fraction=0, packing=True), tokenizer, seed=0).train
+    assert len(packed) == 1
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    batch = collate(packed, tokenizer.pad_token_id)
+    first = len(plain[0]["input_ids"])
+    with torch.no_grad():
+        row = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        alone = model(**{k: v for k, v in collate([plain[1]], tokenizer.pad_token_id).items() if k != "labels"},
+                      use_cache=False).logits[0]
+        leaked = model(input_ids=batch["input_ids"], use_cache=False).logits[0]  # no position ids: one sequence
+    torch.testing.assert_close(row[first:], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(leaked[first:], alone, atol=1e-2)  # the comparison can fail
+    # The loss over the packed row is the sum of the examples' losses: no token is scored across examples.
+    losses = [model(**collate([ex], tokenizer.pad_token_id), use_cache=False).loss for ex in plain]
+    scored = [sum(label != -100 for label in ex["labels"][1:]) for ex in plain]
+    packed_loss = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(packed_loss, sum(l * n for l, n in zip(losses, scored)) / sum(scored),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- cache and report files
+
+
+def test_prepare_to_folder_writes_files_and_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(f"question {i} from jane@example.com", f"answer {i}")
+                                                   for i in range(30)])
+    job = job_for(tiny_model_dir, train)
+    report = prepare_to_folder(job, tmp_path / "run1" / "data", tmp_path / "cache")
+    assert (report["records_read"], report["train_records"] + report["eval_records"]) == (30, 30)
+    assert sorted(p.name for p in (tmp_path / "run1" / "data").iterdir()) == sorted(PREPARED_FILES)
+    cached = tmp_path / "cache" / content_hash(job)
+    assert (cached / "COMPLETE").is_file()
+    html = (cached / "data_report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "email" in html
+    assert (cached / "data_report.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("data_report.html", "data_report.json"):  # counts only, never the values
+        assert "jane@example.com" not in (cached / name).read_text()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("prepared again although nothing changed")
+
+    monkeypatch.setattr(data_module, "prepare_files", must_not_run)
+    assert prepare_to_folder(job, tmp_path / "run2" / "data", tmp_path / "cache") == report
+    assert prepared_folder(job, tmp_path / "cache") == (cached, True)
+    assert (tmp_path / "run2" / "data" / "train.jsonl").read_bytes() == (cached / "train.jsonl").read_bytes()
+
+
+def test_cache_key_follows_data_spec_seed_and_file_bytes(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat("q", "a")])
+    key = content_hash(job_for(tiny_model_dir, train))
+    assert content_hash(job_for(tiny_model_dir, train)) == key
+    assert content_hash(job_for(tiny_model_dir, train, max_seq_len=512)) != key
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "same-model-elsewhere")
+    assert content_hash(job_for(moved, train)) == key  # tokenizer files count by name and bytes
+    (moved / "tokenizer_config.json").write_text((moved / "tokenizer_config.json").read_text().replace("}", ' }'))
+    assert content_hash(job_for(moved, train)) != key
+    write_jsonl(train, [chat("q", "b")])
+    assert content_hash(job_for(tiny_model_dir, train)) != key
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_result(tokenizer, monkeypatch):
+    """Chunks go to 2 spawned worker processes; dedup stays in input order, so nothing changes."""
+    inline = prepare_data(DataSpec(train=str(SUPPORT)), tokenizer, seed=0)
+    monkeypatch.setenv("TUNERUN_DATA_WORKERS", "2")
+    monkeypatch.setattr(data_module, "CHUNK_RECORDS", 64)
+    parallel = prepare_data(DataSpec(train=str(SUPPORT)), tokenizer, seed=0)
+    assert parallel.train == inline.train and parallel.eval == inline.eval and parallel.report == inline.report

@@ -1,0 +1,133 @@
+"""Prepared data, cached by content: the same inputs are never tokenized twice.
+
+The cache key is a hash of everything the prepared files depend on: the bytes (and names) of every input
+file, the ``data`` spec, the tokenizer files, the seed, the versions of transformers/tokenizers and
+`FORMAT_VERSION`. ``<cache_root>/<hash>/`` holds train.jsonl, eval.jsonl, data_report.json/.html/.png and a
+``COMPLETE`` marker; a folder is built under a temporary name and renamed into place whole, so a reader
+never sees half of one and two preparations racing for the same key both end with a complete folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from tunerun.jobs.plan import ResolvedJob
+from tunerun.trainer.data_read import resolve_files
+
+FORMAT_VERSION = 1  # bump when the prepared files would come out different for the same inputs
+MARKER = "COMPLETE"
+# data_report.json last: in a run folder its presence says the data folder is complete.
+PREPARED_FILES = ("train.jsonl", "eval.jsonl", "data_report.html", "data_report.png", "data_report.json")
+TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".py", ".tiktoken")
+MAX_TOKENIZER_FILE = 64 << 20  # skips weights stored under those suffixes; tokenizer files are smaller
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("TUNERUN_CACHE") or Path.home() / ".cache" / "tunerun" / "data")
+
+
+def prepare_to_folder(job: ResolvedJob, out_dir: Path | None, cache_root: Path | None) -> dict:
+    """Prepare the job's data (or reuse the cached preparation) and put the files into ``out_dir``; returns
+    the report. ``cache_root`` None means `default_cache_root`."""
+    folder, _ = prepared_folder(job, cache_root)
+    if out_dir is not None and Path(out_dir).resolve() != folder.resolve():
+        publish(folder, Path(out_dir))
+    return json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+
+
+def prepared_folder(job: ResolvedJob, cache_root: Path | None) -> tuple[Path, bool]:
+    """The complete cache folder for the job's data, and whether it already existed."""
+    root = Path(cache_root) if cache_root else default_cache_root()
+    folder = root / content_hash(job)
+    if (folder / MARKER).is_file():
+        return folder, True
+    _build(job, folder)
+    return folder, False
+
+
+def content_hash(job: ResolvedJob) -> str:
+    spec = job.spec
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, f"format {FORMAT_VERSION} seed {spec.training.seed}")
+    _feed(h, json.dumps(spec.data.model_dump(mode="json"), sort_keys=True))
+    for package in ("transformers", "tokenizers"):
+        _feed(h, f"{package} {_version(package)}")
+    for pattern in (spec.data.train, spec.data.eval):
+        for path in resolve_files(pattern) if pattern else []:
+            _feed_file(h, path)
+    model = Path(spec.model.path)
+    if model.is_dir():  # a remote model is refused when the tokenizer loads, not here
+        for path in sorted(model.iterdir()):
+            if path.suffix in TOKENIZER_SUFFIXES and path.is_file() and path.stat().st_size <= MAX_TOKENIZER_FILE:
+                _feed_file(h, path, path.name)  # by name: the same tokenizer elsewhere reuses the cache
+    _feed(h, f"trust_remote_code {spec.model.trust_remote_code}")
+    return h.hexdigest()
+
+
+def _feed(h, text: str) -> None:
+    data = text.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: no two inputs run together
+
+
+def _feed_file(h, path: Path, name: str | None = None) -> None:
+    # Data files count with their path: the report names them, and it is cached too.
+    _feed(h, f"file {name or path} {path.stat().st_size}")
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            h.update(chunk)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+def _build(job: ResolvedJob, folder: Path) -> None:
+    from tunerun.trainer.data import prepare_files
+    from tunerun.trainer.data_report import write_report_files
+    from tunerun.trainer.tokenizer import load_tokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        report = prepare_files(job.spec.data, load_tokenizer(job), job.spec.training.seed, tmp)
+        report_dict = dataclasses.asdict(report)
+        write_report_files(report_dict, tmp, f"data report · {job.spec.name}")
+        (tmp / "data_report.json").write_text(json.dumps(report_dict, indent=2, sort_keys=True) + "\n")
+        (tmp / MARKER).write_text(f"format {FORMAT_VERSION}\n")
+        _move_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    if folder.exists() and not (folder / MARKER).is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # left by a crashed preparation of an older tunerun
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / MARKER).is_file():  # not another process winning the race: a real failure
+            raise
+
+
+def publish(folder: Path, out_dir: Path) -> None:
+    """Hard-link (or copy, across file systems) the prepared files into ``out_dir``, report JSON last.
+
+    Links are safe: nothing writes into a prepared file after it is complete, it is only ever replaced."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in PREPARED_FILES:
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(folder / name, tmp)
+        except OSError:
+            shutil.copyfile(folder / name, tmp)
+        os.replace(tmp, out_dir / name)

@@ -90,7 +90,8 @@ def submit(job: ResolvedJob, resume: bool = False) -> RunFolder:
                             error_kind="user")
         raise TargetError(f"sbatch refused the job: {result.stderr.strip()}")
     job_id = result.stdout.strip().split(";")[0]
-    run.update_run_info(slurm={"job_id": job_id, "script": "slurm/train.sbatch"})
+    output = Path(job.spec.targets.slurm.log_dir).expanduser().absolute() / f"{job.spec.name}-{job_id}.out"
+    run.update_run_info(slurm={"job_id": job_id, "script": "slurm/train.sbatch", "output": str(output)})
     run.event("slurm_submitted", job_id=job_id)
     run.flush()
     return run
@@ -138,3 +139,21 @@ def cancel(run: RunFolder, grace_s: float = 60.0) -> bool:
     run.event("run_cancelled")
     run.flush()
     return True
+
+
+def logs(run: RunFolder, write, follow: bool = False) -> None:
+    """The job's output file where this machine sees it (a shared filesystem), else the copy in the run folder."""
+    output = Path((run.read_json("run.json").get("slurm") or {}).get("output") or "/nonexistent")
+    if not output.is_file():
+        if run.exists("logs/driver.log"):
+            write(run.read_text("logs/driver.log"))
+        return
+    offset = 0
+    while True:
+        with output.open(encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            write(handle.read())
+            offset = handle.tell()
+        if not follow or status(run).get("state") in TERMINAL_STATES:
+            return
+        time.sleep(1.0)

@@ -1,0 +1,409 @@
+"""The `k8s` target: a KubeRay ``RayJob`` per run, rendered from the templates in k8s/ and created through the
+`kubernetes` Python client (the current kubeconfig, or the in-cluster service account).
+
+``render(job)`` is pure: a resolved job in, two YAML documents out (the ConfigMap holding the resolved job and the
+RayJob), parsed back and checked before anyone sees them, so ``tunerun render job.yaml --target k8s |
+kubectl apply -f -`` and ``tunerun submit --target k8s`` create the same objects. Credentials are only ever
+referenced (a Secret via ``secretKeyRef``); the run folder must live on S3 because the pods cannot see the
+submitting machine's disk.
+
+Inside the head pod the entrypoint is ``python -m tunerun.cluster.k8s adopt <job file> && exec python -m
+tunerun.trainer <run-uri>``: ``adopt`` writes the job into the run folder unless it is already there (a manifest
+applied with kubectl), then the same trainer entrypoint as every target runs. A RayJob retry (``backoffLimit``)
+starts a new Ray cluster on the same run id, and the trainer resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from tunerun.cluster.local import create_run
+from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.jobs.errors import TargetError, TunerunError
+from tunerun.jobs.plan import ResolvedJob
+
+NAME = "k8s"
+# KubeRay refuses longer RayJob names (it derives the RayCluster, its services and the submitter Job from it
+# within the 63-character label limit); the CRD schema does not check this, the operator does at reconcile time.
+MAX_RAYJOB_NAME = 47
+RAY_GROUP, RAY_VERSION, RAYJOBS = "ray.io", "v1", "rayjobs"
+JOB_DIR = "/etc/tunerun"  # where the head pod mounts the ConfigMap
+SCRATCH = "/scratch"
+TEMPLATES = ("configmap.yaml.j2", "rayjob.yaml.j2")
+REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds for each API call
+
+
+# ── names ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+def rayjob_name(run_id: str) -> str:
+    """A DNS-1035 label of at most 47 characters derived from the run id.
+
+    A run id that already is one is used as it is; any other (uppercase, spaces, too long) is cleaned and cut,
+    and gets 8 hex digits of the sha256 of the original run id, so two run ids never share a RayJob by accident.
+    """
+    slug = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", run_id.lower())).strip("-")
+    if not slug[:1].isalpha():
+        slug = f"run-{slug}".rstrip("-")  # DNS-1035: the first character is a letter
+    if slug == run_id and len(slug) <= MAX_RAYJOB_NAME:
+        return slug
+    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
+    return f"{slug[:MAX_RAYJOB_NAME - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id or "/" in run_id or any(ord(c) < 32 or ord(c) == 127 for c in run_id):
+        raise TargetError(f"run id {run_id!r} cannot name a run folder: use letters, digits, '-', '_' or '.' "
+                          "(no '/', no control characters)")
+
+
+# ── render ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the job in the ConfigMap) as literal blocks; PyYAML falls back to quotes if unsafe."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def _yaml(value, indent: int) -> str:
+    text = yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=10**6).rstrip("\n")
+    return text.replace("\n", "\n" + " " * indent)
+
+
+@functools.lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    folder = resources.files("tunerun.k8s")
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: folder.joinpath(name).read_text(encoding="utf-8")),
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env.filters["q"] = json.dumps  # a JSON string is a valid YAML scalar, whatever it contains
+    env.filters["yaml"] = _yaml
+    return env
+
+
+def render(job: ResolvedJob) -> str:
+    """The ConfigMap and the RayJob of ``job`` as one multi-document YAML text, checked after parsing back."""
+    context = _context(job)
+    documents = []
+    for template in TEMPLATES:
+        text = _templates().get_template(template).render(**context)
+        # Optional blocks leave whitespace-only lines behind; YAML never needs them.
+        documents.append("\n".join(line for line in text.splitlines() if line.strip()) + "\n")
+    text = "---\n".join(documents)
+    _check(list(yaml.safe_load_all(text)), job)
+    return text
+
+
+def manifests(job: ResolvedJob) -> list[dict]:
+    """``render(job)`` parsed: [ConfigMap, RayJob]."""
+    return list(yaml.safe_load_all(render(job)))
+
+
+def _local_paths(job: ResolvedJob) -> list[str]:
+    spec = job.spec
+    fields = {"storage.uri": spec.storage.uri, "model.path": spec.model.path, "data.train": spec.data.train,
+              "data.eval": spec.data.eval, "storage.ca_bundle": spec.storage.ca_bundle,
+              "eval.general": None if spec.eval.general == "default" else spec.eval.general}
+    return [f"{field} ({value})" for field, value in fields.items() if value and "://" not in value]
+
+
+def _context(job: ResolvedJob) -> dict:
+    _check_run_id(job.run_id)
+    local = _local_paths(job)
+    if local:
+        raise TargetError(f"the Kubernetes pods cannot read this machine's files: {', '.join(local)}; put them on "
+                          "S3-compatible storage (e.g. --set storage.uri=s3://bucket/runs, model.path: "
+                          "s3://bucket/models/name/)")
+    spec, k8s, res = job.spec, job.spec.targets.k8s, job.spec.resources
+    name = rayjob_name(job.run_id)
+    labels = {**k8s.labels, "app.kubernetes.io/name": "tunerun", "app.kubernetes.io/instance": name,
+              "app.kubernetes.io/managed-by": "tunerun"}
+    cpus = res.workers_per_node * res.cpus_per_worker
+    gpus = res.workers_per_node * res.gpus_per_worker
+    worker = {"cpu": str(cpus), "memory": k8s.worker_memory or f"{4 * cpus}Gi"}
+    start_params = {"num-cpus": str(cpus)}
+    if gpus:
+        worker[k8s.gpu_resource] = str(gpus)
+        start_params["num-gpus"] = str(gpus)  # KubeRay only infers it from nvidia.com/gpu
+    env = {"TUNERUN_CACHE": f"{SCRATCH}/tunerun", "HF_HOME": f"{SCRATCH}/huggingface"}
+    if spec.storage.endpoint_url:
+        env["AWS_ENDPOINT_URL_S3"] = spec.storage.endpoint_url
+    if spec.storage.region:
+        env["AWS_DEFAULT_REGION"] = spec.storage.region
+    return {
+        **k8s.model_dump(), "name": name, "configmap": f"{name}-job", "labels": labels,
+        "pod_labels": {role: {**labels, "app.kubernetes.io/component": role}
+                       for role in ("head", "worker", "submitter")},
+        "annotations": {"tunerun/run-id": job.run_id, "tunerun/run-uri": job.run_uri},
+        "image_pull_secrets": [{"name": secret} for secret in k8s.image_pull_secrets],
+        "restricted": k8s.pod_security == "restricted", "entrypoint": _entrypoint(job), "nodes": res.nodes,
+        "head_resources": {"cpu": str(k8s.head_cpus), "memory": k8s.head_memory}, "worker_resources": worker,
+        "worker_start_params": start_params, "env": env, "scratch_path": SCRATCH, "job_dir": JOB_DIR,
+        "job_yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+    }
+
+
+def _entrypoint(job: ResolvedJob) -> str:
+    adopt = ["python", "-m", "tunerun.cluster.k8s", "adopt", f"{JOB_DIR}/job.yaml"]
+    trainer = ["python", "-m", "tunerun.trainer", job.run_uri]
+    if job.spec.storage.endpoint_url:
+        trainer += ["--endpoint-url", job.spec.storage.endpoint_url]
+    return f"{shlex.join(adopt)} && exec {shlex.join(trainer)}"
+
+
+def _check(documents: list[dict], job: ResolvedJob) -> None:
+    """What the schemas cannot say: the name limit, and that the job survives the trip through YAML."""
+    kinds = [(d.get("apiVersion"), d.get("kind")) for d in documents]
+    if kinds != [("v1", "ConfigMap"), ("ray.io/v1", "RayJob")]:
+        raise TargetError(f"the k8s templates rendered {kinds}, expected a ConfigMap and a RayJob")
+    configmap, rayjob = documents
+    name = rayjob["metadata"]["name"]
+    if len(name) > MAX_RAYJOB_NAME or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        raise TargetError(f"RayJob name {name!r} is not a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters")
+    if ResolvedJob.model_validate(yaml.safe_load(configmap["data"]["job.yaml"])) != job:
+        raise TargetError("the resolved job does not read back from the rendered ConfigMap unchanged")
+    if rayjob["spec"]["entrypoint"] != _entrypoint(job):
+        raise TargetError("the RayJob entrypoint did not survive rendering unchanged")
+
+
+# ── the Kubernetes API ──────────────────────────────────────────────────────────────────────────────────────
+
+class KubeApi:
+    """The few calls this target makes, each turning API failures into one actionable `TargetError`."""
+
+    def __init__(self):
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        self.context = None
+        # Read KUBECONFIG now: the client's default is the value it had when `kubernetes` was first imported.
+        kubeconfig = os.environ.get("KUBECONFIG", "~/.kube/config")
+        try:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            self.context = config.list_kube_config_contexts(kubeconfig)[1].get("name")
+        except (config.ConfigException, FileNotFoundError, TypeError) as kube_error:
+            try:
+                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                raise TargetError(f"no Kubernetes configuration: {kube_error}; set KUBECONFIG or run `kubectl "
+                                  "config use-context …` (or run inside a pod with a service account)") from None
+        configuration.retries = 1  # an unreachable API server fails in seconds, with the message below
+        self.host = configuration.host
+        api_client = client.ApiClient(configuration)
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def call(self, what: str, method, *args, missing_ok: bool = False, exists_ok: bool = False, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return method(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+        except ApiException as exc:
+            if (exc.status == 404 and missing_ok) or (exc.status == 409 and exists_ok):
+                return None
+            raise self._explain(exc, what) from None
+        except HTTPError as exc:
+            raise TargetError(f"{what}: cannot reach the Kubernetes API server at {self.host} "
+                              f"({type(exc).__name__}); check the kubeconfig context and the network") from None
+
+    def _explain(self, exc, what: str) -> TargetError:
+        try:
+            message = json.loads(exc.body or "{}").get("message") or exc.reason
+        except (TypeError, ValueError):
+            message = exc.reason
+        hints = {
+            401: "the API server did not accept the kubeconfig's credentials; log in again",
+            403: "your account lacks permission (RBAC): it needs create/get/delete on rayjobs.ray.io and "
+                 "configmaps in this namespace",
+            409: "it already exists: cancel the run first (`tunerun cancel RUN`) or choose another --run-id",
+        }
+        hint = hints.get(exc.status, "")
+        if exc.status == 404 and "rayjob" in what.lower() and "create" in what.lower():
+            hint = "the cluster has no RayJob resource (ray.io/v1): install the KubeRay operator"
+        return TargetError(f"{what}: {exc.status} {message}" + (f"; {hint}" if hint else ""))
+
+    def create(self, document: dict, exists_ok: bool = False) -> dict | None:
+        """The created object; None if it existed already and ``exists_ok``."""
+        namespace, name = document["metadata"]["namespace"], document["metadata"]["name"]
+        if document["kind"] == "ConfigMap":
+            created = self.call(f"create ConfigMap {namespace}/{name}", self.core.create_namespaced_config_map,
+                                namespace, document, exists_ok=exists_ok)
+            return created and created.to_dict()
+        return self.call(f"create RayJob {namespace}/{name}", self.custom.create_namespaced_custom_object,
+                         RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, document)
+
+    def replace_configmap(self, document: dict) -> None:
+        namespace, name = document["metadata"]["namespace"], document["metadata"]["name"]
+        self.call(f"replace ConfigMap {namespace}/{name}", self.core.replace_namespaced_config_map, name,
+                  namespace, document)
+
+    def own(self, namespace: str, configmap: str, rayjob: dict) -> None:
+        """Make the RayJob own the ConfigMap: deleting the RayJob (TTL or cancel) deletes the ConfigMap too."""
+        owner = {"apiVersion": f"{RAY_GROUP}/{RAY_VERSION}", "kind": "RayJob", "name": rayjob["metadata"]["name"],
+                 "uid": rayjob["metadata"]["uid"]}
+        self.call(f"set the owner of ConfigMap {namespace}/{configmap}", self.core.patch_namespaced_config_map,
+                  configmap, namespace, {"metadata": {"ownerReferences": [owner]}})
+
+    def get_rayjob(self, namespace: str, name: str) -> dict | None:
+        return self.call(f"read RayJob {namespace}/{name}", self.custom.get_namespaced_custom_object, RAY_GROUP,
+                         RAY_VERSION, namespace, RAYJOBS, name, missing_ok=True)
+
+    def delete(self, namespace: str, rayjob: str, configmap: str) -> bool:
+        """Delete the RayJob (KubeRay then deletes its Ray cluster) and the ConfigMap; False if neither existed."""
+        from kubernetes import client
+
+        body = client.V1DeleteOptions(propagation_policy="Background")
+        deleted = self.call(f"delete RayJob {namespace}/{rayjob}", self.custom.delete_namespaced_custom_object,
+                            RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, rayjob, body=body, missing_ok=True)
+        self.call(f"delete ConfigMap {namespace}/{configmap}", self.core.delete_namespaced_config_map, configmap,
+                  namespace, missing_ok=True)
+        return deleted is not None
+
+    def submitter_log(self, namespace: str, rayjob: str, follow: bool):
+        """The submitter pod's output (`ray job submit` tails the driver's log), or None when there is none."""
+        pods = self.call(f"list pods of RayJob {namespace}/{rayjob}", self.core.list_namespaced_pod, namespace,
+                         label_selector=f"job-name={rayjob}").items
+        if not pods:
+            return None
+        newest = max(pods, key=lambda pod: pod.metadata.creation_timestamp or 0)
+        stream = self.call(f"read the log of pod {newest.metadata.name}", self.core.read_namespaced_pod_log,
+                           newest.metadata.name, namespace, follow=follow, _preload_content=False)
+        return stream.stream(4096) if follow else [stream.data]
+
+
+# ── the target surface ──────────────────────────────────────────────────────────────────────────────────────
+
+def submit(job: ResolvedJob, resume: bool = False) -> RunFolder:
+    """Create the run folder, then the ConfigMap and the RayJob; the RayJob then owns the ConfigMap."""
+    configmap, rayjob = manifests(job)  # rendered and checked before anything is created
+    api = KubeApi()
+    run = create_run(job, NAME, resume)
+    namespace = rayjob["metadata"]["namespace"]
+    record = {"namespace": namespace, "rayjob": rayjob["metadata"]["name"],
+              "configmap": configmap["metadata"]["name"], "context": api.context, "api_server": api.host}
+    try:
+        if api.create(configmap, exists_ok=resume) is None:
+            api.replace_configmap(configmap)  # a resumed run's earlier ConfigMap may still be there
+        created = api.create(rayjob)
+        api.own(namespace, record["configmap"], created)
+    except TargetError as exc:
+        run.update_run_info(state="failed", error=str(exc), error_kind="user", finished_at=time.time(), k8s=record)
+        run.event("run_failed", error=str(exc))
+        run.flush()
+        raise
+    run.update_run_info(k8s={**record, "uid": created["metadata"].get("uid")})
+    run.event("k8s_submitted", rayjob=record["rayjob"], namespace=namespace)
+    run.flush()
+    return run
+
+
+def status(run: RunFolder) -> dict:
+    """run.json, with the RayJob's own view under ``k8s`` (jobStatus, jobDeploymentStatus) when reachable."""
+    info = run.read_json("run.json")
+    record = info.get("k8s") or {}
+    if not record.get("rayjob"):
+        return info
+    try:
+        rayjob = KubeApi().get_rayjob(record["namespace"], record["rayjob"])
+    except TargetError as exc:
+        info["k8s"] = {**record, "error": str(exc)}
+        return info
+    if rayjob is None:
+        info["k8s"] = {**record, "deployment_status": "deleted"}  # TTL after the end, or cancelled
+        return info
+    found = rayjob.get("status") or {}
+    view = {"job_status": found.get("jobStatus"), "deployment_status": found.get("jobDeploymentStatus"),
+            "reason": found.get("reason"), "message": found.get("message"), "failed": found.get("failed")}
+    info["k8s"] = {**record, **{k: v for k, v in view.items() if v is not None}}
+    # The driver records its own outcome; a RayJob that ended without one (image never pulled, deadline,
+    # every retry used up) is a failure the run folder cannot know about.
+    if info.get("state") not in TERMINAL_STATES and view["deployment_status"] in ("Complete", "Failed"):
+        info["state"] = "failed"
+        info["error"] = (f"RayJob {record['rayjob']} ended ({view['deployment_status']}"
+                         f"{', ' + view['reason'] if view['reason'] else ''}) without the driver recording an outcome"
+                         f"{': ' + view['message'] if view['message'] else ''}")
+    return info
+
+
+def cancel(run: RunFolder) -> bool:
+    """Delete the RayJob (its pods get SIGTERM and terminationGracePeriodSeconds to checkpoint) and the
+    ConfigMap. True if the RayJob was there."""
+    info = run.read_json("run.json")
+    record = info.get("k8s") or {}
+    if not record.get("rayjob"):
+        return False
+    run.event("cancel_requested")
+    deleted = KubeApi().delete(record["namespace"], record["rayjob"], record.get("configmap") or
+                               f"{record['rayjob']}-job")
+    if deleted and run.read_json("run.json").get("state") not in TERMINAL_STATES:
+        run.update_run_info(state="cancelled", finished_at=time.time())
+        run.event("run_cancelled", target=NAME)
+    run.flush()
+    return deleted
+
+
+def logs(run: RunFolder, write, follow: bool = False) -> None:
+    """The driver's output from the submitter pod while it exists, else the copy in the run folder."""
+    record = run.read_json("run.json").get("k8s") or {}
+    chunks = None
+    if record.get("rayjob"):
+        chunks = KubeApi().submitter_log(record["namespace"], record["rayjob"], follow)
+    if chunks is None:
+        if run.exists("logs/driver.log"):
+            write(run.read_text("logs/driver.log"))
+        return
+    for chunk in chunks:
+        write(chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk)
+
+
+# ── inside the head pod ─────────────────────────────────────────────────────────────────────────────────────
+
+def adopt(job_file: str | Path) -> RunFolder:
+    """Put the job from the ConfigMap into the run folder unless it is there already.
+
+    ``tunerun submit`` wrote it before creating the RayJob; a manifest applied with kubectl has only the
+    ConfigMap, so the run starts here. A later launch on the same run (a RayJob retry) only leaves an event.
+    """
+    job = ResolvedJob.model_validate(yaml.safe_load(Path(job_file).read_text(encoding="utf-8")))
+    run = RunFolder(job.spec.storage, job.run_id)
+    record = {"namespace": os.environ.get("TUNERUN_K8S_NAMESPACE"), "rayjob": os.environ.get("TUNERUN_K8S_RAYJOB")}
+    if not run.exists("run.json"):
+        run = create_run(job, NAME)
+        run.update_run_info(k8s={**record, "configmap": f"{record['rayjob']}-job"})
+    elif run.read_json("run.json").get("started_at"):
+        run.event("run_relaunched", target=NAME, rayjob=record["rayjob"])
+    run.flush()
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunerun.cluster.k8s")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("adopt", help="write the job into its run folder unless it is there").add_argument("job_file")
+    args = parser.parse_args(argv)
+    try:
+        run = adopt(args.job_file)
+    except TunerunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {run.run_id} · {run.uri()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

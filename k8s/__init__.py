@@ -1,0 +1,1 @@
+"""Kubernetes launch files shipped with tunerun: the RayJob/ConfigMap templates and the container recipe."""

@@ -105,9 +105,10 @@ def cancel(run: RunFolder, grace_s: float = 20.0) -> bool:
         time.sleep(0.2)
     if _alive(pid):
         os.killpg(pid, signal.SIGKILL)
-    if run.read_json("run.json").get("state") not in TERMINAL_STATES:  # the driver had no chance to say so
-        run.update_run_info(state="cancelled", finished_at=time.time())
-        run.event("run_cancelled")
+    # Whatever the driver recorded while it went down, the user asked for this run to end as cancelled.
+    run.update_run_info(state="cancelled", finished_at=time.time(), error=None, error_kind=None)
+    run.event("run_cancelled")
+    run.flush()
     return True
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from tunerun.jobs.errors import RunNotFound, StorageError
 from tunerun.jobs.spec import StorageSpec
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "preempted")
 
 
 class LocalBackend:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
 
 PLAIN_EVERY_S = 10.0
+GENERATION_METRICS = ("exact_match", "f1", "rouge_l", "label_accuracy")
 
 
 class RunFollower:
@@ -62,8 +63,11 @@ class RunFollower:
             if self.first_eval is None:
                 self.first_eval = record["eval_loss"]
             self.last_eval = record["eval_loss"]
-            self.console.print(f"eval   step {record['step']}  loss {record['eval_loss']:.4f}  "
-                               f"perplexity {record['eval_perplexity']:.2f}")
+            scores = "".join(f"  {name} {record[f'eval_{name}']:.2f}" for name in GENERATION_METRICS
+                             if record.get(f"eval_{name}") is not None)
+            label = "base" if record.get("base") else f"step {record['step']}"
+            self.console.print(f"eval   {label}  loss {record['eval_loss']:.4f}  "
+                               f"perplexity {record['eval_perplexity']:.2f}{scores}")
         else:
             self.first_train = self.first_train or record
             self.last = record

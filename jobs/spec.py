@@ -62,7 +62,7 @@ class QuantizationSpec(Strict):
 
 
 class ZeroSpec(Strict):
-    stage: Literal[2, 3] = 3
+    stage: Literal[1, 2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
 
@@ -98,19 +98,48 @@ class MethodSpec(Strict):
         return self
 
 
+PII_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
+# The record fields tunerun reads; data.columns maps each to the column name a file uses instead.
+DataColumn = Literal["messages", "conversations", "tools", "system", "instruction", "input", "output",
+                     "history", "text"]
+
+
 class CleanSpec(Strict):
+    normalize: bool = True  # NFKC + whitespace
     dedup: bool = True
-    near_dedup: bool = True
+    near_dedup: bool = True  # normalised-text copies, and MinHash above near_dedup_threshold
+    near_dedup_threshold: float = Field(0.85, gt=0, le=1)  # estimated Jaccard similarity; 1 turns MinHash off
     pii: Literal["mask", "off"] = "mask"
+    pii_patterns: dict[str, str] = {}  # e.g. {EMPLOYEE_ID: 'EMP-\d{6}'} → <EMPLOYEE_ID>
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("pii_patterns")
+    @classmethod
+    def _valid_pii_patterns(cls, patterns: dict[str, str]) -> dict[str, str]:
+        # Checked here so a typo in a regex fails `tunerun validate`, not a data preparation an hour later.
+        for name, pattern in patterns.items():
+            if not PII_NAME_PATTERN.match(name):
+                raise ValueError(f"{name!r}: a pattern name is a letter followed by letters, digits or '_' "
+                                 "(it becomes the placeholder, e.g. EMPLOYEE_ID → <EMPLOYEE_ID>)")
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{name}: '{pattern}' is not a valid regular expression ({e.msg} at position "
+                                 f"{e.pos}); write it in Python re syntax, e.g. EMPLOYEE_ID: 'EMP-\\d{{6}}'") from None
+            if compiled.fullmatch(""):
+                raise ValueError(f"{name}: '{pattern}' matches the empty string, so it would mask between every "
+                                 "character; make it require at least one character (e.g. + instead of *)")
+        return patterns
 
 
 class DataSpec(Strict):
     train: str = Field(description="Path, glob or s3:// URI of the training records.")
     eval: str | None = None
     format: Literal["auto", "chat", "sharegpt", "alpaca", "text"] = "auto"
+    columns: dict[DataColumn, str] = {}  # tunerun field → the file's column, e.g. {output: answer}
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_seq_len: int = Field(1024, ge=16, le=1_048_576)
+    too_long: Literal["truncate", "drop"] = "truncate"
     packing: bool = False
     clean: CleanSpec = CleanSpec()
 
@@ -130,9 +159,122 @@ class TrainingSpec(Strict):
 
 
 class EvalSpec(Strict):
+    """Held-out loss, generation metrics, the forgetting check and the gates a run is judged by.
+
+    Gate metric names and operators are checked here, at load, so a typo fails `validate` rather than the
+    end of a long run. `tunerun.trainer.evaluation` computes the metrics and applies `gate_checks()`.
+    """
+
     every_steps: int = Field(50, ge=1)
-    metrics: list[Literal["loss", "exact_match", "f1", "rouge_l"]] = ["loss", "exact_match", "f1", "rouge_l"]
+    metrics: list[Literal["loss", "exact_match", "f1", "rouge_l", "label_accuracy"]] = [
+        "loss", "exact_match", "f1", "rouge_l"]
+    max_new_tokens: int = Field(64, ge=1, le=32768)
+    max_examples: int = Field(200, ge=1)  # generation is the slow part of an eval: cap the examples it sees
+    label_pattern: str | None = None  # regex, group 1 = the label, e.g. "^category: (\\w+)" → label_accuracy
+    general: str | None = "default"  # general-instructions file for the forgetting check; default = bundled; null = off
+    forgetting_metric: Literal["exact_match", "f1", "rouge_l"] = "rouge_l"
+    forgetting_threshold: float = Field(0.05, ge=0, le=1)
     gates: dict[str, str] = {}
+
+    @field_validator("label_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                groups = re.compile(v).groups
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+            if groups > 1:
+                raise ValueError(f"use at most one capture group, the label (got {groups})")
+        return v
+
+    @field_validator("general")
+    @classmethod
+    def _general_file(cls, v: str | None) -> str | None:
+        # Made absolute here, like data paths, because workers do not run in the submitter's directory.
+        if v is None or v == "default" or "://" in v:
+            return v
+        from pathlib import Path
+
+        path = Path(v).expanduser().absolute()
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist; name a JSONL file of general instructions, 'default' for "
+                             "the bundled set, or null to skip the forgetting check")
+        return str(path)
+
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _gate_values_as_text(cls, v):
+        # `exact_match: 0.8` has no direction; keep it as text so the gate check can say what to write instead.
+        return {k: str(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_computed(cls, gates: dict[str, str], info) -> dict[str, str]:
+        """Every bad gate at once, each under its own path (eval.gates.<metric>)."""
+        from pydantic import ValidationError
+        from pydantic_core import InitErrorDetails
+
+        settled = all(k in info.data for k in ("metrics", "label_pattern", "general"))
+        computed = cls._computed(info.data["metrics"], info.data["label_pattern"], info.data["general"]) \
+            if settled else None
+        # Names with control characters are already refused by the loader: one problem per mistake.
+        problems = [(name, cls._gate_problem(name, text, computed), text) for name, text in gates.items()
+                    if name.isprintable()]
+        errors = [InitErrorDetails(type=field_error(name, problem), loc=(), input=text)
+                  for name, problem, text in problems if problem]
+        if errors:
+            raise ValidationError.from_exception_data("EvalSpec", errors)
+        return gates
+
+    @model_validator(mode="after")
+    def _label_accuracy_needs_pattern(self):
+        if "label_accuracy" in self.metrics and self.label_pattern is None:
+            raise field_error("metrics", "label_accuracy needs eval.label_pattern, the regex that extracts the label")
+        return self
+
+    def computed_metrics(self) -> list[str]:
+        """Every metric name a run with this spec produces (the names gates may use)."""
+        return self._computed(self.metrics, self.label_pattern, self.general)
+
+    @staticmethod
+    def _computed(metrics: list[str], label_pattern: str | None, general: str | None) -> list[str]:
+        names = [m for m in ("exact_match", "f1", "rouge_l") if m in metrics]
+        if "loss" in metrics:
+            names += ["loss", "perplexity"]
+        if label_pattern is not None:
+            names.append("label_accuracy")
+        if general is not None:
+            names.append("forgetting_drop")
+        return names
+
+    @classmethod
+    def _gate_problem(cls, name: str, text: str, computed: list[str] | None) -> str | None:
+        import difflib
+
+        known = ["loss", "perplexity", "exact_match", "f1", "rouge_l", "label_accuracy", "forgetting_drop"]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" — did you mean '{close[0]}'?" if close else f"; known metrics: {', '.join(known)}"
+            return f"unknown metric '{name}'{hint}"
+        if computed is not None and name not in computed:
+            needs = {"forgetting_drop": "set eval.general (the forgetting check is off)",
+                     "label_accuracy": "set eval.label_pattern",
+                     "perplexity": "add loss to eval.metrics"}
+            return f"metric '{name}' is not computed by this job: {needs.get(name, f'add {name} to eval.metrics')}"
+        if cls.parse_gate(text) is None:
+            return f"expected a comparison such as '>= 0.8' (operators >=, >, <=, <, ==), got '{text}'"
+        return None
+
+    @staticmethod
+    def parse_gate(text: str) -> tuple[str, float] | None:
+        """``">= 0.8"`` → ``(">=", 0.8)``; None when it is not a comparison with a number."""
+        match = re.fullmatch(r"\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*", text)
+        return (match.group(1), float(match.group(2))) if match else None
+
+    def gate_checks(self) -> list[tuple[str, str, float]]:
+        """(metric, operator, threshold) for every gate; valid by construction."""
+        return [(name, *self.parse_gate(text)) for name, text in self.gates.items()]
 
 
 class CheckpointSpec(Strict):
@@ -146,6 +288,9 @@ class ResourcesSpec(Strict):
     gpus_per_worker: int = Field(0, ge=0)
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(3, ge=0)
+    # What the memory planner checks candidates against (10^9 bytes); `method: auto` on GPUs needs gpu_memory_gb.
+    gpu_memory_gb: float | None = Field(None, gt=0)  # memory of one GPU
+    cpu_memory_gb: float | None = Field(None, gt=0)  # RAM of one node (CPU offload; CPU workers share it)
 
     @property
     def num_workers(self) -> int:
@@ -154,25 +299,227 @@ class ResourcesSpec(Strict):
 
 class StorageSpec(Strict):
     uri: str = "./runs"
-    endpoint_url: str | None = None
+    endpoint_url: str | None = None  # MinIO / Ceph RGW; credentials only from AWS_* variables or a profile
+    region: str | None = None
+    verify_tls: bool = True
+    ca_bundle: str | None = None  # a private CA's PEM file, for on-prem endpoints with their own certificates
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # boto3 1.36+ sends integrity checksums some S3-compatible servers reject; "when_required" is the safe
+    # choice for a custom endpoint, "when_supported" is AWS's default. None picks by endpoint.
+    checksums: Literal["when_required", "when_supported"] | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _s3_uri_has_bucket(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            bucket = v[5:].split("/", 1)[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"'{bucket}' is not a valid bucket name (3–63 lowercase letters, digits, dots, "
+                                 "hyphens); expected s3://bucket/prefix")
+        elif "://" in v:
+            raise ValueError("expected a local folder or s3://bucket/prefix")
+        return v
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def checksum_mode(self) -> str:
+        return self.checksums or ("when_required" if self.endpoint_url else "when_supported")
+
+
+SLURM_WORD = r"^[A-Za-z0-9_.,+-]{1,64}$"  # partition/account/qos: values sbatch reads, never a shell
 
 
 class SlurmTargetSpec(Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "04:00:00"
-    setup: list[str] = []
+    partition: str | None = Field(None, pattern=SLURM_WORD)
+    account: str | None = Field(None, pattern=SLURM_WORD)
+    qos: str | None = Field(None, pattern=SLURM_WORD)
+    time: str = Field("04:00:00", pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$")
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+    exclusive: bool = False
+    requeue: bool = True
+    signal_seconds: int = Field(120, ge=0, le=3600)  # USR1 this long before the time limit: checkpoint, requeue
+    setup: list[str] = []  # shell lines run before Ray starts (module load …, source venv/bin/activate)
+    python: str = Field("python3", pattern=r"^[A-Za-z0-9_./+~-]+$")  # the interpreter on the compute nodes
+    export: list[str] = []  # extra environment variable names passed to the job (by name, never by value)
+    log_dir: str = Field("./slurm-logs", pattern=r"^[A-Za-z0-9_./~-]+$")
+    ray_port_min: int = Field(20000, ge=1024, le=65000)
+    ray_port_max: int = Field(29999, ge=1024, le=65534)
+    network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$")
+    join_timeout_s: int = Field(300, ge=10)
+
+    @field_validator("export")
+    @classmethod
+    def _variable_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))} "
+                             "(export passes variables by name; values never go into the script)")
+        return names
+
+    @model_validator(mode="after")
+    def _port_range(self):
+        if self.ray_port_max - self.ray_port_min < 100:
+            raise field_error("ray_port_max", "must leave at least 100 ports above ray_port_min "
+                              f"(got {self.ray_port_min}–{self.ray_port_max})")
+        return self
 
 
 class K8sTargetSpec(Strict):
+    """KubeRay `RayJob` settings for `tunerun render/submit --target k8s` (templates in k8s/).
+
+    Names and label values are checked here against Kubernetes' own rules, so a typo fails `tunerun validate`
+    instead of an API call; what a pod may contain (affinity terms) is checked by the API server.
+    """
+
     namespace: str = "default"
-    image: str = "tunerun:latest"
-    s3_secret: str | None = None
+    image: str = "tunerun:latest"  # built from k8s/Dockerfile
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []
+    s3_secret: str | None = None  # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional)
+    service_account: str | None = None
+    priority_class: str | None = None
+    labels: dict[str, str] = {}  # on the RayJob, the ConfigMap and every pod
+    node_selector: dict[str, str] = {}  # every Ray pod (head and workers)
+    tolerations: list[dict[str, str | int]] = []  # e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+    affinity: dict[str, dict] = {}  # nodeAffinity / podAffinity / podAntiAffinity, as in a pod spec
+    head_cpus: int = Field(2, ge=1)  # the head runs the driver (data preparation), no training worker
+    head_memory: str = "8Gi"
+    worker_memory: str | None = None  # per node (one worker pod per node); None = 4Gi per CPU of the pod
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
+    shm_size: str = "8Gi"  # /dev/shm (memory-backed) for NCCL and Ray's object store
+    scratch_size: str = "100Gi"  # model and data cache (TUNERUN_CACHE)
+    scratch_storage_class: str | None = None  # None = emptyDir on the node's disk; else a generic ephemeral volume
+    backoff_limit: int = Field(2, ge=0)  # RayJob retries; each starts a new Ray cluster that resumes the run
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int = Field(3600, ge=0)  # the finished Ray cluster is deleted after this
+    termination_grace_period_seconds: int = Field(300, ge=0)  # time for the checkpoint written on SIGTERM
+    pod_security: Literal["restricted", "baseline"] = "restricted"  # Pod Security Standard the pods meet
+    run_as_user: int = Field(1000, ge=1)  # the image's non-root uid (k8s/Dockerfile: 1000)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return cls.dns_label(v)
+
+    @field_validator("s3_secret", "service_account", "priority_class", "scratch_storage_class")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        return None if v is None else cls.dns_subdomain(v)
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        return [cls.dns_subdomain(name) for name in v]
+
+    @field_validator("image", "gpu_resource")
+    @classmethod
+    def _no_spaces(cls, v: str) -> str:
+        if not v or re.search(r"[\s\"'`$\\]", v):
+            raise ValueError(f"{v!r}: expected a single word without spaces, quotes or '$'")
+        return v
+
+    @field_validator("head_memory", "worker_memory", "shm_size", "scratch_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?", str(v)):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity; write e.g. 512Mi, 16Gi or 1Ti")
+        return v
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            cls.label_key(key)
+            if len(value) > 63 or not re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", value):
+                raise ValueError(f"{key}: {value!r} is not a valid label value (at most 63 letters, digits, '-', "
+                                 "'_' or '.', starting and ending with a letter or digit)")
+        return v
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict]) -> list[dict]:
+        allowed = {"key", "operator", "value", "effect", "tolerationSeconds"}
+        for toleration in v:
+            unknown = set(toleration) - allowed
+            if unknown:
+                raise ValueError(f"unknown toleration field {sorted(unknown)[0]!r}; allowed: "
+                                 f"{', '.join(sorted(allowed))}")
+            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"toleration operator must be Equal or Exists (got {toleration['operator']!r})")
+            if toleration.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError("toleration effect must be NoSchedule, PreferNoSchedule or NoExecute "
+                                 f"(got {toleration['effect']!r})")
+            if "key" in toleration:
+                cls.label_key(str(toleration["key"]))
+        return v
+
+    @field_validator("affinity")
+    @classmethod
+    def _affinity(cls, v: dict[str, dict]) -> dict[str, dict]:
+        unknown = set(v) - {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+        if unknown:
+            raise ValueError(f"unknown affinity kind {sorted(unknown)[0]!r}; expected nodeAffinity, podAffinity or "
+                             "podAntiAffinity")
+        return v
+
+    @staticmethod
+    def dns_label(v: str) -> str:
+        """RFC 1123 label: what Kubernetes requires of a namespace name."""
+        if len(v) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
+            raise ValueError(f"{v!r} is not a valid name: at most 63 lowercase letters, digits or '-', starting "
+                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
+        return v
+
+    @staticmethod
+    def dns_subdomain(v: str) -> str:
+        """RFC 1123 subdomain: what Kubernetes requires of Secret, ServiceAccount and PriorityClass names."""
+        part = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+        if len(v) > 253 or not re.fullmatch(rf"{part}(\.{part})*", v):
+            raise ValueError(f"{v!r} is not a valid object name: lowercase letters, digits, '-' and '.', starting "
+                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
+        return v
+
+    @classmethod
+    def label_key(cls, key: str) -> str:
+        prefix, _, name = key.rpartition("/")
+        if prefix:
+            cls.dns_subdomain(prefix)
+        if len(name) > 63 or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
+            raise ValueError(f"{key!r} is not a valid label key: an optional DNS prefix and '/', then at most 63 "
+                             "letters, digits, '-', '_' or '.'")
+        return key
 
 
 class RayTargetSpec(Strict):
-    address: str = "http://127.0.0.1:8265"
+    """An existing Ray cluster reached through its Job Submission API (`--target ray`)."""
+
+    address: str = "http://127.0.0.1:8265"  # the dashboard's HTTP address (or RAY_ADDRESS)
+    env_vars: list[str] = []  # names of variables copied from the submitting shell into the job's runtime_env
+    pip: list[str] = []  # packages Ray installs for the job; [] = tunerun is installed on the cluster
+
+    @field_validator("address")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+            raise ValueError(f"{v!r}: expected the Ray dashboard's HTTP address, e.g. http://head:8265 "
+                             "(ray:// is Ray Client, not the Job Submission API)")
+        return v
+
+    @field_validator("env_vars")
+    @classmethod
+    def _non_secret_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            # runtime_env variables are shown in the Ray dashboard to anyone who can open it
+            if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", name, re.I):
+                raise ValueError(f"{name} looks like a credential: the Ray dashboard shows a job's runtime_env to "
+                                 "anyone who can open it; give the cluster its own credentials instead (the "
+                                 "environment `ray start` ran in, an instance role, or ~/.aws on every node)")
+        return v
 
 
 class TargetsSpec(Strict):

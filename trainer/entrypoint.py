@@ -5,7 +5,7 @@ the outcome in ``run.json``. A target only decides where this process starts; it
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import os
 import platform
 import subprocess
@@ -18,26 +18,36 @@ from pathlib import Path
 import yaml
 
 from tunerun.cluster.storage import RunFolder
-from tunerun.jobs.errors import DataError, TunerunError
+from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.spec import StorageSpec
+from tunerun.trainer import preemption
+from tunerun.trainer.inputs import localize_data, localize_model
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_PREEMPTED = 3  # stopped at a checkpoint on request: launch the same run again to continue
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m tunerun.trainer <run-folder>", file=sys.stderr)
-        return EXIT_USER_ERROR
-    folder = Path(argv[0])
-    run = RunFolder(folder.parent, folder.name)
+    parser = argparse.ArgumentParser(prog="python -m tunerun.trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("run_uri", help="the run folder: a local path or s3://bucket/prefix/<run-id>")
+    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL_S3"),
+                        help="S3-compatible endpoint (MinIO, Ceph RGW) holding the run folder")
+    args = parser.parse_args(argv)
+    storage_uri, run_id = args.run_uri.rstrip("/").rsplit("/", 1)
+    run = RunFolder(StorageSpec(uri=storage_uri or "/", endpoint_url=args.endpoint_url), run_id)
     try:
-        run_job(run)
+        job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+        run = RunFolder(job.spec.storage, run_id)  # the spec's full settings: region, TLS, checksums
+        run_job(run, job)
     except TunerunError as exc:
         _finish(run, "failed", error=str(exc), error_kind="user")
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except preemption.Preempted as exc:
+        _finish(run, "preempted", detail=str(exc))
+        return EXIT_PREEMPTED
     except (KeyboardInterrupt, SystemExit):
         # `tunerun cancel` / Ctrl-C: SIGTERM reaches us as SystemExit once Ray has installed its handler.
         _finish(run, "cancelled")
@@ -50,29 +60,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_job(run: RunFolder) -> None:
-    job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+def run_job(run: RunFolder, job: ResolvedJob) -> None:
     run.update_run_info(state="running", started_at=time.time(), versions=versions(), host=platform.node())
     run.event("run_started", pid=os.getpid())
-    prepare(run, job)
+    check_resume_world_size(run, job)
+    # Workers fetch the model on their own node; the driver needs it only for the tokenizer.
+    prepare(run, localize_data(localize_model(job)))
     fit(run, job)
 
 
+def check_resume_world_size(run: RunFolder, job: ResolvedJob) -> None:
+    """ZeRO shards fit only the world size that wrote them; LoRA/QLoRA state is replicated and fits any."""
+    from tunerun.trainer.checkpoint import saved_world_size
+
+    saved = saved_world_size(run)
+    workers = job.spec.resources.num_workers
+    if job.spec.method.kind == "full" and saved and saved != workers:
+        raise TargetError(f"run {run.run_id}: its newest checkpoint holds ZeRO shards of {saved} workers, this "
+                          f"launch has {workers}; resume with resources giving {saved} workers "
+                          f"(nodes × workers_per_node)")
+
+
 def prepare(run: RunFolder, job: ResolvedJob) -> None:
-    """Tokenize once on the driver; workers read the prepared examples from the run folder."""
-    from tunerun.trainer.batches import save_examples
-    from tunerun.trainer.data import prepare_data
-    from tunerun.trainer.tokenizer import load_tokenizer
+    """Tokenize once on the driver (or reuse the content-hash cache of an identical preparation); workers read
+    the prepared examples from the run folder."""
+    import json
+
+    from tunerun.trainer.data_pipeline import PREPARED_FILES, prepare_to_folder, prepared_folder
 
     if run.exists("data/data_report.json"):
         return  # a resumed run trains on exactly the data it started with
-    prepared = prepare_data(job.spec.data, load_tokenizer(job), job.spec.training.seed)
-    if not prepared.train:
-        raise DataError(f"data.train {job.spec.data.train}: no training examples left after cleaning")
-    save_examples(run.file("data/train.jsonl"), prepared.train)
-    save_examples(run.file("data/eval.jsonl"), prepared.eval)
-    report = dataclasses.asdict(prepared.report)
-    run.write_json("data/data_report.json", report)
+    if run.is_local:
+        report = prepare_to_folder(job, run.local_path("data"), None)
+    else:
+        folder, _ = prepared_folder(job, None)
+        for name in PREPARED_FILES:  # data_report.json last: its presence means the data folder is complete
+            run.upload(folder / name, f"data/{name}")
+        report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
     run.event("data_prepared", **{k: report[k] for k in ("records_read", "train_records", "eval_records")})
 
 
@@ -85,11 +109,19 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
 
     resources = job.spec.resources
     env = {"DS_ACCELERATOR": "cpu"} if resources.gpus_per_worker == 0 else {}
+    storage_path, filesystem = _ray_storage(run)
+    if filesystem is not None:
+        from tunerun.cluster.s3 import sdk_environment
+
+        env.update(sdk_environment(run.storage))
     if not ray.is_initialized():
         _start_ray(job, env)
+    preemption.clear(run)
+    received = preemption.install_driver_handlers(run)
+    run.flush()  # rank 0 appends to events.jsonl from here on
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_root": str(run.root), "run_id": run.run_id},
+        train_loop_config={"job": job.model_dump(mode="json")},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.gpus_per_worker > 0,
@@ -97,13 +129,27 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
         ),
         run_config=RunConfig(
             name=run.run_id,
-            storage_path=str(run.root),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.spec.checkpoint.keep_last),
             worker_runtime_env={"env_vars": env},
         ),
     )
     trainer.fit()
+    if run.exists(preemption.STOPPED):  # not when the signal came too late to stop before the last step
+        step = run.read_json(preemption.STOPPED)["step"]
+        raise preemption.Preempted(f"stopped at the checkpoint of step {step} on {', '.join(received) or 'request'}")
+
+
+def _ray_storage(run: RunFolder):
+    """Where Ray Train persists checkpoints: the run folder's parent, through pyarrow for object storage."""
+    if run.is_local:
+        return str(run.local_path().parent), None
+    from tunerun.cluster.s3 import pyarrow_filesystem, split_uri
+
+    bucket, prefix = split_uri(run.storage.uri)
+    return f"{bucket}/{prefix}".rstrip("/"), pyarrow_filesystem(run.storage)
 
 
 def _start_ray(job: ResolvedJob, env: dict) -> None:
@@ -116,7 +162,9 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
         return
     needed = job.spec.resources.num_workers * job.spec.resources.cpus_per_worker
     # Logical CPUs only gate scheduling: on a 2-core laptop two 1-CPU workers plus Ray's own actors must fit.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed + 1), include_dashboard=False, log_to_driver=True)
+    # address="local": always a fresh embedded Ray, even when a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed + 1), include_dashboard=False,
+             log_to_driver=True)
 
 
 def _worker_resources(job: ResolvedJob) -> dict:
@@ -129,6 +177,10 @@ def _worker_resources(job: ResolvedJob) -> dict:
 def _finish(run: RunFolder, state: str, **fields) -> None:
     run.update_run_info(state=state, finished_at=time.time(), **fields)
     run.event(f"run_{state}", **fields)
+    run.flush()
+    log = os.environ.get("TUNERUN_DRIVER_LOG")
+    if log and not run.is_local and Path(log).is_file():
+        run.upload(Path(log), "logs/driver.log")
 
 
 def versions() -> dict:

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.batches import BatchSchedule, eval_shard, load_examples
 from tunerun.trainer.data import collate
+from tunerun.trainer.inputs import localize_model
 from tunerun.trainer.methods import method_module
+from tunerun.trainer.preemption import STOPPED, StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
 
 
@@ -29,80 +30,119 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     # ── setup ───────────────────────────────────────────────────────────────────────────────────────────
-    run = RunFolder(config["run_root"], config["run_id"])
-    job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+    job = localize_model(ResolvedJob.model_validate(config["job"]))  # s3:// models: once per node, cached
     spec = job.spec
+    run = RunFolder(spec.storage, job.run_id)
+    scratch = Path(tempfile.mkdtemp(prefix="tunerun-worker-"))  # downloads from object storage land here
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     _seed_everything(spec.training.seed + rank)
 
     tokenizer = load_tokenizer(job)
-    train_set = load_examples(run.file("data/train.jsonl"))
-    eval_set = load_examples(run.file("data/eval.jsonl"))
+    train_set = load_examples(_fetch(run, "data/train.jsonl", scratch))
+    eval_set = load_examples(_fetch(run, "data/eval.jsonl", scratch))
     schedule = BatchSchedule(len(train_set), world, spec.training.micro_batch_size, spec.grad_accumulation,
                              spec.training.seed)
     total_steps = spec.training.max_steps or schedule.steps_per_epoch * spec.training.epochs
 
     method = method_module(spec.method.kind)
+    load_started = time.time()
     model = method.load_model(job)
+    model_loaded = time.time()
     engine = method.make_engine(model, job, total_steps)
     log = _RankZeroLog(run, rank)
+    log.event("worker_ready", load_started=load_started, model_loaded=model_loaded)  # cold-start breakdown
 
     # ── resume from the newest complete checkpoint, if any ──────────────────────────────────────────────
     progress = ckpt.Progress(step=0, epoch=0, tokens_seen=0)
-    latest, skipped = ckpt.latest_complete(run.path)
+    latest, skipped = ckpt.latest_complete(run, scratch / "resume")
     for note in skipped:
         log.event("checkpoint_skipped", detail=note)
     if latest is not None:
         engine.load_state(latest)
         progress = ckpt.load_progress(latest, rank)
-        log.event("resumed", step=progress.step, checkpoint=latest.name)
-    elif eval_set:
-        log.metrics(step=0, **_evaluate(engine, eval_set, tokenizer, rank, world, spec))
+        log.event("resumed", step=progress.step, checkpoint=latest.name, world_size=world)
+    else:  # the untrained model on the same eval set: the base every later eval is compared with
+        _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=0, phase="base")
 
     # ── train ───────────────────────────────────────────────────────────────────────────────────────────
     log.event("training_started", total_steps=total_steps, world_size=world, start_step=progress.step)
     started, start_tokens = time.perf_counter(), progress.tokens_seen
+    stop_poll = StopPoll(run, rank)
     while progress.step < total_steps:
         ids = schedule.micro_batches(progress.step, rank)
         micro = [collate([train_set[i] for i in batch], tokenizer.pad_token_id) for batch in ids]
         loss = engine.train_step(micro)
         tokens = sum(_tokens_in(b) for b in micro)
         loss, tokens = _all_reduce_mean_and_sum(loss, tokens)
-        progress = ckpt.Progress(progress.step + 1, schedule.epoch_of(progress.step), progress.tokens_seen + tokens)
+        progress = ckpt.Progress(progress.step + 1, schedule.epoch_of(progress.step), progress.tokens_seen + tokens,
+                                 world)
         elapsed = time.perf_counter() - started
         log.metrics(step=progress.step, loss=loss, lr=engine.lr, epoch=progress.epoch,
                     tokens_per_s=(progress.tokens_seen - start_tokens) / max(elapsed, 1e-9),
                     total_steps=total_steps, elapsed_s=elapsed)
 
         last = progress.step == total_steps
-        if eval_set and (progress.step % spec.eval.every_steps == 0 or last):
-            log.metrics(step=progress.step, **_evaluate(engine, eval_set, tokenizer, rank, world, spec))
-        if progress.step % spec.checkpoint.every_steps == 0 or last:
+        if progress.step % spec.eval.every_steps == 0 or last:
+            _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=progress.step,
+                      phase="final" if last else "train")
+        stop = stop_poll.requested()
+        if progress.step % spec.checkpoint.every_steps == 0 or last or stop:
             _save_checkpoint(engine, progress, run, rank, log)
+        if stop and not last:
+            if rank == 0:
+                run.write_json(STOPPED, {"step": progress.step, "time": time.time()})
+            log.event("stopped_at_checkpoint", step=progress.step)
+            log.flush()
+            return
 
     # ── export ──────────────────────────────────────────────────────────────────────────────────────────
-    target = method.export(engine, run.file("final"), tokenizer)
+    local_final = run.local_path("final") if run.is_local else scratch / "final"
+    target = method.export(engine, local_final, tokenizer)
     _barrier()
-    log.event("exported", path=str(target), step=progress.step)
+    if rank == 0 and not run.is_local:
+        run.upload_dir(local_final, "final")
+    log.event("exported", path=run.uri(f"final/{target.name}"), step=progress.step)
+    log.flush()
+
+    # ── memory: the measured peak beside the planner's estimate (memory.json) ───────────────────────────
+    from tunerun.trainer.memory_probe import write_memory_report
+
+    write_memory_report(run, job, rank)
 
 
-def _evaluate(engine, eval_set, tokenizer, rank, world, spec) -> dict:
-    """Held-out loss over the whole eval set, each rank scoring its shard."""
-    loss_sum, tokens = 0.0, 0
-    shard = eval_shard(len(eval_set), world, rank)
-    size = spec.training.micro_batch_size
-    for start in range(0, len(shard), size):
-        batch = collate([eval_set[i] for i in shard[start:start + size]], tokenizer.pad_token_id)
-        batch_loss, batch_tokens = engine.eval_batch(batch)
-        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
-    if dist.is_initialized():
-        # Ranks with an empty shard still join: ZeRO-3 forward passes are collective too.
-        totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
-        dist.all_reduce(totals)
-        loss_sum, tokens = float(totals[0]), int(totals[1])
-    loss = loss_sum / max(tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+def _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step: int, phase: str) -> None:
+    """Held-out loss over the eval set (each rank scores its shard), then the generation metrics, forgetting
+    check and gates of `tunerun.trainer.evaluation`. ``phase``: base (step 0, untrained), train or final."""
+    import math
+
+    from tunerun.trainer.evaluation import evaluate_during_training, keep_4bit_training_layout
+
+    keep_4bit_training_layout(engine.module)  # else bitsandbytes repacks 4-bit weights on CPU and QLoRA degrades
+    spec = job.spec
+    held_out = {}
+    if eval_set and "loss" in spec.eval.metrics:
+        loss_sum, tokens = 0.0, 0
+        shard = eval_shard(len(eval_set), world, rank)
+        size = spec.training.micro_batch_size
+        # ZeRO-3 forwards are collective: every rank runs as many batches as the largest shard needs; a rank
+        # whose shard is shorter scores a stand-in batch (example 0) and does not count it.
+        batches = math.ceil(math.ceil(len(eval_set) / world) / size)
+        for start in range(0, batches * size, size):
+            ids = shard[start:start + size]
+            batch = collate([eval_set[i] for i in ids or [0]], tokenizer.pad_token_id)
+            batch_loss, batch_tokens = engine.eval_batch(batch)
+            if ids:
+                loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+        if dist.is_initialized():
+            totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, tokens = float(totals[0]), int(totals[1])
+        loss = loss_sum / max(tokens, 1)
+        held_out = {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+    row = evaluate_during_training(engine, tokenizer, eval_set, job, run, step, phase, held_out, rank)
+    if row:
+        log.metrics(step=step, **row)
 
 
 def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int, log: "_RankZeroLog") -> None:
@@ -113,15 +153,37 @@ def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int,
     try:
         engine.save_state(local)
         ckpt.save_progress(local, progress, rank)
+        digests = ckpt.file_digests(local)  # hashed here, before upload: no second read from the store
         ray.train.report({"step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=name)
-        _barrier()  # every rank's files are persisted before the manifest describes them
+        every_rank = _gather(digests)  # also the barrier: all ranks' files are persisted
         if rank == 0:
-            manifest = ckpt.write_manifest(run.file(name), progress.step)
-            log.event("checkpoint_saved", step=progress.step, path=name, files=len(manifest["files"]))
+            merged = {path: entry for part in every_rank for path, entry in part.items()}
+            manifest = ckpt.write_manifest(run, name, progress.step, merged)
+            removed = ckpt.remove_incomplete(run, progress.step)
+            log.event("checkpoint_saved", step=progress.step, path=name, files=len(manifest["files"]),
+                      removed_incomplete=removed)
+            log.flush()
         _barrier()
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _fetch(run: RunFolder, name: str, scratch: Path) -> Path:
+    """A local path for a run-folder file: in place on a shared filesystem, downloaded from object storage."""
+    if run.is_local:
+        return run.local_path(name)
+    if not run.exists(name):
+        return scratch / "absent" / name
+    return run.download(name, scratch / name)
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _tokens_in(batch: dict) -> int:
@@ -162,3 +224,7 @@ class _RankZeroLog:
     def event(self, kind: str, **fields) -> None:
         if self.rank == 0:
             self.run.event(kind, **fields)
+
+    def flush(self) -> None:
+        if self.rank == 0:
+            self.run.flush()

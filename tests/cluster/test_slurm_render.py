@@ -54,12 +54,9 @@ def test_shipped_examples_render_to_their_reviewed_scripts(user_project, example
     assert script == expected.read_text(), f"template output changed; see the module docstring to regenerate"
 
 
-def test_script_carries_resources_signals_and_credentials_by_name_only(user_project):
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "this-must-not-appear-anywhere"
-    try:
-        script = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("zero3-70b")])
-    finally:
-        del os.environ["AWS_SECRET_ACCESS_KEY"]
+def test_script_carries_resources_signals_and_credentials_by_name_only(user_project, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "this-must-not-appear-anywhere")
+    script = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("zero3-70b")])
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
     assert "AWS_SECRET_ACCESS_KEY" in script and "this-must-not-appear-anywhere" not in script

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -111,21 +112,10 @@ def test_cancel_stops_every_ray_process_and_keeps_checkpoints(tmp_path, tiny_mod
                                text=True, timeout=60)
     assert cancelled.returncode == 0 and "cancelled cx" in cancelled.stdout
     time.sleep(3)
-    assert _session_pids(session) == []  # raylet, GCS and the train workers are all gone
+    assert session_pids(session) == []  # raylet, GCS and the train workers are all gone
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "cancelled" and not info.get("error")
+    from tunerun.cluster.storage import RunFolder
     from tunerun.trainer.checkpoint import latest_complete
 
-    assert latest_complete(run)[0] is not None
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+    assert latest_complete(RunFolder(str(tmp_path / "runs"), "cx"), tmp_path / "scratch")[0] is not None

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from processes import session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -45,28 +46,16 @@ def _node_ports(head: bool) -> list[str]:
     return [f"--{name}={_free_port()}" for name in names] + ["--min-worker-port=0", "--max-worker-port=0"]
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _end_session(sid: int, grace_s: float = 5.0) -> None:
     """SIGTERM every process of the session `ray start` led (raylet, GCS, workers), then SIGKILL what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_pids(sid):
+        for pid in session_pids(sid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while sig == signal.SIGTERM and time.monotonic() < deadline and _live(_session_pids(sid)):
+        while sig == signal.SIGTERM and time.monotonic() < deadline and _live(session_pids(sid)):
             time.sleep(0.2)
 
 

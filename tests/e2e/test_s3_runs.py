@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from processes import session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -145,7 +146,7 @@ def test_killed_run_resumes_and_its_loss_matches_an_uninterrupted_run(s3run):
     process = s3run.start(*job, run_id="killed")
     s3run.wait_for("killed", "checkpoints/step-000010/manifest.json", process)
     session = json.loads(s3run.read("killed", "run.json"))["local"]["pid"]
-    for pid in _session_pids(session):
+    for pid in session_pids(session):
         os.kill(pid, signal.SIGKILL)
     process.communicate(timeout=60)
     ok(s3run.run(*job, run_id="killed", resume=True))
@@ -189,15 +190,3 @@ def test_missing_bucket_and_unreachable_endpoint_fail_before_training(s3run, tin
         env=env, capture_output=True, text=True, timeout=300, cwd=s3run.tmp_path)
     assert unreachable.returncode == 2 and "did not answer" in unreachable.stderr
     assert "Traceback" not in bad_bucket.stderr + unreachable.stderr
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids

@@ -277,7 +277,7 @@ def test_newline_in_a_string_is_refused():
 
 @pytest.mark.parametrize("snippet, path", [
     ('targets:\n  slurm: {setup: ["module load cuda", "a\\tb"]}\n', "targets.slurm.setup.1"),
-    ('storage: {uri: "s3://b/p\\r"}\n', "storage.uri"),
+    ('storage: {uri: "s3://bucket/p\\r"}\n', "storage.uri"),
     ('eval: {gates: {"exact\\nmatch": ">= 0.8"}}\n', "eval.gates.exact\\nmatch"),
     ('targets: {k8s: {image: "tunerun:latest\\x1b[2J"}}\n', "targets.k8s.image"),
 ])

@@ -1,0 +1,114 @@
+"""`tunerun eval`, `tunerun export`, `tunerun report`: what a run produced, judged and handed over.
+
+They read the run folder only, so they work for any run wherever it trained. Importing this module loads neither
+torch nor Ray: the work happens in `tunerun.trainer.evaluation`, `.export` and `.report`, imported inside the
+commands. `tunerun.jobs.cli` registers the commands through `commands()`, passing its own error handling,
+console and run store (this module cannot import `cli`: `python -m tunerun.jobs.cli` runs that as __main__).
+"""
+from __future__ import annotations
+
+import click
+import yaml
+from rich.table import Table
+
+from tunerun.jobs.errors import StorageError
+
+
+def load_run_job(run):
+    """The resolved job a run was started with (``job.yaml``)."""
+    from pydantic import ValidationError
+
+    from tunerun.jobs.plan import ResolvedJob
+
+    try:
+        return ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise StorageError(f"{run.uri('job.yaml')} no longer validates ({problems})") from None
+
+
+def commands(user_errors, console, store) -> list[click.Command]:
+    """The three commands, wired to the CLI's error handling (exit 2 / 1), console and ``--storage`` store."""
+
+    @click.command("eval")
+    @click.argument("run_id")
+    @click.option("--checkpoint", type=int, default=None, metavar="STEP",
+                  help="Evaluate the checkpoint of this step (default: the final weights, else the newest checkpoint).")
+    @click.option("--storage", default=None, help="Storage URI holding the run.")
+    @user_errors
+    def eval_command(run_id, checkpoint, storage):
+        """Re-evaluate a run's weights on its held-out set, in this process; writes eval/on-demand/<…>.json."""
+        from tunerun.trainer.evaluation import evaluate_run
+
+        run = store(storage).open(run_id)
+        job = load_run_job(run)
+        console.print(f"eval   {run_id} · {job.spec.method.kind} · loading weights…")
+        record = evaluate_run(run, job, checkpoint)
+        base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
+        console.print(metrics_table(record, base))
+        print_gates(console, record.get("gates"))
+        name = record["source"].replace("checkpoints/", "")
+        console.print(f"wrote  {run.uri(f'eval/on-demand/{name}.json')}")
+
+    @click.command("export")
+    @click.argument("run_id")
+    @click.option("--checkpoint", type=int, default=None, metavar="STEP",
+                  help="Export the checkpoint of this step (default: the final weights, else the newest checkpoint).")
+    @click.option("--merge", is_flag=True, help="Merge the LoRA adapter into the (unquantised) base model.")
+    @click.option("--to", "to", default=None, metavar="DIR",
+                  help="Target folder (default: <run>/exports/<source>-<adapter|merged|model>).")
+    @click.option("--storage", default=None, help="Storage URI holding the run.")
+    @user_errors
+    def export_command(run_id, checkpoint, merge, to, storage):
+        """Export a run's weights: LoRA adapter (PEFT), merged model or full model, as safetensors + model card."""
+        from tunerun.trainer.export import export_run
+
+        run = store(storage).open(run_id)
+        job = load_run_job(run)
+        if merge and job.spec.method.kind == "full":
+            console.print("note   a full fine-tune is already a whole model: --merge changes nothing")
+        target, weights = export_run(run, job, checkpoint, merge, to)
+        files = sorted(p for p in target.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        console.print(f"export {weights.name} → {target} · {len(files)} files, {size / 1e6:.1f} MB · "
+                      "load with AutoModelForCausalLM.from_pretrained")
+
+    @click.command("report")
+    @click.argument("run_id")
+    @click.option("--storage", default=None, help="Storage URI holding the run.")
+    @user_errors
+    def report_command(run_id, storage):
+        """Write the run's report.html: curves, base vs tuned, gates, examples, data report."""
+        from tunerun.trainer.report import write_report
+
+        run = store(storage).open(run_id)
+        console.print(f"report {write_report(run)}")
+
+    return [eval_command, export_command, report_command]
+
+
+def metrics_table(record: dict, base: dict | None) -> Table:
+    table = Table("metric", "base", record["source"], box=None)
+    before = (base or {}).get("metrics", {})
+    rows = {**record["metrics"], **{f"general_{k}": v for k, v in record.get("general", {}).items()}}
+    for name, value in rows.items():
+        if name.endswith("generated") or isinstance(value, bool):
+            continue
+        table.add_row(name, _fmt(before.get(name) if not name.startswith("general_")
+                                 else (base or {}).get("general", {}).get(name[8:])), _fmt(value))
+    return table
+
+
+def print_gates(console, gates: dict | None) -> None:
+    if not gates or not gates.get("results"):
+        return
+    verdict = "[green]passed[/green]" if gates["passed"] else "[red]failed[/red]"
+    details = " · ".join(f"{g['metric']} {_fmt(g['value'])} {g['condition']} {'✓' if g['passed'] else '✗'}"
+                         for g in gates["results"])
+    console.print(f"gates  {verdict}: {details}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,112 @@
+"""Proof of learning, end to end as a user runs it: QLoRA on CPU with 2 Ray workers beats the untrained base by a
+wide margin on held-out support tickets, the gates pass, and every results command shows it.
+
+The task is generated here (examples/make_support_data.py, 1,100 tickets → "category: <label>"). Measured on
+2 cores: base exact match 0.00, tuned 0.97 after 2 epochs (124 steps, ~50 s for the run). The thresholds below
+(base ≤ 0.05, tuned ≥ 0.8) leave room for thread-count noise without letting a model that did not learn pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+BASE_AT_MOST, TUNED_AT_LEAST = 0.05, 0.8
+
+
+def tunerun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def ray_env():
+    """A private Ray temp dir: ray.init() would otherwise join whatever cluster /tmp/ray last recorded (a stray
+    `ray start` on a shared machine). Short path: Ray's Unix sockets live below it."""
+    folder = tempfile.mkdtemp(prefix="tr-ray-", dir="/tmp")
+    yield {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": folder}
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model_dir, example_module, ray_env):
+    data = example_module("make_support_data").make_support_data(tmp_path / "tickets.jsonl", n=1100, seed=1)
+    sets = [f"model.path={tiny_model_dir}", f"data.train={data}", f"storage.uri={tmp_path / 'runs'}",
+            "method.kind=qlora", "data.eval_fraction=0.1", "eval.every_steps=62", "eval.max_new_tokens=16",
+            "checkpoint.every_steps=62", "eval.label_pattern='^category: (\\w+)'",
+            'eval.gates={exact_match: ">= 0.8", label_accuracy: ">= 0.8", forgetting_drop: "<= 0.05"}']
+    result = tunerun("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)], "--run-id", "learn",
+                     cwd=tmp_path, env=ray_env)
+    run = tmp_path / "runs" / "learn"
+    log = (run / "logs" / "driver.log").read_text() if (run / "logs" / "driver.log").exists() else ""
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{log[-4000:]}"
+
+    # the base model, evaluated before the first step, and the tuned model on the same held-out split
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_exact_match" in r]
+    base, final = evals[0], evals[-1]
+    assert base["base"] is True and base["step"] == 0 and final["step"] == 124
+    print(f"\nexact match: base {base['eval_exact_match']:.3f} → tuned {final['eval_exact_match']:.3f}; "
+          f"label accuracy {final['eval_label_accuracy']:.3f}; held-out loss {base['eval_loss']:.2f} → "
+          f"{final['eval_loss']:.4f}; forgetting drop {final['forgetting_drop']:.3f}")
+    assert base["eval_exact_match"] <= BASE_AT_MOST, base
+    assert final["eval_exact_match"] >= TUNED_AT_LEAST, final
+    assert final["eval_label_accuracy"] >= TUNED_AT_LEAST and final["eval_rouge_l"] > base["eval_rouge_l"]
+    assert "forgetting_drop" in final and "general_rouge_l" in base
+    base_record = json.loads((run / "eval" / "base.json").read_text())
+    assert base_record["base"] and len(base_record["examples"]) >= 3
+    assert (run / "eval" / "step-000062.json").is_file() and (run / "eval" / "step-000124.json").is_file()
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["gates"]["passed"], info["gates"]
+    status = tunerun("status", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+    assert "gates passed" in status.stdout, status.stdout
+
+    # on demand, in this process: the final weights score what the last in-training eval measured
+    again = tunerun("eval", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+    assert again.returncode == 0, again.stderr
+    on_demand = json.loads((run / "eval" / "on-demand" / "final.json").read_text())
+    assert on_demand["metrics"]["exact_match"] == pytest.approx(final["eval_exact_match"], abs=0.03)
+    assert "exact_match" in again.stdout and "gates" in again.stdout
+
+    # the merged model (into the unquantised base) loads with plain transformers and answers like the run
+    exported = tunerun("export", "learn", "--merge", "--to", str(tmp_path / "merged"),
+                       "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+    assert exported.returncode == 0, exported.stderr
+    assert_merged_model_answers(tmp_path / "merged", on_demand["examples"])
+
+    # the report shows the base-vs-tuned numbers
+    report = tunerun("report", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+    assert report.returncode == 0, report.stderr
+    page = (run / "report.html").read_text()
+    table = page[page.index('id="base-vs-tuned"'):page.index("</table>", page.index('id="base-vs-tuned"'))]
+    cells = re.search(r"<td>exact_match</td><td[^>]*>([\d.]+)</td><td[^>]*>([\d.]+)</td>", table)
+    assert cells, table
+    assert float(cells.group(1)) <= BASE_AT_MOST and float(cells.group(2)) >= TUNED_AT_LEAST
+    assert page.count('src="data:image/png;base64,') == 3 and 'class="badge pass">passed' in page
+
+
+def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
+    right = 0
+    for example in examples:
+        ids = tokenizer(example["prompt"], return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        right += tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
+            == example["reference"]
+    assert right >= len(examples) - 1, (right, examples)

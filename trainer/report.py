@@ -1,0 +1,187 @@
+"""The run report: one self-contained HTML file (charts embedded as base64 PNGs) built from the run folder.
+
+It reads only the ledger — metrics.jsonl, eval/*.json, data/data_report.json, run.json, job.yaml — so it works
+for any run wherever it trained, and imports neither torch nor Ray (matplotlib draws off-screen with Agg).
+"""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import yaml
+
+TEMPLATE = Path(__file__).with_name("report.html.j2")
+SCORE_METRICS = ("exact_match", "f1", "rouge_l", "label_accuracy")
+
+
+def eval_records(run) -> dict:
+    """{"base": record | None, "steps": [records by step], "on_demand": [records]} from ``eval/``."""
+    names = run.list_dir("eval")
+    steps = sorted((run.read_json(f"eval/{n}") for n in names if n.startswith("step-") and n.endswith(".json")),
+                   key=lambda r: r["step"])
+    on_demand = [run.read_json(f"eval/on-demand/{n}") for n in run.list_dir("eval/on-demand") if n.endswith(".json")]
+    base = run.read_json("eval/base.json") if "base.json" in names else None
+    return {"base": base, "steps": steps, "on_demand": on_demand}
+
+
+def final_record(records: dict) -> dict | None:
+    finals = [r for r in records["steps"] if r.get("phase") == "final"]
+    return (finals or records["steps"] or [None])[-1]
+
+
+def build_report(run) -> tuple[str, dict[str, bytes]]:
+    """(the HTML page, {chart name: PNG bytes})."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    info = run.read_json("run.json") if run.exists("run.json") else {}
+    job = yaml.safe_load(run.read_text("job.yaml")) if run.exists("job.yaml") else {}
+    metrics = run.read_jsonl("metrics.jsonl")
+    records = eval_records(run)
+    final = final_record(records)
+    charts = _charts(metrics, records)
+    env = Environment(loader=FileSystemLoader(TEMPLATE.parent), autoescape=select_autoescape(["j2", "html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    page = env.get_template(TEMPLATE.name).render(
+        run_id=run.run_id, info=info, spec=job.get("spec", {}),
+        charts={name: base64.b64encode(png).decode("ascii") for name, png in charts.items()},
+        comparison=_comparison(records["base"], final), general=_general(records["base"], final),
+        per_eval=_per_eval(records), examples=_side_by_side(records["base"], final),
+        gates=info.get("gates") or (final or {}).get("gates"), data=_data_report(run),
+        on_demand=records["on_demand"], final_step=(final or {}).get("step"))
+    return page, charts
+
+
+def write_report(run) -> str:
+    """Write ``report.html`` (and the charts as ``report/<name>.png``) into the run folder; returns its URI."""
+    import tempfile
+
+    page, charts = build_report(run)
+    with tempfile.TemporaryDirectory(prefix="tunerun-report-") as tmp:
+        for name, png in charts.items():
+            path = Path(tmp) / f"{name}.png"
+            path.write_bytes(png)
+            run.upload(path, f"report/{name}.png")
+    run.write_text("report.html", page)
+    return run.uri("report.html")
+
+
+# ── tables ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "generated"}
+
+
+def _comparison(base: dict | None, final: dict | None) -> list[dict]:
+    """Rows of metric, base, tuned, change; lower is better for loss, perplexity and forgetting."""
+    if final is None:
+        return []
+    before = _numeric((base or {}).get("metrics", {}))
+    rows = []
+    for name, after in _numeric(final["metrics"]).items():
+        if name.startswith("forgetting"):
+            continue
+        b = before.get(name)
+        lower_better = name in ("loss", "perplexity")
+        better = None if b is None or after == b else (after < b if lower_better else after > b)
+        rows.append({"metric": name, "base": b, "tuned": after, "delta": None if b is None else after - b,
+                     "better": better})
+    return rows
+
+
+def _general(base: dict | None, final: dict | None) -> dict | None:
+    if not base or not final or "general" not in base or "general" not in final:
+        return None
+    rows = [{"metric": k, "base": v, "tuned": final["general"].get(k)} for k, v in _numeric(base["general"]).items()]
+    return {"rows": rows, "drop": final["metrics"].get("forgetting_drop"),
+            "flagged": final["metrics"].get("forgetting_flagged")}
+
+
+def _per_eval(records: dict) -> dict:
+    rows = ([records["base"]] if records["base"] else []) + records["steps"]
+    names = [n for n in ("loss", "perplexity", *SCORE_METRICS)
+             if any(n in r["metrics"] and r["metrics"][n] is not None for r in rows)]
+    return {"names": names, "rows": [{"label": "base" if r.get("base") else f"step {r['step']}",
+                                      "values": [r["metrics"].get(n) for n in names]} for r in rows]}
+
+
+def _side_by_side(base: dict | None, final: dict | None) -> list[dict]:
+    if final is None:
+        return []
+    before = {e["index"]: e["output"] for e in (base or {}).get("examples", [])}
+    return [{**e, "base_output": before.get(e["index"])} for e in final.get("examples", [])]
+
+
+def _data_report(run) -> list[tuple[str, object]]:
+    if not run.exists("data/data_report.json"):
+        return []
+    r = run.read_json("data/data_report.json")
+    rows = []
+    for key, value in r.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "–"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value[:10])) or "–"
+        rows.append((key.replace("_", " "), value))
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    return str(value)
+
+
+# ── charts ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _charts(metrics: list[dict], records: dict) -> dict[str, bytes]:
+    train = [m for m in metrics if "loss" in m and "step" in m]
+    # Held-out points come from the eval records: the final one exists before its metrics.jsonl row does.
+    rows = ([records["base"]] if records["base"] else []) + records["steps"]
+    evals = [(r["step"], r["metrics"]["loss"]) for r in rows if r["metrics"].get("loss") is not None]
+    charts = {}
+    if train or evals:
+        charts["loss"] = _plot("Loss", "step", [
+            ("train loss", [m["step"] for m in train], [m["loss"] for m in train], "-"),
+            ("held-out loss", [e[0] for e in evals], [e[1] for e in evals], "o-")], log_y=True)
+    if any("lr" in m for m in train):
+        charts["learning_rate"] = _plot("Learning rate", "step", [
+            ("lr", [m["step"] for m in train if "lr" in m], [m["lr"] for m in train if "lr" in m], "-")])
+    series = []
+    for name in SCORE_METRICS:
+        points = [(r["step"], r["metrics"][name]) for r in rows if r["metrics"].get(name) is not None]
+        if points:
+            series.append((name, [p[0] for p in points], [p[1] for p in points], "o-"))
+    if series:
+        charts["eval_metrics"] = _plot("Held-out generation metrics (step 0 = base model)", "step", series,
+                                       y_range=(-0.02, 1.02))
+    return charts
+
+
+def _plot(title: str, xlabel: str, series: list, log_y: bool = False, y_range=None) -> bytes:
+    # Figure() without pyplot: no global state, the Agg canvas, safe off-screen and inside workers.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 3.6), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    for label, xs, ys, style in series:
+        axes.plot(xs, ys, style, label=label, markersize=4)
+    if log_y and all(y > 0 for _, _, ys, _ in series for y in ys):
+        axes.set_yscale("log")
+    if y_range:
+        axes.set_ylim(*y_range)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -29,6 +29,7 @@ class RunFollower:
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self._last_plain = 0.0
+        self._last_plain_step = -1
 
     def follow(self, is_done: Callable[[], bool], poll_s: float = 0.5) -> None:
         """Show progress until ``is_done()``, then everything the run recorded up to that moment."""
@@ -54,8 +55,9 @@ class RunFollower:
         if "loss" in self.last:
             total = self.last.get("total_steps")
             bar.update(task, total=total, completed=self.last["step"], info=self._train_info())
-            if not live and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
-                self._last_plain = time.monotonic()
+            fresh = self.last["step"] != self._last_plain_step
+            if not live and fresh and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+                self._last_plain, self._last_plain_step = time.monotonic(), self.last["step"]
                 self.console.print(f"train  step {self.last['step']}/{total}  {self._train_info()}")
 
     def _take_metrics(self, record: dict) -> None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # variables travel by name to Slurm jobs and Ray runtime envs
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -353,7 +354,7 @@ class SlurmTargetSpec(Strict):
     @field_validator("export")
     @classmethod
     def _variable_names(cls, names: list[str]) -> list[str]:
-        bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        bad = [n for n in names if not ENV_NAME.fullmatch(n)]
         if bad:
             raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))} "
                              "(export passes variables by name; values never go into the script)")
@@ -512,7 +513,7 @@ class RayTargetSpec(Strict):
     @classmethod
     def _non_secret_names(cls, v: list[str]) -> list[str]:
         for name in v:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
             # runtime_env variables are shown in the Ray dashboard to anyone who can open it
             if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", name, re.I):

@@ -279,8 +279,17 @@ class EvalSpec(Strict):
 
 
 class CheckpointSpec(Strict):
+    """Retention: a checkpoint survives when it is among the ``keep_last`` newest complete ones or the
+    ``keep_best`` best by ``best_metric`` (lower is better for loss and perplexity, higher for the rest)."""
+
     every_steps: int = Field(50, ge=1)
     keep_last: int = Field(3, ge=1)
+    keep_best: int = Field(0, ge=0)  # 0: off
+    best_metric: Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "label_accuracy"] = "loss"
+
+    @property
+    def best_is_lowest(self) -> bool:
+        return self.best_metric in ("loss", "perplexity")
 
 
 class ResourcesSpec(Strict):
@@ -563,6 +572,22 @@ class JobSpec(Strict):
                 f"(got {self.training.global_batch_size}); "
                 f"try global_batch_size: {per_step * max(1, round(self.training.global_batch_size / per_step))}",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _best_checkpoint_is_scored(self):
+        checkpoint, evaluation = self.checkpoint, self.eval
+        if not checkpoint.keep_best:
+            return self
+        if checkpoint.best_metric not in evaluation.computed_metrics():
+            raise field_error("checkpoint.best_metric", f"'{checkpoint.best_metric}' is not measured by this job's "
+                              f"eval.metrics ({', '.join(evaluation.metrics)}); add it there or pick one of "
+                              f"{', '.join(m for m in evaluation.computed_metrics() if m != 'forgetting_drop')}")
+        if checkpoint.every_steps % evaluation.every_steps:
+            nearest = evaluation.every_steps * max(1, round(checkpoint.every_steps / evaluation.every_steps))
+            raise field_error("checkpoint.every_steps", f"keep_best ranks checkpoints by the eval at their step, so "
+                              f"every checkpoint needs one: make it a multiple of eval.every_steps "
+                              f"({evaluation.every_steps}), e.g. every_steps: {nearest}")
         return self
 
     @property

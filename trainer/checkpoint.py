@@ -17,6 +17,7 @@ import torch
 
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import StorageError
+from tunerun.jobs.spec import CheckpointSpec
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -50,14 +51,17 @@ def file_digests(folder: Path) -> dict[str, dict]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_manifest(run: RunFolder, name: str, step: int, digests: dict[str, dict]) -> dict:
-    """Rank 0, after every rank's files are persisted: check they all arrived, then write the manifest."""
+def write_manifest(run: RunFolder, name: str, step: int, digests: dict[str, dict],
+                   metrics: dict | None = None) -> dict:
+    """Rank 0, after every rank's files are persisted: check they all arrived, then write the manifest
+    (with the eval ``metrics`` of this step, which keep-best retention ranks checkpoints by)."""
     stored = run.list_files(name)
     for path, entry in digests.items():
         if stored.get(path) != entry["size"]:
             raise StorageError(f"checkpoint {name}: {path} is missing or incomplete on the store "
                                f"({stored.get(path)} of {entry['size']} bytes)")
-    manifest = {"step": step, "files": [{"path": p, **e} for p, e in sorted(digests.items())]}
+    manifest = {"step": step, "metrics": metrics or {},
+                "files": [{"path": p, **e} for p, e in sorted(digests.items())]}
     run.write_json(f"{name}/{MANIFEST}", manifest)
     return manifest
 
@@ -128,6 +132,31 @@ def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:
             run.delete(f"checkpoints/{name}")
             removed.append(name)
     return removed
+
+
+def apply_retention(run: RunFolder, policy: CheckpointSpec) -> tuple[list[str], str | None]:
+    """Delete the complete checkpoints the policy does not keep: (their names oldest first, the best one).
+
+    Kept: the ``keep_last`` newest and the ``keep_best`` best by ``best_metric`` (a checkpoint without that
+    metric, e.g. one written on a preemption signal, is never "best"). The newest always survives, so a run
+    can resume. The manifest goes first: a deletion cut short leaves a folder that is never resumed from and
+    that ``remove_incomplete`` clears later.
+    """
+    manifests = {}
+    for name in sorted(run.list_dir("checkpoints")):
+        if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}"):
+            manifests[name] = run.read_json(f"checkpoints/{name}/{MANIFEST}")
+    newest_first = sorted(manifests, reverse=True)
+    keep = set(newest_first[:policy.keep_last])
+    scored = [n for n in newest_first if policy.best_metric in manifests[n].get("metrics", {})]
+    sign = 1 if policy.best_is_lowest else -1
+    scored.sort(key=lambda n: sign * manifests[n]["metrics"][policy.best_metric])  # stable: ties → newer
+    keep.update(scored[:policy.keep_best])
+    removed = [name for name in sorted(manifests) if name not in keep]
+    for name in removed:
+        run.delete(f"checkpoints/{name}/{MANIFEST}")
+        run.delete(f"checkpoints/{name}")
+    return removed, (scored[0] if policy.keep_best and scored else None)
 
 
 def save_progress(folder: Path, progress: Progress, rank: int) -> None:

@@ -27,6 +27,7 @@ from tunerun.trainer.inputs import localize_data, localize_model
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_PREEMPTED = 3  # stopped at a checkpoint on request: launch the same run again to continue
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"  # Ray Train's record of reported checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +118,9 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
     if not ray.is_initialized():
         _start_ray(job, env)
     preemption.clear(run)
+    # Resume reads tunerun's manifests, and retention deletes checkpoints Ray never hears about: Ray's own list
+    # of them would name deleted folders and make Ray refuse to start this run again.
+    run.delete(RAY_CHECKPOINT_LIST)
     received = preemption.install_driver_handlers(run)
     run.flush()  # rank 0 appends to events.jsonl from here on
     trainer = TorchTrainer(
@@ -132,7 +136,7 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.spec.checkpoint.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # tunerun's retention: checkpoint.apply_retention
             worker_runtime_env={"env_vars": env},
         ),
     )

@@ -83,12 +83,13 @@ def train_loop_per_worker(config: dict) -> None:
                     total_steps=total_steps, elapsed_s=elapsed)
 
         last = progress.step == total_steps
+        measured = {}
         if progress.step % spec.eval.every_steps == 0 or last:
-            _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=progress.step,
-                      phase="final" if last else "train")
+            measured = _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=progress.step,
+                                 phase="final" if last else "train")
         stop = stop_poll.requested()
         if progress.step % spec.checkpoint.every_steps == 0 or last or stop:
-            _save_checkpoint(engine, progress, run, rank, log)
+            _save_checkpoint(engine, progress, run, rank, log, spec.checkpoint, measured)
         if stop and not last:
             if rank == 0:
                 run.write_json(STOPPED, {"step": progress.step, "time": time.time()})
@@ -111,9 +112,10 @@ def train_loop_per_worker(config: dict) -> None:
     write_memory_report(run, job, rank)
 
 
-def _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step: int, phase: str) -> None:
+def _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step: int, phase: str) -> dict:
     """Held-out loss over the eval set (each rank scores its shard), then the generation metrics, forgetting
-    check and gates of `tunerun.trainer.evaluation`. ``phase``: base (step 0, untrained), train or final."""
+    check and gates of `tunerun.trainer.evaluation`. ``phase``: base (step 0, untrained), train or final.
+    Returns the eval-set metrics by name (loss, exact_match, …)."""
     import math
 
     from tunerun.trainer.evaluation import evaluate_during_training, keep_4bit_training_layout
@@ -143,9 +145,11 @@ def _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step: int
     row = evaluate_during_training(engine, tokenizer, eval_set, job, run, step, phase, held_out, rank)
     if row:
         log.metrics(step=step, **row)
+    return {name[len("eval_"):]: value for name, value in row.items() if name.startswith("eval_")}
 
 
-def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int, log: "_RankZeroLog") -> None:
+def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int, log: "_RankZeroLog",
+                     policy, measured: dict) -> None:
     import ray.train
 
     name = ckpt.checkpoint_dir_name(progress.step)
@@ -159,10 +163,12 @@ def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int,
         every_rank = _gather(digests)  # also the barrier: all ranks' files are persisted
         if rank == 0:
             merged = {path: entry for part in every_rank for path, entry in part.items()}
-            manifest = ckpt.write_manifest(run, name, progress.step, merged)
+            manifest = ckpt.write_manifest(run, name, progress.step, merged, measured)
             removed = ckpt.remove_incomplete(run, progress.step)
+            retired, best = ckpt.apply_retention(run, policy)
             log.event("checkpoint_saved", step=progress.step, path=name, files=len(manifest["files"]),
-                      removed_incomplete=removed)
+                      removed_incomplete=removed, removed_by_policy=retired,
+                      **({"best": best} if best else {}))
             log.flush()
         _barrier()
     finally:

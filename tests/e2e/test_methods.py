@@ -85,15 +85,23 @@ def assert_loss_falls(run: Path) -> None:
 
 
 def test_lora_quickstart_trains_and_held_out_loss_falls(tmp_path, tiny_model_dir):
-    result, run = run_job(tmp_path, tiny_model_dir, "training.max_steps=24", "checkpoint.every_steps=10",
-                          "eval.every_steps=12")
+    result, run = run_job(tmp_path, tiny_model_dir, "training.max_steps=24", "checkpoint.every_steps=6",
+                          "eval.every_steps=6", "checkpoint.keep_last=1", "checkpoint.keep_best=1",
+                          "checkpoint.best_metric=exact_match")
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     evals = eval_losses(run)
     assert evals[-1] < evals[0], evals
     assert "held-out loss" in result.stdout and "final/adapter" in result.stdout
-    # keep_last: 2 → step 10 was deleted once step 24 existed
-    assert_complete_checkpoints(run, [20, 24])
+    # keep_last 1 + keep_best 1: the newest, and the best exact match of the evals at 6, 12, 18, 24 (ties: newer)
+    scores = {r["step"]: r["eval_exact_match"] for r in map(json.loads, (run / "metrics.jsonl").open())
+              if "eval_exact_match" in r and not r.get("base")}
+    best = max(sorted(scores, reverse=True), key=scores.get)
+    assert sorted(scores) == [6, 12, 18, 24]
+    assert_complete_checkpoints(run, sorted({best, 24}))
+    for step in {best, 24}:
+        manifest = json.loads((run / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
+        assert manifest["metrics"]["exact_match"] == scores[step]
     adapter = run / "final" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
 

@@ -251,6 +251,25 @@ def test_zero_block_with_qlora_is_reported_at_method_zero():
                                                "remove method.zero or set method.kind: full", 6)]
 
 
+def test_keep_best_needs_an_eval_at_every_checkpoint():
+    problems = problems_of(MINIMAL + "eval: {every_steps: 20}\ncheckpoint:\n  every_steps: 30\n  keep_best: 1\n")
+    problem = only(problems, "checkpoint.every_steps")
+    assert problem.line == 6 and "multiple of eval.every_steps (20)" in problem.message
+    assert "e.g. every_steps: 40" in problem.message
+
+
+def test_keep_best_metric_must_be_measured():
+    problems = problems_of(MINIMAL + "eval: {metrics: [loss]}\ncheckpoint: {keep_best: 2, best_metric: rouge_l}\n")
+    problem = only(problems, "checkpoint.best_metric")
+    assert "'rouge_l' is not measured" in problem.message and "loss, perplexity" in problem.message
+
+
+def test_keep_best_on_a_measured_metric_loads():
+    job = load_job_text(spec_text(MINIMAL + "eval: {every_steps: 10}\n"
+                                  "checkpoint: {every_steps: 20, keep_best: 1, best_metric: exact_match}\n"))
+    assert job.checkpoint.keep_best == 1 and not job.checkpoint.best_is_lowest
+
+
 def test_nested_cross_field_error_joins_paths():
     problems = problems_of(MINIMAL + "method:\n  kind: full\n  zero:\n    stage: 2\n    offload_params: true\n")
     assert [(p.path, p.line) for p in problems] == [("method.zero.offload_params", 8)]

@@ -88,16 +88,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """moto's S3 server on a free loopback port, with test credentials in the environment."""
+def _start_moto(log_dir: Path, **env: str) -> S3Server:
     port = _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    log = (log_dir / "moto.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -108,12 +104,33 @@ def s3_server(tmp_path_factory):
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.2)
-    yield S3Server(process, endpoint)
-    os.kill(process.pid, signal.SIGCONT)
-    process.terminate()
-    process.wait(timeout=10)
+    return S3Server(process, endpoint)
+
+
+def _stop_moto(server: S3Server) -> None:
+    os.kill(server.process.pid, signal.SIGCONT)
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port, with test credentials in the environment."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = _start_moto(tmp_path_factory.mktemp("moto"))
+    yield server
+    _stop_moto(server)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server_checking_credentials(tmp_path_factory):
+    """A second moto server that authenticates every request, as MinIO does: unknown keys are refused."""
+    server = _start_moto(tmp_path_factory.mktemp("moto-auth"), INITIAL_NO_AUTH_ACTION_COUNT="0")
+    yield server
+    _stop_moto(server)

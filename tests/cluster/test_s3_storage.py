@@ -69,6 +69,15 @@ def test_missing_bucket_is_one_clear_error(s3_server):
         check_access(StorageSpec(uri="s3://no-such-bucket/x", endpoint_url=s3_server.endpoint))
 
 
+def test_wrong_credentials_are_one_clear_error(s3_server_checking_credentials, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    spec = StorageSpec(uri="s3://team-bucket/runs", endpoint_url=s3_server_checking_credentials.endpoint)
+    with pytest.raises(StorageError, match="refused the credentials") as caught:
+        check_access(spec)
+    assert "not-the-secret" not in str(caught.value) and "AWS_SECRET_ACCESS_KEY" in str(caught.value)
+
+
 def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("tunerun.cluster.s3.MAX_ATTEMPTS", 2)
     spec = StorageSpec(uri="s3://bucket/x", endpoint_url="http://127.0.0.1:9")  # discard port: nothing listens

@@ -190,3 +190,14 @@ def test_missing_bucket_and_unreachable_endpoint_fail_before_training(s3run, tin
         env=env, capture_output=True, text=True, timeout=300, cwd=s3run.tmp_path)
     assert unreachable.returncode == 2 and "did not answer" in unreachable.stderr
     assert "Traceback" not in bad_bucket.stderr + unreachable.stderr
+
+
+def test_wrong_credentials_fail_before_training(s3run, s3_server_checking_credentials):
+    env = {**s3run.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0", "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    sets = [*s3run.sets, f"storage.endpoint_url={s3_server_checking_credentials.endpoint}"]
+    refused = subprocess.run(s3run.command("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+                                           "--run-id", "wc"),
+                             env=env, capture_output=True, text=True, timeout=300, cwd=s3run.tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "refused the credentials" in refused.stderr and "Traceback" not in refused.stderr
+    assert "not-the-secret" not in refused.stdout + refused.stderr

@@ -56,6 +56,11 @@ class StorageError(TunerunError):
     """The run folder or a storage location cannot be read or written."""
 
 
+class ExportError(TunerunError):
+    """An export cannot be produced as asked (unsupported architecture or chat template, converter refusal, a
+    converted file that does not answer like the model it came from)."""
+
+
 class TargetError(TunerunError):
     """A launch target (local Ray, Ray cluster, Slurm, Kubernetes) refused or failed the job."""
 

@@ -114,7 +114,14 @@ def test_qlora_trains_4bit_base_with_adapters(tmp_path, tiny_model_dir):
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     assert_complete_checkpoints(run, [4, 8])
-    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)
+    # saved by 2 workers, resumed by 1: adapter, optimizer and data position are not sharded by rank
+    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, [*method, "resources.workers_per_node=1"],
+                            from_step=8, to_step=10)
+    resumed = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
+               if '"resumed"' in line]
+    assert resumed[-1]["world_size"] == 1
+    progress = json.loads((run / "checkpoints" / "step-000008" / "progress.json").read_text())
+    assert progress["world_size"] == 2
     config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
 

@@ -47,7 +47,9 @@ def render(job: ResolvedJob) -> str:
         job_name=spec.name,
         nodes=resources.nodes,
         cpus_per_task=cpus_per_task,
-        ray_cpus=cpus_per_task + 1,  # logical CPUs: room for the driver next to the workers
+        # Logical CPUs for exactly this node's workers (the driver and Ray Train's controller take none): Ray
+        # Train packs workers, so any spare CPU on the head would draw another node's worker onto it.
+        ray_cpus=cpus_per_task,
         gpus_per_node=resources.workers_per_node * resources.gpus_per_worker,
         mem=slurm.mem, time=slurm.time, partition=slurm.partition, account=slurm.account, qos=slurm.qos,
         exclusive=slurm.exclusive, requeue=slurm.requeue, signal_seconds=slurm.signal_seconds,

@@ -94,3 +94,151 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = saved
+
+
+SLURM_NODES_CONF = """\
+ClusterName=tunerun-nodes
+SlurmctldHost={host}({bridge_ip})
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=60
+MpiDefault=none
+{nodes}
+PartitionName=nodes Nodes={names} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _sh(*args: str) -> None:
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {result.stderr.strip()}")
+
+
+class _TwoNodeNetwork:
+    """A bridge in this namespace (the controller's address) and one network namespace per node, each joined to
+    the bridge by a veth pair whose inner end is that node's eth0. Names and subnet carry this process id, so two
+    test sessions on one machine do not collide."""
+
+    def __init__(self, count: int = 2):
+        tag = os.getpid() % 100000
+        self.subnet = f"10.{200 + tag % 50}.{tag % 250}"
+        self.bridge, self.bridge_ip = f"trbr{tag}", f"{self.subnet}.1"
+        self.namespaces = [f"tunerun-node{i + 1}-{tag}" for i in range(count)]
+        self.host_ends = [f"trv{i + 1}-{tag}" for i in range(count)]
+        self.ips = [f"{self.subnet}.{11 + i}" for i in range(count)]
+
+    def create(self) -> None:
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        for ns, host_end, ip in zip(self.namespaces, self.host_ends, self.ips):
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _sh("ip", "link", "set", host_end, "master", self.bridge)
+            _sh("ip", "link", "set", host_end, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def pids(self, ns: str) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def destroy(self) -> None:
+        """Ends what still runs inside the node namespaces (only what this fixture started lives there), then
+        removes them and the bridge; the veth pairs go with their namespaces."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [pid for ns in self.namespaces for pid in self.pids(ns)]
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 10
+            while alive and time.monotonic() < deadline:
+                alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()]
+                time.sleep(0.2)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        for host_end in self.host_ends:
+            subprocess.run(["ip", "link", "delete", host_end], capture_output=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory):
+    """A 2-node Slurm partition on this machine: each `slurmd` runs in its own network, UTS and mount namespace
+    (hostname nodeN, address on a bridge, its own /etc/hosts naming the nodes and the controller, as cluster DNS
+    would), slurmctld in this namespace on the bridge address. The nodes share this machine's filesystem, as
+    compute nodes share a cluster filesystem. Yields the environment for sbatch/squeue and the node addresses."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("ip", "nsenter", "unshare")):
+        pytest.skip("network namespaces for a 2-node Slurm partition need root and ip, nsenter, unshare")
+    if not shutil.which("slurmctld"):
+        pytest.fail("Slurm is not installed: run scripts/install-system-deps (as root) first")
+    root = tmp_path_factory.mktemp("slurm-nodes")
+    (root / "state").mkdir()
+    net = _TwoNodeNetwork()
+    names = [f"node{i + 1}" for i in range(len(net.ips))]
+    host = socket.gethostname()
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_NODES_CONF.format(
+        host=host, bridge_ip=net.bridge_ip, root=root, ctld_port=_free_port(), d_port=6818, names=",".join(names),
+        nodes="\n".join(f"NodeName={n} NodeAddr={ip} CPUs={os.cpu_count()} State=UNKNOWN"
+                        for n, ip in zip(names, net.ips))))
+    hosts = root / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + f"{net.bridge_ip} {host}\n"
+                     + "".join(f"{ip} {n}\n" for n, ip in zip(names, net.ips)))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons: list[subprocess.Popen] = []
+    try:
+        net.create()
+        _ensure_munged()  # munge's socket is a file: every namespace here reaches the one munged
+        subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+        for name, ns in zip(names, net.namespaces):
+            (root / f"spool-{name}").mkdir()
+            inner = f"hostname {name} && mount --bind {hosts} /etc/hosts && exec slurmd -D -f {conf} -N {name}"
+            daemons.append(subprocess.Popen(
+                ["nsenter", f"--net=/var/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", inner],
+                stdout=(root / f"slurmd-{name}.out").open("w"), stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 60
+        while True:
+            states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, env=env)
+            if states.stdout.split() == ["idle"] * len(names):
+                break
+            if time.monotonic() > deadline:
+                logs = [(root / f).read_text()[-1500:] for f in ("slurmctld.log", *(f"slurmd-{n}.out" for n in names))
+                        if (root / f).exists()]
+                raise RuntimeError(f"the nodes did not come up: {states.stdout!r}\n" + "\n".join(logs))
+            time.sleep(0.5)
+        yield {"env": env, "root": root, "nodes": dict(zip(names, net.ips))}
+    finally:
+        subprocess.run(["scancel", "--full", "--user=root"], capture_output=True, env=env)
+        for daemon in daemons:
+            daemon.terminate()
+        try:
+            os.kill(int((root / "slurmctld.pid").read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        net.destroy()
+        for daemon in daemons:
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()

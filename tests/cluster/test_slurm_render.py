@@ -91,3 +91,15 @@ def test_shell_values_are_quoted_and_never_evaluated(user_project, tmp_path):
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.endswith(f"/{EXAMPLES[0].stem}-20261123-101500") and "$(touch" in out
     assert not canary.exists()
+
+
+def test_every_node_gets_exactly_its_workers_cpus_and_srun_passes_the_whole_environment(user_project):
+    """Ray Train packs workers: a spare logical CPU on the head would draw a second worker there. srun inside
+    the job would pass on only sbatch's --export names (not the job's Ray token) without --export=ALL."""
+    script = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("quickstart")], "resources.nodes=3",
+                      "resources.workers_per_node=2", "resources.cpus_per_worker=3",
+                      "training.global_batch_size=24")
+    assert script.count("--num-cpus=6 ") == 2 and "--num-cpus=7" not in script  # head and the other nodes
+    srun = next(line for line in script.splitlines() if line.lstrip().startswith("srun "))
+    following = script[script.index(srun):].split("\n", 2)[1]
+    assert "--export=ALL" in srun + following

@@ -143,6 +143,11 @@ class _TwoNodeNetwork:
         self.namespaces = [f"tunerun-node{i + 1}-{tag}" for i in range(count)]
         self.host_ends = [f"trv{i + 1}-{tag}" for i in range(count)]
         self.ips = [f"{self.subnet}.{11 + i}" for i in range(count)]
+        # Where bridged traffic passes iptables (br_netfilter) and FORWARD drops it (hosts running Docker),
+        # node-to-node traffic on this bridge needs its own ACCEPT rule; removed again in destroy().
+        nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        self.forward_rule = (["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+                             if shutil.which("iptables") and nf.exists() and nf.read_text().strip() == "1" else None)
 
     def create(self) -> None:
         _sh("ip", "link", "add", self.bridge, "type", "bridge")
@@ -156,6 +161,8 @@ class _TwoNodeNetwork:
             _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        if self.forward_rule:
+            _sh("iptables", "-I", *self.forward_rule)
 
     def pids(self, ns: str) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
@@ -180,6 +187,8 @@ class _TwoNodeNetwork:
         for host_end in self.host_ends:
             subprocess.run(["ip", "link", "delete", host_end], capture_output=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+        if self.forward_rule:
+            subprocess.run(["iptables", "-D", *self.forward_rule], capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,24 @@ WORKER_LINE = re.compile(r"\(ip=([0-9.]+), pid=\d+\) world_rank=(\d+), local_ran
 def test_two_node_job_forms_a_two_node_ray_cluster_with_one_worker_per_node(slurm_two_nodes, tiny_model_dir,
                                                                             tmp_path):
     runs, log_dir = tmp_path / "runs", tmp_path / "slurm-logs"
-    # RAY_DEDUP_LOGS=0 (exported to the job by name) keeps every worker's line in the job output.
-    env = {**slurm_two_nodes["env"], "TUNERUN_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
+    # Exported to the job by name: RAY_DEDUP_LOGS=0 keeps every worker's line in the job output; no 30 s drain
+    # of the Ray head on the SIGTERM that ends it after the run (the default suits a preempted job).
+    env = {**slurm_two_nodes["env"], "TUNERUN_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
             f"storage.uri={runs}", "resources.nodes=2", "resources.workers_per_node=1",
             "training.global_batch_size=8", "training.max_steps=4", "checkpoint.every_steps=2",
             f"targets.slurm.python={sys.executable}", f"targets.slurm.log_dir={log_dir}",
-            "targets.slurm.export=[RAY_DEDUP_LOGS]"]
+            "targets.slurm.export=[RAY_DEDUP_LOGS,RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S]"]
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
+
+    def status() -> dict:
+        result = cli("status", "two", "--storage", str(runs), "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
 
     def job_output() -> str:
         return "\n".join(p.read_text(errors="replace") for p in log_dir.glob("*.out"))
@@ -49,8 +56,7 @@ def test_two_node_job_forms_a_two_node_ray_cluster_with_one_worker_per_node(slur
     job_id = json.loads((run / "run.json").read_text())["slurm"]["job_id"]
 
     deadline = time.monotonic() + 600
-    while (info := json.loads(cli("status", "two", "--storage", str(runs), "--json").stdout))["state"] not in (
-            "succeeded", "failed", "cancelled"):
+    while (info := status())["state"] not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, (info, job_output()[-4000:])
         time.sleep(2)
     assert info["state"] == "succeeded", (info, job_output()[-4000:])

@@ -288,20 +288,61 @@ def _write_tokenizer_and_generation_config(job, out: Path) -> None:
 # ── the model card ──────────────────────────────────────────────────────────────────────────────────────────
 
 
-def model_card(run, job, weights: RunWeights, merged: bool) -> str:
+def model_card(run, job, weights: RunWeights, merged: bool, gguf: dict | None = None) -> str:
+    """The README.md of an export; ``gguf`` ({file, quant, check}) makes it the card of a GGUF export."""
     spec = job.spec
     kind = spec.method.kind
-    library = "transformers" if merged else "peft"
+    library = "gguf" if gguf else "transformers" if merged else "peft"
+    what = _describe(kind, merged) + (f", converted to GGUF ({gguf['quant']}) for llama.cpp and Ollama"
+                                      if gguf else "")
     lines = ["---", f"base_model: {json.dumps(spec.model.path)}", f"library_name: {library}",
-             f"tags: [tunerun, {kind}]", "---", "",
+             f"tags: [tunerun, {kind}{', gguf' if gguf else ''}]", "---", "",
              f"# {run.run_id}", "",
-             f"{_describe(kind, merged)} of `{spec.model.path}`, exported by tunerun from **{weights.name}**"
-             + (f" (step {weights.step})." if weights.step is not None else "."), "",
-             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")",
-             "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "```", ""]
+             f"{what} of `{spec.model.path}`, exported by tunerun from **{weights.name}**"
+             + (f" (step {weights.step})." if weights.step is not None else "."), ""]
+    if gguf:
+        lines += _gguf_sections(job.spec.name, gguf)
+    else:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "```", ""]
+        lines += _serving_section(run, job, merged)
     lines += _data_section(run) + _hyperparameter_section(job) + _metrics_section(run)
     return "\n".join(lines) + "\n"
+
+
+def _serving_section(run, job, merged: bool) -> list[str]:
+    name = job.spec.name
+    if not merged:
+        return ["## Serving", "", "vLLM serves the adapter on top of its base model:", "", "```sh",
+                f"vllm serve {job.spec.model.path} --enable-lora --lora-modules {name}=<this folder>", "```", ""]
+    return ["## Serving", "", "vLLM (OpenAI-compatible server on port 8000):", "", "```sh",
+            f"vllm serve <this folder> --served-model-name {name}", "```", "",
+            "Text Generation Inference:", "", "```sh",
+            "docker run --rm -p 8080:80 -v <this folder>:/model ghcr.io/huggingface/text-generation-inference "
+            "--model-id /model", "```", "",
+            "Ollama and llama.cpp load GGUF: export it (with a Modelfile) and create the Ollama model:", "",
+            "```sh", f"tunerun export {run.run_id} --format gguf --quant q8_0 --to {name}-gguf",
+            f"ollama create {name} -f {name}-gguf/Modelfile && ollama run {name}", "```", ""]
+
+
+def _gguf_sections(name: str, gguf: dict) -> list[str]:
+    check, file = gguf["check"], gguf["file"]
+    quantised = gguf["quant"] not in ("f16", "f32")
+    lines = ["## Serving", "", "Ollama (the Modelfile beside this card holds the chat template, stop strings and "
+             "context length the model was trained with):", "", "```sh",
+             f"ollama create {name} -f Modelfile && ollama run {name}", "```", "",
+             "llama.cpp:", "", "```sh", f"llama-server -m {file}", "```", "",
+             "## GGUF check", "",
+             f"Greedy decoding of the GGUF (llama.cpp, CPU) against the merged Hugging Face model (float32) on "
+             f"{check['prompts']} held-out prompts:", "",
+             f"| | merged HF model | GGUF {gguf['quant']} |", "|---|---|---|",
+             f"| exact match | {_fmt(check['exact_match_hf'])} | {_fmt(check['exact_match_gguf'])} |",
+             f"| same tokens as the HF model | – | {check['same_tokens']} / {check['prompts']} |", ""]
+    if quantised:
+        lines += [f"{gguf['quant']} is quantised: its answers may differ from the unquantised model's; the "
+                  "exact match above is measured, not assumed.", ""]
+    return lines
 
 
 def _describe(kind: str, merged: bool) -> str:

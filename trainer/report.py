@@ -25,6 +25,11 @@ def eval_records(run) -> dict:
     return {"base": base, "steps": steps, "on_demand": on_demand}
 
 
+def gguf_exports(run) -> list[dict]:
+    """The checks of GGUF exports (``eval/exports/*.json``): exact match of the file beside the HF model's."""
+    return [run.read_json(f"eval/exports/{n}") for n in run.list_dir("eval/exports") if n.endswith(".json")]
+
+
 def final_record(records: dict) -> dict | None:
     finals = [r for r in records["steps"] if r.get("phase") == "final"]
     return (finals or records["steps"] or [None])[-1]
@@ -49,7 +54,7 @@ def build_report(run) -> tuple[str, dict[str, bytes]]:
         comparison=_comparison(records["base"], final), general=_general(records["base"], final),
         per_eval=_per_eval(records), examples=_side_by_side(records["base"], final),
         gates=info.get("gates") or (final or {}).get("gates"), data=_data_report(run),
-        on_demand=records["on_demand"], final_step=(final or {}).get("step"))
+        on_demand=records["on_demand"], final_step=(final or {}).get("step"), exports=gguf_exports(run))
     return page, charts
 
 

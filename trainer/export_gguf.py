@@ -58,20 +58,21 @@ def require_tools():
 
 def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
                 system: str | None = None) -> GgufExport:
-    from tunerun.trainer.modelfile import measure_chat_format, render_modelfile, training_renderer
+    """Write ``<name>-<quant>.gguf`` + Modelfile + README.md to ``to`` (default
+    ``<run>/exports/<source>-gguf-<quant>``), after the file passed its check; record the check in the run."""
     from tunerun.trainer.tokenizer import load_tokenizer
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     llama_cpp = require_tools()
     started = time.monotonic()
-    tokenizer = load_tokenizer(job)
-    fmt = measure_chat_format(training_renderer(tokenizer))  # a template Ollama cannot express fails first
-    prompts = held_out_prompts(run, job, tokenizer)
-    scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
     remote = to if to is not None and "://" in to else None
+    bucket = _export_bucket(remote, job.spec.storage) if remote else None  # refused before the work, not after
+    scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
     try:
         weights = export.find_weights(run, job, checkpoint, scratch)
+        tokenizer = load_tokenizer(job)
+        prompts = held_out_prompts(run, job, tokenizer)
         source = weights.name.replace("checkpoints/", "")
         if remote:
             target = scratch / "upload" / f"{source}-gguf-{quant}"
@@ -80,33 +81,39 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
                       else export.run_local_path(run, f"exports/{source}-gguf-{quant}"))
         gguf_name = f"{job.spec.name}-{quant}.gguf"
         with _disk_full_is_a_user_error(target), export._staged(target) as staging:
-            work = staging / ".work"
-            merged = work / "merged"
-            merged.mkdir(parents=True)
-            _write_merged_model(job, weights, merged)
-            unquantised = staging / gguf_name if quant in UNQUANTISED else work / "model-f16.gguf"
-            convert(merged, unquantised, "f32" if quant == "f32" else "f16", work / "convert.log")
-            if quant not in UNQUANTISED:
-                quantize(llama_cpp, unquantised, staging / gguf_name, quant)
-            check = check_against_hf(llama_cpp, staging / gguf_name, merged, tokenizer, prompts, quant,
-                                     job.spec.eval.max_new_tokens)
-            shutil.rmtree(work)
-            (staging / "Modelfile").write_text(
-                render_modelfile(gguf_name, fmt, tokenizer.eos_token, job.spec.data.max_seq_len, system),
-                encoding="utf-8")
-            gguf = {"file": gguf_name, "quant": quant, "check": check}
-            (staging / "README.md").write_text(export.model_card(run, job, weights, merged=True, gguf=gguf),
-                                               encoding="utf-8")
+            check = _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant, system, staging, gguf_name)
         size = (target / gguf_name).stat().st_size
-        where = str(target)
-        if remote:
-            where = _upload(target, remote, job.spec.storage)
+        where = _upload(target, remote, bucket) if remote else str(target)
         record = {"source": weights.name, "step": weights.step, "quant": quant, "file": gguf_name, "to": where,
                   "size": size, "time": time.time(), **check}
         run.write_json(f"eval/exports/{source}-gguf-{quant}.json", record)
         return GgufExport(where, gguf_name, size, weights, check, time.monotonic() - started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant: str, system: str | None,
+                  staging: Path, gguf_name: str) -> dict:
+    """merge → convert (→ quantise) → check → Modelfile and card, all inside ``staging``; returns the check."""
+    from tunerun.trainer.modelfile import measure_chat_format, render_modelfile, training_renderer
+
+    fmt = measure_chat_format(training_renderer(tokenizer))  # a template Ollama cannot express fails first
+    work = staging / ".work"  # on the target's disk, not /tmp: a merged 70B model does not fit in /tmp
+    merged = work / "merged"
+    merged.mkdir(parents=True)
+    _write_merged_model(job, weights, merged)
+    unquantised = staging / gguf_name if quant in UNQUANTISED else work / "model-f16.gguf"
+    convert(merged, unquantised, "f32" if quant == "f32" else "f16", work / "convert.log")
+    if quant not in UNQUANTISED:
+        quantize(llama_cpp, unquantised, staging / gguf_name, quant)
+    check = check_against_hf(llama_cpp, staging / gguf_name, merged, tokenizer, prompts, quant,
+                             job.spec.eval.max_new_tokens)
+    shutil.rmtree(work)
+    (staging / "Modelfile").write_text(
+        render_modelfile(gguf_name, fmt, tokenizer.eos_token, job.spec.data.max_seq_len, system), encoding="utf-8")
+    gguf = {"file": gguf_name, "quant": quant, "check": check}
+    (staging / "README.md").write_text(export.model_card(run, job, weights, merged=True, gguf=gguf), encoding="utf-8")
+    return check
 
 
 def _write_merged_model(job, weights, out: Path) -> None:
@@ -278,10 +285,8 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _upload(folder: Path, uri: str, storage) -> str:
-    """Copy the finished export to object storage (the run storage's endpoint and credentials), file by file:
-    boto3 streams large files in parts and an object appears only when its upload completed. The model card and
-    Modelfile go last, so a listing that shows them shows a complete upload."""
+def _export_bucket(uri: str, storage):
+    """The object-storage prefix ``uri`` (reached with the run storage's endpoint and credentials), if empty."""
     from tunerun.cluster.storage import backend_for
 
     if not uri.startswith("s3://"):
@@ -289,6 +294,13 @@ def _upload(folder: Path, uri: str, storage) -> str:
     backend = backend_for(storage.model_copy(update={"uri": uri.rstrip("/")}))
     if backend.list(""):
         raise StorageError(f"export target {uri} already holds objects; choose another --to or remove them")
+    return backend
+
+
+def _upload(folder: Path, uri: str, backend) -> str:
+    """Copy the finished export to object storage, file by file: boto3 streams large files in parts and an object
+    appears only when its upload completed. The model card and Modelfile go last, so a listing that shows them
+    shows a complete upload."""
     files = sorted(folder.iterdir(), key=lambda p: p.suffix != ".gguf")
     for path in files:
         backend.upload_file(path, path.name)  # the backend turns botocore's errors into one StorageError

@@ -95,6 +95,9 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model
     assert float(cells.group(1)) <= BASE_AT_MOST and float(cells.group(2)) >= TUNED_AT_LEAST
     assert page.count('src="data:image/png;base64,') == 3 and 'class="badge pass">passed' in page
 
+    # for llama.cpp and Ollama: GGUF at f16 and q8_0 (the learned model, so the quantised figure means something)
+    assert_gguf_exports_answer_like_the_merged_model(run, tmp_path, ray_env, tmp_path / "merged")
+
 
 def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
     import torch
@@ -110,3 +113,49 @@ def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
         right += tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
             == example["reference"]
     assert right >= len(examples) - 1, (right, examples)
+
+
+def assert_gguf_exports_answer_like_the_merged_model(run: Path, tmp_path: Path, env: dict, merged: Path) -> None:
+    """`tunerun export --format gguf` checks the file itself (same greedy tokens as the merged HF model at f16 on
+    every held-out prompt, exact match measured at q8_0); here the records, the card, the report and, independently,
+    llama-cpp-python on the f16 file against transformers on the --merge export."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunerun.trainer.export_gguf import greedy
+
+    records = {}
+    for quant in ("f16", "q8_0"):
+        done = tunerun("export", "learn", "--format", "gguf", "--quant", quant, "--storage", str(run.parent),
+                       cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"→ {run}/exports/final-gguf-{quant}/quickstart-{quant}.gguf" in done.stdout
+        records[quant] = json.loads((run / "eval" / "exports" / f"final-gguf-{quant}.json").read_text())
+        print(f"\n{done.stdout.strip()}")
+    f16, q8 = records["f16"], records["q8_0"]
+    assert f16["prompts"] >= 100 and f16["same_tokens"] == f16["prompts"]
+    assert f16["exact_match_gguf"] == f16["exact_match_hf"] >= TUNED_AT_LEAST
+    assert q8["exact_match_hf"] == f16["exact_match_hf"] and q8["exact_match_gguf"] >= TUNED_AT_LEAST
+    card = (run / "exports" / "final-gguf-q8_0" / "README.md").read_text()
+    assert f"| exact match | {q8['exact_match_hf']:.4f} | {q8['exact_match_gguf']:.4f} |" in card
+    assert "ollama create quickstart -f Modelfile" in card
+    modelfile = (run / "exports" / "final-gguf-q8_0" / "Modelfile").read_text().splitlines()
+    assert "FROM ./quickstart-q8_0.gguf" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    page = (run / "report.html").read_text()
+    assert 'id="gguf-exports"' in page and f'{q8["exact_match_gguf"]:.4f}' in page
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    llm = llama_cpp.Llama(model_path=str(run / "exports" / "final-gguf-f16" / "quickstart-f16.gguf"), n_ctx=512,
+                          verbose=False)
+    eos = model.generation_config.eos_token_id
+    for line in (run / "data" / "eval.jsonl").read_text().splitlines()[:5]:
+        example = json.loads(line)
+        prompt = example["input_ids"][:next(i for i, label in enumerate(example["labels"]) if label != -100)]
+        with torch.no_grad():
+            hf = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                                pad_token_id=eos)[0, len(prompt):].tolist()
+        assert greedy(llm, prompt, 16, {eos}) == [t for t in hf[:hf.index(eos) if eos in hf else None]]
+    llm.close()
+    print(f"gguf: f16 same greedy tokens {f16['same_tokens']}/{f16['prompts']}; exact match q8_0 "
+          f"{q8['exact_match_gguf']:.3f} vs unquantised {q8['exact_match_hf']:.3f}")

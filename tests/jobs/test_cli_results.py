@@ -42,7 +42,8 @@ def test_the_commands_are_registered():
     result = tunerun("--help", cwd=REPO)
     for command in ("eval", "export", "report"):
         assert f"  {command} " in result.stdout
-    assert "--merge" in tunerun("export", "--help", cwd=REPO).stdout
+    help_text = tunerun("export", "--help", cwd=REPO).stdout
+    assert "--merge" in help_text and "[hf|gguf]" in help_text and "[f16|q8_0|q4_k_m|f32]" in help_text
 
 
 # ── a finished run folder, as the train loop leaves it ──────────────────────────────────────────────────────
@@ -166,6 +167,8 @@ def test_export_of_a_run_with_no_weights_or_to_a_blocked_target_is_a_user_error(
                       "no final weights and no complete checkpoint")
     assert_user_error(tunerun("export", "demo", "--checkpoint", "20", "--storage", storage, cwd=tmp_path),
                       "checkpoint step 20 does not exist")
+    assert_user_error(tunerun("export", "demo", "--format", "gguf", "--storage", storage, cwd=tmp_path),
+                      "no final weights and no complete checkpoint")
     assert_user_error(tunerun("export", "demo", "--to", "s3://bucket/x", "--storage", storage, cwd=tmp_path),
                       "not available yet")
     assert_user_error(tunerun("export", "nope", "--storage", storage, cwd=tmp_path), "no run 'nope'")

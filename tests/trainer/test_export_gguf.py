@@ -144,3 +144,18 @@ def test_missing_tools_and_unknown_quant_are_user_errors(lora_run, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_llama)
     with pytest.raises(ExportError, match=r"llama_cpp is not installed\): pip install 'tunerun\[gguf\]'"):
         export_gguf.export_gguf(run, job, None, "f16", None)
+
+
+def test_q4_k_m_export_to_object_storage(lora_run, s3_server, monkeypatch):
+    run, job = lora_run
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)  # the storage spec has no endpoint_url here
+    bucket = s3_server.bucket("gguf-exports")
+    done = export_gguf.export_gguf(run, job, None, "q4_k_m", f"s3://{bucket}/tickets/q4")
+    assert done.target == f"s3://{bucket}/tickets/q4"
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="tickets/q4/")["Contents"]
+    sizes = {o["Key"]: o["Size"] for o in listed}
+    assert sorted(sizes) == ["tickets/q4/Modelfile", "tickets/q4/README.md", "tickets/q4/t-q4_k_m.gguf"]
+    assert sizes["tickets/q4/t-q4_k_m.gguf"] == done.size
+    assert run.read_json("eval/exports/final-gguf-q4_k_m.json")["to"] == done.target
+    with pytest.raises(StorageError, match="already holds objects"):
+        export_gguf.export_gguf(run, job, None, "q4_k_m", f"s3://{bucket}/tickets/q4")

@@ -135,6 +135,16 @@ def test_model_card_names_base_data_hyperparameters_metrics_and_gates(lora_run, 
     assert "library_name: peft" in card and "## Data" in card and "| records read | 20 |" in card
     assert "email 2" in card and "## Hyperparameters" in card and "0.001" in card and "r 16" in card
     assert "| exact_match | 0.0000 | 0.9000 |" in card and "Gates: passed" in card
+    assert f"vllm serve {job.spec.model.path} --enable-lora --lora-modules t=<this folder>" in card
+
+
+def test_merged_model_card_shows_how_to_serve_it(lora_run, tmp_path):
+    run, job, _ = lora_run
+    target, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
+    card = (target / "README.md").read_text()
+    assert "vllm serve <this folder> --served-model-name t" in card
+    assert "ghcr.io/huggingface/text-generation-inference --model-id /model" in card
+    assert "tunerun export r --format gguf --quant q8_0 --to t-gguf" in card and "ollama create t -f" in card
 
 
 # ── what cannot be exported, and what a failure leaves behind ───────────────────────────────────────────────

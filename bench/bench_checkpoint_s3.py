@@ -3,8 +3,9 @@
     python bench/bench_checkpoint_s3.py [--mib 256] [--files 4] [--repeat 3]
 
 Starts an S3 protocol server (moto) on loopback. tunerun's path is what a checkpoint costs in a run: hash the
-files (sha256, for the manifest), upload them the way Ray Train persists checkpoints (pyarrow's S3 filesystem,
-configured by tunerun), check sizes on the store and write the manifest; restore = list, download and verify.
+files (sha256, for the manifest) beside the upload tunerun hands Ray Train as `checkpoint_upload_fn` (boto3
+multipart), check sizes on the store and write the manifest; restore = list, download and verify. "pyarrow save"
+is the same with Ray's default upload (pyarrow's S3 filesystem), which tunerun used before.
 The baseline is boto3's `upload_file` (multipart, 4 threads) and `download_file` of the same files.
 Prints MiB/s for both and the ratio (target ≥ 0.8 of the baseline's throughput).
 """
@@ -52,6 +53,22 @@ def make_checkpoint(folder: Path, mib: int, files: int) -> int:
 
 
 def tunerun_save(run, name: str, local: Path, storage) -> None:
+    """What `loop._save_checkpoint` does around ray.train.report: hash beside the upload, then the manifest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray.train
+
+    from tunerun.trainer import checkpoint as ckpt
+
+    with ThreadPoolExecutor(1) as hasher:
+        hashing = hasher.submit(ckpt.file_digests, local)
+        ckpt.uploader(run)(ray.train.Checkpoint.from_directory(str(local)), name)
+        digests = hashing.result()
+    ckpt.write_manifest(run, name, 1, digests)
+
+
+def pyarrow_save(run, name: str, local: Path, storage) -> None:
+    """The same with Ray Train's default upload (pyarrow copy_files), as tunerun did before."""
     import pyarrow.fs
 
     from tunerun.cluster.s3 import pyarrow_filesystem, split_uri
@@ -104,11 +121,15 @@ def main() -> None:
         s3.create_bucket(Bucket="bench")
         size = make_checkpoint(scratch / "ckpt", args.mib, args.files)
         mib = size / 1024**2
-        rows = {"tunerun save": [], "boto3 upload": [], "tunerun restore": [], "boto3 download": []}
+        rows = {"tunerun save": [], "pyarrow save": [], "boto3 upload": [], "tunerun restore": [],
+                "boto3 download": []}
         for i in range(args.repeat):
             run = RunFolder(storage, f"run-{i}")
             rows["tunerun save"].append(timed(lambda: tunerun_save(run, "checkpoints/step-000001",
                                                                    scratch / "ckpt", storage)))
+            rows["pyarrow save"].append(timed(lambda: pyarrow_save(RunFolder(storage, f"pyarrow-{i}"),
+                                                                   "checkpoints/step-000001", scratch / "ckpt",
+                                                                   storage)))
             rows["boto3 upload"].append(timed(lambda: boto3_upload(s3, "bench", f"plain/{i}", scratch / "ckpt")))
             restore = scratch / f"restore-{i}"
             rows["tunerun restore"].append(timed(lambda: latest_complete(run, restore)))
@@ -122,6 +143,7 @@ def main() -> None:
         for name, times in rows.items():
             print(f"  {name:16s} median {statistics.median(times):6.2f} s   {rate[name]:7.1f} MiB/s")
         print(f"ratio save/upload      {rate['tunerun save'] / rate['boto3 upload']:.2f} (target >= 0.8)")
+        print(f"  with Ray's default pyarrow upload instead: {rate['pyarrow save'] / rate['boto3 upload']:.2f}")
         print(f"ratio restore/download {rate['tunerun restore'] / rate['boto3 download']:.2f}")
     finally:
         os.kill(process.pid, signal.SIGTERM)

@@ -66,6 +66,26 @@ def write_manifest(run: RunFolder, name: str, step: int, digests: dict[str, dict
     return manifest
 
 
+def uploader(run: RunFolder):
+    """Ray Train's ``checkpoint_upload_fn`` for a run folder on object storage (None on a filesystem: Ray's
+    own copy is right there). Uploads with the run folder's boto3 client, multipart with parallel parts and
+    the same retries as every other write, rather than Ray's default pyarrow ``copy_files``, which measured
+    at 0.4 of boto3's throughput (bench/bench_checkpoint_s3.py)."""
+    if run.is_local:
+        return None
+
+    def upload(checkpoint, name: str):
+        import ray.train
+
+        from tunerun.cluster.s3 import pyarrow_filesystem
+
+        run.upload_dir(Path(checkpoint.path), name)
+        return ray.train.Checkpoint(path=run.uri(name).removeprefix("s3://"),
+                                    filesystem=pyarrow_filesystem(run.storage))
+
+    return upload
+
+
 def verify(folder: Path, manifest: dict | None = None) -> str | None:
     """None when the checkpoint in ``folder`` is complete, else why it is not."""
     if manifest is None:

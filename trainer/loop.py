@@ -10,6 +10,7 @@ import random
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -157,9 +158,11 @@ def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int,
     try:
         engine.save_state(local)
         ckpt.save_progress(local, progress, rank)
-        digests = ckpt.file_digests(local)  # hashed here, before upload: no second read from the store
-        ray.train.report({"step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=name)
+        with ThreadPoolExecutor(1) as hasher:  # hashed from the local files, beside the upload (hashlib frees the GIL)
+            hashing = hasher.submit(ckpt.file_digests, local)
+            ray.train.report({"step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                             checkpoint_dir_name=name, checkpoint_upload_fn=ckpt.uploader(run))
+            digests = hashing.result()
         every_rank = _gather(digests)  # also the barrier: all ranks' files are persisted
         if rank == 0:
             merged = {path: entry for part in every_rank for path, entry in part.items()}

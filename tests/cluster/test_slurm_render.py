@@ -103,3 +103,12 @@ def test_every_node_gets_exactly_its_workers_cpus_and_srun_passes_the_whole_envi
     srun = next(line for line in script.splitlines() if line.lstrip().startswith("srun "))
     following = script[script.index(srun):].split("\n", 2)[1]
     assert "--export=ALL" in srun + following
+
+
+def test_a_pinned_interface_carries_ray_and_the_training_collectives(user_project):
+    script = rendered(EXAMPLES[0], "targets.slurm.network_interface=ib0")
+    pinned = [line for line in script.splitlines() if line.startswith(("node_ip()", "export GLOO_SOCKET_IFNAME"))]
+    assert len(pinned) == 2 and "dev ib0" in pinned[0]
+    probe = "\n".join([pinned[1], 'printf "%s %s" "$GLOO_SOCKET_IFNAME" "$NCCL_SOCKET_IFNAME"'])
+    assert subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout == "ib0 ib0"
+    assert "GLOO_SOCKET_IFNAME" not in rendered(EXAMPLES[0])  # unpinned: gloo and NCCL choose as they always do

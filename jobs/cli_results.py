@@ -60,13 +60,15 @@ def commands(user_errors, console, store) -> list[click.Command]:
                        "for llama.cpp / Ollama, with a Modelfile, checked against the HF model before success.")
     @click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_k_m", "f32"]), default="f16", show_default=True,
                   help="GGUF tensor type (llama.cpp's quantiser for q8_0 / q4_k_m).")
+    @click.option("--check-prompts", type=click.IntRange(min=1), default=None, metavar="N",
+                  help="GGUF: held-out prompts the file is checked on (default: eval.max_examples).")
     @click.option("--system", default=None, metavar="TEXT",
                   help="GGUF: the Modelfile's SYSTEM message (default: the chat template's own, if any).")
     @click.option("--to", "to", default=None, metavar="DIR|s3://…",
                   help="Target folder (default: <run>/exports/<source>-<adapter|merged|model|gguf-QUANT>).")
     @click.option("--storage", default=None, help="Storage URI holding the run.")
     @user_errors
-    def export_command(run_id, checkpoint, merge, fmt, quant, system, to, storage):
+    def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system, to, storage):
         """Export a run's weights: LoRA adapter (PEFT), merged model or full model, as safetensors + model card;
         or, with --format gguf, the merged model as GGUF + Ollama Modelfile."""
         from tunerun.trainer.export import export_run
@@ -74,7 +76,7 @@ def commands(user_errors, console, store) -> list[click.Command]:
         run = store(storage).open(run_id)
         job = load_run_job(run)
         if fmt == "gguf":
-            _export_gguf(console, run, job, checkpoint, quant, to, system)
+            _export_gguf(console, run, job, checkpoint, quant, to, system, check_prompts)
             return
         if merge and job.spec.method.kind == "full":
             console.print("note   a full fine-tune is already a whole model: --merge changes nothing")
@@ -98,15 +100,16 @@ def commands(user_errors, console, store) -> list[click.Command]:
     return [eval_command, export_command, report_command]
 
 
-def _export_gguf(console, run, job, checkpoint, quant, to, system) -> None:
+def _export_gguf(console, run, job, checkpoint, quant, to, system, check_prompts) -> None:
     from tunerun.trainer.export_gguf import export_gguf
 
     console.print(f"export {run.run_id} · merge → GGUF {quant} → check against the HF model on held-out prompts…")
-    done = export_gguf(run, job, checkpoint, quant, to, system)
+    done = export_gguf(run, job, checkpoint, quant, to, system, check_prompts)
     check = done.check
     console.print(f"check  greedy tokens equal to the HF model's on {check['same_tokens']}/{check['prompts']} "
                   f"prompts · exact match GGUF {_fmt(check['exact_match_gguf'])} vs HF (unquantised) "
-                  f"{_fmt(check['exact_match_hf'])}")
+                  f"{_fmt(check['exact_match_hf'])} · prompt text → same ids in llama.cpp "
+                  f"{check['prompt_texts_same_ids']}/{check['prompt_texts']}")
     console.print(f"export {done.weights.name} → {done.target}/{done.gguf_name} · {done.size / 1e6:.1f} MB · "
                   f"{done.seconds:.0f}s · ollama create {job.spec.name} -f {done.target}/Modelfile")
     if run.exists("report.html"):  # the report shows the export's exact match beside the HF model's

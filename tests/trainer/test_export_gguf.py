@@ -58,6 +58,8 @@ def test_f16_gguf_answers_like_the_merged_model_and_q8_0_is_measured(lora_run, t
     f16 = export_gguf.export_gguf(run, job, None, "f16", str(tmp_path / "f16"))
     assert sorted(p.name for p in Path(f16.target).iterdir()) == ["Modelfile", "README.md", "t-f16.gguf"]
     assert f16.check["prompts"] == len(TICKETS) and f16.check["same_tokens"] == len(TICKETS)
+    # Ollama sends text: llama.cpp's tokenizer gives the training ids for these (single-turn) prompt texts.
+    assert f16.check["prompt_texts_same_ids"] == f16.check["prompt_texts"] == len(TICKETS)
 
     # Independently of the export's own check: llama.cpp on the file vs transformers on the --merge export.
     merged, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))

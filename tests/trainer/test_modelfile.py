@@ -128,7 +128,8 @@ def render_go(nodes, dot) -> str:
 def test_the_go_evaluator_follows_go_semantics():
     # Outputs as Go's text/template gives them for these inputs (trim markers eat all adjacent white space).
     messages = {"Messages": [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}]}
-    template = '{{- range .Messages }}\n  {{- if eq .Role "user" }}U:{{ .Content }}\n{{ else }}A:{{ .Content }}{{ end -}}\n\n{{ end }}{{ "{{" }}'
+    template = ('{{- range .Messages }}\n  {{- if eq .Role "user" }}U:{{ .Content }}\n{{ else }}A:{{ .Content }}'
+                '{{ end -}}\n\n{{ end }}{{ "{{" }}')
     assert render_go(parse_go(template), messages) == "U:hi\nA:yo{{"
 
 

@@ -1,5 +1,6 @@
 """Proof of learning, end to end as a user runs it: QLoRA on CPU with 2 Ray workers beats the untrained base by a
-wide margin on held-out support tickets, the gates pass, and every results command shows it.
+wide margin on held-out support tickets, the gates pass, and every results command shows it. The learned run is
+also exported as GGUF (f16, q8_0) for llama.cpp / Ollama and checked against the merged model.
 
 The task is generated here (examples/make_support_data.py, 1,100 tickets → "category: <label>"). Measured on
 2 cores: base exact match 0.00, tuned 0.97 after 2 epochs (124 steps, ~50 s for the run). The thresholds below

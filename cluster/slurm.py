@@ -60,7 +60,7 @@ def render(job: ResolvedJob) -> str:
         endpoint_url=spec.storage.endpoint_url,
         python=slurm.python,
         port_min=slurm.ray_port_min,
-        port_span=slurm.ray_port_max - slurm.ray_port_min - 1,  # PORT and PORT+1 stay inside the range
+        port_span=slurm.ray_port_max - slurm.ray_port_min - 3,  # PORT..PORT+3 stay inside the range
         interface=slurm.network_interface,
         join_timeout=slurm.join_timeout_s,
     )

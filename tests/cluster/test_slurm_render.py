@@ -112,3 +112,19 @@ def test_a_pinned_interface_carries_ray_and_the_training_collectives(user_projec
     probe = "\n".join([pinned[1], 'printf "%s %s" "$GLOO_SOCKET_IFNAME" "$NCCL_SOCKET_IFNAME"'])
     assert subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout == "ib0 ib0"
     assert "GLOO_SOCKET_IFNAME" not in rendered(EXAMPLES[0])  # unpinned: gloo and NCCL choose as they always do
+
+
+def test_two_jobs_on_one_node_get_disjoint_ray_ports_inside_the_range(user_project):
+    script = rendered(EXAMPLES[0], "targets.slurm.ray_port_min=20000", "targets.slurm.ray_port_max=20100")
+    lines = [line for line in script.splitlines() if line.startswith(("PORT=", "DASHBOARD_PORT=", "CLIENT_PORT=",
+                                                                      "AGENT_PORT="))]
+    assert len(lines) == 4
+    assert '--ray-client-server-port="$CLIENT_PORT"' in script and "--dashboard-agent-listen-port=$AGENT_PORT" in script
+    ports = {}
+    for job_id in (41, 42, 83):  # 83 * 7 % 97 = 96: the highest PORT this range gives
+        probe = "\n".join([*lines, 'echo "$PORT $DASHBOARD_PORT $CLIENT_PORT $AGENT_PORT"'])
+        out = subprocess.run(["bash", "-c", probe], env={**os.environ, "SLURM_JOB_ID": str(job_id)},
+                             capture_output=True, text=True, check=True).stdout
+        ports[job_id] = set(map(int, out.split()))
+        assert len(ports[job_id]) == 4 and all(20000 <= p <= 20100 for p in ports[job_id]), out
+    assert not ports[41] & ports[42]

@@ -27,13 +27,36 @@ def load_run_job(run):
         raise StorageError(f"{run.uri('job.yaml')} no longer validates ({problems})") from None
 
 
+class CheckpointParam(click.ParamType):
+    """``--checkpoint``: a step number, or ``best`` (the complete checkpoint with the best checkpoint.best_metric)."""
+
+    name = "STEP|best"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "best":
+            return value
+        if str(value).isdigit():
+            return int(value)
+        self.fail(f"{value!r} is neither a step number nor 'best'", param, ctx)
+
+
+def checkpoint_step(run, job, checkpoint: int | str | None) -> int | None:
+    """The step ``--checkpoint`` names; ``best`` ranks the run's complete checkpoints by their eval metric."""
+    if checkpoint != "best":
+        return checkpoint
+    from tunerun.trainer.checkpoint import best_step
+
+    return best_step(run, job.spec.checkpoint)
+
+
 def commands(user_errors, console, store) -> list[click.Command]:
     """The three commands, wired to the CLI's error handling (exit 2 / 1), console and ``--storage`` store."""
 
     @click.command("eval")
     @click.argument("run_id")
-    @click.option("--checkpoint", type=int, default=None, metavar="STEP",
-                  help="Evaluate the checkpoint of this step (default: the final weights, else the newest checkpoint).")
+    @click.option("--checkpoint", type=CheckpointParam(), default=None,
+                  help="Evaluate the checkpoint of this step, or 'best' by checkpoint.best_metric (default: the final "
+                       "weights, else the newest checkpoint).")
     @click.option("--storage", default=None, help="Storage URI holding the run.")
     @user_errors
     def eval_command(run_id, checkpoint, storage):
@@ -42,6 +65,7 @@ def commands(user_errors, console, store) -> list[click.Command]:
 
         run = store(storage).open(run_id)
         job = load_run_job(run)
+        checkpoint = checkpoint_step(run, job, checkpoint)
         console.print(f"eval   {run_id} · {job.spec.method.kind} · loading weights…")
         record = evaluate_run(run, job, checkpoint)
         base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
@@ -52,8 +76,9 @@ def commands(user_errors, console, store) -> list[click.Command]:
 
     @click.command("export")
     @click.argument("run_id")
-    @click.option("--checkpoint", type=int, default=None, metavar="STEP",
-                  help="Export the checkpoint of this step (default: the final weights, else the newest checkpoint).")
+    @click.option("--checkpoint", type=CheckpointParam(), default=None,
+                  help="Export the checkpoint of this step, or 'best' by checkpoint.best_metric (default: the final "
+                       "weights, else the newest checkpoint).")
     @click.option("--merge", is_flag=True, help="Merge the LoRA adapter into the (unquantised) base model.")
     @click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
                   help="hf: safetensors folder (vLLM, TGI, transformers); gguf: merged model as one GGUF file "
@@ -75,6 +100,7 @@ def commands(user_errors, console, store) -> list[click.Command]:
 
         run = store(storage).open(run_id)
         job = load_run_job(run)
+        checkpoint = checkpoint_step(run, job, checkpoint)
         if fmt == "gguf":
             _export_gguf(console, run, job, checkpoint, quant, to, system, check_prompts)
             return

@@ -162,21 +162,37 @@ def apply_retention(run: RunFolder, policy: CheckpointSpec) -> tuple[list[str], 
     can resume. The manifest goes first: a deletion cut short leaves a folder that is never resumed from and
     that ``remove_incomplete`` clears later.
     """
-    manifests = {}
-    for name in sorted(run.list_dir("checkpoints")):
-        if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}"):
-            manifests[name] = run.read_json(f"checkpoints/{name}/{MANIFEST}")
-    newest_first = sorted(manifests, reverse=True)
-    keep = set(newest_first[:policy.keep_last])
-    scored = [n for n in newest_first if policy.best_metric in manifests[n].get("metrics", {})]
-    sign = 1 if policy.best_is_lowest else -1
-    scored.sort(key=lambda n: sign * manifests[n]["metrics"][policy.best_metric])  # stable: ties → newer
-    keep.update(scored[:policy.keep_best])
+    manifests = complete_manifests(run)
+    ranked = ranked_by_metric(manifests, policy)
+    keep = set(sorted(manifests, reverse=True)[:policy.keep_last]) | set(ranked[:policy.keep_best])
     removed = [name for name in sorted(manifests) if name not in keep]
     for name in removed:
         run.delete(f"checkpoints/{name}/{MANIFEST}")
         run.delete(f"checkpoints/{name}")
-    return removed, (scored[0] if policy.keep_best and scored else None)
+    return removed, (ranked[0] if policy.keep_best and ranked else None)
+
+
+def complete_manifests(run: RunFolder) -> dict[str, dict]:
+    """{checkpoint folder name: its manifest} for every checkpoint that has one."""
+    return {name: run.read_json(f"checkpoints/{name}/{MANIFEST}") for name in sorted(run.list_dir("checkpoints"))
+            if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}")}
+
+
+def ranked_by_metric(manifests: dict[str, dict], policy: CheckpointSpec) -> list[str]:
+    """The checkpoints whose manifest holds ``policy.best_metric``, best first (ties: the newer first)."""
+    scored = [n for n in sorted(manifests, reverse=True) if policy.best_metric in manifests[n].get("metrics", {})]
+    sign = 1 if policy.best_is_lowest else -1
+    return sorted(scored, key=lambda n: sign * manifests[n]["metrics"][policy.best_metric])  # stable
+
+
+def best_step(run: RunFolder, policy: CheckpointSpec) -> int:
+    """Step of the complete checkpoint with the best ``best_metric``; StorageError when none was scored."""
+    manifests = complete_manifests(run)
+    ranked = ranked_by_metric(manifests, policy)
+    if not ranked:
+        raise StorageError(f"{run.run_id}: no complete checkpoint holds an eval {policy.best_metric} "
+                           f"({len(manifests)} complete; a checkpoint is scored when an eval ran at its step)")
+    return int(ranked[0].removeprefix(PREFIX))
 
 
 def save_progress(folder: Path, progress: Progress, rank: int) -> None:

@@ -277,3 +277,26 @@ def test_full_run_exports_consolidated_weights_from_zero3_shards(tmp_path, tiny_
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
     assert sum(not torch.equal(a[k], base[k]) for k in a) > 10  # the step changed the weights
     assert "library_name: transformers" in (from_shards / "README.md").read_text()
+
+
+def test_checkpoint_best_exports_the_checkpoint_with_the_best_eval_metric(tmp_path, tiny_model_dir):
+    import shutil
+
+    run, _, _ = make_run(tmp_path, tiny_model_dir, final=False)
+
+    def tunerun_export(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", "export", "r", "--storage",
+                               str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=300)
+
+    unscored = tunerun_export("--checkpoint", "best")
+    assert unscored.returncode == 2 and "no complete checkpoint holds an eval loss" in unscored.stderr
+    shutil.copytree(run.local_path("checkpoints/step-000002"), run.local_path("checkpoints/step-000004"))
+    for step, loss in ((2, 0.5), (4, 0.9)):  # the newer checkpoint is the worse one
+        name = ckpt.checkpoint_dir_name(step)
+        run.local_path(f"{name}/manifest.json").unlink()
+        ckpt.write_manifest(run, name, step, ckpt.file_digests(run.local_path(name)), {"loss": loss})
+    best = tunerun_export("--checkpoint", "best", "--to", str(tmp_path / "best"))
+    assert best.returncode == 0, best.stderr
+    assert f"export checkpoints/step-000002 → {tmp_path / 'best'}" in best.stdout
+    wrong = tunerun_export("--checkpoint", "latest")
+    assert wrong.returncode == 2 and "'latest' is neither a step number nor 'best'" in wrong.stderr

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tunerun.jobs.errors import Problem, SpecError
+from tunerun.jobs.data_files import resolve_files
+from tunerun.jobs.errors import DataError, Problem, SpecError
 from tunerun.jobs.spec import JobSpec
 
 TUNERUN_VERSION = "0.1.0"
@@ -120,9 +121,12 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
     for field, value in (("data.train", data.train), ("data.eval", data.eval)):
         if not value or _is_remote(value):
             continue
-        if not local_files(value):
-            problems.append(Problem(field, f"no file matches {value}; paths are relative to the current directory"))
-        elif count_records(value) == 0:
+        try:
+            resolve_files(value)
+        except DataError as exc:
+            problems.append(Problem(field, str(exc)))
+            continue
+        if count_records(value) == 0:
             problems.append(Problem(field, f"{value} holds no records; expected one JSON object per line"))
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
     model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path})
@@ -145,16 +149,6 @@ def _is_remote(uri: str) -> bool:
 
 def _absolute(path: str) -> str:
     return path if _is_remote(path) else str(Path(path).expanduser().absolute())
-
-
-def local_files(pattern: str) -> list[Path]:
-    """The files an absolute path or glob names, sorted."""
-    path = Path(pattern)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
 
 
 def _step_plan(spec: JobSpec) -> StepPlan:
@@ -186,7 +180,11 @@ def count_records(pattern: str) -> int | None:
     if _is_remote(pattern):
         return None
     total = 0
-    for file in local_files(pattern):
+    try:
+        files = resolve_files(pattern)
+    except DataError:
+        return None  # resolve() reports why
+    for file in files:
         if file.suffix not in (".json", ".jsonl"):
             return None  # Parquet/CSV: the trainer counts them after preparation
         text = file.read_text(encoding="utf-8", errors="replace")

@@ -46,7 +46,8 @@ from tunerun.trainer.cleaning import (PII_KINDS, FuzzyIndex, custom_rules, diges
                                       mask_pii, minhash_signature, near_key, normalize_text)
 from tunerun.trainer.data_formats import Conversation, detect_format, to_conversation, trainable
 from tunerun.trainer.data_pack import ExampleWriter, Packer, collate  # noqa: F401 - the train loop imports collate here
-from tunerun.trainer.data_read import read_records, resolve_files
+from tunerun.jobs.data_files import resolve_files
+from tunerun.trainer.data_read import read_records
 from tunerun.trainer.data_render import IGNORE_INDEX, encode, render
 from tunerun.trainer.data_report import steps
 

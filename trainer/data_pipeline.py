@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tunerun.jobs.plan import ResolvedJob
-from tunerun.trainer.data_read import resolve_files
+from tunerun.jobs.data_files import resolve_files
 
 FORMAT_VERSION = 1  # bump when the prepared files would come out different for the same inputs
 MARKER = "COMPLETE"

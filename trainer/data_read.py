@@ -12,47 +12,17 @@ from __future__ import annotations
 
 import codecs
 import csv
-import glob
 import json
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tunerun.jobs.errors import DataError
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Fields that hold structure; a CSV cell can only hold them as JSON text.
 JSON_FIELDS = ("messages", "conversations", "history", "tools")
 OPTIONAL_FIELDS = ("system", "input", "history", "tools")
 Row = tuple[str, dict | None, str | None]  # where, record, error
-
-
-def resolve_files(pattern: str) -> list[Path]:
-    """The data files a path or glob names, sorted; `DataError` if there are none."""
-    if "://" in pattern:
-        raise DataError(f"data file {pattern}: reading data from object storage ({pattern.split('://')[0]}://) is "
-                        "not available yet; copy the files to a local folder and point data.train / data.eval there")
-    expanded = os.path.expanduser(pattern)
-    where = f"relative paths are read from the current directory, {os.getcwd()}"
-    if glob.has_magic(expanded):
-        files = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
-        if not files:
-            raise DataError(f"no data files match {pattern!r}; check the path ({where})")
-    elif os.path.isdir(expanded):  # e.g. an object-storage prefix fetched to a local folder
-        files = sorted(p for p in Path(expanded).iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
-        if not files:
-            raise DataError(f"data folder {pattern!r} holds no {', '.join(SUFFIXES)} files; name the files, "
-                            f"e.g. '{pattern.rstrip('/')}/*.jsonl'")
-    elif not os.path.isfile(expanded):
-        raise DataError(f"data file not found: {pattern!r}; check the path ({where})")
-    else:
-        files = [Path(expanded)]
-    for path in files:
-        if path.suffix.lower() not in SUFFIXES:
-            raise DataError(f"data file {path}: unsupported type {path.suffix or '(no suffix)'!r}; expected .jsonl "
-                            "(one JSON object per line), .json, .parquet or .csv")
-    return files
 
 
 def read_records(files: list[Path], columns: Mapping[str, str] | None = None) -> Iterator[Row]:

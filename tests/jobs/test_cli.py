@@ -77,7 +77,7 @@ def test_validate_reports_every_problem_with_line_and_suggestion(workdir):
     (GOOD + "method:\n  kind: qlora\n  zero: {stage: 3}\n", ["method.zero", "full"]),
     (GOOD.replace("demo", "Bad Name!"), ["name", "bad-name"]),
     (GOOD.replace("./models/m", "./models/missing"), ["model.path", "does not exist"]),
-    (GOOD.replace("data/train.jsonl", "data/nope.jsonl"), ["data.train", "no file matches"]),
+    (GOOD.replace("data/train.jsonl", "data/nope.jsonl"), ["data.train", "data file not found"]),
 ])
 def test_bad_specs_exit_2_with_one_clear_message(workdir, text, fragments):
     write_job(workdir, text)

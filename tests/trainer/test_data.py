@@ -15,7 +15,8 @@ from tunerun.jobs.spec import CleanSpec, DataSpec
 from tunerun.trainer.cleaning import mask_pii, normalize_text
 from tunerun.trainer.data import collate, prepare_data
 from tunerun.trainer.data_formats import detect_format, to_conversation, to_messages
-from tunerun.trainer.data_read import read_records, resolve_files
+from tunerun.jobs.data_files import resolve_files
+from tunerun.trainer.data_read import read_records
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 SLURM_CONF = """\
-ClusterName=tunerun-test
-SlurmctldHost={host}
+ClusterName={cluster}
+SlurmctldHost={ctld_host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -27,11 +27,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 ReturnToService=2
@@ -39,9 +39,23 @@ JobRequeue=1
 MinJobAge=600
 KillWait=60
 MpiDefault=none
-NodeName={host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def write_slurm_conf(root: Path, cluster: str, ctld_host: str, nodes: dict[str, str | None], d_port: int) -> Path:
+    """``root/slurm.conf`` for ``nodes`` ({name: address, or None for the name's own}), with the state, spool
+    (one per node: ``%n``) and pid/log files under ``root``."""
+    (root / "state").mkdir()
+    for name in nodes:
+        (root / f"spool-{name}").mkdir()
+    node_lines = "\n".join(f"NodeName={name}" + (f" NodeAddr={address}" if address else "")
+                           + f" CPUs={os.cpu_count()} State=UNKNOWN" for name, address in nodes.items())
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(cluster=cluster, ctld_host=ctld_host, root=root, ctld_port=_free_port(),
+                                      d_port=d_port, node_lines=node_lines, names=",".join(nodes)))
+    return conf
 
 
 def _free_port() -> int:
@@ -69,11 +83,8 @@ def slurm_cluster(tmp_path_factory):
     if not shutil.which("slurmctld"):
         pytest.fail("Slurm is not installed: run scripts/install-system-deps (as root) first")
     root = tmp_path_factory.mktemp("slurm")
-    (root / "state").mkdir()
-    (root / "spool").mkdir()
-    conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count(),
-                                      ctld_port=_free_port(), d_port=_free_port()))
+    host = socket.gethostname()
+    conf = write_slurm_conf(root, "tunerun-test", host, {host: None}, d_port=_free_port())
     _ensure_munged()
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
@@ -85,7 +96,7 @@ def slurm_cluster(tmp_path_factory):
         time.sleep(0.5)
     yield {"SLURM_CONF": str(conf), "root": root}
     subprocess.run(["scancel", "--full", "--user=root"], capture_output=True)
-    for pid_file in ("slurmd.pid", "slurmctld.pid"):
+    for pid_file in (f"slurmd-{host}.pid", "slurmctld.pid"):
         try:
             os.kill(int((root / pid_file).read_text()), signal.SIGTERM)
         except (OSError, ValueError):
@@ -94,35 +105,6 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = saved
-
-
-SLURM_NODES_CONF = """\
-ClusterName=tunerun-nodes
-SlurmctldHost={host}({bridge_ip})
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool-%n
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd-%n.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd-%n.log
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-ReturnToService=2
-JobRequeue=1
-MinJobAge=600
-KillWait=60
-MpiDefault=none
-{nodes}
-PartitionName=nodes Nodes={names} Default=YES MaxTime=INFINITE State=UP
-"""
 
 
 def _sh(*args: str) -> None:
@@ -202,15 +184,11 @@ def slurm_two_nodes(tmp_path_factory):
     if not shutil.which("slurmctld"):
         pytest.fail("Slurm is not installed: run scripts/install-system-deps (as root) first")
     root = tmp_path_factory.mktemp("slurm-nodes")
-    (root / "state").mkdir()
     net = _TwoNodeNetwork()
     names = [f"node{i + 1}" for i in range(len(net.ips))]
     host = socket.gethostname()
-    conf = root / "slurm.conf"
-    conf.write_text(SLURM_NODES_CONF.format(
-        host=host, bridge_ip=net.bridge_ip, root=root, ctld_port=_free_port(), d_port=6818, names=",".join(names),
-        nodes="\n".join(f"NodeName={n} NodeAddr={ip} CPUs={os.cpu_count()} State=UNKNOWN"
-                        for n, ip in zip(names, net.ips))))
+    conf = write_slurm_conf(root, "tunerun-nodes", f"{host}({net.bridge_ip})", dict(zip(names, net.ips)),
+                            d_port=6818)
     hosts = root / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + f"{net.bridge_ip} {host}\n"
                      + "".join(f"{ip} {n}\n" for n, ip in zip(names, net.ips)))
@@ -221,7 +199,6 @@ def slurm_two_nodes(tmp_path_factory):
         _ensure_munged()  # munge's socket is a file: every namespace here reaches the one munged
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
         for name, ns in zip(names, net.namespaces):
-            (root / f"spool-{name}").mkdir()
             inner = f"hostname {name} && mount --bind {hosts} /etc/hosts && exec slurmd -D -f {conf} -N {name}"
             daemons.append(subprocess.Popen(
                 ["nsenter", f"--net=/var/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", inner],

@@ -153,11 +153,10 @@ def _download_verified(run: RunFolder, key: str, local: Path, manifest: dict) ->
 
 def saved_world_size(run: RunFolder) -> int | None:
     """World size recorded by the newest checkpoint that has a manifest (None when there is none)."""
-    for name in sorted(run.list_dir("checkpoints"), reverse=True):
-        key = f"checkpoints/{name}"
-        if name.startswith(PREFIX) and run.exists(f"{key}/{MANIFEST}"):
-            return json.loads(run.read_text(f"{key}/progress.json")).get("world_size") or None
-    return None
+    complete = complete_checkpoints(run)
+    if not complete:
+        return None
+    return json.loads(run.read_text(f"checkpoints/{complete[-1]}/progress.json")).get("world_size") or None
 
 
 def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:
@@ -189,10 +188,15 @@ def apply_retention(run: RunFolder, policy: CheckpointSpec) -> tuple[list[str], 
     return removed, (ranked[0] if policy.keep_best and ranked else None)
 
 
+def complete_checkpoints(run: RunFolder) -> list[str]:
+    """Names of the checkpoint folders that have a manifest, oldest first."""
+    return [name for name in sorted(run.list_dir("checkpoints"))
+            if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}")]
+
+
 def complete_manifests(run: RunFolder) -> dict[str, dict]:
     """{checkpoint folder name: its manifest} for every checkpoint that has one."""
-    return {name: run.read_json(f"checkpoints/{name}/{MANIFEST}") for name in sorted(run.list_dir("checkpoints"))
-            if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}")}
+    return {name: run.read_json(f"checkpoints/{name}/{MANIFEST}") for name in complete_checkpoints(run)}
 
 
 def ranked_by_metric(manifests: dict[str, dict], policy: CheckpointSpec) -> list[str]:

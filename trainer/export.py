@@ -76,8 +76,7 @@ def _exported_step(run) -> int | None:
 
 
 def _complete_steps(run) -> str:
-    steps = [n.removeprefix(ckpt.PREFIX) for n in run.list_dir("checkpoints")
-             if run.exists(f"checkpoints/{n}/{ckpt.MANIFEST}")]
+    steps = [n.removeprefix(ckpt.PREFIX) for n in ckpt.complete_checkpoints(run)]
     return ", ".join(str(int(s)) for s in steps if s.isdigit())
 
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.loader import load_job
-from tunerun.jobs.plan import ResolvedJob, resolve
+from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob, resolve
 
 # Piped output (logs, CI, scripts) gets long lines instead of rich's default 80-column wrapping.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -66,7 +66,7 @@ def load_resolved(job_file: str, overrides: tuple[str, ...], storage: str | None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="tunerun")
+@click.version_option(TUNERUN_VERSION, prog_name="tunerun")
 def main():
     """Fine-tune open language models on your own data and hardware."""
 

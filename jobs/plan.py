@@ -17,7 +17,18 @@ from tunerun.jobs.data_files import resolve_files
 from tunerun.jobs.errors import DataError, Problem, SpecError
 from tunerun.jobs.spec import JobSpec
 
-TUNERUN_VERSION = "0.1.0"
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunerun")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+TUNERUN_VERSION = _installed_version()  # pyproject.toml's [project] version is the one definition
 
 
 class StepPlan(BaseModel):

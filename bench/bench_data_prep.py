@@ -69,7 +69,7 @@ def baseline(path: Path, tokenizer, cache: Path) -> int:
 
 def tunerun_prepare(path: Path, tokenizer, out: Path) -> int:
     from tunerun.jobs.spec import DataSpec
-    from tunerun.trainer.data import prepare_files
+    from tunerun.trainer.data.pipeline import prepare_files
 
     report = prepare_files(DataSpec(train=str(path), max_seq_len=512), tokenizer, seed=0, out_dir=out)
     return report.records_read

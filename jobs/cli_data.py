@@ -46,7 +46,7 @@ def data():
 @_cli.user_errors
 def prepare(job_file, overrides, storage, out, cache_dir):
     """Read, clean, tokenize and split the job's data; write train/eval files and the data report."""
-    from tunerun.trainer.data_pipeline import prepared_folder, publish
+    from tunerun.trainer.data.cache import prepared_folder, publish
 
     job = _cli.load_resolved(job_file, overrides, storage)
     folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
@@ -66,7 +66,7 @@ def prepare(job_file, overrides, storage, out, cache_dir):
 @_cli.user_errors
 def inspect(job_file, overrides, storage, examples, cache_dir):
     """Counts per cleaning step, token lengths, and examples exactly as the model sees them (⟦trained⟧)."""
-    from tunerun.trainer.data_pipeline import prepared_folder
+    from tunerun.trainer.data.cache import prepared_folder
     from tunerun.trainer.tokenizer import load_tokenizer
 
     job = _cli.load_resolved(job_file, overrides, storage)
@@ -87,7 +87,7 @@ def inspect(job_file, overrides, storage, examples, cache_dir):
 
 
 def _print_summary(report: dict) -> None:
-    from tunerun.trainer.data_report import kept_records, steps
+    from tunerun.trainer.data.report import kept_records, steps
 
     removed = ", ".join(f"{name} {n:,}" for name, n in steps(report) if n)
     console.print(f"data   {report['records_read']:,} records ({report['format']}) → {kept_records(report):,} kept"
@@ -103,7 +103,7 @@ def _print_summary(report: dict) -> None:
 
 
 def _print_steps(report: dict) -> None:
-    from tunerun.trainer.data_report import steps
+    from tunerun.trainer.data.report import steps
 
     table = Table("step", "removed", "left", box=None, pad_edge=False)
     left = report["records_read"]
@@ -131,7 +131,7 @@ def _examples(path: Path):
 
 
 def _print_example(number: int, example: dict, tokenizer) -> None:
-    from tunerun.trainer.data_render import decode_segments
+    from tunerun.trainer.data.render import decode_segments
 
     trained = sum(label != -100 for label in example["labels"])
     console.print(f"\n── example {number} · {len(example['input_ids'])} tokens, {trained} trained ⟦…⟧ ──────────")

@@ -5,26 +5,8 @@ data position from the step counter alone, without replaying an iterator.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-from pathlib import Path
-
-
-def save_examples(path: Path, examples: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps({"input_ids": example["input_ids"], "labels": example["labels"]}) + "\n")
-    tmp.replace(path)
-
-
-def load_examples(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 class BatchSchedule:

@@ -87,7 +87,7 @@ def prepare(run: RunFolder, job: ResolvedJob) -> None:
     the prepared examples from the run folder."""
     import json
 
-    from tunerun.trainer.data_pipeline import PREPARED_FILES, prepare_to_folder, prepared_folder
+    from tunerun.trainer.data.cache import PREPARED_FILES, prepare_to_folder, prepared_folder
 
     if run.exists("data/data_report.json"):
         return  # a resumed run trains on exactly the data it started with

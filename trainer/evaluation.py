@@ -68,7 +68,7 @@ def decode(tokenizer, ids: list[int]) -> str:
 def load_general_set(eval_spec, max_seq_len: int, tokenizer) -> list[dict]:
     """The general-instructions sample, tokenized by the same code (and chat template) as the training data."""
     from tunerun.jobs.spec import CleanSpec, DataSpec
-    from tunerun.trainer.data import prepare_data
+    from tunerun.trainer.data.pipeline import prepare_data
 
     path = GENERAL_DEFAULT if eval_spec.general == "default" else Path(eval_spec.general)
     spec = DataSpec(train=str(path), eval_fraction=0.0, max_seq_len=max_seq_len,
@@ -372,7 +372,7 @@ def held_out_loss(model, examples: list[dict], pad_token_id: int, device, batch_
     """Token-weighted mean loss over ``examples`` (labelled tokens only), as the train loop measures it."""
     import torch
 
-    from tunerun.trainer.data import collate
+    from tunerun.trainer.data.pack import collate
 
     loss_sum, tokens = 0.0, 0
     model.eval()
@@ -390,7 +390,7 @@ def evaluate_run(run, job, checkpoint: int | None) -> dict:
     """Re-evaluate a checkpoint (or the final weights) of a finished or running run, in this process; writes
     ``eval/on-demand/<step-NNNNNN|final>.json`` and returns the record."""
     from tunerun.jobs.errors import DataError
-    from tunerun.trainer.batches import load_examples
+    from tunerun.trainer.data.pack import load_examples
     from tunerun.trainer.export import find_weights, load_for_eval, run_local_path
     from tunerun.trainer.tokenizer import load_tokenizer
 

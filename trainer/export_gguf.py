@@ -193,7 +193,7 @@ def quantize(llama_cpp, source: Path, out: Path, quant: str) -> None:
 def held_out_prompts(run, job, tokenizer, limit: int | None = None) -> list[tuple[list[int], str]]:
     """[(prompt ids, reference text)] from the run's held-out set (``limit``, default ``eval.max_examples``), else the
     general-instructions sample; ExportError when there is neither, since the export could not check itself."""
-    from tunerun.trainer.batches import load_examples
+    from tunerun.trainer.data.pack import load_examples
     from tunerun.trainer.evaluation import decode, eval_items, load_general_set
 
     spec = job.spec.eval

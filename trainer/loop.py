@@ -19,8 +19,8 @@ import torch.distributed as dist
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer import checkpoint as ckpt
-from tunerun.trainer.batches import BatchSchedule, eval_shard, load_examples
-from tunerun.trainer.data import collate
+from tunerun.trainer.batches import BatchSchedule, eval_shard
+from tunerun.trainer.data.pack import collate, load_examples
 from tunerun.trainer.inputs import localize_model
 from tunerun.trainer.methods import method_module
 from tunerun.trainer.preemption import STOPPED, StopPoll

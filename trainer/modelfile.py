@@ -1,7 +1,7 @@
 """The Ollama ``Modelfile`` written beside a GGUF export: ``FROM``, ``TEMPLATE``, ``SYSTEM``, ``PARAMETER``.
 
 ``TEMPLATE`` must make Ollama build the same prompt text the model was trained on: the tokenizer's chat
-template when it has one, else tunerun's default template (`data_render.render_default`). A Jinja chat template
+template when it has one, else tunerun's default template (`tunerun.trainer.data.render.render_default`). A Jinja chat template
 cannot be translated to Go template syntax in general, so instead the conversation format is *measured*: the
 training-side renderer is run on a few probe conversations made of sentinel words, and the text around each
 sentinel gives, per role, what comes before and after a message's content (plus the generation prompt and any
@@ -68,9 +68,9 @@ def _go_literal(text: str) -> str:
 
 
 def training_renderer(tokenizer):
-    """``render(messages, generation_prompt) -> text`` exactly as training builds prompts (data_render)."""
-    from tunerun.trainer.data_formats import Conversation
-    from tunerun.trainer.data_render import render_default
+    """``render(messages, generation_prompt) -> text`` exactly as training builds prompts (`tunerun.trainer.data.render`)."""
+    from tunerun.trainer.data.formats import Conversation
+    from tunerun.trainer.data.render import render_default
 
     bos = tokenizer.bos_token or ""
     if getattr(tokenizer, "chat_template", None):

@@ -219,7 +219,7 @@ ZERO3_RUN = textwrap.dedent("""
     from tunerun.cluster.storage import RunFolder
     from tunerun.jobs.plan import ResolvedJob
     from tunerun.trainer import checkpoint as ckpt
-    from tunerun.trainer.data import collate
+    from tunerun.trainer.data.pack import collate
     from tunerun.trainer.methods import full
     from tunerun.trainer.tokenizer import load_tokenizer
 

@@ -23,8 +23,8 @@ def add_eval_set(run, model_dir: Path) -> None:
     """data/eval.jsonl as data preparation writes it: token ids + labels, rendered with the default template."""
     from transformers import AutoTokenizer
 
-    from tunerun.trainer.data_formats import Conversation
-    from tunerun.trainer.data_render import encode, render
+    from tunerun.trainer.data.formats import Conversation
+    from tunerun.trainer.data.render import encode, render
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rendered = [render(Conversation(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]),

@@ -175,8 +175,8 @@ def tokenizer(tiny_model_dir):
 
 def test_default_template_modelfile_renders_what_training_renders(tokenizer):
     """The tiny model has no chat template: training uses tunerun's default one, and so must Ollama."""
-    from tunerun.trainer.data_formats import Conversation
-    from tunerun.trainer.data_render import render_default
+    from tunerun.trainer.data.formats import Conversation
+    from tunerun.trainer.data.render import render_default
 
     assert not tokenizer.chat_template
     modelfile = render_modelfile("m.gguf", measure_chat_format(training_renderer(tokenizer)), tokenizer.eos_token,

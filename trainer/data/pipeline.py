@@ -2,22 +2,22 @@
 
 Pipeline, in order (each step counted in `DataReport`):
 
-1. **read** ``data.train`` (`data_read`: JSONL, JSON arrays, Parquet, CSV; ``data.columns`` renames fields).
+1. **read** ``data.train`` (`read`: JSONL, JSON arrays, Parquet, CSV; ``data.columns`` renames fields).
    A record that is not JSON or has the wrong shape is *malformed*; above ``clean.max_bad_fraction`` of
    them the set is refused. ``data.format: auto`` detects the format per file; one file holds one format.
-2. **normalise** every record to a conversation (`data_formats`) and **clean** it (`cleaning`): NFKC and
+2. **normalise** every record to a conversation (`formats`) and **clean** it (`clean`): NFKC and
    whitespace (``clean.normalize``), PII masking (``clean.pii``, ``clean.pii_patterns``); records with
    nothing to train on are *empty*.
 3. **dedup**: exact copies (``clean.dedup``), copies up to case/punctuation/spacing (*near_duplicates*) and
    MinHash look-alikes at ``clean.near_dedup_threshold`` (*fuzzy_duplicates*), both under
    ``clean.near_dedup``. The first copy is kept.
-4. **render and tokenize** (`data_render`), then **length**: longer than ``data.max_seq_len`` is truncated or
+4. **render and tokenize** (`render`), then **length**: longer than ``data.max_seq_len`` is truncated or
    dropped (``data.too_long``); a truncated example left without any trained token is dropped too.
 5. **split**: ``data.eval`` read and cleaned the same way, or a seeded shuffle that sets aside
    ``max(1, round(n * eval_fraction))`` examples. *contaminated_eval* counts eval examples that are near or
    fuzzy copies of a training example (reported, not removed).
 6. **pack** (``data.packing``): training examples share rows of ``max_seq_len`` tokens, each with
-   position ids from 0, which keeps attention inside each example (see `data_pack`).
+   position ids from 0, which keeps attention inside each example (see `pack`).
 
 Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`); deduplication
 runs in this process in input order, so results do not depend on the number of workers. Examples stream to
@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tunerun.jobs.errors import DataError
-from tunerun.trainer.cleaning import (PII_KINDS, FuzzyIndex, custom_rules, digest, exact_key, mask_custom,
+from tunerun.trainer.data.clean import (PII_KINDS, FuzzyIndex, custom_rules, digest, exact_key, mask_custom,
                                       mask_pii, minhash_signature, near_key, normalize_text)
-from tunerun.trainer.data_formats import Conversation, detect_format, to_conversation, trainable
-from tunerun.trainer.data_pack import ExampleWriter, Packer, collate  # noqa: F401 - the train loop imports collate here
+from tunerun.trainer.data.formats import Conversation, detect_format, to_conversation, trainable
+from tunerun.trainer.data.pack import ExampleWriter, Packer, load_examples
 from tunerun.jobs.data_files import resolve_files
-from tunerun.trainer.data_read import read_records
-from tunerun.trainer.data_render import IGNORE_INDEX, encode, render
-from tunerun.trainer.data_report import steps
+from tunerun.trainer.data.read import read_records
+from tunerun.trainer.data.render import IGNORE_INDEX, encode, render
+from tunerun.trainer.data.report import steps
 
 if TYPE_CHECKING:
     from tunerun.jobs.spec import CleanSpec, DataSpec
@@ -531,8 +531,6 @@ def _length_stats(lengths: list[int]) -> tuple[dict, dict]:
 
 def prepare_data(spec: DataSpec, tokenizer, seed: int) -> PreparedData:
     """`prepare_files` into a scratch folder, read back: the whole prepared set in memory."""
-    from tunerun.trainer.batches import load_examples
-
     with tempfile.TemporaryDirectory(prefix="tunerun-data-") as tmp:
         report = prepare_files(spec, tokenizer, seed, Path(tmp))
         return PreparedData(load_examples(Path(tmp) / "train.jsonl"), load_examples(Path(tmp) / "eval.jsonl"), report)

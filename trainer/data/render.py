@@ -28,7 +28,7 @@ import bisect
 import json
 
 from tunerun.jobs.errors import DataError
-from tunerun.trainer.data_formats import Conversation, trainable
+from tunerun.trainer.data.formats import Conversation, trainable
 
 IGNORE_INDEX = -100  # what torch's cross-entropy (and so HF causal LMs) skip
 Spans = list[tuple[int, int]]

@@ -13,14 +13,14 @@ import json
 import os
 from pathlib import Path
 
-from tunerun.trainer.data_render import IGNORE_INDEX
+from tunerun.trainer.data.render import IGNORE_INDEX
 
 OPEN_ROWS = 64
 
 
 class ExampleWriter:
     """Streams examples to a JSONL file (one ``{"input_ids", "labels"[, "position_ids"]}`` per line), the
-    format `tunerun.trainer.batches.load_examples` reads; the file appears whole on `commit` or not at all."""
+    format `load_examples` reads; the file appears whole on `commit` or not at all."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -45,6 +45,14 @@ class ExampleWriter:
     def discard(self) -> None:
         self.handle.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def load_examples(path: Path) -> list[dict]:
+    """The examples of a prepared file (absent file: none)."""
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 class Packer:

@@ -1,7 +1,7 @@
 """Text cleaning for training records: Unicode/whitespace normalisation, PII masking (built-in and the
 spec's own patterns), duplicate keys and MinHash signatures for fuzzy duplicates.
 
-No torch, no tokenizer: `tunerun.trainer.data` applies these to every message.
+No torch, no tokenizer: `tunerun.trainer.data.pipeline` applies these to every message.
 
 PII masking is pattern-based (emails, phone numbers, IPv4 addresses, IBANs, payment card numbers) and errs
 on the side of precision: IBANs must pass the ISO 7064 mod-97 check and card numbers the Luhn check, so an

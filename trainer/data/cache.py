@@ -91,8 +91,8 @@ def _version(package: str) -> str:
 
 
 def _build(job: ResolvedJob, folder: Path) -> None:
-    from tunerun.trainer.data import prepare_files
-    from tunerun.trainer.data_report import write_report_files
+    from tunerun.trainer.data.pipeline import prepare_files
+    from tunerun.trainer.data.report import write_report_files
     from tunerun.trainer.tokenizer import load_tokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)

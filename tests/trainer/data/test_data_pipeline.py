@@ -11,14 +11,15 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tunerun.trainer.data as data_module
+import tunerun.trainer.data.pipeline as data_module
 from tunerun.jobs.plan import resolve
 from tunerun.jobs.spec import CleanSpec, DataSpec, JobSpec
-from tunerun.trainer.cleaning import custom_rules, mask_custom
-from tunerun.trainer.data import collate, prepare_data
-from tunerun.trainer.data_pipeline import PREPARED_FILES, content_hash, prepare_to_folder, prepared_folder
+from tunerun.trainer.data.clean import custom_rules, mask_custom
+from tunerun.trainer.data.pack import collate
+from tunerun.trainer.data.pipeline import prepare_data
+from tunerun.trainer.data.cache import PREPARED_FILES, content_hash, prepare_to_folder, prepared_folder
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
 STORY = ("the customer wrote that the package arrived two days late and the box was damaged on one side so the "
          "blender inside had a cracked lid and she would like a replacement lid sent to her home address")

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import CleanSpec, DataSpec
-from tunerun.trainer.data import prepare_data
+from tunerun.trainer.data.pipeline import prepare_data
 from tunerun.jobs.data_files import resolve_files
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}

@@ -12,15 +12,16 @@ from transformers import AutoTokenizer
 
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import CleanSpec, DataSpec
-from tunerun.trainer.cleaning import mask_pii, normalize_text
-from tunerun.trainer.data import collate, prepare_data
-from tunerun.trainer.data_formats import detect_format, to_conversation, to_messages
+from tunerun.trainer.data.clean import mask_pii, normalize_text
+from tunerun.trainer.data.pack import collate
+from tunerun.trainer.data.pipeline import prepare_data
+from tunerun.trainer.data.formats import detect_format, to_conversation, to_messages
 from tunerun.jobs.data_files import resolve_files
-from tunerun.trainer.data_read import read_records
+from tunerun.trainer.data.read import read_records
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
-FORMATS_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "formats"
+FORMATS_DIR = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "formats"
 needs_shared = pytest.mark.skipif(not FORMATS_DIR.is_dir(), reason=f"shared dataset files not found at {FORMATS_DIR}")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -375,5 +376,5 @@ def test_collate_pads_right_with_minus_100_labels():
 
 
 def test_data_module_does_not_import_torch():
-    code = "import sys, tunerun.trainer.data; sys.exit('torch' in sys.modules)"
+    code = "import sys, tunerun.trainer.data.pipeline; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -38,6 +38,49 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer, loaded as the trainer loads it (AutoTokenizer.from_pretrained)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def free_loopback_port() -> int:
+    """A TCP port nobody listens on right now (bound and released on 127.0.0.1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` → a TCP port free on loopback, for the servers a test starts."""
+    return free_loopback_port
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``tunerun ARGS…`` as a user runs it: a new process, output captured, unbuffered."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tunerun():
+    """``tunerun("validate", "job.yaml", cwd=…, env=None, timeout=300)`` → the finished CompletedProcess."""
+    return run_cli
+
+
+@pytest.fixture
+def stub_model_dir(tmp_path: Path) -> Path:
+    """A model folder with only an empty config.json: enough for validate/plan/render, which load no weights."""
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    return model
+
+
+@pytest.fixture(scope="session")
 def example_module():
     """``example_module("make_support_data")`` imports that script from examples/."""
     return load_example
@@ -82,14 +125,8 @@ class S3Server:
         os.kill(self.process.pid, signal.SIGCONT)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_moto(log_dir: Path, **env: str) -> S3Server:
-    port = _free_port()
+    port = free_loopback_port()
     log = (log_dir / "moto.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})

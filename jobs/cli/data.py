@@ -4,33 +4,19 @@ Importing this module loads neither torch nor transformers: they are imported in
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
-
-def _cli_module():
-    # Under `python -m tunerun.jobs.cli` the CLI module runs as __main__ and registers this group at its end;
-    # importing tunerun.jobs.cli again from here would run it a second time and import this half-built module.
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "tunerun.jobs.cli":
-        return main
-    return importlib.import_module("tunerun.jobs.cli")
+from tunerun.jobs.cli.options import console, job_options, load_resolved, user_errors
 
 
-_cli = _cli_module()
-console = _cli.console
-
-
-def _cache_option(command):
-    return click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                        help="Cache root (default: $TUNERUN_CACHE or ~/.cache/tunerun/data).")(command)
+cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                                help="Cache root (default: $TUNERUN_CACHE or ~/.cache/tunerun/data).")
 
 
 @click.group("data")
@@ -39,16 +25,16 @@ def data():
 
 
 @data.command()
-@_cli.job_options
+@job_options
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also put the prepared files here (default: only the cache folder, which is printed).")
-@_cache_option
-@_cli.user_errors
+@cache_dir_option
+@user_errors
 def prepare(job_file, overrides, storage, out, cache_dir):
     """Read, clean, tokenize and split the job's data; write train/eval files and the data report."""
     from tunerun.trainer.data.cache import prepared_folder, publish
 
-    job = _cli.load_resolved(job_file, overrides, storage)
+    job = load_resolved(job_file, overrides, storage)
     folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
     report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
     _print_summary(report)
@@ -60,16 +46,16 @@ def prepare(job_file, overrides, storage, out, cache_dir):
 
 
 @data.command()
-@_cli.job_options
+@job_options
 @click.option("-n", "--examples", default=3, show_default=True, help="Training examples to show.")
-@_cache_option
-@_cli.user_errors
+@cache_dir_option
+@user_errors
 def inspect(job_file, overrides, storage, examples, cache_dir):
     """Counts per cleaning step, token lengths, and examples exactly as the model sees them (⟦trained⟧)."""
     from tunerun.trainer.data.cache import prepared_folder
     from tunerun.trainer.tokenizer import load_tokenizer
 
-    job = _cli.load_resolved(job_file, overrides, storage)
+    job = load_resolved(job_file, overrides, storage)
     folder, _ = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
     report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
     _print_summary(report)
@@ -131,10 +117,13 @@ def _examples(path: Path):
 
 
 def _print_example(number: int, example: dict, tokenizer) -> None:
-    from tunerun.trainer.data.render import decode_segments
+    from tunerun.trainer.data.render import IGNORE_INDEX, decode_segments
 
-    trained = sum(label != -100 for label in example["labels"])
+    trained = sum(label != IGNORE_INDEX for label in example["labels"])
     console.print(f"\n── example {number} · {len(example['input_ids'])} tokens, {trained} trained ⟦…⟧ ──────────")
     text = "".join(f"[bold green]⟦{escape(piece)}⟧[/bold green]" if is_trained else escape(piece)
                    for piece, is_trained in decode_segments(tokenizer, example["input_ids"], example["labels"]))
     console.print(text)
+
+
+COMMANDS = (data,)

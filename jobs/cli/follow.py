@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.jobs.metrics import SCORES
 
 PLAIN_EVERY_S = 10.0
-GENERATION_METRICS = ("exact_match", "f1", "rouge_l", "label_accuracy")
 
 
 class RunFollower:
@@ -65,7 +65,7 @@ class RunFollower:
             if self.first_eval is None:
                 self.first_eval = record["eval_loss"]
             self.last_eval = record["eval_loss"]
-            scores = "".join(f"  {name} {record[f'eval_{name}']:.2f}" for name in GENERATION_METRICS
+            scores = "".join(f"  {name} {record[f'eval_{name}']:.2f}" for name in SCORES
                              if record.get(f"eval_{name}") is not None)
             label = "base" if record.get("base") else f"step {record['step']}"
             self.console.print(f"eval   {label}  loss {record['eval_loss']:.4f}  "

@@ -1,0 +1,4 @@
+"""`python -m tunerun.jobs.cli …`: the same as the `tunerun` console script."""
+from tunerun.jobs.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""`tunerun eval`, `tunerun export`, `tunerun report`: what a run produced, judged and handed over.
+
+They read the run folder only, so they work for any run wherever it trained. Importing this module loads neither
+torch nor Ray: the work happens in `tunerun.trainer.evaluation`, `.export` and `.report`, imported inside the
+commands.
+"""
+from __future__ import annotations
+
+import click
+import yaml
+from rich.table import Table
+
+from tunerun.jobs.cli.options import checkpoint_option, console, open_run, run_argument, storage_option, user_errors
+from tunerun.jobs.errors import StorageError
+from tunerun.jobs.metrics import format_value
+
+
+def load_run_job(run):
+    """The resolved job a run was started with (``job.yaml``)."""
+    from pydantic import ValidationError
+
+    from tunerun.jobs.plan import ResolvedJob
+
+    try:
+        return ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise StorageError(f"{run.uri('job.yaml')} no longer validates ({problems})") from None
+
+
+def checkpoint_step(run, job, checkpoint: int | str | None) -> int | None:
+    """The step ``--checkpoint`` names; ``best`` ranks the run's complete checkpoints by their eval metric."""
+    if checkpoint != "best":
+        return checkpoint
+    from tunerun.trainer.checkpoint import best_step
+
+    return best_step(run, job.spec.checkpoint)
+
+
+@click.command("eval")
+@run_argument
+@checkpoint_option
+@storage_option
+@user_errors
+def eval_command(run_id, checkpoint, storage):
+    """Re-evaluate a run's weights on its held-out set, in this process; writes eval/on-demand/<…>.json."""
+    from tunerun.trainer.evaluation.on_demand import evaluate_run
+
+    run = open_run(run_id, storage)
+    job = load_run_job(run)
+    checkpoint = checkpoint_step(run, job, checkpoint)
+    console.print(f"eval   {run_id} · {job.spec.method.kind} · loading weights…")
+    record = evaluate_run(run, job, checkpoint)
+    base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
+    console.print(metrics_table(record, base))
+    print_gates(record.get("gates"))
+    name = record["source"].replace("checkpoints/", "")
+    console.print(f"wrote  {run.uri(f'eval/on-demand/{name}.json')}")
+
+
+@click.command("export")
+@run_argument
+@checkpoint_option
+@click.option("--merge", is_flag=True, help="Merge the LoRA adapter into the (unquantised) base model.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: safetensors folder (vLLM, TGI, transformers); gguf: merged model as one GGUF file "
+                   "for llama.cpp / Ollama, with a Modelfile, checked against the HF model before success.")
+@click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_k_m", "f32"]), default="f16", show_default=True,
+              help="GGUF tensor type (llama.cpp's quantiser for q8_0 / q4_k_m).")
+@click.option("--check-prompts", type=click.IntRange(min=1), default=None, metavar="N",
+              help="GGUF: held-out prompts the file is checked on (default: eval.max_examples).")
+@click.option("--system", default=None, metavar="TEXT",
+              help="GGUF: the Modelfile's SYSTEM message (default: the chat template's own, if any).")
+@click.option("--to", "to", default=None, metavar="DIR|s3://…",
+              help="Target folder (default: <run>/exports/<source>-<adapter|merged|model|gguf-QUANT>).")
+@storage_option
+@user_errors
+def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system, to, storage):
+    """Export a run's weights: LoRA adapter (PEFT), merged model or full model, as safetensors + model card;
+    or, with --format gguf, the merged model as GGUF + Ollama Modelfile."""
+    from tunerun.trainer.export.hf import export_run
+
+    run = open_run(run_id, storage)
+    job = load_run_job(run)
+    checkpoint = checkpoint_step(run, job, checkpoint)
+    if fmt == "gguf":
+        _export_gguf(run, job, checkpoint, quant, to, system, check_prompts)
+        return
+    if merge and job.spec.method.kind == "full":
+        console.print("note   a full fine-tune is already a whole model: --merge changes nothing")
+    target, weights = export_run(run, job, checkpoint, merge, to)
+    files = sorted(p for p in target.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    console.print(f"export {weights.name} → {target} · {len(files)} files, {size / 1e6:.1f} MB · "
+                  "load with AutoModelForCausalLM.from_pretrained")
+
+
+@click.command("report")
+@run_argument
+@storage_option
+@user_errors
+def report_command(run_id, storage):
+    """Write the run's report.html: curves, base vs tuned, gates, examples, data report."""
+    from tunerun.trainer.report import write_report
+
+    console.print(f"report {write_report(open_run(run_id, storage))}")
+
+
+def _export_gguf(run, job, checkpoint, quant, to, system, check_prompts) -> None:
+    from tunerun.trainer.export.gguf import export_gguf
+
+    console.print(f"export {run.run_id} · merge → GGUF {quant} → check against the HF model on held-out prompts…")
+    done = export_gguf(run, job, checkpoint, quant, to, system, check_prompts)
+    check = done.check
+    console.print(f"check  greedy tokens equal to the HF model's on {check['same_tokens']}/{check['prompts']} "
+                  f"prompts · exact match GGUF {format_value(check['exact_match_gguf'])} vs HF (unquantised) "
+                  f"{format_value(check['exact_match_hf'])} · prompt text → same ids in llama.cpp "
+                  f"{check['prompt_texts_same_ids']}/{check['prompt_texts']}")
+    console.print(f"export {done.weights.name} → {done.target}/{done.gguf_name} · {done.size / 1e6:.1f} MB · "
+                  f"{done.seconds:.0f}s · ollama create {job.spec.name} -f {done.target}/Modelfile")
+    if run.exists("report.html"):  # the report shows the export's exact match beside the HF model's
+        from tunerun.trainer.report import write_report
+
+        console.print(f"report {write_report(run)}")
+
+
+def metrics_table(record: dict, base: dict | None) -> Table:
+    table = Table("metric", "base", record["source"], box=None)
+    before = (base or {}).get("metrics", {})
+    rows = {**record["metrics"], **{f"general_{k}": v for k, v in record.get("general", {}).items()}}
+    for name, value in rows.items():
+        if name.endswith("generated") or isinstance(value, bool):
+            continue
+        table.add_row(name, format_value(before.get(name) if not name.startswith("general_")
+                                         else (base or {}).get("general", {}).get(name[8:])), format_value(value))
+    return table
+
+
+def print_gates(gates: dict | None) -> None:
+    if not gates or not gates.get("results"):
+        return
+    verdict = "[green]passed[/green]" if gates["passed"] else "[red]failed[/red]"
+    details = " · ".join(f"{g['metric']} {format_value(g['value'])} {g['condition']} {'✓' if g['passed'] else '✗'}"
+                         for g in gates["results"])
+    console.print(f"gates  {verdict}: {details}")
+
+
+COMMANDS = (eval_command, export_command, report_command)

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,11 +24,6 @@ pytestmark = pytest.mark.slow
 BASE_AT_MOST, TUNED_AT_LEAST = 0.05, 0.8
 
 
-def tunerun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture
 def ray_env():
     """A private Ray temp dir: ray.init() would otherwise join whatever cluster /tmp/ray last recorded (a stray
@@ -40,14 +33,15 @@ def ray_env():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model_dir, example_module, ray_env):
+def test_qlora_beats_the_base_model_and_the_results_show_it(tunerun, tmp_path, tiny_model_dir, example_module,
+                                                            ray_env):
     data = example_module("make_support_data").make_support_data(tmp_path / "tickets.jsonl", n=1100, seed=1)
     sets = [f"model.path={tiny_model_dir}", f"data.train={data}", f"storage.uri={tmp_path / 'runs'}",
             "method.kind=qlora", "data.eval_fraction=0.1", "eval.every_steps=62", "eval.max_new_tokens=16",
             "checkpoint.every_steps=62", "eval.label_pattern='^category: (\\w+)'",
             'eval.gates={exact_match: ">= 0.8", label_accuracy: ">= 0.8", forgetting_drop: "<= 0.05"}']
     result = tunerun("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)], "--run-id", "learn",
-                     cwd=tmp_path, env=ray_env)
+                     cwd=tmp_path, env=ray_env, timeout=900)
     run = tmp_path / "runs" / "learn"
     log = (run / "logs" / "driver.log").read_text() if (run / "logs" / "driver.log").exists() else ""
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{log[-4000:]}"
@@ -74,7 +68,7 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model
     assert "gates passed" in status.stdout, status.stdout
 
     # on demand, in this process: the final weights score what the last in-training eval measured
-    again = tunerun("eval", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+    again = tunerun("eval", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env, timeout=900)
     assert again.returncode == 0, again.stderr
     on_demand = json.loads((run / "eval" / "on-demand" / "final.json").read_text())
     assert on_demand["metrics"]["exact_match"] == pytest.approx(final["eval_exact_match"], abs=0.03)
@@ -82,7 +76,7 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model
 
     # the merged model (into the unquantised base) loads with plain transformers and answers like the run
     exported = tunerun("export", "learn", "--merge", "--to", str(tmp_path / "merged"),
-                       "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
+                       "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env, timeout=900)
     assert exported.returncode == 0, exported.stderr
     assert_merged_model_answers(tmp_path / "merged", on_demand["examples"])
 
@@ -97,7 +91,7 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tmp_path, tiny_model
     assert page.count('src="data:image/png;base64,') == 3 and 'class="badge pass">passed' in page
 
     # for llama.cpp and Ollama: GGUF at f16 and q8_0 (the learned model, so the quantised figure means something)
-    assert_gguf_exports_answer_like_the_merged_model(run, tmp_path, ray_env, tmp_path / "merged")
+    assert_gguf_exports_answer_like_the_merged_model(tunerun, run, tmp_path, ray_env, tmp_path / "merged")
 
 
 def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
@@ -116,7 +110,8 @@ def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
     assert right >= len(examples) - 1, (right, examples)
 
 
-def assert_gguf_exports_answer_like_the_merged_model(run: Path, tmp_path: Path, env: dict, merged: Path) -> None:
+def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_path: Path, env: dict,
+                                                     merged: Path) -> None:
     """`tunerun export --format gguf` checks the file itself (same greedy tokens as the merged HF model at f16 on
     every held-out prompt, exact match measured at q8_0); here the records, the card, the report and, independently,
     llama-cpp-python on the f16 file against transformers on the --merge export."""
@@ -129,7 +124,7 @@ def assert_gguf_exports_answer_like_the_merged_model(run: Path, tmp_path: Path, 
     records = {}
     for quant in ("f16", "q8_0"):
         done = tunerun("export", "learn", "--format", "gguf", "--quant", quant, "--storage", str(run.parent),
-                       cwd=tmp_path, env=env)
+                       cwd=tmp_path, env=env, timeout=900)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"→ {run}/exports/final-gguf-{quant}/quickstart-{quant}.gguf" in done.stdout
         records[quant] = json.loads((run / "eval" / "exports" / f"final-gguf-{quant}.json").read_text())

@@ -6,9 +6,7 @@ a real 8B model takes), writes checkpoints with manifests and a final artifact, 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,12 @@ QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
 
-def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def run_job(tmp_path: Path, tiny_model_dir: Path, *overrides: str,
+def run_job(tunerun, tmp_path: Path, tiny_model_dir: Path, *overrides: str,
             resume: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
             f"storage.uri={tmp_path / 'runs'}", *overrides]
     result = tunerun("run", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
-                     "--resume" if resume else "--run-id", "e2e", cwd=tmp_path)
+                     "--resume" if resume else "--run-id", "e2e", cwd=tmp_path, timeout=900)
     return result, tmp_path / "runs" / "e2e"
 
 
@@ -63,11 +55,11 @@ def assert_complete_checkpoints(run: Path, expected_steps: list[int]) -> None:
         assert any(entry["path"] == "progress.json" for entry in manifest["files"])
 
 
-def assert_relaunch_resumes(tmp_path: Path, tiny_model_dir: Path, run: Path, overrides: list[str],
+def assert_relaunch_resumes(tunerun, tmp_path: Path, tiny_model_dir: Path, run: Path, overrides: list[str],
                             from_step: int, to_step: int) -> None:
     """`--resume` continues from the newest complete checkpoint, not from step 0."""
     before = train_losses(run)
-    result, _ = run_job(tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}", resume=True)
+    result, _ = run_job(tunerun, tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}", resume=True)
     assert_run_succeeded(result, run)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"]
@@ -84,8 +76,8 @@ def assert_loss_falls(run: Path) -> None:
     assert sum(losses[-2:]) / 2 < 0.8 * (sum(losses[:2]) / 2), losses
 
 
-def test_lora_quickstart_trains_and_held_out_loss_falls(tmp_path, tiny_model_dir):
-    result, run = run_job(tmp_path, tiny_model_dir, "training.max_steps=24", "checkpoint.every_steps=6",
+def test_lora_quickstart_trains_and_held_out_loss_falls(tunerun, tmp_path, tiny_model_dir):
+    result, run = run_job(tunerun, tmp_path, tiny_model_dir, "training.max_steps=24", "checkpoint.every_steps=6",
                           "eval.every_steps=6", "checkpoint.keep_last=1", "checkpoint.keep_best=1",
                           "checkpoint.best_metric=exact_match")
     assert_run_succeeded(result, run)
@@ -106,16 +98,16 @@ def test_lora_quickstart_trains_and_held_out_loss_falls(tmp_path, tiny_model_dir
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
 
 
-def test_qlora_trains_4bit_base_with_adapters(tmp_path, tiny_model_dir):
+def test_qlora_trains_4bit_base_with_adapters(tunerun, tmp_path, tiny_model_dir):
     method = ["method.kind=qlora",
               "method.quantization={quant_type: nf4, double_quant: true, compute_dtype: bfloat16}",
               "checkpoint.every_steps=4", "eval.every_steps=8"]
-    result, run = run_job(tmp_path, tiny_model_dir, *method, "training.max_steps=8")
+    result, run = run_job(tunerun, tmp_path, tiny_model_dir, *method, "training.max_steps=8")
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     assert_complete_checkpoints(run, [4, 8])
     # saved by 2 workers, resumed by 1: adapter, optimizer and data position are not sharded by rank
-    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, [*method, "resources.workers_per_node=1"],
+    assert_relaunch_resumes(tunerun, tmp_path, tiny_model_dir, run, [*method, "resources.workers_per_node=1"],
                             from_step=8, to_step=10)
     resumed = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
                if '"resumed"' in line]
@@ -126,10 +118,10 @@ def test_qlora_trains_4bit_base_with_adapters(tmp_path, tiny_model_dir):
     assert config["peft_type"] == "LORA" and config["r"] == 16
 
 
-def test_full_zero3_trains_and_exports_loadable_weights(tmp_path, tiny_model_dir):
+def test_full_zero3_trains_and_exports_loadable_weights(tunerun, tmp_path, tiny_model_dir):
     method = ["method={kind: full, zero: {stage: 3}}", "training.learning_rate=1e-3",
               "checkpoint.every_steps=4", "eval.every_steps=8"]
-    result, run = run_job(tmp_path, tiny_model_dir, *method, "training.max_steps=8")
+    result, run = run_job(tunerun, tmp_path, tiny_model_dir, *method, "training.max_steps=8")
     assert_run_succeeded(result, run)
     assert_loss_falls(run)
     assert_complete_checkpoints(run, [4, 8])
@@ -144,4 +136,4 @@ def test_full_zero3_trains_and_exports_loadable_weights(tmp_path, tiny_model_dir
     changed = [n for n, p in tuned.state_dict().items() if not p.equal(base.state_dict()[n])]
     assert len(changed) > 10
 
-    assert_relaunch_resumes(tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)
+    assert_relaunch_resumes(tunerun, tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)

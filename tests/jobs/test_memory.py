@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -378,12 +376,7 @@ def test_sizes(text, expected):
 
 # ── the CLI ──────────────────────────────────────────────────────────────────────────────────────────────────
 
-def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_plan_prints_every_candidate_for_the_gpus_asked_for(tmp_path):
+def test_plan_prints_every_candidate_for_the_gpus_asked_for(tunerun, tmp_path):
     write_job(tmp_path, LLAMA3_8B, "method: {kind: qlora}\nresources: {gpus_per_worker: 1}\n")
     result = tunerun("plan", "job.yaml", "--gpu-memory", "80GiB", "--gpus", "8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -394,7 +387,7 @@ def test_plan_prints_every_candidate_for_the_gpus_asked_for(tmp_path):
     assert "▶ QLoRA (4-bit)" in out
 
 
-def test_plan_json_has_a_memory_section(tmp_path):
+def test_plan_json_has_a_memory_section(tunerun, tmp_path):
     write_job(tmp_path, LLAMA3_8B, "method: {kind: auto}\n" + GPUS.format(gb=80))
     result = tunerun("plan", "job.yaml", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -409,7 +402,7 @@ def test_plan_json_has_a_memory_section(tmp_path):
     assert by_name["ZeRO-2"]["fits"] is True and by_name["QLoRA (4-bit)"]["weights"] < 8 * GiB
 
 
-def test_plan_on_a_cpu_spec_speaks_of_ram_and_validate_explains_auto(tmp_path):
+def test_plan_on_a_cpu_spec_speaks_of_ram_and_validate_explains_auto(tunerun, tmp_path):
     write_job(tmp_path, LLAMA3_8B | {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000},
               "method: {kind: auto}\ntraining: {micro_batch_size: 2, global_batch_size: 4}\n")
@@ -420,7 +413,7 @@ def test_plan_on_a_cpu_spec_speaks_of_ram_and_validate_explains_auto(tmp_path):
     assert validated.returncode == 0 and "auto chose ZeRO-1" in validated.stdout
 
 
-def test_plan_without_a_readable_config_still_plans(tmp_path):
+def test_plan_without_a_readable_config_still_plans(tunerun, tmp_path):
     write_job(tmp_path, {})
     result = tunerun("plan", "job.yaml", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

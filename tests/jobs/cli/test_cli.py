@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((REPO / "jobs" / "examples").glob("*.yaml"))
 
 
-def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A folder laid out like a user's project: a model folder and a data file."""
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+def workdir(tmp_path: Path, stub_model_dir: Path) -> Path:
+    """A folder laid out like a user's project: a model folder (models/m) and a data file."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text(
@@ -54,14 +46,14 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in result.stderr, result.stderr
 
 
-def test_validate_ok(workdir):
+def test_validate_ok(tunerun, workdir):
     write_job(workdir, GOOD)
     result = tunerun("validate", "job.yaml", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout and "qlora" in result.stdout
 
 
-def test_validate_reports_every_problem_with_line_and_suggestion(workdir):
+def test_validate_reports_every_problem_with_line_and_suggestion(tunerun, workdir):
     write_job(workdir, GOOD + "training:\n  micro_batch_siz: 4\nresources:\n  workers_per_node: 0\n")
     result = tunerun("validate", "job.yaml", cwd=workdir)
     assert_user_error(result, "2 problems", "line 7", "did you mean 'micro_batch_size'", "line 9",
@@ -79,16 +71,16 @@ def test_validate_reports_every_problem_with_line_and_suggestion(workdir):
     (GOOD.replace("./models/m", "./models/missing"), ["model.path", "does not exist"]),
     (GOOD.replace("data/train.jsonl", "data/nope.jsonl"), ["data.train", "data file not found"]),
 ])
-def test_bad_specs_exit_2_with_one_clear_message(workdir, text, fragments):
+def test_bad_specs_exit_2_with_one_clear_message(tunerun, workdir, text, fragments):
     write_job(workdir, text)
     assert_user_error(tunerun("validate", "job.yaml", cwd=workdir), *fragments)
 
 
-def test_missing_job_file_is_a_user_error(workdir):
+def test_missing_job_file_is_a_user_error(tunerun, workdir):
     assert_user_error(tunerun("validate", "nope.yaml", cwd=workdir), "nope.yaml")
 
 
-def test_set_overrides_are_validated_like_the_file(workdir):
+def test_set_overrides_are_validated_like_the_file(tunerun, workdir):
     write_job(workdir, GOOD)
     ok = tunerun("plan", "job.yaml", "--json", "--set", "training.max_steps=20", "--set", "method.kind=lora",
                  cwd=workdir)
@@ -100,7 +92,7 @@ def test_set_overrides_are_validated_like_the_file(workdir):
     assert_user_error(bad, "did you mean 'max_steps'")
 
 
-def test_plan_resolves_paths_batch_arithmetic_and_deepspeed(workdir):
+def test_plan_resolves_paths_batch_arithmetic_and_deepspeed(tunerun, workdir):
     write_job(workdir, GOOD + "method:\n  kind: full\n  zero: {stage: 3, offload_optimizer: true}\n"
                        "training:\n  micro_batch_size: 2\n  global_batch_size: 16\n  epochs: 2\n")
     result = tunerun("plan", "job.yaml", "--json", cwd=workdir)
@@ -131,7 +123,7 @@ def test_every_shipped_example_validates_and_opens_with_its_command(example, tmp
     assert spec.name and spec.model.path
 
 
-def test_status_and_list_read_the_run_folder(tmp_path):
+def test_status_and_list_read_the_run_folder(tunerun, tmp_path):
     run = tmp_path / "runs" / "demo-20261123-101500"
     (run / "checkpoints" / "step-000010").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"state": "succeeded", "target": "local", "method": "lora",

@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
-
-
-def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture
@@ -24,7 +19,7 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return tmp_path
 
 
-def test_prepare_writes_the_cache_then_reuses_it(project):
+def test_prepare_writes_the_cache_then_reuses_it(tunerun, project):
     first = tunerun("data", "prepare", "job.yaml", "--cache-dir", "cache", "--out", "prepared", cwd=project)
     assert first.returncode == 0, first.stderr
     summary = "data   600 records (chat) → 588 kept (duplicates 5, near-duplicates 3, fuzzy duplicates 4)"
@@ -40,7 +35,7 @@ def test_prepare_writes_the_cache_then_reuses_it(project):
     assert f"files  {folder.resolve()}" in again.stdout
 
 
-def test_inspect_shows_steps_lengths_and_examples_as_the_model_sees_them(project):
+def test_inspect_shows_steps_lengths_and_examples_as_the_model_sees_them(tunerun, project):
     result = tunerun("data", "inspect", "job.yaml", "--cache-dir", "cache", "-n", "2",
                      "--set", "data.packing=true", cwd=project)
     assert result.returncode == 0, result.stderr
@@ -55,7 +50,7 @@ def test_inspect_shows_steps_lengths_and_examples_as_the_model_sees_them(project
     assert "<|assistant|>\n⟦category: " in out and "</s>⟧" in out
 
 
-def test_bad_data_is_one_message_and_exit_2(project):
+def test_bad_data_is_one_message_and_exit_2(tunerun, project):
     (project / "bad.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
     result = tunerun("data", "prepare", "job.yaml", "--cache-dir", "cache", "--set", "data.train=bad.jsonl",
                      cwd=project)
@@ -63,7 +58,7 @@ def test_bad_data_is_one_message_and_exit_2(project):
     assert "bad.jsonl:1: unknown record format: found keys ['completion', 'prompt']" in result.stderr
 
 
-def test_invalid_pii_pattern_fails_validation_with_its_line(project, tiny_model_dir):
+def test_invalid_pii_pattern_fails_validation_with_its_line(tunerun, project, tiny_model_dir):
     (project / "job.yaml").write_text(f"model: {{path: {tiny_model_dir}}}\ndata:\n  train: {SUPPORT}\n  clean:\n"
                                       "    pii_patterns: {TICKET: '#(\\d+'}\n")
     result = tunerun("validate", "job.yaml", cwd=project)
@@ -74,7 +69,7 @@ def test_invalid_pii_pattern_fails_validation_with_its_line(project, tiny_model_
 
 
 def test_data_commands_do_not_import_the_training_stack():
-    code = ("import sys, tunerun.jobs.cli, tunerun.jobs.cli_data; "
+    code = ("import sys, tunerun.jobs.cli, tunerun.jobs.cli.data; "
             "print(','.join(m for m in ('torch', 'ray', 'transformers', 'deepspeed', 'peft', 'datasketch', "
             "'matplotlib', 'datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

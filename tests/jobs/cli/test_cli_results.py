@@ -15,12 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def tunerun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+REPO = Path(__file__).resolve().parents[3]
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -31,14 +26,14 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 def test_importing_the_cli_loads_no_training_stack():
-    code = ("import sys, tunerun.jobs.cli, tunerun.jobs.cli_results; "
+    code = ("import sys, tunerun.jobs.cli, tunerun.jobs.cli.results; "
             "print([m for m in ('torch', 'ray', 'transformers', 'deepspeed', 'peft', 'matplotlib') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-def test_the_commands_are_registered():
+def test_the_commands_are_registered(tunerun):
     result = tunerun("--help", cwd=REPO)
     for command in ("eval", "export", "report"):
         assert f"  {command} " in result.stdout
@@ -96,7 +91,7 @@ def finished_run(tmp_path, tiny_model_dir) -> Path:
     return run
 
 
-def test_status_shows_whether_the_gates_passed(finished_run):
+def test_status_shows_whether_the_gates_passed(tunerun, finished_run):
     storage = str(finished_run.parent)
     result = tunerun("status", "demo", "--storage", storage, cwd=finished_run)
     assert result.returncode == 0, result.stderr
@@ -109,7 +104,7 @@ def test_status_shows_whether_the_gates_passed(finished_run):
     assert "gates failed (exact_match 0.42 not >= 0.8)" in result.stdout, result.stdout
 
 
-def test_report_is_one_self_contained_html_file(finished_run):
+def test_report_is_one_self_contained_html_file(tunerun, finished_run):
     result = tunerun("report", "demo", "--storage", str(finished_run.parent), cwd=finished_run)
     assert result.returncode == 0, result.stderr
     page = (finished_run / "report.html").read_text()
@@ -130,7 +125,7 @@ def chromium() -> str:
     pytest.skip("chromium is not installed here (scripts/install-system-deps installs it)")
 
 
-def test_report_renders_in_a_headless_browser(finished_run, tmp_path):
+def test_report_renders_in_a_headless_browser(tunerun, finished_run, tmp_path):
     browser = chromium()
     assert tunerun("report", "demo", "--storage", str(finished_run.parent), cwd=finished_run).returncode == 0
     url = (finished_run / "report.html").as_uri()
@@ -153,7 +148,7 @@ def test_report_renders_in_a_headless_browser(finished_run, tmp_path):
 # ── bad input ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def test_eval_of_a_run_without_an_eval_set_is_a_user_error(finished_run):
+def test_eval_of_a_run_without_an_eval_set_is_a_user_error(tunerun, finished_run):
     assert_user_error(tunerun("eval", "demo", "--storage", str(finished_run.parent), cwd=finished_run),
                       "data/eval.jsonl is missing", "data.eval_fraction")
     (finished_run / "data" / "eval.jsonl").write_text("")
@@ -161,7 +156,8 @@ def test_eval_of_a_run_without_an_eval_set_is_a_user_error(finished_run):
                       "data/eval.jsonl holds no examples")
 
 
-def test_export_of_a_run_with_no_weights_or_to_a_blocked_target_is_a_user_error(finished_run, tmp_path):
+def test_export_of_a_run_with_no_weights_or_to_a_blocked_target_is_a_user_error(tunerun, finished_run,
+                                                                                 tmp_path):
     storage = str(finished_run.parent)
     assert_user_error(tunerun("export", "demo", "--storage", storage, cwd=tmp_path),
                       "no final weights and no complete checkpoint")
@@ -174,7 +170,8 @@ def test_export_of_a_run_with_no_weights_or_to_a_blocked_target_is_a_user_error(
     assert_user_error(tunerun("export", "nope", "--storage", storage, cwd=tmp_path), "no run 'nope'")
 
 
-def test_export_through_the_cli_and_to_a_target_that_is_not_writable(finished_run, tiny_model_dir, tmp_path):
+def test_export_through_the_cli_and_to_a_target_that_is_not_writable(tunerun, finished_run, tiny_model_dir,
+                                                                     tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -200,18 +197,14 @@ def test_export_through_the_cli_and_to_a_target_that_is_not_writable(finished_ru
     ("{label_accuracy: '>= 0.8'}", "eval.gates.label_accuracy: metric 'label_accuracy' is not computed"),
     ("{exact_match: '≥ 0.8'}", "eval.gates.exact_match: expected a comparison such as '>= 0.8'"),
 ])
-def test_validate_names_the_bad_gate(tmp_path, gates, fragment):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
+def test_validate_names_the_bad_gate(tunerun, tmp_path, stub_model_dir, gates, fragment):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
-    (tmp_path / "job.yaml").write_text(f"model: {{path: m}}\ndata: {{train: t.jsonl}}\neval:\n  gates: {gates}\n")
+    (tmp_path / "job.yaml").write_text(f"model: {{path: models/m}}\ndata: {{train: t.jsonl}}\neval:\n  gates: {gates}\n")
     assert_user_error(tunerun("validate", "job.yaml", cwd=tmp_path), fragment, "line 4")
 
 
-def test_validate_refuses_a_metric_that_does_not_exist(tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
+def test_validate_refuses_a_metric_that_does_not_exist(tunerun, tmp_path, stub_model_dir):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
-    (tmp_path / "job.yaml").write_text("model: {path: m}\ndata: {train: t.jsonl}\neval: {metrics: [loss, bleu]}\n")
+    (tmp_path / "job.yaml").write_text("model: {path: models/m}\ndata: {train: t.jsonl}\neval: {metrics: [loss, bleu]}\n")
     assert_user_error(tunerun("validate", "job.yaml", cwd=tmp_path), "eval.metrics.1", "bleu",
                       "loss, exact_match, f1, rouge_l, label_accuracy")

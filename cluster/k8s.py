@@ -22,18 +22,17 @@ import os
 import re
 import shlex
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from tunerun.cluster.local import create_run
-from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.cluster.runs import RunInfo, create_run, read_info, record_refused, update_info
+from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.targets import Observation, Target, trainer_shell_command
 from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
 
-NAME = "k8s"
 # KubeRay refuses longer RayJob names (it derives the RayCluster, its services and the submitter Job from it
 # within the 63-character label limit); the CRD schema does not check this, the operator does at reconcile time.
 MAX_RAYJOB_NAME = 47
@@ -95,7 +94,7 @@ def _templates():
     return env
 
 
-def render(job: ResolvedJob) -> str:
+def render_manifests(job: ResolvedJob) -> str:
     """The ConfigMap and the RayJob of ``job`` as one multi-document YAML text, checked after parsing back."""
     context = _context(job)
     documents = []
@@ -109,8 +108,8 @@ def render(job: ResolvedJob) -> str:
 
 
 def manifests(job: ResolvedJob) -> list[dict]:
-    """``render(job)`` parsed: [ConfigMap, RayJob]."""
-    return list(yaml.safe_load_all(render(job)))
+    """``render_manifests(job)`` parsed: [ConfigMap, RayJob]."""
+    return list(yaml.safe_load_all(render_manifests(job)))
 
 
 def _local_paths(job: ResolvedJob) -> list[str]:
@@ -159,10 +158,7 @@ def _context(job: ResolvedJob) -> dict:
 
 def _entrypoint(job: ResolvedJob) -> str:
     adopt = ["python", "-m", "tunerun.cluster.k8s", "adopt", f"{JOB_DIR}/job.yaml"]
-    trainer = ["python", "-m", "tunerun.trainer", job.run_uri]
-    if job.spec.storage.endpoint_url:
-        trainer += ["--endpoint-url", job.spec.storage.endpoint_url]
-    return f"{shlex.join(adopt)} && exec {shlex.join(trainer)}"
+    return f"{shlex.join(adopt)} && exec {trainer_shell_command(job)}"
 
 
 def _check(documents: list[dict], job: ResolvedJob) -> None:
@@ -288,87 +284,86 @@ class KubeApi:
 
 # ── the target surface ──────────────────────────────────────────────────────────────────────────────────────
 
-def submit(job: ResolvedJob, resume: bool = False) -> RunFolder:
-    """Create the run folder, then the ConfigMap and the RayJob; the RayJob then owns the ConfigMap."""
-    configmap, rayjob = manifests(job)  # rendered and checked before anything is created
-    api = KubeApi()
-    run = create_run(job, NAME, resume)
-    namespace = rayjob["metadata"]["namespace"]
-    record = {"namespace": namespace, "rayjob": rayjob["metadata"]["name"],
-              "configmap": configmap["metadata"]["name"], "context": api.context, "api_server": api.host}
-    try:
-        if api.create(configmap, exists_ok=resume) is None:
-            api.replace_configmap(configmap)  # a resumed run's earlier ConfigMap may still be there
-        created = api.create(rayjob)
-        api.own(namespace, record["configmap"], created)
-    except TargetError as exc:
-        run.update_run_info(state="failed", error=str(exc), error_kind="user", finished_at=time.time(), k8s=record)
-        run.event("run_failed", error=str(exc))
+class KubeRayTarget(Target):
+    name = "k8s"
+    handle_field = "k8s"
+
+    def render(self, job: ResolvedJob) -> str:
+        return render_manifests(job)
+
+    def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
+        """Create the run folder, then the ConfigMap and the RayJob; the RayJob then owns the ConfigMap."""
+        configmap, rayjob = manifests(job)  # rendered and checked before anything is created
+        api = KubeApi()
+        run = create_run(job, self.name, resume)
+        namespace = rayjob["metadata"]["namespace"]
+        record = {"namespace": namespace, "rayjob": rayjob["metadata"]["name"],
+                  "configmap": configmap["metadata"]["name"], "context": api.context, "api_server": api.host}
+        try:
+            if api.create(configmap, exists_ok=resume) is None:
+                api.replace_configmap(configmap)  # a resumed run's earlier ConfigMap may still be there
+            created = api.create(rayjob)
+            api.own(namespace, record["configmap"], created)
+        except TargetError as exc:
+            record_refused(run, str(exc), k8s=record)
+            raise
+        update_info(run, k8s={**record, "uid": created["metadata"].get("uid")})
+        run.event("k8s_submitted", rayjob=record["rayjob"], namespace=namespace)
         run.flush()
-        raise
-    run.update_run_info(k8s={**record, "uid": created["metadata"].get("uid")})
-    run.event("k8s_submitted", rayjob=record["rayjob"], namespace=namespace)
-    run.flush()
-    return run
+        return run
 
+    def observe(self, info: RunInfo) -> Observation | None:
+        """The RayJob's own view (jobStatus, jobDeploymentStatus) when the API server answers."""
+        handle = info.k8s
+        if not handle.rayjob:
+            return None
+        try:
+            rayjob = KubeApi().get_rayjob(handle.namespace, handle.rayjob)
+        except TargetError as exc:
+            return Observation(handle.model_copy(update={"error": str(exc)}))
+        if rayjob is None:  # TTL after the end, or cancelled
+            return Observation(handle.model_copy(update={"deployment_status": "deleted"}))
+        found = rayjob.get("status") or {}
+        view = {"job_status": found.get("jobStatus"), "deployment_status": found.get("jobDeploymentStatus"),
+                "reason": found.get("reason"), "message": found.get("message"), "failed": found.get("failed")}
+        ended = view["deployment_status"] in ("Complete", "Failed")
+        error = (f"RayJob {handle.rayjob} ended ({view['deployment_status']}"
+                 f"{', ' + view['reason'] if view['reason'] else ''}) without the driver recording an outcome"
+                 f"{': ' + view['message'] if view['message'] else ''}")
+        return Observation(handle.model_copy(update={k: v for k, v in view.items() if v is not None}),
+                           ended=ended, error=error)
 
-def status(run: RunFolder) -> dict:
-    """run.json, with the RayJob's own view under ``k8s`` (jobStatus, jobDeploymentStatus) when reachable."""
-    info = run.read_json("run.json")
-    record = info.get("k8s") or {}
-    if not record.get("rayjob"):
-        return info
-    try:
-        rayjob = KubeApi().get_rayjob(record["namespace"], record["rayjob"])
-    except TargetError as exc:
-        info["k8s"] = {**record, "error": str(exc)}
-        return info
-    if rayjob is None:
-        info["k8s"] = {**record, "deployment_status": "deleted"}  # TTL after the end, or cancelled
-        return info
-    found = rayjob.get("status") or {}
-    view = {"job_status": found.get("jobStatus"), "deployment_status": found.get("jobDeploymentStatus"),
-            "reason": found.get("reason"), "message": found.get("message"), "failed": found.get("failed")}
-    info["k8s"] = {**record, **{k: v for k, v in view.items() if v is not None}}
-    # The driver records its own outcome; a RayJob that ended without one (image never pulled, deadline,
-    # every retry used up) is a failure the run folder cannot know about.
-    if info.get("state") not in TERMINAL_STATES and view["deployment_status"] in ("Complete", "Failed"):
-        info["state"] = "failed"
-        info["error"] = (f"RayJob {record['rayjob']} ended ({view['deployment_status']}"
-                         f"{', ' + view['reason'] if view['reason'] else ''}) without the driver recording an outcome"
-                         f"{': ' + view['message'] if view['message'] else ''}")
-    return info
+    def stop(self, info: RunInfo) -> bool:
+        """Delete the RayJob (its pods get SIGTERM and terminationGracePeriodSeconds to checkpoint) and the
+        ConfigMap. True if the RayJob was there."""
+        handle = info.k8s
+        if not handle.rayjob:
+            return False
+        return KubeApi().delete(handle.namespace, handle.rayjob, handle.configmap or f"{handle.rayjob}-job")
 
+    def describe(self, info: RunInfo) -> str:
+        return f"RayJob {info.k8s.namespace}/{info.k8s.rayjob}"
 
-def cancel(run: RunFolder) -> bool:
-    """Delete the RayJob (its pods get SIGTERM and terminationGracePeriodSeconds to checkpoint) and the
-    ConfigMap. True if the RayJob was there."""
-    info = run.read_json("run.json")
-    record = info.get("k8s") or {}
-    if not record.get("rayjob"):
-        return False
-    run.event("cancel_requested")
-    deleted = KubeApi().delete(record["namespace"], record["rayjob"], record.get("configmap") or
-                               f"{record['rayjob']}-job")
-    if deleted and run.read_json("run.json").get("state") not in TERMINAL_STATES:
-        run.update_run_info(state="cancelled", finished_at=time.time())
-        run.event("run_cancelled", target=NAME)
-    run.flush()
-    return deleted
+    def view(self, info: RunInfo) -> str | None:
+        k8s = info.k8s
+        if k8s is None or not k8s.rayjob:
+            return None
+        if k8s.error:
+            return f"RayJob {k8s.namespace}/{k8s.rayjob}: not readable ({k8s.error})"
+        parts = [f"{key} {value}" for key in ("deployment_status", "job_status", "reason", "message")
+                 if (value := getattr(k8s, key))]
+        return f"RayJob {k8s.namespace}/{k8s.rayjob}" + (f": {', '.join(parts)}" if parts else "")
 
-
-def logs(run: RunFolder, write, follow: bool = False) -> None:
-    """The driver's output from the submitter pod while it exists, else the copy in the run folder."""
-    record = run.read_json("run.json").get("k8s") or {}
-    chunks = None
-    if record.get("rayjob"):
-        chunks = KubeApi().submitter_log(record["namespace"], record["rayjob"], follow)
-    if chunks is None:
-        if run.exists("logs/driver.log"):
-            write(run.read_text("logs/driver.log"))
-        return
-    for chunk in chunks:
-        write(chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk)
+    def logs(self, run: RunFolder, write, follow: bool = False) -> None:
+        """The driver's output from the submitter pod while it exists, else the copy in the run folder."""
+        handle = read_info(run).k8s
+        chunks = KubeApi().submitter_log(handle.namespace, handle.rayjob, follow) if handle and handle.rayjob \
+            else None
+        if chunks is None:
+            super().logs(run, write, follow)
+            return
+        for chunk in chunks:
+            write(chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk)
 
 
 # ── inside the head pod ─────────────────────────────────────────────────────────────────────────────────────
@@ -383,10 +378,10 @@ def adopt(job_file: str | Path) -> RunFolder:
     run = RunFolder(job.spec.storage, job.run_id)
     record = {"namespace": os.environ.get("TUNERUN_K8S_NAMESPACE"), "rayjob": os.environ.get("TUNERUN_K8S_RAYJOB")}
     if not run.exists("run.json"):
-        run = create_run(job, NAME)
-        run.update_run_info(k8s={**record, "configmap": f"{record['rayjob']}-job"})
-    elif run.read_json("run.json").get("started_at"):
-        run.event("run_relaunched", target=NAME, rayjob=record["rayjob"])
+        run = create_run(job, KubeRayTarget.name)
+        update_info(run, k8s={**record, "configmap": f"{record['rayjob']}-job"})
+    elif read_info(run).started_at:
+        run.event("run_relaunched", target=KubeRayTarget.name, rayjob=record["rayjob"])
     run.flush()
     return run
 

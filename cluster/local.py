@@ -1,7 +1,8 @@
 """The `local` target: an embedded Ray on this machine, the trainer entrypoint in a child process.
 
 The child's output goes to ``logs/driver.log`` in the run folder, so an internal failure leaves its traceback
-there and the user's terminal shows the progress and one message.
+there and the user's terminal shows the progress and one message. `start` is what ``tunerun run`` uses (it
+follows the child until it exits); ``submit --target local`` starts the same child and returns.
 """
 from __future__ import annotations
 
@@ -10,106 +11,79 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
-
-from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
-from tunerun.jobs.errors import TargetError
+from tunerun.cluster.runs import RunInfo, create_run, read_info, update_info
+from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.targets import DRIVER_LOG, Observation, Target, tail_file, trainer_command, wait_until
 from tunerun.jobs.plan import ResolvedJob
 
-NAME = "local"
-
-
-def create_run(job: ResolvedJob, target: str, resume: bool = False) -> RunFolder:
-    """Write the resolved job and the initial run.json: the run exists from here on.
-
-    An existing run id is only taken over with ``resume`` (or by a target restarting the same job, such as a
-    Slurm requeue): a finished run is never overwritten by accident.
-    """
-    if job.spec.storage.is_s3:
-        from tunerun.cluster.s3 import check_access
-
-        check_access(job.spec.storage)  # bad credentials or a missing bucket fail here, before anything starts
-    run = RunFolder(job.spec.storage, job.run_id)
-    exists = run.exists("run.json")
-    if exists and not resume:
-        state = run.read_json("run.json").get("state")
-        raise TargetError(f"run {job.run_id} already exists in {job.spec.storage.uri} (state {state}); "
-                          f"continue it with --resume {job.run_id}, or choose another --run-id")
-    if resume and not exists:
-        raise TargetError(f"--resume {job.run_id}: no such run in {job.spec.storage.uri}")
-    if resume and status(run).get("state") in ("pending", "running"):
-        raise TargetError(f"run {job.run_id} is still running; cancel it first (tunerun cancel {job.run_id})")
-    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    fields = {} if exists else {"created_at": time.time()}
-    # A resumed run keeps its data and checkpoints: training continues from the newest complete one.
-    run.update_run_info(run_id=job.run_id, name=job.spec.name, state="pending", target=target,
-                        method=job.spec.method.kind, workers=job.spec.resources.num_workers,
-                        error=None, error_kind=None, **fields)
-    run.event("run_resumed" if exists else "run_created", target=target)
-    run.flush()
-    return run
+CANCEL_GRACE_S = 20.0  # SIGTERM, then SIGKILL: the driver checkpoints and stops meanwhile
 
 
 def driver_log_path(run: RunFolder) -> Path:
     """Where the driver's output goes: in the run folder when it is local, else a local spool uploaded at the end."""
     if run.is_local:
-        return run.local_path("logs/driver.log")
+        return run.local_path(DRIVER_LOG)
     cache = Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
     return cache / "logs" / run.run_id / "driver.log"
 
 
-def submit(job: ResolvedJob, resume: bool = False) -> tuple[RunFolder, subprocess.Popen]:
-    run = create_run(job, NAME, resume)
+def start(job: ResolvedJob, resume: bool = False) -> tuple[RunFolder, subprocess.Popen]:
+    """Create the run and start its driver in a child process; the caller may follow or wait for it."""
+    run = create_run(job, LocalTarget.name, resume)
     log_path = driver_log_path(run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "tunerun.trainer", run.uri()]
-    if job.spec.storage.endpoint_url:
-        command += ["--endpoint-url", job.spec.storage.endpoint_url]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "TUNERUN_DRIVER_LOG": str(log_path)},
+            trainer_command(job, python=sys.executable), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, "TUNERUN_DRIVER_LOG": str(log_path)},
             start_new_session=True,  # its own process group: cancel stops Ray workers too
         )
-    run.update_run_info(local={"pid": process.pid, "log": str(log_path), "host": socket.gethostname()})
+    update_info(run, local={"pid": process.pid, "log": str(log_path), "host": socket.gethostname()})
     return run, process
 
 
-def _driver_pid(info: dict) -> int | None:
+class LocalTarget(Target):
+    name = "local"
+    handle_field = "local"
+
+    def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
+        return start(job, resume)[0]
+
+    def observe(self, info: RunInfo) -> Observation | None:
+        pid = _driver_pid(info)
+        if pid is None:  # started on another host: only the run folder can tell
+            return None
+        return Observation(info.local, ended=not _alive(pid),
+                           error="the driver process is gone without recording an outcome; see logs/driver.log")
+
+    def stop(self, info: RunInfo) -> bool:
+        """SIGTERM the driver's process group, then SIGKILL after `CANCEL_GRACE_S`."""
+        pid = _driver_pid(info)
+        if not pid or not _alive(pid):
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        if not wait_until(lambda: not _alive(pid), CANCEL_GRACE_S, 0.2):
+            os.killpg(pid, signal.SIGKILL)
+        return True
+
+    def describe(self, info: RunInfo) -> str:
+        return f"driver pid {info.local.pid} on {info.local.host}" if info.local else self.name
+
+    def logs(self, run: RunFolder, write, follow: bool = False) -> None:
+        log = Path(info.local.log) if (info := read_info(run)).local else None
+        if log is None or not log.is_file():  # the driver ran on another host: read the copy it left
+            super().logs(run, write, follow)
+            return
+        tail_file(log, write, follow, done=lambda: self.status(run).state.terminal)
+
+
+def _driver_pid(info: RunInfo) -> int | None:
     """The local driver's pid, if it ran on this host (a run folder on S3 is seen from many machines)."""
-    local = info.get("local") or {}
-    return local.get("pid") if local.get("host", socket.gethostname()) == socket.gethostname() else None
-
-
-def status(run: RunFolder) -> dict:
-    info = run.read_json("run.json")
-    pid = _driver_pid(info)
-    if info.get("state") not in TERMINAL_STATES and pid and not _alive(pid):
-        info["state"] = "failed"
-        info["error"] = "the driver process is gone without recording an outcome; see logs/driver.log"
-    return info
-
-
-def cancel(run: RunFolder, grace_s: float = 20.0) -> bool:
-    """SIGTERM the driver's process group, then SIGKILL after ``grace_s``. True if something was running."""
-    pid = _driver_pid(run.read_json("run.json"))
-    if not pid or not _alive(pid):
-        return False
-    run.event("cancel_requested")
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    # Whatever the driver recorded while it went down, the user asked for this run to end as cancelled.
-    run.update_run_info(state="cancelled", finished_at=time.time(), error=None, error_kind=None)
-    run.event("run_cancelled")
-    run.flush()
-    return True
+    if info.local is None or info.local.host != socket.gethostname():
+        return None
+    return info.local.pid
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """The `slurm` target: render an sbatch script from `slurm/train.sbatch.j2`, submit it, follow and cancel it.
 
-`render` is pure (a resolved job in, script text out). Values that sbatch reads from ``#SBATCH`` lines were
+`render_sbatch` is pure (a resolved job in, script text out). Values that sbatch reads from ``#SBATCH`` lines were
 checked against strict patterns by the spec; values that reach the shell are quoted with `shlex.quote`;
 spec strings cannot hold newlines (the loader refuses control characters), so none can start a new line.
 S3 credentials travel by name in ``--export``, never by value.
@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import time
 from pathlib import Path
 
 import jinja2
 
-from tunerun.cluster.local import create_run
-from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.cluster.runs import RunInfo, RunState, create_run, record_refused, update_info
+from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.targets import Observation, Target, tail_file, trainer_shell_command, wait_until
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob
 
-NAME = "slurm"
 # slurm/ maps to the package tunerun.slurm: a sibling of this package both in the repository and installed.
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 # Exported by name when set in the submitting shell; their values never appear in the script.
 BASE_EXPORTS = ("PATH", "HOME", "LANG", "USER", "TUNERUN_CACHE", "HF_HOME", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE",
                 "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
-SLURM_ACTIVE = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
-                "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running", "RESIZING": "running"}
+SLURM_ACTIVE = {"PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "REQUEUED": RunState.PENDING,
+                "REQUEUE_HOLD": RunState.PENDING, "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING,
+                "SUSPENDED": RunState.RUNNING, "RESIZING": RunState.RUNNING}
+CANCEL_GRACE_S = 60.0
 
 
 def _environment() -> jinja2.Environment:
@@ -37,7 +38,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render(job: ResolvedJob) -> str:
+def render_sbatch(job: ResolvedJob) -> str:
     spec, slurm = job.spec, job.spec.targets.slurm
     resources = spec.resources
     cpus_per_task = resources.workers_per_node * resources.cpus_per_worker
@@ -56,9 +57,8 @@ def render(job: ResolvedJob) -> str:
         log_dir=str(Path(slurm.log_dir).expanduser().absolute()),
         export=",".join(dict.fromkeys([*BASE_EXPORTS, *slurm.export])),
         setup=slurm.setup,
-        run_uri=f"{spec.storage.uri.rstrip('/')}/{job.run_id}",
-        endpoint_url=spec.storage.endpoint_url,
         python=slurm.python,
+        trainer_command=trainer_shell_command(job, python=slurm.python),
         port_min=slurm.ray_port_min,
         port_span=slurm.ray_port_max - slurm.ray_port_min - 3,  # PORT..PORT+3 stay inside the range
         interface=slurm.network_interface,
@@ -78,84 +78,79 @@ def _check_rendered(script: str) -> None:
             raise TargetError(f"rendered an invalid sbatch directive: {line!r}")
 
 
-def submit(job: ResolvedJob, resume: bool = False) -> RunFolder:
-    script = render(job)
-    run = create_run(job, NAME, resume)
-    run.write_text("slurm/train.sbatch", script)
-    Path(job.spec.targets.slurm.log_dir).expanduser().absolute().mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise TargetError("sbatch is not on PATH: run this on a Slurm login node") from None
-    if result.returncode != 0:
-        run.update_run_info(state="failed", error=f"sbatch refused the job: {result.stderr.strip()}",
-                            error_kind="user")
-        raise TargetError(f"sbatch refused the job: {result.stderr.strip()}")
-    job_id = result.stdout.strip().split(";")[0]
-    output = Path(job.spec.targets.slurm.log_dir).expanduser().absolute() / f"{job.spec.name}-{job_id}.out"
-    run.update_run_info(slurm={"job_id": job_id, "script": "slurm/train.sbatch", "output": str(output)})
-    run.event("slurm_submitted", job_id=job_id)
-    run.flush()
-    return run
-
-
 def slurm_state(job_id: str) -> str | None:
     """Slurm's own view (squeue, then scontrol for recently ended jobs); None when it no longer knows the job."""
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-    if out:
-        return out.splitlines()[0]
-    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if out.strip():
+            return out.strip().splitlines()[0]
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        raise TargetError("squeue is not on PATH: ask Slurm from a login node of the cluster") from None
     for field in shown.split():
         if field.startswith("JobState="):
             return field.split("=", 1)[1]
     return None
 
 
-def status(run: RunFolder) -> dict:
-    info = run.read_json("run.json")
-    job_id = (info.get("slurm") or {}).get("job_id")
-    if not job_id:
-        return info
-    state = slurm_state(job_id)
-    info["slurm"]["state"] = state
-    resumable = info.get("state") not in TERMINAL_STATES or info.get("state") == "preempted"
-    if resumable and state in SLURM_ACTIVE:  # a preempted run that Slurm requeued is pending/running again
-        info["state"] = SLURM_ACTIVE[state]
-    elif info.get("state") not in TERMINAL_STATES and state is not None and state not in SLURM_ACTIVE:
-        info["state"] = "failed"
-        info["error"] = f"Slurm job {job_id} ended {state} without recording an outcome; see the job's output"
-    return info
+class SlurmTarget(Target):
+    name = "slurm"
+    handle_field = "slurm"
 
+    def render(self, job: ResolvedJob) -> str:
+        return render_sbatch(job)
 
-def cancel(run: RunFolder, grace_s: float = 60.0) -> bool:
-    info = run.read_json("run.json")
-    job_id = (info.get("slurm") or {}).get("job_id")
-    if not job_id or slurm_state(job_id) not in SLURM_ACTIVE:
-        return False
-    run.event("cancel_requested", job_id=job_id)
-    subprocess.run(["scancel", job_id], check=False, capture_output=True)
-    deadline = time.monotonic() + grace_s
-    while slurm_state(job_id) in SLURM_ACTIVE and time.monotonic() < deadline:
-        time.sleep(1)
-    run.update_run_info(state="cancelled", finished_at=time.time(), error=None, error_kind=None)
-    run.event("run_cancelled")
-    run.flush()
-    return True
+    def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
+        script = render_sbatch(job)
+        run = create_run(job, self.name, resume)
+        run.write_text("slurm/train.sbatch", script)
+        log_dir = Path(job.spec.targets.slurm.log_dir).expanduser().absolute()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True,
+                                    timeout=60)
+        except FileNotFoundError:
+            raise TargetError("sbatch is not on PATH: run this on a Slurm login node") from None
+        if result.returncode != 0:
+            record_refused(run, f"sbatch refused the job: {result.stderr.strip()}")
+            raise TargetError(f"sbatch refused the job: {result.stderr.strip()}")
+        job_id = result.stdout.strip().split(";")[0]
+        output = log_dir / f"{job.spec.name}-{job_id}.out"
+        update_info(run, slurm={"job_id": job_id, "script": "slurm/train.sbatch", "output": str(output)})
+        run.event("slurm_submitted", job_id=job_id)
+        run.flush()
+        return run
 
+    def observe(self, info: RunInfo) -> Observation | None:
+        try:
+            state = slurm_state(info.slurm.job_id)
+        except TargetError:  # not on a Slurm host: the run folder is all there is
+            return None
+        handle = info.slurm.model_copy(update={"state": state})
+        # A preempted run that Slurm requeued is pending or running again.
+        return Observation(handle, active=SLURM_ACTIVE.get(state), ended=state is not None and state not in SLURM_ACTIVE,
+                           error=f"Slurm job {info.slurm.job_id} ended {state} without recording an outcome; "
+                                 "see the job's output")
 
-def logs(run: RunFolder, write, follow: bool = False) -> None:
-    """The job's output file where this machine sees it (a shared filesystem), else the copy in the run folder."""
-    output = Path((run.read_json("run.json").get("slurm") or {}).get("output") or "/nonexistent")
-    if not output.is_file():
-        if run.exists("logs/driver.log"):
-            write(run.read_text("logs/driver.log"))
-        return
-    offset = 0
-    while True:
-        with output.open(encoding="utf-8", errors="replace") as handle:
-            handle.seek(offset)
-            write(handle.read())
-            offset = handle.tell()
-        if not follow or status(run).get("state") in TERMINAL_STATES:
+    def stop(self, info: RunInfo) -> bool:
+        job_id = info.slurm.job_id
+        if slurm_state(job_id) not in SLURM_ACTIVE:
+            return False
+        subprocess.run(["scancel", job_id], check=False, capture_output=True)
+        wait_until(lambda: slurm_state(job_id) not in SLURM_ACTIVE, CANCEL_GRACE_S, 1.0)
+        return True
+
+    def describe(self, info: RunInfo) -> str:
+        return f"Slurm job {info.slurm.job_id}"
+
+    def view(self, info: RunInfo) -> str | None:
+        return f"Slurm job {info.slurm.job_id}: {info.slurm.state or 'no longer known to Slurm'}" if info.slurm else None
+
+    def logs(self, run: RunFolder, write, follow: bool = False) -> None:
+        """The job's output file where this machine sees it (a shared filesystem), else the copy in the run folder."""
+        info = self.status(run)
+        output = Path(info.slurm.output) if info.slurm and info.slurm.output else None
+        if output is None or not output.is_file():
+            super().logs(run, write, follow)
             return
-        time.sleep(1.0)
+        tail_file(output, write, follow, done=lambda: self.status(run).state.terminal)

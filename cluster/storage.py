@@ -3,7 +3,7 @@
 ``status``, ``list``, ``logs``, the driver and the workers all go through `RunFolder`, so they behave the same
 whatever target ran the job and wherever the folder lives: a local path or ``s3://bucket/prefix`` on an
 S3-compatible store (see `tunerun.cluster.s3`). Names inside a run are relative keys such as
-``checkpoints/step-000020/manifest.json``.
+``checkpoints/step-000020/manifest.json``. What ``run.json`` holds and who writes it: `tunerun.cluster.runs`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ from pathlib import Path
 
 from tunerun.jobs.errors import RunNotFound, StorageError
 from tunerun.jobs.spec import StorageSpec
-
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "preempted")
-
 
 class LocalBackend:
     """Keys are paths below ``root``; writes are atomic (temp file + rename), appends use O_APPEND."""
@@ -191,14 +188,6 @@ class RunFolder:
 
     def delete(self, name: str) -> None:
         self.backend.delete_prefix(self._key(name))
-
-    def update_run_info(self, **fields) -> dict:
-        """Merge fields into run.json (single writer: the driver of the run)."""
-        info = self.read_json("run.json") if self.exists("run.json") else {}
-        info.update(fields)
-        info["updated_at"] = time.time()
-        self.write_json("run.json", info)
-        return info
 
     def event(self, kind: str, **fields) -> None:
         self.append_jsonl("events.jsonl", {"time": time.time(), "event": kind, **fields})

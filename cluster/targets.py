@@ -1,50 +1,177 @@
-"""Which target module serves a run: by name (``--target``) or by the ``target`` its run.json records.
+"""Launch targets: the contract every target fulfils, and the one registry the CLI (and the service) use.
 
-Every target module has the same small surface — ``submit(job, resume)``, ``status(run)``, ``cancel(run)`` and,
-where the target keeps the driver's output itself, ``logs(run, write, follow)``; those with something to show
-have ``render(job)``. Modules are imported on demand: ``ray`` and ``kubernetes`` load only when used.
+A target is one module in ``cluster/`` with one `Target` subclass (submitit's ``Executor`` and SkyPilot's
+``Backend`` are the model): ``render`` (pure: what the target would be given), ``submit`` (start the run,
+record the target's handle in run.json), ``status`` (run.json reconciled with the target's own view),
+``cancel`` and ``logs``. Adding a target is one module, its templates, its tests and one line in `REGISTRY`;
+nothing in the CLI changes. Modules load on demand, so ``ray`` and ``kubernetes`` are imported only when used.
+
+Whatever the target, the process it starts is the same: `trainer_command`.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import shlex
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
+from pydantic import BaseModel
+
+from tunerun.cluster.runs import RunInfo, RunState, read_info, record_cancelled
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import TargetError
+from tunerun.jobs.plan import ResolvedJob
 
-MODULES = {"local": "tunerun.cluster.local", "ray": "tunerun.cluster.ray_cluster", "k8s": "tunerun.cluster.k8s",
-           "slurm": "tunerun.cluster.slurm"}
-
-
-def target_module(name: str) -> ModuleType:
-    if name not in MODULES:
-        raise TargetError(f"target '{name}' is not available yet; available: {', '.join(MODULES)}")
-    return importlib.import_module(MODULES[name])
-
-
-def module_for_run(run: RunFolder) -> ModuleType:
-    """The module of the target that ran ``run``. Runs of other targets get the local module, whose status and
-    cancel only read the run folder (its driver pid is checked only on the host that started it)."""
-    target = run.read_json("run.json").get("target", "local")
-    return target_module(target if target in MODULES else "local")
+# name → "module:class"; the order is the order `--target` lists them in.
+REGISTRY = {
+    "local": "tunerun.cluster.local:LocalTarget",
+    "ray": "tunerun.cluster.ray_cluster:RayClusterTarget",
+    "slurm": "tunerun.cluster.slurm:SlurmTarget",
+    "k8s": "tunerun.cluster.k8s:KubeRayTarget",
+}
+DRIVER_LOG = "logs/driver.log"  # the copy of the driver's output in the run folder
 
 
-def target_view(info: dict) -> str | None:
-    """One line of the target's own view that ``status(run)`` added to run.json's fields, if any."""
-    if isinstance(info.get("k8s"), dict) and info["k8s"].get("rayjob"):
-        k8s = info["k8s"]
-        if k8s.get("error"):
-            return f"RayJob {k8s['namespace']}/{k8s['rayjob']}: not readable ({k8s['error']})"
-        parts = [f"{key} {k8s[key]}" for key in ("deployment_status", "job_status", "reason", "message")
-                 if k8s.get(key)]
-        return f"RayJob {k8s['namespace']}/{k8s['rayjob']}" + (f": {', '.join(parts)}" if parts else "")
-    if isinstance(info.get("slurm"), dict) and info["slurm"].get("job_id"):
-        slurm = info["slurm"]
-        return f"Slurm job {slurm['job_id']}: {slurm.get('state') or 'no longer known to Slurm'}"
-    if isinstance(info.get("ray"), dict) and info["ray"].get("submission_id"):
-        ray = info["ray"]
-        if ray.get("error"):
-            return f"Ray job {ray['submission_id']} at {ray['address']}: not readable ({ray['error']})"
-        return f"Ray job {ray['submission_id']} at {ray['address']}: {ray.get('job_status', '?')}" + \
-            (f" ({ray['message']})" if ray.get("message") else "")
-    return None
+def trainer_command(job: ResolvedJob, python: str = "python") -> list[str]:
+    """The one entrypoint every target ends in: ``python -m tunerun.trainer <run-uri> [--endpoint-url …]``."""
+    command = [python, "-m", "tunerun.trainer", job.run_uri]
+    if job.spec.storage.endpoint_url:
+        command += ["--endpoint-url", job.spec.storage.endpoint_url]
+    return command
+
+
+def trainer_shell_command(job: ResolvedJob, python: str = "python") -> str:
+    return shlex.join(trainer_command(job, python))
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a target saw of a run: its handle with the observed fields filled in, and what that means for the
+    run's state. ``ended``: the target says the driver is gone (``ended_as`` is then the state the run is in if
+    the driver recorded nothing, with ``error`` saying why); ``active``: the target runs it again (a Slurm
+    requeue after preemption)."""
+
+    handle: BaseModel
+    ended: bool = False
+    ended_as: RunState = RunState.FAILED
+    error: str | None = None
+    active: RunState | None = None
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    handle_field: ClassVar[str]  # the key of this target's record in run.json (a field of RunInfo)
+
+    def render(self, job: ResolvedJob) -> str:
+        """What the target would be given (a script, manifests, a request), submitting nothing. Pure."""
+        raise TargetError(f"target {self.name} has nothing to render: it starts the trainer entrypoint directly "
+                          f"({trainer_shell_command(job)})")
+
+    @abstractmethod
+    def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
+        """Start the run (``resume``: continue an existing run id); its run folder records the handle."""
+
+    @abstractmethod
+    def observe(self, info: RunInfo) -> Observation | None:
+        """The target's own view of the run with this handle, or None when there is nothing to ask."""
+
+    @abstractmethod
+    def stop(self, info: RunInfo) -> bool:
+        """Ask the target to stop the run and wait (bounded) until it has; True if something was running."""
+
+    def describe(self, info: RunInfo) -> str:
+        """The handle in a few words: 'Slurm job 48211'."""
+        return self.name
+
+    def view(self, info: RunInfo) -> str | None:
+        """One line of the target's own view (as `status` observed it), if it has one."""
+        return None
+
+    def status(self, run: RunFolder) -> RunInfo:
+        info = read_info(run)
+        if getattr(info, self.handle_field) is None:
+            return info
+        seen = self.observe(info)
+        if seen is None:
+            return info
+        info = info.model_copy(update={self.handle_field: seen.handle})
+        if seen.active is not None and (not info.state.terminal or info.state == RunState.PREEMPTED):
+            return info.model_copy(update={"state": seen.active})
+        if seen.ended and not info.state.terminal:
+            # The driver records its own outcome; one that died before it could (killed, out of memory, a node
+            # lost, an image never pulled) leaves only the target's word for it.
+            return info.model_copy(update={"state": seen.ended_as, "error": seen.error})
+        return info
+
+    def cancel(self, run: RunFolder) -> bool:
+        """Stop a running run; its checkpoints stay. True if something was running."""
+        info = read_info(run)
+        if getattr(info, self.handle_field) is None:
+            return False
+        run.event("cancel_requested", target=self.name)
+        stopped = self.stop(info)
+        if stopped:
+            record_cancelled(run, self.name)
+        run.flush()
+        return stopped
+
+    def logs(self, run: RunFolder, write: Callable[[str], None], follow: bool = False) -> None:
+        """The driver's output; targets that keep it themselves override this. Without one: the copy the driver
+        left in the run folder when it ended."""
+        if run.exists(DRIVER_LOG):
+            write(run.read_text(DRIVER_LOG))
+
+
+def tail_file(path: Path, write: Callable[[str], None], follow: bool, done: Callable[[], bool],
+              poll_s: float = 1.0) -> None:
+    """Write what ``path`` holds, and with ``follow`` what is appended to it until ``done()``."""
+    offset = 0
+    while True:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+            offset = handle.tell()
+        if chunk:
+            write(chunk)
+        if not follow or done():
+            return
+        time.sleep(poll_s)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Target:
+    if name not in REGISTRY:
+        raise TargetError(f"target '{name}' is not available; available: {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def renderable() -> tuple[str, ...]:
+    """Targets with something to show before submitting (every target that overrides `Target.render`)."""
+    return tuple(name for name in REGISTRY if type(get(name)).render is not Target.render)
+
+
+def for_run(run: RunFolder) -> Target:
+    """The target that ran ``run``, by the ``target`` its run.json records."""
+    name = read_info(run).target
+    if name not in REGISTRY:
+        raise TargetError(f"run {run.run_id} was started by target '{name}', which this tunerun does not know; "
+                          f"known: {', '.join(REGISTRY)}")
+    return get(name)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from tunerun.cluster.runs import RunState, record_outcome, update_info
 from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.targets import DRIVER_LOG
 from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import StorageSpec
@@ -43,26 +45,26 @@ def main(argv: list[str] | None = None) -> int:
         run = RunFolder(job.spec.storage, run_id)  # the spec's full settings: region, TLS, checksums
         run_job(run, job)
     except TunerunError as exc:
-        _finish(run, "failed", error=str(exc), error_kind="user")
+        _finish(run, RunState.FAILED, error=str(exc), error_kind="user")
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except preemption.Preempted as exc:
-        _finish(run, "preempted", detail=str(exc))
+        _finish(run, RunState.PREEMPTED, detail=str(exc))
         return EXIT_PREEMPTED
     except (KeyboardInterrupt, SystemExit):
         # `tunerun cancel` / Ctrl-C: SIGTERM reaches us as SystemExit once Ray has installed its handler.
-        _finish(run, "cancelled")
+        _finish(run, RunState.CANCELLED)
         return EXIT_INTERNAL_ERROR
     except Exception as exc:  # noqa: BLE001 - the run folder must say the run ended, whatever happened
         traceback.print_exc()
-        _finish(run, "failed", error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
+        _finish(run, RunState.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
         return EXIT_INTERNAL_ERROR
-    _finish(run, "succeeded")
+    _finish(run, RunState.SUCCEEDED)
     return 0
 
 
 def run_job(run: RunFolder, job: ResolvedJob) -> None:
-    run.update_run_info(state="running", started_at=time.time(), versions=versions(), host=platform.node())
+    update_info(run, state=RunState.RUNNING, started_at=time.time(), versions=versions(), host=platform.node())
     run.event("run_started", pid=os.getpid())
     check_resume_world_size(run, job)
     # Workers fetch the model on their own node; the driver needs it only for the tokenizer.
@@ -178,13 +180,11 @@ def _worker_resources(job: ResolvedJob) -> dict:
     return resources
 
 
-def _finish(run: RunFolder, state: str, **fields) -> None:
-    run.update_run_info(state=state, finished_at=time.time(), **fields)
-    run.event(f"run_{state}", **fields)
-    run.flush()
+def _finish(run: RunFolder, state: RunState, **fields) -> None:
+    record_outcome(run, state, **fields)
     log = os.environ.get("TUNERUN_DRIVER_LOG")
     if log and not run.is_local and Path(log).is_file():
-        run.upload(Path(log), "logs/driver.log")
+        run.upload(Path(log), DRIVER_LOG)
 
 
 def versions() -> dict:

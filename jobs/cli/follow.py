@@ -11,7 +11,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tunerun.cluster.storage import TERMINAL_STATES, RunFolder
+from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.metrics import SCORES
 
 PLAIN_EVERY_S = 10.0
@@ -103,6 +103,3 @@ class RunFollower:
         elif kind in ("checkpoint_skipped", "resumed"):
             self.console.print(f"ckpt   {kind.replace('_', ' ')}: {event.get('detail') or event.get('checkpoint')}")
 
-
-def is_finished(run: RunFolder) -> bool:
-    return run.read_json("run.json").get("state") in TERMINAL_STATES

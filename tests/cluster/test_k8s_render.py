@@ -47,7 +47,7 @@ def example_sets(name: str) -> list[str]:
 
 def render_example(path: Path) -> str:
     job = resolve(load_job(str(path), example_sets(path.stem)), run_id=f"{path.stem}-20261123-101500")
-    return k8s.render(job)
+    return k8s.render_manifests(job)
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def _spec_job(name: str):
 @pytest.mark.parametrize("name", SPECS)
 def test_rendered_manifests_validate_against_kuberay_and_core_schemas(name):
     job = _spec_job(name)
-    text = k8s.render(job)
+    text = k8s.render_manifests(job)
     documents = list(yaml.safe_load_all(text))
     assert_valid(documents)
     configmap, rayjob = documents
@@ -253,7 +253,7 @@ def test_run_ids_that_differ_only_in_case_or_punctuation_get_different_names():
 @pytest.mark.parametrize("run_id", ["a/b", "tab\there", ""])
 def test_run_ids_that_cannot_name_a_run_folder_are_refused(run_id):
     with pytest.raises(TargetError, match="cannot name a run folder"):
-        k8s.render(job_for(run_id=run_id or "x").model_copy(update={"run_id": run_id}))
+        k8s.render_manifests(job_for(run_id=run_id or "x").model_copy(update={"run_id": run_id}))
 
 
 @pytest.mark.parametrize("setting, field, says", [
@@ -280,7 +280,7 @@ def test_local_files_are_refused_because_pods_cannot_read_them(tmp_path):
     data.write_text('{"text": "hello"}\n')
     job = job_for(f"model.path={model}", f"data.train={data}", f"storage.uri={tmp_path / 'runs'}")
     with pytest.raises(TargetError) as caught:
-        k8s.render(job)
+        k8s.render_manifests(job)
     assert "storage.uri" in str(caught.value) and "model.path" in str(caught.value) and "s3://" in str(caught.value)
 
 

@@ -21,11 +21,14 @@ import yaml
 from click.testing import CliRunner
 
 from tunerun.cluster import k8s
+from tunerun.cluster.runs import update_info
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.cli import main
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import ResolvedJob, resolve
+
+TARGET = k8s.KubeRayTarget()
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -155,7 +158,7 @@ def make_job(storage: list[str], run_id: str = "demo-20261123-101500", *sets: st
 
 def test_submit_creates_configmap_then_rayjob_and_records_them_in_the_run_folder(api, storage):
     job = make_job(storage)
-    run = k8s.submit(job)
+    run = TARGET.submit(job)
     configmap, rayjob = k8s.manifests(job)
     assert api.calls() == [("POST", "/api/v1/namespaces/ml-jobs/configmaps"),
                            ("POST", "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs"),
@@ -175,39 +178,41 @@ def test_submit_creates_configmap_then_rayjob_and_records_them_in_the_run_folder
 
 
 def test_status_adds_the_rayjob_view_and_a_rayjob_that_failed_alone_fails_the_run(api, storage):
-    run = k8s.submit(make_job(storage))
+    run = TARGET.submit(make_job(storage))
     api.rayjob_status = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
-    info = k8s.status(run)
-    assert info["state"] == "pending" and info["k8s"]["job_status"] == "RUNNING"
-    assert info["k8s"]["deployment_status"] == "Running"
+    info = TARGET.status(run)
+    assert info.state == "pending" and info.k8s.job_status == "RUNNING"
+    assert info.k8s.deployment_status == "Running"
     assert api.requests[-1]["path"] == "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs/demo-20261123-101500"
 
     api.rayjob_status = {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
                          "message": "the RayJob has passed the activeDeadlineSeconds"}
-    info = k8s.status(run)
-    assert info["state"] == "failed" and "DeadlineExceeded" in info["error"] and "activeDeadline" in info["error"]
+    info = TARGET.status(run)
+    assert info.state == "failed" and "DeadlineExceeded" in info.error and "activeDeadline" in info.error
     assert run.read_json("run.json")["state"] == "pending"  # status reads; the driver writes
 
 
 def test_cancel_deletes_the_rayjob_and_configmap_and_marks_the_run_cancelled(api, storage):
-    run = k8s.submit(make_job(storage))
-    assert k8s.cancel(run) is True
+    run = TARGET.submit(make_job(storage))
+    assert TARGET.cancel(run) is True
     deletes = [r for r in api.requests if r["method"] == "DELETE"]
     assert [r["path"] for r in deletes] == ["/apis/ray.io/v1/namespaces/ml-jobs/rayjobs/demo-20261123-101500",
                                             "/api/v1/namespaces/ml-jobs/configmaps/demo-20261123-101500-job"]
     assert deletes[0]["body"]["propagationPolicy"] == "Background"
     assert run.read_json("run.json")["state"] == "cancelled" and not api.objects
-    assert k8s.status(run)["k8s"]["deployment_status"] == "deleted"
-    assert k8s.cancel(run) is False  # nothing left to delete
+    assert TARGET.status(run).k8s.deployment_status == "deleted"
+    assert TARGET.cancel(run) is False  # nothing left to delete
 
 
 def test_a_resumed_run_replaces_its_earlier_configmap_and_creates_a_new_rayjob(api, storage):
     job = make_job(storage)
-    run = k8s.submit(job)
+    run = TARGET.submit(job)
     del api.objects["rayjobs/ml-jobs/demo-20261123-101500"]  # TTL after the end; the ConfigMap stayed behind
-    run.update_run_info(state="preempted")
-    k8s.submit(job, resume=True)
-    assert api.calls()[3:] == [("POST", "/api/v1/namespaces/ml-jobs/configmaps"),
+    update_info(run, state="preempted")
+    TARGET.submit(job, resume=True)
+    # first the target is asked whether the earlier attempt still runs (the RayJob is gone: it does not)
+    assert api.calls()[3:] == [("GET", "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs/demo-20261123-101500"),
+                               ("POST", "/api/v1/namespaces/ml-jobs/configmaps"),
                                ("PUT", "/api/v1/namespaces/ml-jobs/configmaps/demo-20261123-101500-job"),
                                ("POST", "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs"),
                                ("PATCH", "/api/v1/namespaces/ml-jobs/configmaps/demo-20261123-101500-job")]
@@ -218,7 +223,7 @@ def test_an_existing_rayjob_is_a_clear_error_and_the_run_says_it_failed(api, sto
     job = make_job(storage)
     api.objects["rayjobs/ml-jobs/demo-20261123-101500"] = {"metadata": {"name": "demo-20261123-101500"}}
     with pytest.raises(TargetError, match="409.*already exists.*tunerun cancel"):
-        k8s.submit(job)
+        TARGET.submit(job)
     info = RunFolder(job.spec.storage, job.run_id).read_json("run.json")
     assert info["state"] == "failed" and "already exists" in info["error"]
 
@@ -226,20 +231,20 @@ def test_an_existing_rayjob_is_a_clear_error_and_the_run_says_it_failed(api, sto
 def test_a_cluster_without_kuberay_is_told_to_install_the_operator(api, storage):
     api.missing_kinds.add("rayjobs")
     with pytest.raises(TargetError, match="install the KubeRay operator"):
-        k8s.submit(make_job(storage))
+        TARGET.submit(make_job(storage))
 
 
 def test_an_unreachable_api_server_fails_in_seconds_with_its_address(api, storage, tmp_path, monkeypatch):
     api.close()
     with pytest.raises(TargetError, match=f"cannot reach the Kubernetes API server at {api.url}"):
-        k8s.submit(make_job(storage))
+        TARGET.submit(make_job(storage))
 
 
 def test_no_kubeconfig_and_no_service_account_is_a_clear_error(storage, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(TargetError, match="no Kubernetes configuration"):
-        k8s.submit(make_job(storage))
+        TARGET.submit(make_job(storage))
 
 
 def test_cli_submit_status_logs_cancel(api, storage, tmp_path):
@@ -287,6 +292,6 @@ def test_adopt_in_the_head_pod_starts_a_kubectl_applied_run_and_notes_a_retry(st
     assert info["target"] == "k8s" and info["k8s"] == {"namespace": "ml-jobs", "rayjob": "applied-1",
                                                        "configmap": "applied-1-job"}
     assert ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml"))) == job
-    run.update_run_info(state="running", started_at=1.0)  # the first attempt started, then its cluster died
+    update_info(run, state="running", started_at=1.0)  # the first attempt started, then its cluster died
     assert k8s.main(["adopt", str(job_file)]) == 0
     assert [e["event"] for e in run.read_jsonl("events.jsonl")] == ["run_created", "run_relaunched"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tunerun.cluster.slurm import render
+from tunerun.cluster.slurm import render_sbatch
 from tunerun.jobs.errors import SpecError
 from tunerun.jobs.loader import load_job, load_job_text
 from tunerun.jobs.plan import resolve
@@ -42,7 +42,7 @@ def user_project(tmp_path, monkeypatch):
 
 def rendered(example: Path, *overrides: str) -> str:
     job = resolve(load_job(example, [*FIXED, *overrides]), run_id=f"{example.stem}-20261123-101500")
-    return render(job)
+    return render_sbatch(job)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -82,14 +82,16 @@ def test_a_newline_cannot_start_a_new_directive_or_command(user_project):
 
 
 def test_shell_values_are_quoted_and_never_evaluated(user_project, tmp_path):
-    """The storage URI reaches the shell: run the script's variable lines and compare with the literal."""
+    """The storage URI reaches the shell in the trainer command: run that line with the interpreter swapped for
+    printf, which shows the words bash passed, and compare the run URI with the literal."""
     canary = tmp_path / "canary"
     hostile = f"/tmp/runs $(touch {canary}) `touch {canary}` ; touch {canary}"
     script = rendered(EXAMPLES[0], f"storage.uri={hostile}", "storage.endpoint_url=null")
-    assignments = [line for line in script.splitlines() if line.startswith(("RUN_URI=", "PYTHON="))]
-    probe = "\n".join([*assignments, 'printf "%s" "$RUN_URI"'])
-    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.endswith(f"/{EXAMPLES[0].stem}-20261123-101500") and "$(touch" in out
+    [driver] = [line for line in script.splitlines() if " -m tunerun.trainer " in line]
+    python, arguments = driver.removesuffix(" &").split(" ", 1)
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {arguments}"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["-m", "tunerun.trainer", f"{hostile}/{EXAMPLES[0].stem}-20261123-101500"]
     assert not canary.exists()
 
 

@@ -169,10 +169,11 @@ class RayRuns:
             time.sleep(1.0)
 
     def target_status(self, run_id: str) -> dict:
-        """`ray_cluster.status(run)`, in a process whose environment holds the cluster's token like a user's shell."""
-        code = ("import json, sys; from tunerun.cluster import ray_cluster; from tunerun.cluster.storage import "
-                "RunFolder; from tunerun.jobs.spec import StorageSpec; print(json.dumps(ray_cluster.status("
-                "RunFolder(StorageSpec(uri=sys.argv[1], endpoint_url=sys.argv[2]), sys.argv[3]))))")
+        """The ray target's `status(run)`, in a process whose environment holds the cluster's token like a user's
+        shell."""
+        code = ("import json, sys; from tunerun.cluster import targets; from tunerun.cluster.storage import "
+                "RunFolder; from tunerun.jobs.spec import StorageSpec; print(json.dumps(targets.get('ray').status("
+                "RunFolder(StorageSpec(uri=sys.argv[1], endpoint_url=sys.argv[2]), sys.argv[3])).to_json()))")
         result = subprocess.run([sys.executable, "-c", code, self.storage, self.server.endpoint, run_id],
                                 env=self.env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

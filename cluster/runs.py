@@ -1,0 +1,199 @@
+"""Run state: ``run.json`` as a typed `RunInfo` with a `RunState`, read and written through this module only.
+
+Who writes run.json, and when:
+
+- **the submitter**, in `create_run` (every target's ``submit`` calls it first): ``job.yaml`` and run.json with
+  state ``pending``; then the target adds its handle (the local driver's pid, the Slurm job id, the RayJob, the
+  Ray submission id), or records ``failed`` when the target refused the job.
+- **the driver** (``python -m tunerun.trainer``, `tunerun.trainer.entrypoint`): ``running`` when it starts, its
+  outcome when it ends: ``succeeded``, ``failed`` (with ``error`` and ``error_kind`` user|internal),
+  ``cancelled`` or ``preempted`` (stopped at a checkpoint on request; launching the run again continues it).
+- **rank 0 of the workers**: the gates' verdict (``gates``) at the final evaluation.
+- **the submitter on `tunerun cancel`**: ``cancelled``, after the target confirmed the stop. This is the one
+  write that can meet another (the driver recording how it went down): cancel writes after the driver is gone,
+  so the user's word is the last one.
+
+Reading never writes: `Target.status` returns run.json reconciled with the target's own view (a driver killed
+outright could not record its outcome; Slurm requeued a preempted job), and only the returned `RunInfo` says so.
+Each write is a read-modify-write of one small object, atomic on every backend (`RunFolder.write_text`).
+"""
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tunerun.cluster.storage import RunFolder
+from tunerun.jobs.errors import StorageError, TargetError
+from tunerun.jobs.plan import ResolvedJob
+
+RUN_INFO = "run.json"
+
+
+class RunState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        """The driver is gone. A preempted run is terminal too, but resumable: the next launch continues it."""
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.PREEMPTED)
+
+
+class _Record(BaseModel):
+    # Run folders outlive the tunerun that wrote them: keys this version does not know are kept, not refused.
+    model_config = ConfigDict(extra="allow")
+
+
+class LocalHandle(_Record):
+    """The driver process of a `local` run, valid on the host that started it."""
+
+    pid: int
+    log: str
+    host: str
+
+
+class SlurmHandle(_Record):
+    job_id: str
+    script: str | None = None  # the sbatch script, relative to the run folder
+    output: str | None = None  # the job's output file where the submitting machine sees it
+    state: str | None = None  # observed by `status`: squeue / scontrol, None once Slurm forgot the job
+
+
+class RaySubmission(_Record):
+    """A job on an existing Ray cluster, through its Job Submission API."""
+
+    address: str
+    submission_id: str
+    submissions: list[str] = []  # every id this run was submitted under (a resumed run gets a new one)
+    env_vars: list[str] = []  # names copied from the submitting shell (values never recorded)
+    job_status: str | None = None  # observed by `status`
+    message: str | None = None
+    error: str | None = None  # the API could not be asked
+
+
+class RayJobHandle(_Record):
+    """A KubeRay ``RayJob`` and the ConfigMap holding the resolved job."""
+
+    namespace: str | None = None
+    rayjob: str | None = None
+    configmap: str | None = None
+    uid: str | None = None
+    context: str | None = None  # the kubeconfig context and API server it was created through
+    api_server: str | None = None
+    job_status: str | None = None  # observed by `status` from the RayJob's .status
+    deployment_status: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    failed: int | None = None
+    error: str | None = None
+
+
+class RunInfo(_Record):
+    """``run.json``. Only ``state`` is always there; the rest appears as the run goes (see the module doc)."""
+
+    run_id: str | None = None
+    name: str | None = None
+    state: RunState = RunState.PENDING
+    target: str = "local"
+    method: str | None = None
+    workers: int | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    error_kind: str | None = None  # user | internal
+    detail: str | None = None
+    gates: dict | None = None
+    versions: dict | None = None
+    host: str | None = None
+    local: LocalHandle | None = None
+    slurm: SlurmHandle | None = None
+    ray: RaySubmission | None = None
+    k8s: RayJobHandle | None = None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def read_info(run: RunFolder) -> RunInfo:
+    try:
+        return RunInfo.model_validate(run.read_json(RUN_INFO))
+    except (ValidationError, ValueError) as exc:  # ValueError: not JSON (edited by hand, cut off by a full disk)
+        raise StorageError(f"{run.uri(RUN_INFO)} is not a readable run record: {exc}") from None
+
+
+def update_info(run: RunFolder, **fields) -> RunInfo:
+    """Merge ``fields`` into run.json (``None`` clears a field) and write it back."""
+    current = run.read_json(RUN_INFO) if run.exists(RUN_INFO) else {}
+    merged = RunInfo.model_validate({**current, **fields, "updated_at": time.time()})
+    run.write_json(RUN_INFO, merged.to_json())
+    return merged
+
+
+def create_run(job: ResolvedJob, target: str, resume: bool = False) -> RunFolder:
+    """Write the resolved job and the initial run.json: the run exists from here on.
+
+    An existing run id is only taken over with ``resume`` (or by a target restarting the same job, such as a
+    Slurm requeue): a finished run is never overwritten by accident.
+    """
+    if job.spec.storage.is_s3:
+        from tunerun.cluster.s3 import check_access
+
+        check_access(job.spec.storage)  # bad credentials or a missing bucket fail here, before anything starts
+    run = RunFolder(job.spec.storage, job.run_id)
+    exists = run.exists(RUN_INFO)
+    if exists and not resume:
+        raise TargetError(f"run {job.run_id} already exists in {job.spec.storage.uri} (state "
+                          f"{read_info(run).state}); continue it with --resume {job.run_id}, or choose another --run-id")
+    if resume and not exists:
+        raise TargetError(f"--resume {job.run_id}: no such run in {job.spec.storage.uri}")
+    if resume:
+        from tunerun.cluster.targets import for_run
+
+        if not for_run(run).status(run).state.terminal:
+            raise TargetError(f"run {job.run_id} is still running; cancel it first (tunerun cancel {job.run_id})")
+    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    fields = {} if exists else {"created_at": time.time()}
+    # A resumed run keeps its data and checkpoints: training continues from the newest complete one.
+    update_info(run, run_id=job.run_id, name=job.spec.name, state=RunState.PENDING, target=target,
+                method=job.spec.method.kind, workers=job.spec.resources.num_workers, error=None, error_kind=None,
+                **fields)
+    run.event("run_resumed" if exists else "run_created", target=target)
+    run.flush()
+    return run
+
+
+def record_outcome(run: RunFolder, state: RunState, **fields) -> RunInfo:
+    """The driver's last word: the state it ended in, when, and why (``error``, ``error_kind``, ``detail``)."""
+    info = update_info(run, state=state, finished_at=time.time(), **fields)
+    run.event(f"run_{state}", **fields)
+    run.flush()
+    return info
+
+
+def record_refused(run: RunFolder, error: str, **fields) -> None:
+    """The target would not take the job (sbatch, the Ray cluster or the Kubernetes API said no)."""
+    update_info(run, state=RunState.FAILED, error=error, error_kind="user", finished_at=time.time(), **fields)
+    run.event("run_failed", error=error)
+    run.flush()
+
+
+def record_cancelled(run: RunFolder, target: str) -> None:
+    """The user asked for the run to end, and the target stopped it: whatever the driver recorded while it
+    went down (preempted by the SIGTERM, failed), it ends as cancelled. A run that had already succeeded
+    stays succeeded."""
+    if read_info(run).state != RunState.SUCCEEDED:
+        update_info(run, state=RunState.CANCELLED, finished_at=time.time(), error=None, error_kind=None)
+        run.event("run_cancelled", target=target)
+    run.flush()

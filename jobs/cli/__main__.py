@@ -1,4 +1,5 @@
 """`python -m tunerun.jobs.cli …`: the same as the `tunerun` console script."""
 from tunerun.jobs.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -51,8 +51,10 @@ def user_errors(command):
 def job_options(command):
     """JOB, ``--set KEY=VALUE`` (repeatable) and ``--storage URI``: what every command that reads a spec takes."""
     command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                           help="Override a spec field, e.g. --set training.max_steps=20 (value parsed as YAML).")(command)
-    command = click.option("--storage", default=None, help="Storage URI for the run folder (overrides storage.uri).")(command)
+                           help="Override a spec field, e.g. --set training.max_steps=20 (value parsed as YAML)."
+                           )(command)
+    command = click.option("--storage", default=None, metavar="URI",
+                           help="Storage URI for the run folder (overrides storage.uri).")(command)
     return click.argument("job_file", type=click.Path(dir_okay=False))(command)
 
 

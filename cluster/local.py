@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tunerun.cluster.runs import RunInfo, create_run, read_info, update_info
+from tunerun.cluster.runs import DRIVER_LOG, RunInfo, create_run, read_info, update_info
 from tunerun.cluster.storage import RunFolder
-from tunerun.cluster.targets import DRIVER_LOG, Observation, Target, tail_file, trainer_command, wait_until
+from tunerun.cluster.targets import Observation, Target, tail_file, trainer_command, wait_until
 from tunerun.jobs.plan import ResolvedJob
 
 CANCEL_GRACE_S = 20.0  # SIGTERM, then SIGKILL: the driver checkpoints and stops meanwhile

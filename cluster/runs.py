@@ -30,6 +30,7 @@ from tunerun.jobs.errors import StorageError, TargetError
 from tunerun.jobs.plan import ResolvedJob
 
 RUN_INFO = "run.json"
+DRIVER_LOG = "logs/driver.log"  # the driver's output, in the run folder (or copied there when it ends)
 
 
 class RunState(str, Enum):

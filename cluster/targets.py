@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from tunerun.cluster.runs import RunInfo, RunState, read_info, record_cancelled
+from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, read_info, record_cancelled
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
@@ -33,7 +33,6 @@ REGISTRY = {
     "slurm": "tunerun.cluster.slurm:SlurmTarget",
     "k8s": "tunerun.cluster.k8s:KubeRayTarget",
 }
-DRIVER_LOG = "logs/driver.log"  # the copy of the driver's output in the run folder
 
 
 def trainer_command(job: ResolvedJob, python: str = "python") -> list[str]:

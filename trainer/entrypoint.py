@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from tunerun.cluster.runs import RunState, record_outcome, update_info
+from tunerun.cluster.runs import DRIVER_LOG, RunState, record_outcome, update_info
 from tunerun.cluster.storage import RunFolder
-from tunerun.cluster.targets import DRIVER_LOG
 from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import StorageSpec

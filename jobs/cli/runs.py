@@ -13,8 +13,7 @@ import click
 from rich.table import Table
 
 from tunerun.cluster import targets
-from tunerun.cluster.runs import RunInfo, RunState, read_info
-from tunerun.cluster.targets import DRIVER_LOG
+from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, read_info
 from tunerun.jobs.cli.options import (console, err_console, job_options, json_option, load_resolved, open_run,
                                       run_argument, run_id_option, run_store, storage_option, user_errors)
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,11 +64,3 @@ def test_invalid_pii_pattern_fails_validation_with_its_line(tunerun, project, ti
     assert "line 5" in result.stderr
     assert "data.clean.pii_patterns: TICKET: '#(\\d+' is not a valid regular expression (missing ), unterminated " \
            "subpattern at position 1)" in result.stderr
-
-
-def test_data_commands_do_not_import_the_training_stack():
-    code = ("import sys, tunerun.jobs.cli, tunerun.jobs.cli.data; "
-            "print(','.join(m for m in ('torch', 'ray', 'transformers', 'deepspeed', 'peft', 'datasketch', "
-            "'matplotlib', 'datasets') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert (result.returncode, result.stdout.strip()) == (0, ""), result.stderr

@@ -1,0 +1,205 @@
+"""The target contract, the registry and run state, with real processes standing in for a driver.
+
+The local target's driver is a child process; here a `sleep` plays it, so status, cancel and logs are checked
+against a real pid (alive, gone without an outcome, on another host) without starting Ray. Training through the
+local target end to end is in tests/e2e.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tunerun.cluster import targets
+from tunerun.cluster.local import LocalTarget
+from tunerun.cluster.runs import RunInfo, RunState, create_run, read_info, record_cancelled, update_info
+from tunerun.cluster.storage import RunFolder
+from tunerun.jobs.errors import StorageError, TargetError
+from tunerun.jobs.loader import load_job
+from tunerun.jobs.plan import resolve
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quickstart's relative paths resolve against the user's directory
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-llama" / "config.json").write_text("{}")
+    data = REPO / "examples" / "data"
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "data").symlink_to(data)
+    return resolve(load_job(str(QUICKSTART), [f"storage.uri={tmp_path / 'runs'}"]), run_id="t-1")
+
+
+@pytest.fixture
+def sleeper():
+    """A child process that stands in for a local driver; killed at the end whatever happened."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; print('driver says hello', flush=True); "
+                                "time.sleep(120)"], stdout=subprocess.PIPE, start_new_session=True)
+    process.stdout.readline()
+    yield process
+    process.kill()
+    process.wait()
+
+
+def local_run(job, pid: int, log: Path, host: str | None = None) -> RunFolder:
+    run = create_run(job, "local")
+    update_info(run, local={"pid": pid, "log": str(log), "host": host or socket.gethostname()})
+    return run
+
+
+# ── the registry ────────────────────────────────────────────────────────────────────────────────────────────
+
+def test_the_registry_serves_every_target_behind_the_same_contract():
+    assert targets.names() == ("local", "ray", "slurm", "k8s")
+    for name in targets.names():
+        target = targets.get(name)
+        assert isinstance(target, targets.Target) and target.name == name
+        assert target.handle_field in RunInfo.model_fields
+    assert targets.renderable() == ("ray", "slurm", "k8s")  # local starts the trainer itself: nothing to show
+
+
+def test_an_unknown_target_is_one_clear_error(job):
+    with pytest.raises(TargetError, match="target 'lsf' is not available; available: local, ray, slurm, k8s"):
+        targets.get("lsf")
+    run = create_run(job, "lsf")  # a run folder written by a tunerun that knew another target
+    with pytest.raises(TargetError, match="started by target 'lsf'"):
+        targets.for_run(run)
+
+
+def test_for_run_finds_the_target_its_run_json_names(job):
+    run = create_run(job, "slurm")
+    assert type(targets.for_run(run)).__name__ == "SlurmTarget"
+
+
+def test_local_renders_nothing_and_says_what_it_would_start(job):
+    with pytest.raises(TargetError, match="-m tunerun.trainer .*/runs/t-1"):
+        targets.get("local").render(job)
+
+
+def test_every_target_starts_the_same_trainer_command(job):
+    assert targets.trainer_command(job) == ["python", "-m", "tunerun.trainer", job.run_uri]
+    with_endpoint = job.model_copy(update={"spec": job.spec.model_copy(update={
+        "storage": job.spec.storage.model_copy(update={"endpoint_url": "http://minio:9000"})})})
+    assert targets.trainer_command(with_endpoint, python="/venv/bin/python")[-2:] == ["--endpoint-url",
+                                                                                       "http://minio:9000"]
+
+
+# ── run state ───────────────────────────────────────────────────────────────────────────────────────────────
+
+def test_run_info_round_trips_and_keeps_keys_it_does_not_know(job):
+    run = create_run(job, "local")
+    info = read_info(run)
+    assert info.state == RunState.PENDING and info.target == "local" and info.method == "lora"
+    assert info.run_id == "t-1" and info.created_at is not None
+    raw = run.read_json("run.json")
+    run.write_json("run.json", {**raw, "written_by_a_newer_tunerun": {"x": 1}})
+    update_info(run, state=RunState.RUNNING)
+    again = run.read_json("run.json")
+    assert again["written_by_a_newer_tunerun"] == {"x": 1} and again["state"] == "running"
+
+
+def test_terminal_states():
+    assert [s.value for s in RunState if s.terminal] == ["succeeded", "failed", "cancelled", "preempted"]
+    assert f"{RunState.PREEMPTED}" == "preempted"  # as it reads in messages and event names
+
+
+def test_an_unreadable_run_json_is_a_storage_error(job):
+    run = create_run(job, "local")
+    run.write_text("run.json", '{"state": "runn')  # cut off by a full disk
+    with pytest.raises(StorageError, match="run.json is not a readable run record"):
+        read_info(run)
+    run.write_json("run.json", {"state": "exploded"})
+    with pytest.raises(StorageError, match="run.json is not a readable run record"):
+        read_info(run)
+
+
+def test_an_existing_run_is_only_taken_over_with_resume(job):
+    create_run(job, "local")
+    with pytest.raises(TargetError, match="run t-1 already exists .* --resume t-1"):
+        create_run(job, "local")
+    with pytest.raises(TargetError, match="--resume other: no such run"):
+        create_run(job.model_copy(update={"run_id": "other"}), "local", resume=True)
+
+
+def test_cancel_ends_a_run_as_cancelled_unless_it_had_succeeded(job):
+    run = create_run(job, "local")
+    update_info(run, state=RunState.PREEMPTED)  # what the driver records when SIGTERM stops it at a checkpoint
+    record_cancelled(run, "local")
+    assert read_info(run).state == RunState.CANCELLED
+    update_info(run, state=RunState.SUCCEEDED)
+    record_cancelled(run, "local")
+    assert read_info(run).state == RunState.SUCCEEDED
+
+
+# ── the local target, with a real process as the driver ─────────────────────────────────────────────────────
+
+def test_local_status_of_a_live_driver_is_what_run_json_says(job, sleeper, tmp_path):
+    run = local_run(job, sleeper.pid, tmp_path / "driver.log")
+    update_info(run, state=RunState.RUNNING)
+    assert LocalTarget().status(run).state == RunState.RUNNING
+
+
+def test_local_status_of_a_driver_gone_without_an_outcome_is_failed(job, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = local_run(job, gone.pid, tmp_path / "driver.log")
+    update_info(run, state=RunState.RUNNING)
+    info = LocalTarget().status(run)
+    assert info.state == RunState.FAILED and "gone without recording an outcome" in info.error
+    assert read_info(run).state == RunState.RUNNING  # status reads; it never writes
+
+
+def test_a_driver_on_another_host_is_judged_by_the_run_folder_alone(job, tmp_path):
+    run = local_run(job, 1, tmp_path / "driver.log", host="another-host")  # pid 1 is alive here, not there
+    update_info(run, state=RunState.RUNNING)
+    assert LocalTarget().status(run).state == RunState.RUNNING
+    assert LocalTarget().cancel(run) is False  # never signals a process of this host by another host's pid
+
+
+def test_local_cancel_stops_the_process_group_and_records_it(job, sleeper, tmp_path):
+    run = local_run(job, sleeper.pid, tmp_path / "driver.log")
+    started = time.monotonic()
+    assert LocalTarget().cancel(run) is True
+    assert sleeper.wait(timeout=10) != 0 and time.monotonic() - started < 10  # SIGTERM, no need for SIGKILL
+    info = read_info(run)
+    assert info.state == RunState.CANCELLED and info.finished_at is not None
+    events = [e["event"] for e in run.read_jsonl("events.jsonl")]
+    assert events[-2:] == ["cancel_requested", "run_cancelled"]
+    assert LocalTarget().cancel(run) is False  # nothing left running
+
+
+def test_local_logs_read_the_driver_log_and_follow_until_the_run_ends(job, sleeper, tmp_path):
+    log = tmp_path / "driver.log"
+    log.write_text("line 1\n")
+    run = local_run(job, sleeper.pid, log)
+    seen: list[str] = []
+    LocalTarget().logs(run, seen.append)
+    assert "".join(seen) == "line 1\n"
+
+    def finish_later():
+        with log.open("a") as handle:
+            handle.write("line 2\n")
+        update_info(run, state=RunState.SUCCEEDED)
+
+    seen.clear()
+    timer = threading.Timer(1.5, finish_later)
+    timer.start()
+    LocalTarget().logs(run, seen.append, follow=True)  # returns once the run is terminal
+    timer.join()
+    assert "".join(seen) == "line 1\nline 2\n"
+
+
+def test_without_its_log_file_the_copy_in_the_run_folder_is_shown(job, tmp_path):
+    run = local_run(job, 1, tmp_path / "absent.log", host="another-host")
+    run.write_text("logs/driver.log", "copied at the end\n")
+    seen: list[str] = []
+    LocalTarget().logs(run, seen.append)
+    assert seen == ["copied at the end\n"]

@@ -60,8 +60,16 @@ def test_run_store_lists_runs_that_have_a_run_json(storage):
         store.open("zzz")
 
 
-def test_access_check_passes_on_a_writable_bucket(storage):
+def test_access_check_writes_a_probe_under_the_prefix_and_leaves_nothing_behind(storage, s3_server):
+    """With bucket versioning on, the probe's write and its deletion both stay visible as versions."""
+    s3 = s3_server.client()
+    bucket = storage.uri.split("/")[2]
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     check_access(storage)
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    history = s3.list_object_versions(Bucket=bucket)
+    assert [v["Key"] for v in history.get("Versions", [])] == ["team-a/.tunerun-write-check"]
+    assert [m["Key"] for m in history.get("DeleteMarkers", [])] == ["team-a/.tunerun-write-check"]
 
 
 def test_missing_bucket_is_one_clear_error(s3_server):

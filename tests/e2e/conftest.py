@@ -44,7 +44,8 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def write_slurm_conf(root: Path, cluster: str, ctld_host: str, nodes: dict[str, str | None], d_port: int) -> Path:
+def write_slurm_conf(root: Path, cluster: str, ctld_host: str, nodes: dict[str, str | None], d_port: int,
+                     ctld_port: int) -> Path:
     """``root/slurm.conf`` for ``nodes`` ({name: address, or None for the name's own}), with the state, spool
     (one per node: ``%n``) and pid/log files under ``root``."""
     (root / "state").mkdir()
@@ -53,15 +54,9 @@ def write_slurm_conf(root: Path, cluster: str, ctld_host: str, nodes: dict[str, 
     node_lines = "\n".join(f"NodeName={name}" + (f" NodeAddr={address}" if address else "")
                            + f" CPUs={os.cpu_count()} State=UNKNOWN" for name, address in nodes.items())
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(cluster=cluster, ctld_host=ctld_host, root=root, ctld_port=_free_port(),
+    conf.write_text(SLURM_CONF.format(cluster=cluster, ctld_host=ctld_host, root=root, ctld_port=ctld_port,
                                       d_port=d_port, node_lines=node_lines, names=",".join(nodes)))
     return conf
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ensure_munged() -> None:
@@ -78,13 +73,13 @@ def _ensure_munged() -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster(tmp_path_factory, free_port):
     """Starts slurmctld + slurmd; yields the environment (SLURM_CONF) the CLI and sbatch need."""
     if not shutil.which("slurmctld"):
         pytest.fail("Slurm is not installed: run scripts/install-system-deps (as root) first")
     root = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname()
-    conf = write_slurm_conf(root, "tunerun-test", host, {host: None}, d_port=_free_port())
+    conf = write_slurm_conf(root, "tunerun-test", host, {host: None}, d_port=free_port(), ctld_port=free_port())
     _ensure_munged()
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
@@ -174,7 +169,7 @@ class _TwoNodeNetwork:
 
 
 @pytest.fixture(scope="module")
-def slurm_two_nodes(tmp_path_factory):
+def slurm_two_nodes(tmp_path_factory, free_port):
     """A 2-node Slurm partition on this machine: each `slurmd` runs in its own network, UTS and mount namespace
     (hostname nodeN, address on a bridge, its own /etc/hosts naming the nodes and the controller, as cluster DNS
     would), slurmctld in this namespace on the bridge address. The nodes share this machine's filesystem, as
@@ -188,7 +183,7 @@ def slurm_two_nodes(tmp_path_factory):
     names = [f"node{i + 1}" for i in range(len(net.ips))]
     host = socket.gethostname()
     conf = write_slurm_conf(root, "tunerun-nodes", f"{host}({net.bridge_ip})", dict(zip(names, net.ips)),
-                            d_port=6818)
+                            d_port=6818, ctld_port=free_port())
     hosts = root / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + f"{net.bridge_ip} {host}\n"
                      + "".join(f"{ip} {n}\n" for n, ip in zip(names, net.ips)))

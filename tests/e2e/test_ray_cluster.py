@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,19 +30,13 @@ QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 START_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _node_ports(head: bool) -> list[str]:
+def _node_ports(head: bool, free_port) -> list[str]:
     """Every port a Ray node opens, chosen free, so this cluster never collides with another Ray here."""
     names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "metrics-export-port", "runtime-env-agent-port"]
     if head:
         names += ["ray-client-server-port"]
-    return [f"--{name}={_free_port()}" for name in names] + ["--min-worker-port=0", "--max-worker-port=0"]
+    return [f"--{name}={free_port()}" for name in names] + ["--min-worker-port=0", "--max-worker-port=0"]
 
 
 def _end_session(sid: int, grace_s: float = 5.0) -> None:
@@ -96,19 +89,19 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server, free_port):
     temp = tempfile.mkdtemp(prefix="trr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     token = secrets.token_hex(32)
     bin_dir = str(Path(sys.executable).parent)  # `python` in the job's entrypoint is this venv's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "TUNERUN_CACHE": f"{temp}/cache"}
     ray = str(Path(bin_dir) / "ray")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     common = ["--block", "--num-cpus=1", "--object-store-memory=200000000", "--node-ip-address=127.0.0.1",
               "--disable-usage-stats"]
     head = [ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-            f"--temp-dir={temp}", *common, *_node_ports(head=True)]
-    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", *common, *_node_ports(head=False)]
+            f"--temp-dir={temp}", *common, *_node_ports(True, free_port)]
+    worker = [ray, "start", f"--address=127.0.0.1:{gcs}", *common, *_node_ports(False, free_port)]
     cluster = RayCluster(f"http://127.0.0.1:{dashboard}", env, token)
     processes = []
     try:
@@ -234,9 +227,9 @@ def test_cancel_stops_the_ray_job_and_the_run_says_cancelled(ray_runs, ray_clust
 
 
 @pytest.mark.slow
-def test_a_wrong_address_fails_before_any_run_folder_exists(ray_runs, ray_cluster):
+def test_a_wrong_address_fails_before_any_run_folder_exists(ray_runs, ray_cluster, free_port):
     refused = ray_runs.cli("submit", str(QUICKSTART), "--target", "ray", "--address",
-                           f"http://127.0.0.1:{_free_port()}", "--run-id", "nowhere",
+                           f"http://127.0.0.1:{free_port()}", "--run-id", "nowhere",
                            *[a for s in ray_runs.sets for a in ("--set", s)])
     assert refused.returncode == 2 and "cannot reach the Ray Job Submission API" in refused.stderr
     assert "Traceback" not in refused.stderr

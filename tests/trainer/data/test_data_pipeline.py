@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import tunerun.trainer.data.pipeline as data_module
 from tunerun.jobs.plan import resolve
@@ -23,11 +23,6 @@ REPO = Path(__file__).resolve().parents[3]
 SUPPORT = REPO / "examples" / "data" / "support_tickets.jsonl"
 STORY = ("the customer wrote that the package arrived two days late and the box was damaged on one side so the "
          "blender inside had a cracked lid and she would like a replacement lid sent to her home address")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

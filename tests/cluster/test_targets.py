@@ -6,6 +6,8 @@ local target end to end is in tests/e2e.
 """
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -203,3 +205,30 @@ def test_without_its_log_file_the_copy_in_the_run_folder_is_shown(job, tmp_path)
     seen: list[str] = []
     LocalTarget().logs(run, seen.append)
     assert seen == ["copied at the end\n"]
+
+
+# ── list and status agree, whatever the target ──────────────────────────────────────────────────────────────
+
+def test_list_and_status_report_the_state_the_runs_own_target_sees(job, tmp_path, tunerun):
+    """A local run whose driver died without an outcome, and a preempted Slurm run that Slurm has requeued and
+    runs again. Slurm's answer comes from a stand-in `squeue` on PATH (the real daemons are in tests/e2e)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    local = local_run(job, gone.pid, tmp_path / "driver.log")
+    update_info(local, state=RunState.RUNNING)
+    slurm = create_run(job.model_copy(update={"run_id": "s-1"}), "slurm")
+    update_info(slurm, state=RunState.PREEMPTED, slurm={"job_id": "4242"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho RUNNING\n")
+    (bin_dir / "squeue").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    storage = str(tmp_path / "runs")
+    listing = tunerun("list", "--storage", storage, cwd=tmp_path, env=env)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines()[1:] if line.strip()}
+    assert rows == {"t-1": "failed", "s-1": "running"}
+    for run_id, state in rows.items():
+        shown = tunerun("status", run_id, "--storage", storage, "--json", cwd=tmp_path, env=env)
+        assert json.loads(shown.stdout)["state"] == state
+    assert "Slurm job 4242: RUNNING" in tunerun("status", "s-1", "--storage", storage, cwd=tmp_path, env=env).stdout

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tunerun.jobs import metrics as metric_names  # not `metrics`: EvalSpec has a field of that name
+
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # variables travel by name to Slurm jobs and Ray runtime envs
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -167,13 +169,12 @@ class EvalSpec(Strict):
     """
 
     every_steps: int = Field(50, ge=1)
-    metrics: list[Literal["loss", "exact_match", "f1", "rouge_l", "label_accuracy"]] = [
-        "loss", "exact_match", "f1", "rouge_l"]
+    metrics: list[Literal[metric_names.REQUESTABLE]] = ["loss", *metric_names.GENERATION]
     max_new_tokens: int = Field(64, ge=1, le=32768)
     max_examples: int = Field(200, ge=1)  # generation is the slow part of an eval: cap the examples it sees
     label_pattern: str | None = None  # regex, group 1 = the label, e.g. "^category: (\\w+)" → label_accuracy
     general: str | None = "default"  # general-instructions file for the forgetting check; default = bundled; null = off
-    forgetting_metric: Literal["exact_match", "f1", "rouge_l"] = "rouge_l"
+    forgetting_metric: Literal[metric_names.GENERATION] = "rouge_l"
     forgetting_threshold: float = Field(0.05, ge=0, le=1)
     gates: dict[str, str] = {}
 
@@ -240,7 +241,7 @@ class EvalSpec(Strict):
 
     @staticmethod
     def _computed(metrics: list[str], label_pattern: str | None, general: str | None) -> list[str]:
-        names = [m for m in ("exact_match", "f1", "rouge_l") if m in metrics]
+        names = [m for m in metric_names.GENERATION if m in metrics]
         if "loss" in metrics:
             names += ["loss", "perplexity"]
         if label_pattern is not None:
@@ -253,7 +254,7 @@ class EvalSpec(Strict):
     def _gate_problem(cls, name: str, text: str, computed: list[str] | None) -> str | None:
         import difflib
 
-        known = ["loss", "perplexity", "exact_match", "f1", "rouge_l", "label_accuracy", "forgetting_drop"]
+        known = list(metric_names.GATEABLE)
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" — did you mean '{close[0]}'?" if close else f"; known metrics: {', '.join(known)}"
@@ -285,11 +286,11 @@ class CheckpointSpec(Strict):
     every_steps: int = Field(50, ge=1)
     keep_last: int = Field(3, ge=1)
     keep_best: int = Field(0, ge=0)  # 0: off
-    best_metric: Literal["loss", "perplexity", "exact_match", "f1", "rouge_l", "label_accuracy"] = "loss"
+    best_metric: Literal[metric_names.EVAL_SET] = "loss"
 
     @property
     def best_is_lowest(self) -> bool:
-        return self.best_metric in ("loss", "perplexity")
+        return metric_names.lower_is_better(self.best_metric)
 
 
 class ResourcesSpec(Strict):

@@ -272,10 +272,8 @@ def test_hostile_spec_values_are_refused_with_a_clear_message(setting, field, sa
     assert any(p.path == field and says in p.message for p in caught.value.problems), str(caught.value)
 
 
-def test_local_files_are_refused_because_pods_cannot_read_them(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+def test_local_files_are_refused_because_pods_cannot_read_them(tmp_path, stub_model_dir):
+    model = stub_model_dir
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "hello"}\n')
     job = job_for(f"model.path={model}", f"data.train={data}", f"storage.uri={tmp_path / 'runs'}")

@@ -236,10 +236,8 @@ def test_a_wrong_address_fails_before_any_run_folder_exists(ray_runs, ray_cluste
     assert not ray_runs.server.client().list_objects_v2(Bucket=ray_runs.bucket, Prefix="team/nowhere/").get("Contents")
 
 
-def test_credentials_are_refused_as_runtime_env_variables_and_render_shows_the_request(tmp_path, monkeypatch):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+def test_credentials_are_refused_as_runtime_env_variables_and_render_shows_the_request(tmp_path, monkeypatch, stub_model_dir):
+    model = stub_model_dir
     sets = ["--set", f"model.path={model}", "--set", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}"]
     env = {**os.environ, "TUNERUN_E2E_MARKER": "shown"}
     command = [sys.executable, "-m", "tunerun.jobs.cli", "render", str(QUICKSTART), "--target", "ray", "--run-id", "r1"]

@@ -12,7 +12,7 @@ import types
 import unicodedata
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,6 +20,8 @@ from yaml.constructor import ConstructorError
 
 from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.spec import JobSpec
+
+M = TypeVar("M", bound=BaseModel)
 
 FROM_SET = " (from --set)"
 CONTROL_MESSAGE = "must not contain control characters or newlines (they could reach a launch script)"
@@ -163,6 +165,11 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     return load_job_text(_read(path), str(path), overrides)
 
 
+def load_config(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
+    """`load_job` for another YAML file checked the same way (the server's config): ``model`` validates it."""
+    return load_config_text(_read(path), str(path), model, overrides)
+
+
 def _read(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -179,16 +186,20 @@ def _read(path: str | Path) -> str:
 
 def load_job_text(text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> JobSpec:
     """`load_job` for a spec already in memory; ``source`` names it in messages."""
+    return load_config_text(text, source, JobSpec, overrides)
+
+
+def load_config_text(text: str, source: str, model: type[M], overrides: Sequence[str] = ()) -> M:
     data, lines, problems = _parse_yaml(text, source)
     if not isinstance(data, dict):
-        raise SpecError(source, [*problems, Problem("", _not_a_mapping(data))])
+        raise SpecError(source, [*problems, Problem("", _not_a_mapping(data, model))])
     data, overridden, override_problems = _apply(data, overrides)
     problems += override_problems
     found = list(_control_characters(data, ()))
     try:
-        spec = JobSpec.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as e:
-        found += _validation_problems(e)
+        found += _validation_problems(e, model)
     problems += [_place(path, message, lines, overridden) for path, message in found]
     if problems:
         unique = list(dict.fromkeys(problems))
@@ -196,10 +207,13 @@ def load_job_text(text: str, source: str = "<string>", overrides: Sequence[str] 
     return spec
 
 
-def _not_a_mapping(data: object) -> str:
-    if data is None:
+def _not_a_mapping(data: object, model: type[BaseModel]) -> str:
+    keys = ", ".join(list(model.model_fields)[:3])
+    if data is None and model is JobSpec:
         return "the spec is empty: write a mapping with at least model.path and data.train"
-    return f"must be a mapping of keys (name, model, data, ...), got {_kind(data)}"
+    if data is None:
+        return f"the file is empty: write a mapping of keys ({keys}, ...)"
+    return f"must be a mapping of keys ({keys}, ...), got {_kind(data)}"
 
 
 def _place(path: str, message: str, lines: dict[str, int], overridden: set[str]) -> Problem:
@@ -229,32 +243,32 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
 
 
-def _validation_problems(error: ValidationError) -> list[tuple[str, str]]:
+def _validation_problems(error: ValidationError, root: type[BaseModel]) -> list[tuple[str, str]]:
     """(dotted path, message) for each pydantic error; the branches of one union become one problem."""
     found, unions = [], {}
     for err in error.errors(include_url=False):
-        path, annotation, union_at = _walk(err["loc"])
+        path, annotation, union_at = _walk(err["loc"], root)
         if union_at is None:
-            found.append(_explain(err, path, annotation))
+            found.append(_explain(err, path, annotation, root))
         else:
             unions.setdefault(tuple(path[:union_at]), []).append((err, path, annotation))
     for prefix, branches in unions.items():
         # A branch that failed deeper inside (one list item) is the one the user meant; the others are noise.
         deeper = [b for b in branches if len(b[1]) > len(prefix)]
         if deeper:
-            found += [_explain(*b) for b in deeper]
+            found += [_explain(*b, root) for b in deeper]
         else:
             described = [_describe(err, annotation) for err, _, annotation in branches]
             found.append((_dotted(prefix), _expected(described, branches[0][0]["input"])))
     return found
 
 
-def _explain(err: dict, path: list, annotation: object) -> tuple[str, str]:
+def _explain(err: dict, path: list, annotation: object, root: type[BaseModel]) -> tuple[str, str]:
     kind, where, got = err["type"], _dotted(path), err.get("input")
     if kind == "spec_field":  # raised by spec.field_error: ctx path is relative to the model that raised it
         return _dotted([*path, *err["ctx"]["path"].split(".")]), err["msg"]
     if kind == "extra_forbidden":
-        return where, _unknown_key(str(path[-1]), _walk(err["loc"][:-1])[1])
+        return where, _unknown_key(str(path[-1]), _walk(err["loc"][:-1], root)[1])
     if kind == "missing":
         return where, f"required — e.g. {_EXAMPLES[where]}" if where in _EXAMPLES else "required"
     if kind == "value_error":
@@ -299,10 +313,11 @@ def _unknown_key(key: str, annotation: object) -> str:
     return f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
 
 
-def _walk(loc: tuple) -> tuple[list, object, int | None]:
-    """Follow a pydantic ``loc`` through JobSpec's annotations: the path the user wrote (without union-branch
-    tags like ``list[str]`` or ``[key]``), the annotation it ends at, and where a union branch was taken."""
-    path, annotation, union_at = [], JobSpec, None
+def _walk(loc: tuple, root: type[BaseModel]) -> tuple[list, object, int | None]:
+    """Follow a pydantic ``loc`` through the annotations of ``root`` (the job spec): the path the user wrote
+    (without union-branch tags like ``list[str]`` or ``[key]``), the annotation it ends at, and where a union
+    branch was taken."""
+    path, annotation, union_at = [], root, None
     for part in loc:
         members = _members(annotation)
         branch = _branch(members, part) if len(members) > 1 else None

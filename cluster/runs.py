@@ -3,7 +3,7 @@
 Who writes run.json, and when:
 
 - **the submitter**, in `create_run` (every target's ``submit`` calls it first): ``job.yaml`` and run.json with
-  state ``pending``; then the target adds its handle (the local driver's pid, the Slurm job id, the RayJob, the
+  state ``pending`` (``queued`` when `tunerun serve` holds it back until a slot frees); then the target adds its handle (the local driver's pid, the Slurm job id, the RayJob, the
   Ray submission id), or records ``failed`` when the target refused the job.
 - **the driver** (``python -m tunerun.trainer``, `tunerun.trainer.entrypoint`): ``running`` when it starts, its
   outcome when it ends: ``succeeded``, ``failed`` (with ``error`` and ``error_kind`` user|internal),
@@ -31,9 +31,14 @@ from tunerun.jobs.plan import ResolvedJob
 
 RUN_INFO = "run.json"
 DRIVER_LOG = "logs/driver.log"  # the driver's output, in the run folder (or copied there when it ends)
+# Checkpoint-and-stop, asked for through the run folder: rank 0 of the workers polls for this object, so a
+# request reaches the run on whatever target and node it trains (written by the driver on USR1/TERM, or by
+# `Target.pause`).
+CHECKPOINT_REQUEST = "control/checkpoint_requested"
 
 
 class RunState(str, Enum):
+    QUEUED = "queued"  # waiting for a slot the service gives out (tunerun serve, local target); nothing started
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -142,37 +147,49 @@ def update_info(run: RunFolder, **fields) -> RunInfo:
     return merged
 
 
-def create_run(job: ResolvedJob, target: str, resume: bool = False) -> RunFolder:
+def create_run(job: ResolvedJob, target: str, resume: bool = False,
+               state: RunState = RunState.PENDING) -> RunFolder:
     """Write the resolved job and the initial run.json: the run exists from here on.
 
     An existing run id is only taken over with ``resume`` (or by a target restarting the same job, such as a
-    Slurm requeue): a finished run is never overwritten by accident.
+    Slurm requeue), or when it is ``queued`` and now starts: a finished run is never overwritten by accident.
+    A resumed run keeps its data and checkpoints: training continues from the newest complete one.
     """
     if job.spec.storage.is_s3:
         from tunerun.cluster.s3 import check_access
 
         check_access(job.spec.storage)  # bad credentials or a missing bucket fail here, before anything starts
     run = RunFolder(job.spec.storage, job.run_id)
-    exists = run.exists(RUN_INFO)
-    if exists and not resume:
-        raise TargetError(f"run {job.run_id} already exists in {job.spec.storage.uri} (state "
-                          f"{read_info(run).state}); continue it with --resume {job.run_id}, or choose another --run-id")
-    if resume and not exists:
-        raise TargetError(f"--resume {job.run_id}: no such run in {job.spec.storage.uri}")
-    if resume:
-        from tunerun.cluster.targets import for_run
-
-        if not for_run(run).status(run).state.terminal:
-            raise TargetError(f"run {job.run_id} is still running; cancel it first (tunerun cancel {job.run_id})")
+    earlier = read_info(run).state if run.exists(RUN_INFO) else None
+    _check_takeover(run, job, earlier, resume)
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    fields = {} if exists else {"created_at": time.time()}
-    # A resumed run keeps its data and checkpoints: training continues from the newest complete one.
-    update_info(run, run_id=job.run_id, name=job.spec.name, state=RunState.PENDING, target=target,
+    update_info(run, run_id=job.run_id, name=job.spec.name, state=state, target=target,
                 method=job.spec.method.kind, workers=job.spec.resources.num_workers, error=None, error_kind=None,
-                **fields)
-    run.event("run_resumed" if exists else "run_created", target=target)
+                **({"created_at": time.time()} if earlier is None else {}))
+    if earlier is None:
+        event = "run_queued" if state == RunState.QUEUED else "run_created"
+    else:
+        event = "run_dequeued" if earlier == RunState.QUEUED else "run_resumed"
+    run.event(event, target=target)
     run.flush()
     return run
+
+
+def _check_takeover(run: RunFolder, job: ResolvedJob, earlier: RunState | None, resume: bool) -> None:
+    where = job.spec.storage.uri
+    if earlier == RunState.QUEUED:
+        return  # it never ran: it starts now
+    if earlier is None:
+        if resume:
+            raise TargetError(f"--resume {job.run_id}: no such run in {where}")
+        return
+    if not resume:
+        raise TargetError(f"run {job.run_id} already exists in {where} (state {earlier}); continue it with "
+                          f"--resume {job.run_id}, or choose another --run-id")
+    from tunerun.cluster.targets import for_run
+
+    if not for_run(run).status(run).state.terminal:
+        raise TargetError(f"run {job.run_id} is still running; cancel it first (tunerun cancel {job.run_id})")
 
 
 def record_outcome(run: RunFolder, state: RunState, **fields) -> RunInfo:
@@ -198,3 +215,12 @@ def record_cancelled(run: RunFolder, target: str) -> None:
         update_info(run, state=RunState.CANCELLED, finished_at=time.time(), error=None, error_kind=None)
         run.event("run_cancelled", target=target)
     run.flush()
+
+
+def request_checkpoint_and_stop(run: RunFolder, reason: str) -> None:
+    """Ask a running run to write a checkpoint and stop (it then ends ``preempted``; launching it again with
+    ``resume`` continues from that checkpoint). Written once: the first request's reason is the one kept."""
+    if not run.exists(CHECKPOINT_REQUEST):
+        run.write_json(CHECKPOINT_REQUEST, {"signal": reason, "time": time.time()})
+        run.event("checkpoint_and_stop_requested", reason=reason)
+        run.flush()

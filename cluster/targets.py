@@ -21,7 +21,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, read_info, record_cancelled
+from tunerun.cluster.runs import (DRIVER_LOG, RunInfo, RunState, read_info, record_cancelled,
+                                  request_checkpoint_and_stop)
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
@@ -117,6 +118,14 @@ class Target(ABC):
             record_cancelled(run, self.name)
         run.flush()
         return stopped
+
+    def pause(self, run: RunFolder) -> bool:
+        """Checkpoint and stop, through the run folder (the workers poll it on every target): the run ends
+        ``preempted`` and ``submit(job, resume=True)`` continues it. True if it was running."""
+        if self.status(run).state != RunState.RUNNING:
+            return False
+        request_checkpoint_and_stop(run, "pause")
+        return True
 
     def logs(self, run: RunFolder, write: Callable[[str], None], follow: bool = False) -> None:
         """The driver's output; targets that keep it themselves override this. Without one: the copy the driver

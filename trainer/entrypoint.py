@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_job(run: RunFolder, job: ResolvedJob) -> None:
+    # An earlier launch's stop request is done with; one made from here on (a pause while the data is prepared)
+    # must reach the workers, so the slate is cleaned before the run says it is running.
+    preemption.clear(run)
     update_info(run, state=RunState.RUNNING, started_at=time.time(), versions=versions(), host=platform.node())
     run.event("run_started", pid=os.getpid())
     check_resume_world_size(run, job)
@@ -118,7 +121,6 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
         env.update(sdk_environment(run.storage))
     if not ray.is_initialized():
         _start_ray(job, env)
-    preemption.clear(run)
     # Resume reads tunerun's manifests, and retention deletes checkpoints Ray never hears about: Ray's own list
     # of them would name deleted folders and make Ray refuse to start this run again.
     run.delete(RAY_CHECKPOINT_LIST)

@@ -105,7 +105,7 @@ def build(side: str, kind: str, job_json: dict, config: dict):
     from tunerun.cluster.storage import RunFolder
     from tunerun.jobs.plan import ResolvedJob
     from tunerun.trainer import loop
-    from tunerun.trainer.methods import method_module
+    from tunerun.trainer.methods import get_method
 
     job = ResolvedJob.model_validate(job_json)
     generator = torch.Generator().manual_seed(1)
@@ -115,7 +115,7 @@ def build(side: str, kind: str, job_json: dict, config: dict):
     if side == "bare":
         step = bare_qlora(job) if kind == "qlora" else bare_lora(job, device="cuda")
         return lambda: step([{k: v.to(device) for k, v in loop.collate(examples, 0).items()}])
-    method = method_module(kind)
+    method = get_method(kind)
     engine = method.make_engine(method.load_model(job), job, 10_000)
     log = loop._RankZeroLog(RunFolder(job.spec.storage, job.run_id), 0)
 

@@ -78,7 +78,7 @@ def build(case: str, job_json: dict, config: dict):
     from tunerun.jobs.plan import ResolvedJob
     from tunerun.trainer import loop
     from tunerun.trainer.batches import BatchSchedule
-    from tunerun.trainer.methods import method_module
+    from tunerun.trainer.methods import get_method
 
     job = ResolvedJob.model_validate(job_json)
     spec = job.spec
@@ -86,7 +86,7 @@ def build(case: str, job_json: dict, config: dict):
     examples = [{"input_ids": ids, "labels": ids} for ids in
                 torch.randint(4, MODEL["vocab_size"], (256, config["seq"]), generator=generator).tolist()]
     schedule = BatchSchedule(len(examples), 1, spec.training.micro_batch_size, spec.grad_accumulation, 0)
-    method = method_module(spec.method.kind)
+    method = get_method(spec.method.kind)
     engine = method.make_engine(method.load_model(job), job, 10_000)
     log = loop._RankZeroLog(RunFolder(spec.storage, job.run_id), 0)
     state = {"tunerun": 0, "bare": 0}

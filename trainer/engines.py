@@ -1,9 +1,12 @@
 """Engines step a model: one optimizer step from a list of micro-batches, evaluation, state save/restore.
 
 `DDPEngine` serves LoRA and QLoRA (adapters replicated, gradients all-reduced); `DeepSpeedEngine` serves full
-fine-tuning under ZeRO. The train loop only sees their common surface, so it never asks which method runs.
+fine-tuning under ZeRO; `EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop
+and evaluation only see the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs.
+
 Training state is written with safetensors / ``torch.save`` of plain tensors and read back with
-``weights_only=True``: nothing from a run folder is unpickled freely.
+``weights_only=True``: nothing from a run folder is unpickled freely. The names of the files an engine writes
+into a checkpoint folder are defined here, once, for everything that reads them (export, evaluation, tests).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -18,8 +22,48 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.trainer.data.render import IGNORE_INDEX
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+# What an engine writes into a checkpoint folder (besides checkpoint.py's progress.json and rng-rank<N>.pt).
+TRAINABLE = "trainable.safetensors"  # DDPEngine: the trainable (adapter) tensors under their live parameter names
+OPTIMIZER = "optimizer.pt"  # DDPEngine: the AdamW state dict, plain tensors
+SCHEDULER = "scheduler.json"  # DDPEngine: the LR scheduler state
+DEEPSPEED_TAG = "deepspeed"  # DeepSpeedEngine: the tag (subfolder) of DeepSpeed's own ZeRO shards
+# The real torch.load: while zero_to_fp32 runs, torch.load itself is swapped for load_deepspeed_file.
+_torch_load = torch.load
+
+
+class EvalEngine(Protocol):
+    """What evaluation needs from whatever holds the model."""
+
+    module: torch.nn.Module  # the model itself (PEFT or plain HF), unwrapped: generation runs on it
+    device: torch.device
+    # True when every forward is a collective (ZeRO-3 gathers each layer's parameters from all ranks): then all
+    # ranks must run the same number of forwards, so eval batches and generate calls run in lockstep.
+    collective_forward: bool
+
+    def eval_batch(self, batch: dict) -> tuple[float, int]:
+        """(summed token loss, scored tokens) for one batch, through the training forward."""
+
+
+class Engine(EvalEngine, Protocol):
+    """What the train loop needs: steps, the learning rate, and the state a checkpoint holds."""
+
+    rank: int
+
+    @property
+    def lr(self) -> float: ...
+
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over the micro-batches of one accumulation window; returns their mean loss."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write weights, optimizer and scheduler state into ``folder`` (every rank calls it)."""
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what ``save_state`` wrote: training then continues exactly as it would have."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -46,11 +90,40 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 def _label_tokens(batch: dict) -> int:
     # Causal LM loss predicts token t+1 from t: the first label of each row is never scored.
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def score_batch(forward: torch.nn.Module, batch: dict, device: torch.device) -> tuple[float, int]:
+    """(summed token loss, scored tokens) of ``forward`` (a model, DDP wrapper or DeepSpeed engine) on a batch."""
+    forward.eval()
+    tokens = _label_tokens(batch)
+    loss = forward(**_move(batch, device)).loss
+    return float(loss) * tokens, tokens
+
+
+def load_trainable(module: torch.nn.Module, folder: Path) -> None:
+    """Copy a checkpoint's trainable tensors (``TRAINABLE``, live parameter names) into ``module`` in place."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(folder / TRAINABLE)).items():
+            params[name].copy_(value)
+
+
+def load_deepspeed_file(path, map_location=None, mmap=None):
+    """``torch.load`` of a file DeepSpeed wrote, as plain data: DeepSpeed's own loaders unpickle freely
+    (``weights_only=False``); this allows only the plain-data classes DeepSpeed stores in its states."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        return _torch_load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
 class DDPEngine:
     """Adapters (LoRA/QLoRA) trained with AdamW; DDP averages gradients when there is more than one worker."""
+
+    collective_forward = False  # DDP synchronises gradients in backward; a forward is local
 
     def __init__(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int):
         import ray.train.torch
@@ -90,31 +163,22 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches)
 
-    @torch.no_grad()
     def eval_batch(self, batch: dict) -> tuple[float, int]:
-        """(summed token loss, scored tokens) for one batch."""
-        self.model.eval()
-        tokens = _label_tokens(batch)
-        loss = self.model(**_move(batch, self.device)).loss
-        return float(loss) * tokens, tokens
+        return score_batch(self.model, batch, self.device)
 
     def save_state(self, folder: Path) -> None:
         """Rank 0 writes adapter weights, optimizer and scheduler (identical on every DDP rank)."""
         if self.rank != 0:
             return
         trainable = {n: p.detach().contiguous().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-        save_file(trainable, str(folder / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict(), default=_no_callables))
+        save_file(trainable, str(folder / TRAINABLE))
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
+        (folder / SCHEDULER).write_text(json.dumps(self.scheduler.state_dict(), default=_no_callables))
 
     def load_state(self, folder: Path) -> None:
-        weights = load_file(str(folder / "trainable.safetensors"))
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        load_trainable(self.module, folder)
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
+        self.scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text()))
 
 
 class DeepSpeedEngine:
@@ -144,6 +208,7 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.device = self.engine.device
         self.zero_stage = config["zero_optimization"]["stage"]
+        self.collective_forward = self.zero_stage == 3  # each layer's parameters are gathered from every rank
 
     @property
     def lr(self) -> float:
@@ -160,29 +225,16 @@ class DeepSpeedEngine:
             total += float(loss.detach())
         return total / len(micro_batches)
 
-    @torch.no_grad()
     def eval_batch(self, batch: dict) -> tuple[float, int]:
-        self.engine.eval()
-        tokens = _label_tokens(batch)
-        loss = self.engine(**_move(batch, self.device)).loss
-        return float(loss) * tokens, tokens
+        return score_batch(self.engine, batch, self.device)
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its own shards (collective)."""
-        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
 
     def load_state(self, folder: Path) -> None:
-        # DeepSpeed's own loader unpickles freely (weights_only=False); read its files as plain tensors instead,
-        # allowing only the plain-data classes DeepSpeed stores in its optimizer states.
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        def load(path, map_location=None):
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-        self.engine.checkpoint_engine.load = load
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed")
+        self.engine.checkpoint_engine.load = load_deepspeed_file  # not DeepSpeed's free unpickling
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
@@ -191,6 +243,19 @@ class DeepSpeedEngine:
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict() if self.rank == 0 else {}
+
+
+class EvalOnlyEngine:
+    """A model loaded in one process to be evaluated (`tunerun eval`): no optimizer, no process group."""
+
+    collective_forward = False
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.module = model
+        self.device = device
+
+    def eval_batch(self, batch: dict) -> tuple[float, int]:
+        return score_batch(self.module, batch, self.device)
 
 
 def _no_callables(value):

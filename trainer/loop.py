@@ -1,11 +1,11 @@
 """The recipe every Ray Train worker runs: setup → (resume) → train → evaluate → checkpoint → export.
 
-Read it top to bottom. Method differences (how the model loads, which engine steps it, what is exported)
-live in `tunerun.trainer.methods`; this loop never asks which method it is running.
+Read it top to bottom. Method differences (how the model loads, which engine steps it, what evaluating must not
+change, what is exported) are answered by the `tunerun.trainer.methods.Method` of the job; this loop never asks
+which method it is running.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
@@ -19,10 +19,10 @@ import torch.distributed as dist
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer import checkpoint as ckpt
-from tunerun.trainer.batches import BatchSchedule, eval_shard
+from tunerun.trainer.batches import BatchSchedule
 from tunerun.trainer.data.pack import collate, load_examples
 from tunerun.trainer.inputs import localize_model
-from tunerun.trainer.methods import method_module
+from tunerun.trainer.methods import get_method
 from tunerun.trainer.preemption import STOPPED, StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
 
@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
                              spec.training.seed)
     total_steps = spec.training.max_steps or schedule.steps_per_epoch * spec.training.epochs
 
-    method = method_module(spec.method.kind)
+    method = get_method(spec.method.kind)
     load_started = time.time()
     model = method.load_model(job)
     model_loaded = time.time()
@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress = ckpt.load_progress(latest, rank)
         log.event("resumed", step=progress.step, checkpoint=latest.name, world_size=world)
     else:  # the untrained model on the same eval set: the base every later eval is compared with
-        _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=0, phase="base")
+        _evaluate(engine, method, eval_set, tokenizer, rank, job, run, log, step=0, phase="base")
 
     # ── train ───────────────────────────────────────────────────────────────────────────────────────────
     log.event("training_started", total_steps=total_steps, world_size=world, start_step=progress.step)
@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = progress.step == total_steps
         measured = {}
         if progress.step % spec.eval.every_steps == 0 or last:
-            measured = _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step=progress.step,
+            measured = _evaluate(engine, method, eval_set, tokenizer, rank, job, run, log, step=progress.step,
                                  phase="final" if last else "train")
         stop = stop_poll.requested()
         if progress.step % spec.checkpoint.every_steps == 0 or last or stop:
@@ -113,37 +113,14 @@ def train_loop_per_worker(config: dict) -> None:
     write_memory_report(run, job, rank)
 
 
-def _evaluate(engine, eval_set, tokenizer, rank, world, job, run, log, step: int, phase: str) -> dict:
-    """Held-out loss over the eval set (each rank scores its shard), then the generation metrics, forgetting
-    check and gates of `tunerun.trainer.evaluation`. ``phase``: base (step 0, untrained), train or final.
-    Returns the eval-set metrics by name (loss, exact_match, …)."""
-    import math
+def _evaluate(engine, method, eval_set, tokenizer, rank, job, run, log, step: int, phase: str) -> dict:
+    """Held-out loss, generation metrics, forgetting check and gates (`tunerun.trainer.evaluation.records`) on
+    every rank. ``phase``: base (step 0, untrained), train or final. Returns the eval-set metrics by name (loss,
+    exact_match, …)."""
+    from tunerun.trainer.evaluation.records import evaluate_during_training
 
-    from tunerun.trainer.evaluation import evaluate_during_training, keep_4bit_training_layout
-
-    keep_4bit_training_layout(engine.module)  # else bitsandbytes repacks 4-bit weights on CPU and QLoRA degrades
-    spec = job.spec
-    held_out = {}
-    if eval_set and "loss" in spec.eval.metrics:
-        loss_sum, tokens = 0.0, 0
-        shard = eval_shard(len(eval_set), world, rank)
-        size = spec.training.micro_batch_size
-        # ZeRO-3 forwards are collective: every rank runs as many batches as the largest shard needs; a rank
-        # whose shard is shorter scores a stand-in batch (example 0) and does not count it.
-        batches = math.ceil(math.ceil(len(eval_set) / world) / size)
-        for start in range(0, batches * size, size):
-            ids = shard[start:start + size]
-            batch = collate([eval_set[i] for i in ids or [0]], tokenizer.pad_token_id)
-            batch_loss, batch_tokens = engine.eval_batch(batch)
-            if ids:
-                loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
-        if dist.is_initialized():
-            totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
-            dist.all_reduce(totals)
-            loss_sum, tokens = float(totals[0]), int(totals[1])
-        loss = loss_sum / max(tokens, 1)
-        held_out = {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
-    row = evaluate_during_training(engine, tokenizer, eval_set, job, run, step, phase, held_out, rank)
+    method.before_eval(engine.module)  # qlora: else bitsandbytes repacks 4-bit weights on CPU and QLoRA degrades
+    row = evaluate_during_training(engine, tokenizer, eval_set, job, run, step, phase, rank)
     if row:
         log.metrics(step=step, **row)
     return {name[len("eval_"):]: value for name, value in row.items() if name.startswith("eval_")}
@@ -215,9 +192,9 @@ def _barrier() -> None:
 
 
 def _seed_everything(seed: int) -> None:
+    # No PYTHONHASHSEED here: str hashing is fixed when an interpreter starts, so setting it now changes nothing.
     random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 class _RankZeroLog:

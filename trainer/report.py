@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from tunerun.jobs.metrics import EVAL_SET, SCORES, format_value, lower_is_better
+
 TEMPLATE = Path(__file__).with_name("report.html.j2")
-SCORE_METRICS = ("exact_match", "f1", "rouge_l", "label_accuracy")
 
 
 def eval_records(run) -> dict:
@@ -90,8 +91,7 @@ def _comparison(base: dict | None, final: dict | None) -> list[dict]:
         if name.startswith("forgetting"):
             continue
         b = before.get(name)
-        lower_better = name in ("loss", "perplexity")
-        better = None if b is None or after == b else (after < b if lower_better else after > b)
+        better = None if b is None or after == b else (after < b if lower_is_better(name) else after > b)
         rows.append({"metric": name, "base": b, "tuned": after, "delta": None if b is None else after - b,
                      "better": better})
     return rows
@@ -107,7 +107,7 @@ def _general(base: dict | None, final: dict | None) -> dict | None:
 
 def _per_eval(records: dict) -> dict:
     rows = ([records["base"]] if records["base"] else []) + records["steps"]
-    names = [n for n in ("loss", "perplexity", *SCORE_METRICS)
+    names = [n for n in EVAL_SET
              if any(n in r["metrics"] and r["metrics"][n] is not None for r in rows)]
     return {"names": names, "rows": [{"label": "base" if r.get("base") else f"step {r['step']}",
                                       "values": [r["metrics"].get(n) for n in names]} for r in rows]}
@@ -135,13 +135,12 @@ def _data_report(run) -> list[tuple[str, object]]:
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "–"
+    """`format_value`, with yes/no for flags and thousands separators for large numbers (data-report counts)."""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
-    return str(value)
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return format_value(value)
 
 
 # ── charts ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -161,7 +160,7 @@ def _charts(metrics: list[dict], records: dict) -> dict[str, bytes]:
         charts["learning_rate"] = _plot("Learning rate", "step", [
             ("lr", [m["step"] for m in train if "lr" in m], [m["lr"] for m in train if "lr" in m], "-")])
     series = []
-    for name in SCORE_METRICS:
+    for name in SCORES:
         points = [(r["step"], r["metrics"][name]) for r in rows if r["metrics"].get(name) is not None]
         if points:
             series.append((name, [p[0] for p in points], [p[1] for p in points], "o-"))

@@ -119,7 +119,7 @@ def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunerun.trainer.export_gguf import greedy
+    from tunerun.trainer.export.gguf import greedy
 
     records = {}
     for quant in ("f16", "q8_0"):

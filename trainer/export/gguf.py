@@ -4,7 +4,7 @@ The run's weights are merged (as for ``--format hf``) into a work folder inside 
 llama.cpp's own ``convert_hf_to_gguf`` (the `convert-hf-to-gguf` package; run as a subprocess, so a refusal is
 its one error line and its memory goes away with it), and, for q8_0 / q4_k_m, quantised from f16 with
 ``llama_cpp.llama_model_quantize``. Both stream tensor by tensor. Beside the ``.gguf`` go an Ollama
-``Modelfile`` (`tunerun.trainer.modelfile`) and a model card.
+``Modelfile`` (`tunerun.trainer.export.modelfile`) and a model card.
 
 Before anything is renamed into place the file is checked: it is loaded with `llama-cpp-python` on CPU and, on
 the held-out prompts, its greedy continuation is compared with the merged Hugging Face model's (float32). At
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunerun.jobs.errors import ExportError, StorageError
-from tunerun.trainer import export
+from tunerun.trainer.export import hf
+from tunerun.trainer.export.card import model_card
+from tunerun.trainer.weights import RunWeights, find_weights, run_local_path
 
 QUANTS = ("f16", "q8_0", "q4_k_m", "f32")
 UNQUANTISED = ("f16", "f32")
@@ -40,7 +42,7 @@ class GgufExport:
     target: str  # the folder (local path or s3:// URI) holding the .gguf, Modelfile and README.md
     gguf_name: str
     size: int
-    weights: export.RunWeights
+    weights: RunWeights
     check: dict
     seconds: float
 
@@ -75,7 +77,7 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
     bucket = _export_bucket(remote, job.spec.storage) if remote else None  # refused before the work, not after
     scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
     try:
-        weights = export.find_weights(run, job, checkpoint, scratch)
+        weights = find_weights(run, job, checkpoint, scratch)
         tokenizer = load_tokenizer(job)
         prompts = held_out_prompts(run, job, tokenizer, check_prompts)
         source = weights.name.replace("checkpoints/", "")
@@ -83,9 +85,9 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
             target = scratch / "upload" / f"{source}-gguf-{quant}"
         else:
             target = (Path(to).expanduser().absolute() if to
-                      else export.run_local_path(run, f"exports/{source}-gguf-{quant}"))
+                      else run_local_path(run, f"exports/{source}-gguf-{quant}"))
         gguf_name = f"{job.spec.name}-{quant}.gguf"
-        with _disk_full_is_a_user_error(target), export._staged(target) as staging:
+        with _disk_full_is_a_user_error(target), hf.staged(target) as staging:
             check = _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant, system, staging, gguf_name)
         size = (target / gguf_name).stat().st_size
         where = _upload(target, remote, bucket) if remote else str(target)
@@ -100,13 +102,14 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
 def _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant: str, system: str | None,
                   staging: Path, gguf_name: str) -> dict:
     """merge → convert (→ quantise) → check → Modelfile and card, all inside ``staging``; returns the check."""
-    from tunerun.trainer.modelfile import measure_chat_format, render_modelfile, training_renderer
+    from tunerun.trainer.export.modelfile import measure_chat_format, render_modelfile, training_renderer
 
     fmt = measure_chat_format(training_renderer(tokenizer))  # a template Ollama cannot express fails first
     work = staging / ".work"  # on the target's disk, not /tmp: a merged 70B model does not fit in /tmp
     merged = work / "merged"
     merged.mkdir(parents=True)
-    _write_merged_model(job, weights, merged)
+    hf.write_merged_model(job, weights, merged)
+    hf.write_tokenizer_and_generation_config(job, merged)
     unquantised = staging / gguf_name if quant in UNQUANTISED else work / "model-f16.gguf"
     convert(merged, unquantised, "f32" if quant == "f32" else "f16", work / "convert.log")
     if quant not in UNQUANTISED:
@@ -117,16 +120,8 @@ def _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant: str, 
     (staging / "Modelfile").write_text(
         render_modelfile(gguf_name, fmt, tokenizer.eos_token, job.spec.data.max_seq_len, system), encoding="utf-8")
     gguf = {"file": gguf_name, "quant": quant, "check": check}
-    (staging / "README.md").write_text(export.model_card(run, job, weights, merged=True, gguf=gguf), encoding="utf-8")
+    (staging / "README.md").write_text(model_card(run, job, weights, merged=True, gguf=gguf), encoding="utf-8")
     return check
-
-
-def _write_merged_model(job, weights, out: Path) -> None:
-    if weights.full:
-        export._write_full(job, weights, out)
-    else:
-        export._write_merged(job, weights, out)
-    export._write_tokenizer_and_generation_config(job, out)
 
 
 @contextmanager
@@ -194,10 +189,10 @@ def held_out_prompts(run, job, tokenizer, limit: int | None = None) -> list[tupl
     """[(prompt ids, reference text)] from the run's held-out set (``limit``, default ``eval.max_examples``), else the
     general-instructions sample; ExportError when there is neither, since the export could not check itself."""
     from tunerun.trainer.data.pack import load_examples
-    from tunerun.trainer.evaluation import decode, eval_items, load_general_set
+    from tunerun.trainer.evaluation.generation import decode, eval_items, load_general_set
 
     spec = job.spec.eval
-    examples = load_examples(export.run_local_path(run, "data/eval.jsonl"))
+    examples = load_examples(run_local_path(run, "data/eval.jsonl"))
     if not examples and spec.general is not None:
         examples = load_general_set(spec, job.spec.data.max_seq_len, tokenizer)
     items = eval_items(examples, limit or spec.max_examples)
@@ -213,9 +208,11 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunerun.trainer.evaluation import decode, exact_match, generate
+    from tunerun.trainer.engines import worker_device
+    from tunerun.trainer.evaluation.generation import decode, generate
+    from tunerun.trainer.evaluation.metrics import exact_match
 
-    target = export.device()  # the reference runs on a GPU when there is one; llama.cpp stays on CPU
+    target = worker_device()  # the reference runs on a GPU when there is one; llama.cpp stays on CPU
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(target)
     # One prompt per call: left padding in a batch would change the reference's arithmetic slightly.
     hf = [generate(model, tokenizer, [ids], max_new_tokens, target)[0] for ids, _ in prompts]

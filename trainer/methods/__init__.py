@@ -1,16 +1,55 @@
-"""Training methods. Each module answers the same questions: how to load the model, which parameters
-train, which engine steps them, and how the final weights are written."""
+"""Training methods, one module each (`full`, `lora`, `qlora`), looked up in one registry: `get_method(kind)`.
+
+Each module is a `Method`: it answers every question that differs between methods, so the train loop,
+evaluation and export ask the method instead of comparing ``job.spec.method.kind`` with a name.
+"""
 from __future__ import annotations
 
 from importlib import import_module
-from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from tunerun.jobs.plan import ResolvedJob
+    from tunerun.trainer.engines import Engine
+    from tunerun.trainer.weights import RunWeights
 
 METHODS = ("full", "lora", "qlora")
 
 
-def method_module(kind: str) -> ModuleType:
-    """The module for ``kind``; each has ``load_model(job)``, ``make_engine(model, job, total_steps)``
-    and ``export(engine, out_dir, tokenizer)``."""
+class Method(Protocol):
+    """The contract of a method module (torchtune's checkpointer interface is the model for this)."""
+
+    NAME: str  # what people call it: "LoRA", "QLoRA", "full fine-tuning"
+    ADAPTER: bool  # trains adapters on a frozen base (PEFT format, mergeable) rather than every weight
+    FINAL_DIR: str  # the folder under final/ that export() writes: "adapter" or "model"
+
+    def load_model(self, job: ResolvedJob) -> torch.nn.Module:
+        """The model to train, on this worker's device, with exactly its trainable parameters requiring grad."""
+
+    def make_engine(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int) -> Engine:
+        """The engine that steps, evaluates, saves and restores ``model``."""
+
+    def before_eval(self, model: torch.nn.Module) -> None:
+        """Called on every rank before each evaluation during training, for what evaluating must not change."""
+
+    def export(self, engine: Engine, out_dir: Path, tokenizer) -> Path:
+        """Write the final weights under ``out_dir / FINAL_DIR`` (every rank calls it); returns that folder."""
+
+    def load_trained(self, job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
+        """The model as training evaluated it (for qlora the same 4-bit base), holding ``weights``, on this
+        process's device: what `tunerun eval` scores."""
+
+    def merged_model(self, job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
+        """One plain, unquantised Hugging Face model holding the trained ``weights`` (adapters folded into
+        the base): what ``export --merge`` and ``--format gguf`` write."""
+
+
+def get_method(kind: str) -> Method:
+    """The method module for ``kind`` (one of METHODS)."""
     if kind not in METHODS:
         raise ValueError(f"unknown method {kind!r}")
     return import_module(f"tunerun.trainer.methods.{kind}")

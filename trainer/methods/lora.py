@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tunerun.jobs.plan import ResolvedJob
-from tunerun.trainer.engines import DDPEngine, torch_dtype
+from tunerun.trainer.engines import DDPEngine, load_trainable, torch_dtype, worker_device
+
+if TYPE_CHECKING:
+    from tunerun.trainer.weights import RunWeights
+
+NAME = "LoRA"
+ADAPTER = True
+FINAL_DIR = "adapter"
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's name, in final/adapter and in adapter exports
 
 
 def load_model(job: ResolvedJob) -> torch.nn.Module:
@@ -46,10 +55,44 @@ def make_engine(model: torch.nn.Module, job: ResolvedJob, total_steps: int) -> D
     return DDPEngine(model, job, total_steps)
 
 
+def before_eval(model: torch.nn.Module) -> None:
+    """Nothing: evaluating a plain (unquantised) base changes nothing about how it trains afterwards."""
+
+
 def export(engine: DDPEngine, out_dir: Path, tokenizer) -> Path:
     """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors); rank 0 writes it."""
-    target = out_dir / "adapter"
+    target = out_dir / FINAL_DIR
     if engine.rank == 0:
         engine.module.save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
     return target
+
+
+def load_trained(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
+    model = load_model(job)
+    load_adapter(model, weights)
+    return model.to(worker_device())
+
+
+def merged_model(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
+    return merge_into_base(job, weights, torch_dtype(job.spec.model.dtype))
+
+
+def load_adapter(peft_model: torch.nn.Module, weights: RunWeights) -> None:
+    """Put the adapter of ``weights`` (final/adapter or a checkpoint) into a PEFT model built by add_adapters."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if weights.name == "final":
+        set_peft_model_state_dict(peft_model, load_file(str(weights.folder / ADAPTER_FILE)))
+    else:  # checkpoints hold the trainable parameters under their live names (…lora_A.default.weight)
+        load_trainable(peft_model, weights.folder)
+
+
+def merge_into_base(job: ResolvedJob, weights: RunWeights, dtype: torch.dtype) -> torch.nn.Module:
+    """The adapter folded into the base reloaded from ``model.path`` in ``dtype``."""
+    spec = job.spec.model
+    base = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    model = add_adapters(base, job)
+    load_adapter(model, weights)
+    return model.merge_and_unload()

@@ -1,19 +1,18 @@
-"""Generation-based evaluation: prompts and references from tokenized examples, the metrics, greedy generation on
-the tiny Llama (batched, sharded across two real gloo processes), gates, the forgetting sample, and the spec."""
+"""Evaluation: prompts and references from tokenized examples, the metrics, greedy generation on the tiny Llama
+(batched, sharded across two real gloo processes), the held-out loss, gates, the forgetting sample, and the spec."""
 from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from tunerun.jobs.errors import DataError, SpecError
 from tunerun.jobs.loader import load_job_text
-from tunerun.trainer import evaluation as ev
+from tunerun.trainer.data.render import IGNORE_INDEX as IGNORE
+from tunerun.trainer.evaluation import generation, metrics, records
 
-IGNORE = -100
 SPEC = "model: {path: /m}\ndata: {train: /d.jsonl}\n"
 
 
@@ -22,45 +21,45 @@ SPEC = "model: {path: /m}\ndata: {train: /d.jsonl}\n"
 
 def test_prompt_is_everything_before_the_final_assistant_turn():
     single = {"input_ids": [1, 5, 6, 7, 8, 2], "labels": [IGNORE, IGNORE, IGNORE, 7, 8, 2]}
-    assert ev.split_example(single) == ([1, 5, 6], [7, 8, 2])
+    assert generation.split_example(single) == ([1, 5, 6], [7, 8, 2])
     # two assistant turns: the earlier answer belongs to the prompt, as the model saw it in training
     multi = {"input_ids": [1, 5, 10, 11, 6, 20, 21, 9],
              "labels": [IGNORE, IGNORE, 10, 11, IGNORE, 20, 21, IGNORE]}
-    assert ev.split_example(multi) == ([1, 5, 10, 11, 6], [20, 21])
+    assert generation.split_example(multi) == ([1, 5, 10, 11, 6], [20, 21])
 
 
 def test_examples_without_labels_or_prompt_are_not_generated():
     examples = [{"input_ids": [1, 2], "labels": [IGNORE, IGNORE]},
                 {"input_ids": [1, 2], "labels": [1, 2]},
                 {"input_ids": [1, 5, 2], "labels": [IGNORE, 5, 2]}]
-    items = ev.eval_items(examples, max_examples=10)
+    items = generation.eval_items(examples, max_examples=10)
     assert [it.index for it in items] == [2]
-    assert len(ev.eval_items([examples[2]] * 50, max_examples=7)) == 7
+    assert len(generation.eval_items([examples[2]] * 50, max_examples=7)) == 7
 
 
 # ── metrics ─────────────────────────────────────────────────────────────────────────────────────────────────
 
 
 def test_squad_normalisation_exact_match_and_f1():
-    assert ev.normalize_answer("The  Cat, sat!") == "cat sat"
-    assert ev.exact_match("category: Refund.", "category: refund") == 1.0
-    assert ev.exact_match("category: billing", "category: refund") == 0.0
-    assert ev.token_f1("the cat sat on the mat", "a cat sat") == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 1))
-    assert ev.token_f1("", "") == 1.0 and ev.token_f1("x", "") == 0.0
+    assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert metrics.exact_match("category: Refund.", "category: refund") == 1.0
+    assert metrics.exact_match("category: billing", "category: refund") == 0.0
+    assert metrics.token_f1("the cat sat on the mat", "a cat sat") == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 1))
+    assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("x", "") == 0.0
 
 
 def test_rouge_l_uses_rouge_score_and_keeps_non_ascii_words():
-    assert ev.rouge_l(["category: refund please"], ["category: refund"]) == [pytest.approx(0.8)]
+    assert metrics.rouge_l(["category: refund please"], ["category: refund"]) == [pytest.approx(0.8)]
     # rouge-score's default tokenizer would drop these words entirely and score 0
-    assert ev.rouge_l(["Ölçüm başarılı"], ["ölçüm başarılı"]) == [pytest.approx(1.0)]
+    assert metrics.rouge_l(["Ölçüm başarılı"], ["ölçüm başarılı"]) == [pytest.approx(1.0)]
 
 
 def test_label_accuracy_from_the_pattern_and_none_when_nothing_matches():
     preds = ["category: billing", "category: login\nthanks", "I think it is billing"]
     refs = ["category: billing", "category: refund", "category: billing"]
-    scores = ev.score(preds, refs, ["exact_match"], label_pattern=r"^category: (\w+)")
+    scores = metrics.score(preds, refs, ["exact_match"], label_pattern=r"^category: (\w+)")
     assert scores["label_accuracy"] == pytest.approx(1 / 3) and scores["exact_match"] == pytest.approx(1 / 3)
-    assert ev.score(preds, refs, [], label_pattern=r"^label=(\w+)")["label_accuracy"] is None
+    assert metrics.score(preds, refs, [], label_pattern=r"^label=(\w+)")["label_accuracy"] is None
 
 
 # ── gates ───────────────────────────────────────────────────────────────────────────────────────────────────
@@ -69,26 +68,26 @@ def test_label_accuracy_from_the_pattern_and_none_when_nothing_matches():
 def test_gates_pass_fail_and_an_unmeasured_metric_fails():
     spec = load_job_text(SPEC + "eval:\n  label_pattern: 'x(y)'\n  gates:\n    exact_match: '>= 0.8'\n"
                                 "    forgetting_drop: '<= 0.05'\n    label_accuracy: '> 0.5'\n").eval
-    result = ev.apply_gates(spec, {"exact_match": 0.9, "forgetting_drop": 0.2, "label_accuracy": None})
+    result = records.apply_gates(spec, {"exact_match": 0.9, "forgetting_drop": 0.2, "label_accuracy": None})
     assert not result["passed"]
     assert [(r["metric"], r["passed"]) for r in result["results"]] == [
         ("exact_match", True), ("forgetting_drop", False), ("label_accuracy", False)]
     assert result["results"][0]["condition"] == ">= 0.8"
-    assert ev.apply_gates(spec, {"exact_match": 0.8, "forgetting_drop": 0.05, "label_accuracy": 0.6})["passed"]
+    assert records.apply_gates(spec, {"exact_match": 0.8, "forgetting_drop": 0.05, "label_accuracy": 0.6})["passed"]
 
 
 def test_forgetting_drop_is_base_minus_final_on_the_general_sample():
     spec = load_job_text(SPEC + "eval: {forgetting_metric: f1, forgetting_threshold: 0.1}\n").eval
     base, final = {"general": {"f1": 0.5}}, {"general": {"f1": 0.3}}
-    assert ev.forgetting(spec, base, final) == {"forgetting_drop": pytest.approx(0.2), "forgetting_flagged": True}
-    assert ev.forgetting(spec, None, final) == {}
+    assert records.forgetting(spec, base, final) == {"forgetting_drop": pytest.approx(0.2), "forgetting_flagged": True}
+    assert records.forgetting(spec, None, final) == {}
 
 
 def test_gates_on_eval_metrics_need_an_eval_set():
     spec = load_job_text(SPEC + "eval: {gates: {exact_match: '>= 0.5'}}\n").eval
     with pytest.raises(DataError, match="eval.gates on exact_match need an evaluation set"):
-        ev.require_eval_set(spec, "data/eval.jsonl holds no examples")
-    ev.require_eval_set(load_job_text(SPEC + "eval: {gates: {forgetting_drop: '<= 0.1'}}\n").eval, "none")
+        records.require_eval_set(spec, "data/eval.jsonl holds no examples")
+    records.require_eval_set(load_job_text(SPEC + "eval: {gates: {forgetting_drop: '<= 0.1'}}\n").eval, "none")
 
 
 # ── the spec ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -139,10 +138,10 @@ def test_general_path_is_made_absolute(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def tiny(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
@@ -150,11 +149,11 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
 
     model, tokenizer = tiny
     prompts = [tokenizer(t)["input_ids"] for t in ["Hello team, my invoice", "I can't log in", "Refund please for"]]
-    batched = ev.generate(model, tokenizer, prompts, 8, torch.device("cpu"))
-    single = [ev.generate(model, tokenizer, [p], 8, torch.device("cpu"))[0] for p in prompts]
+    batched = generation.generate(model, tokenizer, prompts, 8, torch.device("cpu"))
+    single = [generation.generate(model, tokenizer, [p], 8, torch.device("cpu"))[0] for p in prompts]
     assert batched == single and all(0 < len(out) <= 8 for out in batched)
     # lockstep pads with stand-in batches (ZeRO-3 needs equal generate calls) but returns only real outputs
-    assert ev.generate(model, tokenizer, prompts[:1], 8, torch.device("cpu"), calls=3) == single[:1]
+    assert generation.generate(model, tokenizer, prompts[:1], 8, torch.device("cpu"), calls=3) == single[:1]
 
 
 def test_generation_stops_at_eos(tiny):
@@ -162,13 +161,13 @@ def test_generation_stops_at_eos(tiny):
 
     model, tokenizer = tiny
     eos = tokenizer.eos_token_id
-    assert ev._until_stop([5, 6, eos, 7], [eos]) == [5, 6]
+    assert generation._until_stop([5, 6, eos, 7], [eos]) == [5, 6]
     with torch.no_grad():  # make EOS the only reachable token: the output is empty
         saved = model.lm_head.weight.clone()
         model.lm_head.weight.zero_()
         model.lm_head.weight[eos] = 1.0
         try:
-            out = ev.generate(model, tokenizer, [[1, 50, 60]], 8, torch.device("cpu"))
+            out = generation.generate(model, tokenizer, [[1, 50, 60]], 8, torch.device("cpu"))
         finally:
             model.lm_head.weight.copy_(saved)
     assert out == [[]]
@@ -178,19 +177,13 @@ def test_bundled_general_sample_is_tokenized_like_training_data(tiny):
     from tunerun.jobs.spec import EvalSpec
 
     _, tokenizer = tiny
-    examples = ev.load_general_set(EvalSpec(), 256, tokenizer)
+    examples = generation.load_general_set(EvalSpec(), 256, tokenizer)
     assert len(examples) >= 30
-    prompt, reference = ev.split_example(examples[0])
+    prompt, reference = generation.split_example(examples[0])
     assert tokenizer.decode(prompt).endswith("<|assistant|>\n")  # tunerun's default template, as in training
-    assert ev.decode(tokenizer, reference) == "5"
-    lines = Path(ev.GENERAL_DEFAULT).read_text().splitlines()
+    assert generation.decode(tokenizer, reference) == "5"
+    lines = Path(generation.GENERAL_DEFAULT).read_text().splitlines()
     assert all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str, lockstep: bool) -> None:
@@ -201,8 +194,8 @@ def _sharded_worker(rank: int, world: int, port: int, model_dir: str, out_dir: s
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    items = [ev.EvalItem(i, tokenizer(f"ticket {i} about my invoice")["input_ids"], [5]) for i in range(5)]
-    outputs = ev.generate_sharded(model, tokenizer, items, 6, torch.device("cpu"), lockstep=lockstep)
+    items = [generation.EvalItem(i, tokenizer(f"ticket {i} about my invoice")["input_ids"], [5]) for i in range(5)]
+    outputs = generation.generate_sharded(model, tokenizer, items, 6, torch.device("cpu"), lockstep=lockstep)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outputs))
     dist.barrier()
     # Tearing gloo down while the peer process exits can abort in C++ ("terminate called without an active
@@ -211,52 +204,19 @@ def _sharded_worker(rank: int, world: int, port: int, model_dir: str, out_dir: s
 
 
 @pytest.mark.parametrize("lockstep", [False, True])
-def test_two_ranks_generate_their_shards_and_both_get_every_output(tiny_model_dir, tmp_path, tiny, lockstep):
+def test_two_ranks_generate_their_shards_and_both_get_every_output(tiny_model_dir, tmp_path, tiny, lockstep,
+                                                                    free_port):
     """Real torch.distributed (gloo, 2 processes): 5 examples split 3/2; all_gather_object gives each rank all."""
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tiny_model_dir), str(tmp_path), lockstep), nprocs=2)
+    mp.spawn(_sharded_worker, args=(2, free_port(), str(tiny_model_dir), str(tmp_path), lockstep), nprocs=2)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and sorted(map(int, rank0)) == [0, 1, 2, 3, 4]
     model, tokenizer = tiny
-    items = [ev.EvalItem(i, tokenizer(f"ticket {i} about my invoice")["input_ids"], [5]) for i in range(5)]
-    alone = ev.generate_sharded(model, tokenizer, items, 6, torch.device("cpu"))
+    items = [generation.EvalItem(i, tokenizer(f"ticket {i} about my invoice")["input_ids"], [5]) for i in range(5)]
+    alone = generation.generate_sharded(model, tokenizer, items, 6, torch.device("cpu"))
     assert {int(k): v for k, v in rank0.items()} == alone
-
-
-# ── QLoRA on CPU: evaluating must not change how training continues ─────────────────────────────────────────
-
-
-def test_evaluating_a_4bit_layer_keeps_its_training_layout():
-    """bitsandbytes repacks Linear4bit weights for its CPU kernel on an eval-mode no-grad forward and never
-    unpacks them; training afterwards then learns from wrong gradients. After keep_4bit_training_layout an
-    eval forward leaves the weight exactly as it was."""
-    import torch
-    from bitsandbytes.nn import Linear4bit
-
-    def quantized_layer():
-        torch.manual_seed(0)
-        layer = Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-        layer.weight = type(layer.weight)(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
-        return layer.to("cpu")
-
-    if getattr(quantized_layer(), "support_avx512bf16_for_cpu", False):  # the trap is real on this CPU
-        bare = quantized_layer().eval()
-        with torch.no_grad():
-            bare(torch.randn(2, 64))
-        assert bare.weight.quant_state.packing_format_for_cpu
-    layer = quantized_layer()
-    before = layer.weight.data.clone()
-    model = torch.nn.Sequential(layer)
-    ev.keep_4bit_training_layout(model)
-    ev.keep_4bit_training_layout(model)  # idempotent: one hook
-    assert len(layer._forward_pre_hooks) == 1
-    model.eval()
-    with torch.no_grad():
-        model(torch.randn(2, 64))
-    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
-    assert torch.equal(layer.weight.data, before)
 
 
 # ── on demand: a run without an eval set is a clear error ───────────────────────────────────────────────────
@@ -267,6 +227,7 @@ def test_evaluate_run_refuses_a_missing_or_empty_eval_set(tmp_path, tiny_model_d
 
     from tunerun.cluster.storage import RunFolder
     from tunerun.jobs.plan import resolve
+    from tunerun.trainer.evaluation.on_demand import evaluate_run
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "hello"}) + "\n")
@@ -274,10 +235,10 @@ def test_evaluate_run_refuses_a_missing_or_empty_eval_set(tmp_path, tiny_model_d
     run = RunFolder(str(tmp_path / "runs"), "r1")
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json")))
     with pytest.raises(DataError, match="data/eval.jsonl is missing"):
-        ev.evaluate_run(run, job, None)
+        evaluate_run(run, job, None)
     run.write_text("data/eval.jsonl", "")
     with pytest.raises(DataError, match="data/eval.jsonl holds no examples"):
-        ev.evaluate_run(run, job, None)
+        evaluate_run(run, job, None)
 
 
 @pytest.fixture(autouse=True)

@@ -13,53 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from tunerun.cluster.runs import update_info
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import resolve
 from tunerun.trainer import checkpoint as ckpt
-from tunerun.trainer import export
+from tunerun.trainer.export import hf
 
 PROMPT = torch.tensor([[1, 50, 60, 70, 80, 90]])
-
-
-def make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = True, checkpoint: bool = True,
-             run_id: str = "r"):
-    """A finished lora/qlora run folder with a trained-looking adapter (lora_B non-zero), as the loop leaves it:
-    checkpoints/step-000002/ (trainable.safetensors, progress.json, manifest.json) and final/adapter/."""
-    from transformers import AutoModelForCausalLM
-
-    from tunerun.trainer.methods.lora import add_adapters
-
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(20)))
-    job = resolve(load_job_text(f"name: t\nmodel: {{path: {model_dir}, dtype: float32}}\nmethod: {{kind: {kind}}}\n"
-                                f"data: {{train: {data}}}\ntraining: {{learning_rate: 0.001}}\n"), run_id=run_id)
-    run = RunFolder(str(root / "runs"), run_id)
-    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json")))
-    run.write_json("run.json", {"run_id": run_id, "state": "succeeded", "method": kind})
-    run.write_json("data/data_report.json", {"files": [str(data)], "format": "text", "records_read": 20,
-                                             "train_records": 19, "eval_records": 1, "duplicates": 0,
-                                             "pii_masked": {"email": 2}})
-    torch.manual_seed(0)
-    model = add_adapters(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), job)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    if checkpoint:
-        folder = run.local_path("checkpoints/step-000002")
-        folder.mkdir(parents=True)
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(folder / "trainable.safetensors"))
-        (folder / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "tokens_seen": 10}))
-        ckpt.write_manifest(run, "checkpoints/step-000002", 2, ckpt.file_digests(folder))
-    if final:
-        model.save_pretrained(run.local_path("final/adapter"))
-        run.event("exported", path=str(run.local_path("final/adapter")), step=2)
-    return run, job, model.eval()
 
 
 def logits(model) -> torch.Tensor:
@@ -68,7 +32,7 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.fixture
-def lora_run(tmp_path, tiny_model_dir):
+def lora_run(tmp_path, tiny_model_dir, make_run):
     return make_run(tmp_path, tiny_model_dir)
 
 
@@ -76,7 +40,7 @@ def test_adapter_export_is_peft_format_and_loads_with_plain_transformers(lora_ru
     from transformers import AutoModelForCausalLM
 
     run, job, tuned = lora_run
-    target, weights = export.export_run(run, job, None, merge=False, to=None)
+    target, weights = hf.export_run(run, job, None, merge=False, to=None)
     assert weights.name == "final" and target == run.local_path("exports/final-adapter")
     files = {p.name for p in target.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -87,8 +51,8 @@ def test_adapter_export_is_peft_format_and_loads_with_plain_transformers(lora_ru
 
 def test_adapter_from_a_checkpoint_equals_the_final_adapter(lora_run, tmp_path):
     run, job, _ = lora_run
-    final, _ = export.export_run(run, job, None, merge=False, to=str(tmp_path / "final-adapter"))
-    from_ckpt, weights = export.export_run(run, job, 2, merge=False, to=str(tmp_path / "ckpt-adapter"))
+    final, _ = hf.export_run(run, job, None, merge=False, to=str(tmp_path / "final-adapter"))
+    from_ckpt, weights = hf.export_run(run, job, 2, merge=False, to=str(tmp_path / "ckpt-adapter"))
     assert weights.name == "checkpoints/step-000002" and weights.step == 2
     a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (final, from_ckpt))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -101,17 +65,17 @@ def test_merge_folds_the_adapter_into_the_base(lora_run, tmp_path):
 
     run, job, tuned = lora_run
     for checkpoint in (None, 2):
-        target, _ = export.export_run(run, job, checkpoint, merge=True, to=str(tmp_path / f"merged-{checkpoint}"))
+        target, _ = hf.export_run(run, job, checkpoint, merge=True, to=str(tmp_path / f"merged-{checkpoint}"))
         assert (target / "model.safetensors").is_file() and not (target / "adapter_config.json").exists()
         merged = AutoModelForCausalLM.from_pretrained(target)
         assert torch.allclose(logits(merged), logits(tuned), atol=1e-4)
 
 
-def test_qlora_merges_into_an_unquantised_16_bit_base(tmp_path, tiny_model_dir):
+def test_qlora_merges_into_an_unquantised_16_bit_base(tmp_path, tiny_model_dir, make_run):
     from transformers import AutoModelForCausalLM
 
     run, job, tuned = make_run(tmp_path, tiny_model_dir, kind="qlora")
-    target, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
+    target, _ = hf.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
     config = json.loads((target / "config.json").read_text())
     assert "quantization_config" not in config  # not 4-bit weights
     merged = AutoModelForCausalLM.from_pretrained(target)
@@ -127,9 +91,9 @@ def test_model_card_names_base_data_hyperparameters_metrics_and_gates(lora_run, 
                                       "metrics": {"exact_match": 0.0, "loss": 9.5}})
     run.write_json("eval/step-000002.json", {"step": 2, "base": False, "phase": "final", "examples": [],
                                              "metrics": {"exact_match": 0.9, "loss": 0.2}})
-    run.update_run_info(gates={"passed": True, "results": [
+    update_info(run, gates={"passed": True, "results": [
         {"metric": "exact_match", "condition": ">= 0.8", "value": 0.9, "passed": True}]})
-    target, _ = export.export_run(run, job, None, merge=False, to=str(tmp_path / "card"))
+    target, _ = hf.export_run(run, job, None, merge=False, to=str(tmp_path / "card"))
     card = (target / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and str(job.spec.model.path) in card
     assert "library_name: peft" in card and "## Data" in card and "| records read | 20 |" in card
@@ -140,7 +104,7 @@ def test_model_card_names_base_data_hyperparameters_metrics_and_gates(lora_run, 
 
 def test_merged_model_card_shows_how_to_serve_it(lora_run, tmp_path):
     run, job, _ = lora_run
-    target, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
+    target, _ = hf.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
     card = (target / "README.md").read_text()
     assert "vllm serve <this folder> --served-model-name t" in card
     assert "ghcr.io/huggingface/text-generation-inference --model-id /model" in card
@@ -150,21 +114,21 @@ def test_merged_model_card_shows_how_to_serve_it(lora_run, tmp_path):
 # ── what cannot be exported, and what a failure leaves behind ───────────────────────────────────────────────
 
 
-def test_a_run_without_final_weights_or_complete_checkpoint_is_refused(tmp_path, tiny_model_dir):
+def test_a_run_without_final_weights_or_complete_checkpoint_is_refused(tmp_path, tiny_model_dir, make_run):
     run, job, _ = make_run(tmp_path, tiny_model_dir, final=False)
     run.local_path("checkpoints/step-000002/manifest.json").unlink()  # a save that never finished
     with pytest.raises(StorageError, match="no final weights and no complete checkpoint.*step-000002: no manifest"):
-        export.export_run(run, job, None, merge=False, to=str(tmp_path / "out"))
+        hf.export_run(run, job, None, merge=False, to=str(tmp_path / "out"))
     with pytest.raises(StorageError, match="checkpoint step 2 is incomplete"):
-        export.export_run(run, job, 2, merge=False, to=str(tmp_path / "out"))
+        hf.export_run(run, job, 2, merge=False, to=str(tmp_path / "out"))
     with pytest.raises(StorageError, match="checkpoint step 7 does not exist; complete checkpoints: none"):
-        export.export_run(run, job, 7, merge=False, to=str(tmp_path / "out"))
+        hf.export_run(run, job, 7, merge=False, to=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
-def test_without_final_weights_the_newest_complete_checkpoint_is_exported(tmp_path, tiny_model_dir):
+def test_without_final_weights_the_newest_complete_checkpoint_is_exported(tmp_path, tiny_model_dir, make_run):
     run, job, _ = make_run(tmp_path, tiny_model_dir, final=False)
-    target, weights = export.export_run(run, job, None, merge=False, to=None)
+    target, weights = hf.export_run(run, job, None, merge=False, to=None)
     assert weights.name == "checkpoints/step-000002" and target.name == "step-000002-adapter"
 
 
@@ -173,15 +137,15 @@ def test_unwritable_or_occupied_targets_are_clear_errors(lora_run, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(StorageError, match=f"{blocker}/out is not writable: {blocker} is a file"):
-        export.export_run(run, job, None, merge=False, to=str(blocker / "out"))
+        hf.export_run(run, job, None, merge=False, to=str(blocker / "out"))
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
     with pytest.raises(StorageError, match="already exists"):
-        export.export_run(run, job, None, merge=False, to=str(occupied))
+        hf.export_run(run, job, None, merge=False, to=str(occupied))
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     with pytest.raises(StorageError, match="not available yet"):
-        export.export_run(run, job, None, merge=False, to="s3://bucket/models/x")
+        hf.export_run(run, job, None, merge=False, to="s3://bucket/models/x")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions; the blocked-path case above "
@@ -193,7 +157,7 @@ def test_read_only_folder_is_not_writable(lora_run, tmp_path):
     locked.chmod(0o500)
     try:
         with pytest.raises(StorageError, match="is not writable"):
-            export.export_run(run, job, None, merge=False, to=str(locked / "out"))
+            hf.export_run(run, job, None, merge=False, to=str(locked / "out"))
     finally:
         locked.chmod(0o700)
 
@@ -205,9 +169,9 @@ def test_a_failure_mid_export_leaves_nothing_under_the_final_name(lora_run, tmp_
         (out / "tokenizer.json").write_text("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "_write_tokenizer_and_generation_config", broken)
+    monkeypatch.setattr(hf, "write_tokenizer_and_generation_config", broken)
     with pytest.raises(OSError, match="disk full"):
-        export.export_run(run, job, None, merge=True, to=str(tmp_path / "exports" / "merged"))
+        hf.export_run(run, job, None, merge=True, to=str(tmp_path / "exports" / "merged"))
     assert list((tmp_path / "exports").iterdir()) == []  # neither the target nor the staging folder
 
 
@@ -239,16 +203,8 @@ ZERO3_RUN = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_full_run_exports_consolidated_weights_from_zero3_shards(tmp_path, tiny_model_dir):
+def test_full_run_exports_consolidated_weights_from_zero3_shards(tmp_path, tiny_model_dir, free_port):
     """One real DeepSpeed ZeRO-3 step (one CPU process), then export from its checkpoint shards through
     deepspeed's zero_to_fp32, and from final/model; both equal the weights the engine gathered."""
     from transformers import AutoModelForCausalLM
@@ -264,13 +220,13 @@ def test_full_run_exports_consolidated_weights_from_zero3_shards(tmp_path, tiny_
     run.write_json("run.json", {"state": "succeeded", "method": "full"})
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_WORLD_SIZE": "1"}
-    done = subprocess.run([sys.executable, "-c", ZERO3_RUN, str(tmp_path / "runs"), "f", str(_free_port())],
+    done = subprocess.run([sys.executable, "-c", ZERO3_RUN, str(tmp_path / "runs"), "f", str(free_port())],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    from_shards, weights = export.export_run(run, job, 1, merge=False, to=str(tmp_path / "from-shards"))
+    from_shards, weights = hf.export_run(run, job, 1, merge=False, to=str(tmp_path / "from-shards"))
     assert weights.full and (from_shards / "model.safetensors").is_file()
-    from_final, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "from-final"))
+    from_final, _ = hf.export_run(run, job, None, merge=True, to=str(tmp_path / "from-final"))
     a = AutoModelForCausalLM.from_pretrained(from_shards).state_dict()
     b = AutoModelForCausalLM.from_pretrained(from_final).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
@@ -279,14 +235,14 @@ def test_full_run_exports_consolidated_weights_from_zero3_shards(tmp_path, tiny_
     assert "library_name: transformers" in (from_shards / "README.md").read_text()
 
 
-def test_checkpoint_best_exports_the_checkpoint_with_the_best_eval_metric(tmp_path, tiny_model_dir):
+def test_checkpoint_best_exports_the_checkpoint_with_the_best_eval_metric(tmp_path, tiny_model_dir, make_run,
+                                                                           tunerun):
     import shutil
 
     run, _, _ = make_run(tmp_path, tiny_model_dir, final=False)
 
     def tunerun_export(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", "export", "r", "--storage",
-                               str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=300)
+        return tunerun("export", "r", "--storage", str(tmp_path / "runs"), *args, cwd=tmp_path)
 
     unscored = tunerun_export("--checkpoint", "best")
     assert unscored.returncode == 2 and "no complete checkpoint holds an eval loss" in unscored.stderr

@@ -1,6 +1,6 @@
 """GGUF export: llama.cpp's converter and quantiser on a merged LoRA model, the file loaded back with
 llama-cpp-python and checked against the Hugging Face model; refusals and failures are one clear error and leave
-nothing under the final name. (The end-to-end path from a QLoRA run through the CLI is tests/e2e/test_export_gguf.py.)
+nothing under the final name. (The end-to-end path from a QLoRA run through the CLI is in tests/e2e/test_learning.py.)
 """
 from __future__ import annotations
 
@@ -9,34 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
-from test_export import make_run  # tests/trainer is on sys.path (rootdir-style test modules)
 
 from tunerun.jobs.errors import ExportError, StorageError
-from tunerun.trainer import export, export_gguf
-
-TICKETS = [("My invoice is wrong", "category: billing"), ("I cannot log in", "category: login"),
-           ("The app crashes on start", "category: bug"), ("Please refund my order", "category: billing"),
-           ("Password reset mail never came", "category: login"), ("Button does nothing", "category: bug")]
-
-
-def add_eval_set(run, model_dir: Path) -> None:
-    """data/eval.jsonl as data preparation writes it: token ids + labels, rendered with the default template."""
-    from transformers import AutoTokenizer
-
-    from tunerun.trainer.data.formats import Conversation
-    from tunerun.trainer.data.render import encode, render
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rendered = [render(Conversation(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]),
-                       tokenizer) for q, a in TICKETS]
-    rows = [{"input_ids": ids, "labels": labels} for ids, labels in encode(rendered, tokenizer)]
-    run.write_text("data/eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-
+from tunerun.trainer.export import gguf as export_gguf
+from tunerun.trainer.export import hf
 
 @pytest.fixture
-def lora_run(tmp_path, tiny_model_dir):
-    run, job, model = make_run(tmp_path, tiny_model_dir)
-    add_eval_set(run, tiny_model_dir)
+def lora_run(tmp_path, tiny_model_dir, make_run, add_eval_set):
+    run, job, _ = make_run(tmp_path, tiny_model_dir)
+    add_eval_set(run)
     return run, job
 
 
@@ -55,14 +36,15 @@ def test_f16_gguf_answers_like_the_merged_model_and_q8_0_is_measured(lora_run, t
     import llama_cpp
 
     run, job = lora_run
+    tickets = len(run.read_text("data/eval.jsonl").splitlines())  # six held-out prompts
     f16 = export_gguf.export_gguf(run, job, None, "f16", str(tmp_path / "f16"))
     assert sorted(p.name for p in Path(f16.target).iterdir()) == ["Modelfile", "README.md", "t-f16.gguf"]
-    assert f16.check["prompts"] == len(TICKETS) and f16.check["same_tokens"] == len(TICKETS)
+    assert f16.check["prompts"] == tickets and f16.check["same_tokens"] == tickets
     # Ollama sends text: llama.cpp's tokenizer gives the training ids for these (single-turn) prompt texts.
-    assert f16.check["prompt_texts_same_ids"] == f16.check["prompt_texts"] == len(TICKETS)
+    assert f16.check["prompt_texts_same_ids"] == f16.check["prompt_texts"] == tickets
 
     # Independently of the export's own check: llama.cpp on the file vs transformers on the --merge export.
-    merged, _ = export.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
+    merged, _ = hf.export_run(run, job, None, merge=True, to=str(tmp_path / "merged"))
     prompt = json.loads(run.read_text("data/eval.jsonl").splitlines()[0])["input_ids"][:-4]
     llm = llama_cpp.Llama(model_path=f"{f16.target}/t-f16.gguf", n_ctx=128, verbose=False)
     assert export_gguf.greedy(llm, prompt, 12, stops=set()) == greedy_hf(merged, prompt, 12)

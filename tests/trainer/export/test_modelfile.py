@@ -16,7 +16,7 @@ import re
 import pytest
 
 from tunerun.jobs.errors import ExportError
-from tunerun.trainer.modelfile import measure_chat_format, render_modelfile, training_renderer
+from tunerun.trainer.export.modelfile import measure_chat_format, render_modelfile, training_renderer
 
 ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 
@@ -167,10 +167,11 @@ def go_render(modelfile: str, messages: list[dict]) -> str:
 
 
 @pytest.fixture
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer(tokenizer):
+    """The shared tiny tokenizer (tests/conftest.py); tests here set its chat_template, put back afterwards."""
+    saved = tokenizer.chat_template
+    yield tokenizer
+    tokenizer.chat_template = saved
 
 
 def test_default_template_modelfile_renders_what_training_renders(tokenizer):

@@ -1,0 +1,82 @@
+"""Finished runs as the train loop leaves them, for the evaluation and export tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TICKETS = [("My invoice is wrong", "category: billing"), ("I cannot log in", "category: login"),
+           ("The app crashes on start", "category: bug"), ("Please refund my order", "category: billing"),
+           ("Password reset mail never came", "category: login"), ("Button does nothing", "category: bug")]
+
+
+def _make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = True, checkpoint: bool = True,
+              run_id: str = "r", job_yaml: str = ""):
+    """A finished lora/qlora run folder with a trained-looking adapter (lora_B non-zero), as the loop leaves it:
+    checkpoints/step-000002/ (trainable.safetensors, progress.json, manifest.json) and final/adapter/.
+    Returns (run, job, the tuned PEFT model in eval mode)."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tunerun.cluster.storage import RunFolder
+    from tunerun.jobs.loader import load_job_text
+    from tunerun.jobs.plan import resolve
+    from tunerun.trainer import checkpoint as ckpt
+    from tunerun.trainer.engines import TRAINABLE
+    from tunerun.trainer.methods.lora import add_adapters
+
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(20)))
+    job = resolve(load_job_text(f"name: t\nmodel: {{path: {model_dir}, dtype: float32}}\nmethod: {{kind: {kind}}}\n"
+                                f"data: {{train: {data}}}\ntraining: {{learning_rate: 0.001}}\n{job_yaml}"),
+                  run_id=run_id)
+    run = RunFolder(str(root / "runs"), run_id)
+    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json")))
+    run.write_json("run.json", {"run_id": run_id, "state": "succeeded", "method": kind})
+    run.write_json("data/data_report.json", {"files": [str(data)], "format": "text", "records_read": 20,
+                                             "train_records": 19, "eval_records": 1, "duplicates": 0,
+                                             "pii_masked": {"email": 2}})
+    torch.manual_seed(0)
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), job)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    if checkpoint:
+        folder = run.local_path("checkpoints/step-000002")
+        folder.mkdir(parents=True)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(folder / TRAINABLE))
+        (folder / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "tokens_seen": 10}))
+        ckpt.write_manifest(run, "checkpoints/step-000002", 2, ckpt.file_digests(folder))
+    if final:
+        model.save_pretrained(run.local_path("final/adapter"))
+        run.event("exported", path=str(run.local_path("final/adapter")), step=2)
+    return run, job, model.eval()
+
+
+def _add_eval_set(run, tokenizer) -> None:
+    """data/eval.jsonl as data preparation writes it: token ids + labels, rendered with the default template."""
+    from tunerun.trainer.data.formats import Conversation
+    from tunerun.trainer.data.render import encode, render
+
+    rendered = [render(Conversation(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]),
+                       tokenizer) for q, a in TICKETS]
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in encode(rendered, tokenizer)]
+    run.write_text("data/eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(root, model_dir, kind="lora", final=True, checkpoint=True, run_id="r", job_yaml="")`` →
+    (run, job, tuned model): a finished run folder with final/adapter and checkpoints/step-000002."""
+    return _make_run
+
+
+@pytest.fixture(scope="session")
+def add_eval_set(tokenizer):
+    """``add_eval_set(run)`` writes the run's data/eval.jsonl: six support tickets, tokenized as in training."""
+    return lambda run: _add_eval_set(run, tokenizer)

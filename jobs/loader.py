@@ -162,15 +162,16 @@ def _set_nested(data: dict, parts: list[str], value: object) -> Problem | None:
 
 def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read, override and validate the job spec at ``path``; raises `SpecError` with every problem."""
-    return load_job_text(_read(path), str(path), overrides)
+    return load_job_text(read_spec_text(path), str(path), overrides)
 
 
 def load_config(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
     """`load_job` for another YAML file checked the same way (the server's config): ``model`` validates it."""
-    return load_config_text(_read(path), str(path), model, overrides)
+    return load_config_text(read_spec_text(path), str(path), model, overrides)
 
 
-def _read(path: str | Path) -> str:
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file, or `SpecError` saying why it cannot be read."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

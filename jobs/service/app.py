@@ -1,0 +1,300 @@
+"""The HTTP surface of `tunerun serve`: OpenAI's Files, Fine-tuning and Models endpoints under ``/v1``.
+
+FastAPI on uvicorn; the OpenAPI page is at ``/docs``. Every request carries a project's key (``Authorization:
+Bearer tr-…``) and sees only that project's objects: anything else is 404, as if it did not exist. Errors have
+OpenAI's shape (`tunerun.jobs.service.errors`). Handlers are plain functions: FastAPI runs them in its thread
+pool, so storage calls block only their own request.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunerun.cluster.runs import read_info
+from tunerun.jobs.errors import TunerunError
+from tunerun.jobs.plan import TUNERUN_VERSION
+from tunerun.jobs.service import objects
+from tunerun.jobs.service.config import Served
+from tunerun.jobs.service.errors import ApiError, bad_request, not_found
+from tunerun.jobs.service.files import FileStore
+from tunerun.jobs.service.fine_tuning import JobRequest, JobService, Scheduler
+from tunerun.jobs.service.keys import KeyStore
+
+COPY_CHUNK = 1 << 20
+MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
+
+
+class Service:
+    """The stores the handlers share, built once from the configuration."""
+
+    def __init__(self, served: Served):
+        storage = served.config.storage
+        self.served, self.keys, self.files = served, KeyStore(storage), FileStore(storage)
+        self.jobs = JobService(served, self.files)
+        self.scheduler = Scheduler(self.jobs)
+        self.validation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerun-validate")
+
+    def validate_later(self, project: str, file_id: str, local: Path) -> None:
+        def run():
+            try:
+                self.files.validate(project, file_id, local)
+            finally:
+                shutil.rmtree(local.parent, ignore_errors=True)
+
+        self.validation.submit(run)
+
+    def revalidate_unfinished(self) -> None:
+        """Uploads whose validation a stopped server never finished are read again (from storage)."""
+        for project in self.files.backend.children("_service/files"):
+            for found in self.files.list(project):
+                if found.status == "uploaded":
+                    local = Path(tempfile.mkdtemp(prefix="tunerun-upload-")) / "data.jsonl"
+                    self.files.backend.download_file(self.files._key(project, found.id, "jsonl"), local)
+                    self.validate_later(project, found.id, local)
+
+
+def create_app(served: Served) -> FastAPI:
+    service = Service(served)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        threading.Thread(target=service.revalidate_unfinished, daemon=True).start()
+        service.scheduler.start()
+        yield
+        service.scheduler.stop()
+        service.validation.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="tunerun", version=TUNERUN_VERSION, lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning on your own hardware")
+    app.state.service = service
+    _error_handlers(app)
+
+    def project_of(request: Request) -> str:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        project = service.keys.project_of(key.strip()) if scheme.lower() == "bearer" else None
+        if project is None:
+            raise ApiError(401, "Incorrect API key provided: pass a project's key as 'Authorization: Bearer tr-…' "
+                                "(`tunerun serve keys create PROJECT` makes one)", code="invalid_api_key")
+        return project
+
+    _file_routes(app, service, project_of)
+    _job_routes(app, service, project_of)
+    _model_routes(app, service, project_of)
+    return app
+
+
+# ── files ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+def _file_routes(app: FastAPI, service: Service, project_of) -> None:
+    limit = service.served.config.uploads.max_file_bytes
+
+    @app.post("/v1/files")
+    async def create_file(request: Request, project: str = Depends(project_of)):
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit + MULTIPART_OVERHEAD:  # refused before a byte of the body is read
+            raise ApiError(413, f"the upload is {declared:,} bytes; this server takes files up to {limit:,} bytes",
+                           "file", "file_too_large")
+        form = await request.form(max_files=1, max_fields=4)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("send the file as multipart form field 'file' (and purpose=fine-tune)", "file")
+        folder = Path(tempfile.mkdtemp(prefix="tunerun-upload-"))
+        local = folder / "data.jsonl"
+        try:
+            size = await run_in_threadpool(_copy_limited, upload, local, limit)
+            found = await run_in_threadpool(service.files.add, project, upload.filename or "", str(purpose or ""),
+                                            local)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        service.validate_later(project, found.id, local)
+        return found.public() | {"bytes": size}
+
+    @app.get("/v1/files")
+    def list_files(project: str = Depends(project_of), purpose: str | None = None):
+        found = [f.public() for f in service.files.list(project)]
+        found += [objects.result_file(run, record) for run, record in service.jobs.jobs_of(project)
+                  if run.exists("metrics.jsonl")]
+        found = [f for f in found if purpose is None or f["purpose"] == purpose]
+        return {"object": "list", "data": found, "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    def retrieve_file(file_id: str, project: str = Depends(project_of)):
+        result = _result_of(service, project, file_id)
+        return objects.result_file(*result) if result else service.files.get(project, file_id).public()
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str, project: str = Depends(project_of)):
+        result = _result_of(service, project, file_id)
+        if result:
+            return Response(objects.result_csv(result[0]), media_type="text/csv")
+        return Response(service.files.content(project, file_id), media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str, project: str = Depends(project_of)):
+        service.files.delete(project, file_id)
+        return {"object": "file", "id": file_id, "deleted": True}
+
+
+def _copy_limited(upload: UploadFile, target: Path, limit: int) -> int:
+    size = 0
+    upload.file.seek(0)
+    with target.open("wb") as out:
+        while chunk := upload.file.read(COPY_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the file is over this server's limit of {limit:,} bytes", "file",
+                               "file_too_large")
+            out.write(chunk)
+    return size
+
+
+def _result_of(service: Service, project: str, file_id: str):
+    return next(((run, record) for run, record in service.jobs.jobs_of(project) if record.result_file == file_id),
+                None)
+
+
+# ── fine-tuning jobs ────────────────────────────────────────────────────────────────────────────────────────
+
+def _job_routes(app: FastAPI, service: Service, project_of) -> None:
+    jobs = service.jobs
+
+    def job(run, record) -> dict:
+        return objects.job_object(run, record, jobs.target_of(run).status(run))
+
+    @app.post("/v1/fine_tuning/jobs")
+    def create_job(body: JobRequest, project: str = Depends(project_of)):
+        run = jobs.create(project, body)
+        return job(run, jobs.record(run))
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(request: Request, project: str = Depends(project_of), after: str | None = None, limit: int = 20):
+        wanted = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
+                  if key.startswith("metadata[") and key.endswith("]")}
+        owned = [(run, record) for run, record in jobs.jobs_of(project)
+                 if all(record.metadata.get(k) == v for k, v in wanted.items())]
+        return _page([job(*item) for item in _after(owned, after, lambda item: item[1].job_id)[:_limit(limit) + 1]],
+                     limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def retrieve_job(job_id: str, project: str = Depends(project_of)):
+        return job(*jobs.owned(project, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, project: str = Depends(project_of)):
+        run, record = jobs.owned(project, job_id)
+        jobs.cancel(run)
+        return job(run, record)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str, project: str = Depends(project_of)):
+        run, record = jobs.owned(project, job_id)
+        jobs.pause(run)
+        return job(run, record)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str, project: str = Depends(project_of)):
+        run, record = jobs.owned(project, job_id)
+        jobs.resume(run)
+        return job(run, record)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    def list_events(job_id: str, project: str = Depends(project_of), after: str | None = None, limit: int = 20):
+        run, _ = jobs.owned(project, job_id)
+        newest_first = list(reversed(objects.events(run)))
+        return _page(_after(newest_first, after, lambda e: e["id"])[:_limit(limit) + 1], limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def list_checkpoints(job_id: str, project: str = Depends(project_of), after: str | None = None,
+                         limit: int = 10):
+        run, record = jobs.owned(project, job_id)
+        found = objects.checkpoints(run, record)
+        return _page(_after(found, after, lambda c: c["id"])[:_limit(limit) + 1], limit)
+
+
+def _limit(limit: int) -> int:
+    if not 1 <= limit <= 100:
+        raise bad_request(f"limit must be between 1 and 100 (got {limit})", "limit")
+    return limit
+
+
+def _after(items: list, after: str | None, ident) -> list:
+    """The items after the one whose id is ``after`` (cursor pagination); all of them without a cursor."""
+    if after is None:
+        return items
+    ids = [ident(item) for item in items]
+    if after not in ids:
+        raise bad_request(f"after={after!r} is not an id of this list", "after")
+    return items[ids.index(after) + 1:]
+
+
+def _page(items: list[dict], limit: int) -> dict:
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+# ── models ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+def _model_routes(app: FastAPI, service: Service, project_of) -> None:
+    def models(project: str) -> list[dict]:
+        created = int(service.served.source.stat().st_mtime)
+        found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun"}
+                 for name in service.served.config.models]
+        for run, record in service.jobs.jobs_of(project):
+            if read_info(run).state == "succeeded":
+                found.append({"id": objects.fine_tuned_model(record), "object": "model",
+                              "created": int(record.created_at), "owned_by": project})
+        return found
+
+    @app.get("/v1/models")
+    def list_models(project: str = Depends(project_of)):
+        return {"object": "list", "data": models(project)}
+
+    @app.get("/v1/models/{model_id:path}")
+    def retrieve_model(model_id: str, project: str = Depends(project_of)):
+        found = next((m for m in models(project) if m["id"] == model_id), None)
+        if found is None:
+            raise not_found("model", model_id, "model")
+        return found
+
+
+# ── errors ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+def _error_handlers(app: FastAPI) -> None:
+    def respond(error: ApiError) -> JSONResponse:
+        headers = {"x-should-retry": "false"} if 400 <= error.status < 500 else {}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return respond(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = [str(part) for part in first["loc"] if part not in ("body", "query", "path")]
+        param = ".".join(where) or None
+        if first["type"] == "json_invalid":
+            return respond(bad_request(f"the request body is not valid JSON: {first['msg']}", None, "invalid_json"))
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown parameter"
+        return respond(bad_request(f"{param}: {message}" if param else message, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return respond(ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(TunerunError)
+    async def tunerun_error(_request, exc: TunerunError):
+        return respond(bad_request(str(exc)))

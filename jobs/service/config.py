@@ -1,0 +1,88 @@
+"""``server.yaml``: what `tunerun serve` serves, checked like a job spec (every problem at once, with its line).
+
+```yaml
+storage: {uri: s3://training/tunerun, endpoint_url: http://minio:9000}   # runs, uploads and keys live here
+target: local                 # local | ray | slurm | k8s, with the targets.* blocks of a job spec
+max_concurrent_runs: 1        # local target: more jobs wait as `queued`; other targets queue in the cluster
+models:                       # what users may fine-tune: a name → the job spec the platform team wrote
+  support-tiny: {job: specs/quickstart.yaml}
+uploads: {max_file_bytes: 1073741824}
+host: 127.0.0.1
+port: 8000
+```
+
+Relative paths (``models.*.job`` and the paths inside those specs) are relative to the directory `tunerun serve`
+runs in, as for every tunerun command. A request fills in only the data, the hyperparameters, the seed, a suffix
+and metadata; everything else is the template's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from tunerun.jobs.errors import Problem, SpecError
+from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
+from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, TargetsSpec
+
+TARGETS = ("local", "ray", "slurm", "k8s")  # `tunerun.cluster.targets.names()`, without importing the targets
+UPLOAD_PLACEHOLDER = "uploaded-training-file.jsonl"  # stands in for data.train while a template is checked
+GIB = 1 << 30
+
+
+class ModelEntry(Strict):
+    job: str = Field(description="The job spec this model is fine-tuned with.")
+    description: str | None = None
+
+
+class UploadLimits(Strict):
+    max_file_bytes: int = Field(GIB, ge=1)
+
+
+class ServerConfig(Strict):
+    storage: StorageSpec = StorageSpec()
+    target: Literal[TARGETS] = "local"
+    targets: TargetsSpec = TargetsSpec()
+    max_concurrent_runs: int = Field(1, ge=1)
+    models: dict[str, ModelEntry]
+    uploads: UploadLimits = UploadLimits()
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        if not models:
+            raise ValueError("name at least one model users may fine-tune, e.g. {support-8b: {job: "
+                             "specs/qlora-8b.yaml}}")
+        for name in models:
+            if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"model name {name!r}: use up to 64 letters, digits, '-', '_' or '.'")
+        return models
+
+
+class Served:
+    """The checked configuration and, for each catalog model, its job spec template: validated, and its text as
+    read at startup (a request's job is that text with the request's fields set, checked again)."""
+
+    def __init__(self, config: ServerConfig, templates: dict[str, JobSpec], texts: dict[str, str], source: Path):
+        self.config, self.templates, self.texts, self.source = config, templates, texts, source
+
+
+def load_server_config(path: str | Path) -> Served:
+    """server.yaml and every model's job spec, each checked; `SpecError` with every problem of every file."""
+    path = Path(path).expanduser().absolute()
+    config = load_config(path, ServerConfig)
+    templates, texts, problems = {}, {}, []
+    for name, entry in config.models.items():
+        try:
+            texts[name] = read_spec_text(entry.job)
+            templates[name] = load_job_text(texts[name], entry.job, [f"data.train={UPLOAD_PLACEHOLDER}"])
+        except SpecError as exc:
+            problems += [Problem(f"models.{name}.job", f"{exc.source}: {p.path or '(top level)'}"
+                                 + (f" (line {p.line})" if p.line else "") + f": {p.message}")
+                         for p in exc.problems]
+    if problems:
+        raise SpecError(str(path), problems)
+    return Served(config, templates, texts, path)

@@ -1,0 +1,305 @@
+"""Fine-tuning jobs: a job *is* a tunerun run, made from a catalog model's job spec and the request.
+
+The run folder holds everything (job.yaml, run.json, events, metrics, checkpoints, the export) plus
+``service.json``: the project, the request as it came, the suffix and the id of the job's result file. It is
+written once, before the run exists, so every run with a run.json that belongs to the service has one. The
+server keeps nothing else: a restarted server, or a second one on the same storage, sees every job.
+
+With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`Scheduler` starts them as slots
+free, detached, so they keep training while the server is down); other targets are given the job at once and
+queue it in the cluster's own scheduler.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunerun.cluster import targets
+from tunerun.cluster.runs import RunState, create_run, read_info, record_cancelled
+from tunerun.cluster.storage import RunFolder, RunStore
+from tunerun.jobs.errors import SpecError, TunerunError
+from tunerun.jobs.loader import load_job_text
+from tunerun.jobs.plan import ResolvedJob, resolve
+from tunerun.jobs.service.config import Served
+from tunerun.jobs.service.errors import ApiError, bad_request, not_found
+from tunerun.jobs.service.files import FileStore
+
+SERVICE_RECORD = "service.json"
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Where a spec problem shows in the request: the field the request filled in.
+PARAMS = {"training.epochs": "hyperparameters.n_epochs", "training.global_batch_size": "hyperparameters.batch_size",
+          "training.learning_rate": "hyperparameters.learning_rate_multiplier", "training.seed": "seed",
+          "data.train": "training_file", "data.eval": "validation_file"}
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | str = "auto"
+    batch_size: int | str = "auto"
+    learning_rate_multiplier: float | str = "auto"
+
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier")
+    @classmethod
+    def _auto_or_positive(cls, value, info):
+        if value == "auto":
+            return value
+        if isinstance(value, str) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{info.field_name} must be 'auto' or a number above 0 (got {value!r})")
+        if info.field_name != "learning_rate_multiplier" and not float(value).is_integer():
+            raise ValueError(f"{info.field_name} must be 'auto' or a whole number (got {value!r})")
+        return value
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class MethodRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # dpo / reinforcement blocks are refused by type, with a message
+    type: str
+    supervised: SupervisedMethod | None = None
+
+
+class JobRequest(BaseModel):
+    """The body of ``POST /v1/fine_tuning/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: MethodRequest | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _plain_suffix(cls, suffix: str | None) -> str | None:
+        if suffix is not None and not SUFFIX.fullmatch(suffix):
+            raise ValueError("suffix must be 1 to 64 letters, digits, '-' or '_' (it becomes part of the model name)")
+        return suffix
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, metadata: dict | None) -> dict | None:
+        if metadata and (len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items())):
+            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return metadata
+
+    def chosen_hyperparameters(self) -> Hyperparameters:
+        if self.method is not None:
+            if self.method.type != "supervised":
+                raise bad_request(f"method type {self.method.type!r} is not available here; tunerun fine-tunes with "
+                                  "'supervised'", "method.type", "unsupported_method")
+            if self.method.supervised is not None:
+                return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """``service.json``: who asked for the run, and how."""
+
+    job_id: str
+    project: str
+    model: str
+    created_at: float
+    request: dict
+    result_file: str
+    hyperparameters: dict
+
+    @property
+    def suffix(self) -> str | None:
+        return self.request.get("suffix")
+
+    @property
+    def metadata(self) -> dict:
+        return self.request.get("metadata") or {}
+
+
+class JobService:
+    def __init__(self, served: Served, files: FileStore):
+        self.served, self.config, self.files = served, served.config, files
+        self.store = RunStore(self.config.storage)
+        self._records: dict[str, ServiceRecord] = {}  # service.json never changes: read each once
+        self._lock = threading.Lock()
+
+    # ── creating ────────────────────────────────────────────────────────────────────────────────────────────
+
+    def create(self, project: str, request: JobRequest) -> RunFolder:
+        if request.model not in self.served.templates:
+            raise ApiError(404, f"The model {request.model!r} is not in this server's catalog; models: "
+                                f"{', '.join(self.served.templates)}", "model", "model_not_found")
+        hyper = request.chosen_hyperparameters()
+        data = {"train": self._usable_file(project, request.training_file, "training_file"),
+                "eval": self._usable_file(project, request.validation_file, "validation_file")
+                if request.validation_file else None}
+        job_id = f"ftjob-{secrets.token_hex(12)}"
+        job = self._resolved_job(job_id, request, hyper, data)
+        run = RunFolder(self.config.storage, job_id)
+        template = self.served.templates[request.model].training
+        record = ServiceRecord(job_id=job_id, project=project, model=request.model, created_at=time.time(),
+                               request=request.model_dump(mode="json", exclude_none=True),
+                               result_file=f"file-{secrets.token_hex(12)}",
+                               hyperparameters={"n_epochs": job.spec.training.epochs,
+                                                "batch_size": job.spec.training.global_batch_size,
+                                                "learning_rate_multiplier": job.spec.training.learning_rate
+                                                / template.learning_rate})
+        run.write_json(SERVICE_RECORD, vars(record))  # before run.json: a listed run always has its record
+        if self.config.target == "local":
+            create_run(job, "local", state=RunState.QUEUED)
+        else:
+            targets.get(self.config.target).submit(job)
+        return run
+
+    def _usable_file(self, project: str, file_id: str, param: str) -> str:
+        found = self.files.get(project, file_id) if file_id else None
+        if found is None:
+            raise not_found("file", file_id, param)
+        if found.status == "uploaded":
+            raise bad_request(f"File {file_id} is still being validated; create the job once files.retrieve says "
+                              "'processed'", param, "file_not_ready")
+        if found.status == "error":
+            raise bad_request(f"File {file_id} failed validation: {found.status_details}", param, "invalid_file")
+        return self.files.data_uri(project, file_id)
+
+    def _resolved_job(self, job_id: str, request: JobRequest, hyper: Hyperparameters, data: dict) -> ResolvedJob:
+        template = self.served.templates[request.model]
+        overrides = [f"data.train={json.dumps(data['train'])}"]
+        if data["eval"]:
+            overrides.append(f"data.eval={json.dumps(data['eval'])}")
+        if hyper.n_epochs != "auto":
+            overrides += [f"training.epochs={int(hyper.n_epochs)}", "training.max_steps=null"]
+        if hyper.batch_size != "auto":
+            overrides.append(f"training.global_batch_size={int(hyper.batch_size)}")
+        if hyper.learning_rate_multiplier != "auto":
+            rate = template.training.learning_rate * float(hyper.learning_rate_multiplier)
+            overrides.append(f"training.learning_rate={rate!r}")
+        if request.seed is not None:
+            overrides.append(f"training.seed={request.seed}")
+        try:
+            spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides)
+            spec = spec.model_copy(update={"storage": self.config.storage, "targets": self.config.targets})
+            return resolve(spec, run_id=job_id, source=f"model {request.model}")
+        except SpecError as exc:
+            first = exc.problems[0]
+            raise bad_request(f"{PARAMS.get(first.path, first.path)}: {first.message.replace(' (from --set)', '')}",
+                              PARAMS.get(first.path, first.path)) from None
+        except TunerunError as exc:
+            raise bad_request(str(exc)) from None
+
+    # ── reading ─────────────────────────────────────────────────────────────────────────────────────────────
+
+    def record(self, run: RunFolder) -> ServiceRecord | None:
+        with self._lock:
+            if run.run_id not in self._records:
+                if not run.exists(SERVICE_RECORD):
+                    return None
+                self._records[run.run_id] = ServiceRecord(**run.read_json(SERVICE_RECORD))
+            return self._records[run.run_id]
+
+    def owned(self, project: str, job_id: str) -> tuple[RunFolder, ServiceRecord]:
+        """The run of ``job_id`` if ``project`` owns it; 404 otherwise (also for another project's job)."""
+        run = RunFolder(self.config.storage, job_id)
+        record = self.record(run) if JOB_ID.fullmatch(job_id or "") and run.exists("run.json") else None
+        if record is None or record.project != project:
+            raise not_found("job", job_id, "fine_tuning_job_id")
+        return run, record
+
+    def jobs_of(self, project: str) -> list[tuple[RunFolder, ServiceRecord]]:
+        """The project's jobs, newest first."""
+        found = []
+        for run_id in self.store.run_ids():
+            if JOB_ID.fullmatch(run_id):
+                run = RunFolder(self.config.storage, run_id)
+                record = self.record(run)
+                if record is not None and record.project == project:
+                    found.append((run, record))
+        return sorted(found, key=lambda item: item[1].created_at, reverse=True)
+
+    def target_of(self, run: RunFolder):
+        return targets.for_run(run)
+
+    # ── acting ──────────────────────────────────────────────────────────────────────────────────────────────
+
+    def cancel(self, run: RunFolder) -> None:
+        info = read_info(run)
+        if info.state == RunState.QUEUED:
+            record_cancelled(run, info.target)
+        elif not info.state.terminal:
+            self.target_of(run).cancel(run)
+        # cancelling a finished job changes nothing; the job object says how it ended
+
+    def pause(self, run: RunFolder) -> None:
+        state = self.target_of(run).status(run).state
+        if state != RunState.RUNNING or not self.target_of(run).pause(run):
+            raise bad_request(f"Job {run.run_id} is {state}: only a running job can be paused", "fine_tuning_job_id",
+                              "invalid_state")
+
+    def resume(self, run: RunFolder) -> None:
+        state = self.target_of(run).status(run).state
+        if state != RunState.PREEMPTED:
+            raise bad_request(f"Job {run.run_id} is {state}: only a paused job can be resumed", "fine_tuning_job_id",
+                              "invalid_state")
+        job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+        if self.config.target == "local":
+            create_run(job, "local", resume=True, state=RunState.QUEUED)
+        else:
+            targets.get(self.config.target).submit(job, resume=True)
+
+
+class Scheduler:
+    """Local target: starts queued jobs, oldest first, while fewer than ``max_concurrent_runs`` run.
+
+    The drivers run detached (their own session, as `tunerun submit --target local` starts them): a server that
+    stops leaves them training, and the next one counts them as running from their run folders.
+    """
+
+    def __init__(self, jobs: JobService, poll_s: float = 1.0):
+        self.jobs, self.poll_s = jobs, poll_s
+        self._started: list[subprocess.Popen] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunerun-scheduler", daemon=True)
+
+    def start(self) -> None:
+        if self.jobs.config.target == "local":
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.tick()
+            except TunerunError:
+                continue  # storage briefly unreachable: try again on the next tick
+
+    def tick(self) -> None:
+        from tunerun.cluster import local
+
+        self._started = [p for p in self._started if p.poll() is None]  # reap finished drivers
+        runs = [RunFolder(self.jobs.config.storage, run_id) for run_id in self.jobs.store.run_ids()
+                if JOB_ID.fullmatch(run_id)]
+        states = {run.run_id: local.LocalTarget().status(run).state for run in runs}
+        active = sum(1 for state in states.values() if state in (RunState.PENDING, RunState.RUNNING))
+        queued = sorted((run for run in runs if states[run.run_id] == RunState.QUEUED),
+                        key=lambda run: read_info(run).updated_at or 0)
+        for run in queued[:max(0, self.jobs.config.max_concurrent_runs - active)]:
+            job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+            _, process = local.start(job)
+            self._started.append(process)

@@ -80,8 +80,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _warmup_steps(job: ResolvedJob, total_steps: int) -> int:
-    return int(round(job.spec.training.warmup_ratio * total_steps))
+def _scheduler(optimizer, job: ResolvedJob, total_steps: int):
+    training = job.spec.training
+    return get_scheduler(SCHEDULERS[training.lr_scheduler], optimizer,
+                         num_warmup_steps=int(round(training.warmup_ratio * total_steps)),
+                         num_training_steps=total_steps)
 
 
 def _move(batch: dict, device: torch.device) -> dict:
@@ -120,7 +123,16 @@ def load_deepspeed_file(path, map_location=None, mmap=None):
         return _torch_load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
-class DDPEngine:
+class _Optimizing:
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class DDPEngine(_Optimizing):
     """Adapters (LoRA/QLoRA) trained with AdamW; DDP averages gradients when there is more than one worker."""
 
     collective_forward = False  # DDP synchronises gradients in backward; a forward is local
@@ -137,13 +149,7 @@ class DDPEngine:
         self.max_grad_norm = training.max_grad_norm
         self.optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate,
                                            weight_decay=training.weight_decay)
-        self.scheduler = get_scheduler(SCHEDULERS[training.lr_scheduler], self.optimizer,
-                                       num_warmup_steps=_warmup_steps(job, total_steps),
-                                       num_training_steps=total_steps)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        self.scheduler = _scheduler(self.optimizer, job, total_steps)
 
     def train_step(self, micro_batches: list[dict]) -> float:
         self.model.train()
@@ -181,7 +187,7 @@ class DDPEngine:
         self.scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text()))
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Optimizing):
     """All weights trained under DeepSpeed ZeRO-2/3 with the config the planner generated."""
 
     def __init__(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int):
@@ -192,27 +198,17 @@ class DeepSpeedEngine:
             # DeepSpeed's default AdamW is FusedAdam, a CUDA kernel; on CPU use torch's AdamW.
             config["optimizer"]["params"]["torch_adam"] = True
             config["zero_force_ds_cpu_optimizer"] = False
-        training = job.spec.training
-
-        def scheduler(optimizer):
-            return get_scheduler(SCHEDULERS[training.lr_scheduler], optimizer,
-                                 num_warmup_steps=_warmup_steps(job, total_steps), num_training_steps=total_steps)
-
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=config,
-            lr_scheduler=scheduler,
+            lr_scheduler=lambda optimizer: _scheduler(optimizer, job, total_steps),
         )
         self.rank = _rank()
         self.module = self.engine.module
         self.device = self.engine.device
         self.zero_stage = config["zero_optimization"]["stage"]
         self.collective_forward = self.zero_stage == 3  # each layer's parameters are gathered from every rank
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches: list[dict]) -> float:
         # DeepSpeed scales the loss by its gradient_accumulation_steps and only updates at the boundary.

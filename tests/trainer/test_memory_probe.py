@@ -1,34 +1,64 @@
-"""The measured side of memory.json: a peak that really moves, and the report beside the planner's estimate."""
+"""The measured side of memory.json: a peak that really moves, and the report beside the planner's estimate.
+
+Each measurement runs in a fresh Python process: peak RSS is a high-water mark of the whole process, and
+whether CUDA is initialised decides what is measured, so inside the shared pytest process the outcome would
+depend on which tests ran before. Not a direct child of pytest either: Linux carries a process's peak RSS across
+``exec`` (a child's ``ru_maxrss`` starts at the high-water mark of the process it was forked from, measured:
+813 MiB for a bare interpreter forked from an 800 MiB parent), so a small launcher process forks it instead.
+"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
-from tunerun.trainer.memory_probe import measured_kind, peak_memory_bytes, write_memory_report
-
-
-def test_peak_memory_follows_what_the_process_touched():
-    import torch
+PEAK = textwrap.dedent("""
+    import json, torch
+    from tunerun.trainer.memory_probe import measured_kind, peak_memory_bytes
 
     before = peak_memory_bytes()
     block = torch.ones(64 * 2**20 // 4 * 3)  # 192 MiB, every page written
     after = peak_memory_bytes()
-    del block
-    assert measured_kind() == "peak_rss"
-    assert after - before > 150 * 2**20
+    print(json.dumps({"before": before, "after": after, "kind": measured_kind()}))
+""")
 
-
-def test_report_holds_every_rank_and_the_estimate_for_the_jobs_method(tiny_model_dir, tmp_path):
+REPORT = textwrap.dedent("""
+    import sys
     from tunerun.cluster.storage import RunFolder
     from tunerun.jobs.plan import resolve
     from tunerun.jobs.spec import JobSpec
+    from tunerun.trainer.memory_probe import write_memory_report
 
+    model, data, runs = sys.argv[1:4]
+    spec = JobSpec.model_validate({"model": {"path": model}, "data": {"train": data}, "method": {"kind": "lora"},
+                                   "storage": {"uri": runs}})
+    job = resolve(spec, run_id="demo-1")
+    write_memory_report(RunFolder(job.spec.storage, job.run_id), job, rank=0)
+""")
+
+
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+
+def _python(code: str, *args: str) -> str:
+    """stdout of ``python -c code args`` run in a fresh process forked from a small one."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", code, *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_peak_memory_follows_what_the_process_touched():
+    measured = json.loads(_python(PEAK).strip().splitlines()[-1])
+    assert measured["kind"] == "peak_rss"  # a CPU tensor never initialises CUDA, even where a GPU is present
+    assert measured["after"] - measured["before"] > 150 * 2**20
+
+
+def test_report_holds_every_rank_and_the_estimate_for_the_jobs_method(tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "hello"}\n')
-    spec = JobSpec.model_validate({"model": {"path": str(tiny_model_dir)}, "data": {"train": str(data)},
-                                   "method": {"kind": "lora"}, "storage": {"uri": str(tmp_path / "runs")}})
-    job = resolve(spec, run_id="demo-1")
-    run = RunFolder(job.spec.storage, job.run_id)
-    write_memory_report(run, job, rank=0)
+    _python(REPORT, str(tiny_model_dir), str(data), str(tmp_path / "runs"))
     report = json.loads((tmp_path / "runs" / "demo-1" / "memory.json").read_text())
     assert report["measured"] == "peak_rss"
     assert len(report["measured_peak_bytes_per_worker"]) == 1 and report["measured_peak_bytes_per_worker"][0] > 0

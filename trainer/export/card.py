@@ -27,8 +27,8 @@ def model_card(run, job, weights: RunWeights, merged: bool, gguf: dict | None = 
     lines = ["---", f"base_model: {json.dumps(spec.model.path)}", f"library_name: {library}",
              f"tags: [tunerun, {kind}{', gguf' if gguf else ''}]", "---", "",
              f"# {run.run_id}", "",
-             f"{_describe(method, merged)} of `{spec.model.path}`{converted} exported by tunerun from **{weights.name}**"
-             + (f" (step {weights.step})." if weights.step is not None else "."), ""]
+             f"{_describe(method, merged)} of `{spec.model.path}`{converted} exported by tunerun from "
+             f"**{weights.name}**" + (f" (step {weights.step})." if weights.step is not None else "."), ""]
     if gguf:
         lines += _gguf_sections(job.spec.name, gguf)
     else:

@@ -3,7 +3,8 @@
 On a GPU the figure is PyTorch's peak allocated CUDA memory, the quantity the planner estimates (tensors only:
 no CUDA context, no allocator cache). On CPU it is the process's peak resident set, which also holds the
 Python interpreter, torch, Ray's worker runtime and the data, so it sits well above the estimate for small
-models.
+models; and Linux starts a process's peak RSS at the high-water mark of the process it was forked from (kept
+across ``exec``), so the figure is never below that of the process that started the worker.
 """
 from __future__ import annotations
 

@@ -59,13 +59,15 @@ class LocalTarget(Target):
                            error="the driver process is gone without recording an outcome; see logs/driver.log")
 
     def stop(self, info: RunInfo) -> bool:
-        """SIGTERM the driver's process group, then SIGKILL after `CANCEL_GRACE_S`."""
+        """SIGTERM the driver's session (the driver, Ray's processes, the workers), then SIGKILL whatever is left
+        of it after `CANCEL_GRACE_S`; returns once none of it runs."""
         pid = _driver_pid(info)
         if not pid or not _alive(pid):
             return False
         os.killpg(pid, signal.SIGTERM)
-        if not wait_until(lambda: not _alive(pid), CANCEL_GRACE_S, 0.2):
+        if not wait_until(lambda: not _session_alive(pid), CANCEL_GRACE_S, 0.2):
             os.killpg(pid, signal.SIGKILL)
+            wait_until(lambda: not _session_alive(pid), 10.0, 0.1)
         return True
 
     def describe(self, info: RunInfo) -> str:
@@ -84,6 +86,21 @@ def _driver_pid(info: RunInfo) -> int | None:
     if info.local is None or info.local.host != socket.gethostname():
         return None
     return info.local.pid
+
+
+def _session_alive(sid: int) -> bool:
+    """Whether a process of session ``sid`` still runs (zombies do not count); the driver leads its session."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: the driver stands for its session
+        return _alive(sid)
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - started
         log.metrics(step=progress.step, loss=loss, lr=engine.lr, epoch=progress.epoch,
                     tokens_per_s=(progress.tokens_seen - start_tokens) / max(elapsed, 1e-9),
-                    total_steps=total_steps, elapsed_s=elapsed)
+                    tokens_seen=progress.tokens_seen, total_steps=total_steps, elapsed_s=elapsed)
 
         last = progress.step == total_steps
         measured = {}

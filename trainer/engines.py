@@ -188,7 +188,7 @@ class DDPEngine(_Optimizing):
 
 
 class DeepSpeedEngine(_Optimizing):
-    """All weights trained under DeepSpeed ZeRO-2/3 with the config the planner generated."""
+    """All weights trained under DeepSpeed ZeRO (stage 1, 2 or 3) with the config the planner generated."""
 
     def __init__(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int):
         import deepspeed

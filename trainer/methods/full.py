@@ -1,4 +1,5 @@
-"""Full fine-tuning: every weight trains, sharded across workers by DeepSpeed ZeRO stage 2 or 3."""
+"""Full fine-tuning: every weight trains, under DeepSpeed ZeRO (stage 1, 2 or 3 from `method.zero`; stage 3 shards
+the weights themselves across workers)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -86,7 +87,7 @@ def merged_model(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
 
 
 def zero_checkpoint_state_dict(folder: Path) -> dict:
-    """Consolidated fp32 weights from a checkpoint's DeepSpeed ZeRO-2/3 shards (all ranks' partitions)."""
+    """Consolidated fp32 weights from a checkpoint's DeepSpeed ZeRO shards (all ranks' partitions, any stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with _weights_only_torch_load():

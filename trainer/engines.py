@@ -14,7 +14,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ DEEPSPEED_TAG = "deepspeed"  # DeepSpeedEngine: the tag (subfolder) of DeepSpeed
 _torch_load = torch.load
 
 
+@runtime_checkable
 class EvalEngine(Protocol):
     """What evaluation needs from whatever holds the model."""
 
@@ -48,6 +49,7 @@ class EvalEngine(Protocol):
         """(summed token loss, scored tokens) for one batch, through the training forward."""
 
 
+@runtime_checkable
 class Engine(EvalEngine, Protocol):
     """What the train loop needs: steps, the learning rate, and the state a checkpoint holds."""
 

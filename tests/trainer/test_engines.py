@@ -86,6 +86,7 @@ def test_ddp_engine_state_round_trip_continues_training_identically(tiny_model_d
     steps = windows(5)
     torch.manual_seed(0)
     first = lora_engine(job, total_steps=5)
+    assert isinstance(first, engines.Engine) and not first.collective_forward
     before = [first.train_step(w) for w in steps[:2]]
     folder = tmp_path / "checkpoint"
     folder.mkdir()
@@ -118,7 +119,7 @@ def test_eval_batch_is_the_token_weighted_loss_of_the_model(tiny_model_dir, tmp_
         assert loss_sum / tokens == pytest.approx(float(engine.module(**batch).loss), rel=1e-6)
     eval_set = examples(8, 7)
     alone = engines.EvalOnlyEngine(engine.module, engine.device)
-    assert not engine.collective_forward and not alone.collective_forward
+    assert isinstance(alone, engines.EvalEngine) and not isinstance(alone, engines.Engine)
     # Token-weighted over the set: the batch size changes nothing but the arithmetic's order.
     one, three = held_out_loss(alone, eval_set, 0, 1), held_out_loss(engine, eval_set, 0, 3)
     assert one["loss"] == pytest.approx(three["loss"], rel=1e-5)
@@ -131,6 +132,7 @@ DEEPSPEED_ROUND_TRIP = textwrap.dedent("""
     from pathlib import Path
     from tunerun.jobs.plan import ResolvedJob
     from test_engines import windows
+    from tunerun.trainer.engines import Engine
     from tunerun.trainer.methods import get_method
 
     job = ResolvedJob.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
@@ -159,7 +161,7 @@ DEEPSPEED_ROUND_TRIP = textwrap.dedent("""
     again = [resumed.train_step(w) for w in steps[2:]]
     print(json.dumps({"before": before, "continued": continued, "again": again, "changed_by_training": changed,
                       "restored": same, "lr": [lr, restored_lr], "stage": first.zero_stage,
-                      "collective": first.collective_forward}))
+                      "collective": first.collective_forward, "engine": isinstance(first, Engine)}))
 """)
 
 
@@ -179,7 +181,7 @@ def test_deepspeed_engine_state_round_trip_on_one_cpu_rank(tiny_model_dir, tmp_p
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["stage"] == 3 and result["collective"]
+    assert result["stage"] == 3 and result["collective"] and result["engine"]
     assert (tmp_path / "checkpoint" / engines.DEEPSPEED_TAG).is_dir()
     assert result["changed_by_training"] > 10 and result["restored"]
     assert result["lr"][0] == result["lr"][1]  # the scheduler came back with the optimizer

@@ -6,7 +6,7 @@ evaluation and export ask the method instead of comparing ``job.spec.method.kind
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 METHODS = ("full", "lora", "qlora")
 
 
+@runtime_checkable
 class Method(Protocol):
     """The contract of a method module (torchtune's checkpointer interface is the model for this)."""
 

@@ -1,5 +1,5 @@
-"""Evaluation: prompts and references from tokenized examples, the metrics, greedy generation on the tiny Llama
-(batched, sharded across two real gloo processes), the held-out loss, gates, the forgetting sample, and the spec."""
+"""Generation-based evaluation: prompts and references from tokenized examples, the metrics, greedy generation on
+the tiny Llama (batched, sharded across two real gloo processes), gates, the forgetting sample, and the spec."""
 from __future__ import annotations
 
 import json

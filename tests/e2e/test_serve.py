@@ -1,0 +1,221 @@
+"""`tunerun serve` for real: the server process on loopback, the official `openai` client, jobs that train.
+
+One server (and its storage) for the module; the jobs run one at a time (``max_concurrent_runs: 1``) on the
+embedded local Ray, each a tiny LoRA run of the bundled ticket data. Checked: a job followed to `succeeded`
+with events, checkpoints and its result file; projects as walls; a wrong key; a broken upload naming its line;
+a long job cancelled; a job whose server is killed and started again mid-training, then paused and resumed,
+continuing its step count to the end.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from processes import session_pids
+
+REPO = Path(__file__).resolve().parents[2]
+TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
+TEMPLATE = """# a job spec the platform team wrote: the model, method and budget users fine-tune with
+name: support
+model: {{path: {model}, dtype: float32}}
+method: {{kind: lora, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
+data: {{eval_fraction: 0.05, max_seq_len: 192}}
+training: {{epochs: 1, max_steps: {steps}, micro_batch_size: 4, global_batch_size: 8, learning_rate: 3.0e-3,
+           gradient_checkpointing: false}}
+eval: {{every_steps: 4, max_examples: 8, max_new_tokens: 12, general: null}}
+checkpoint: {{every_steps: 4, keep_last: 3}}
+resources: {{workers_per_node: 2}}
+"""
+WAIT_S = 600
+
+
+class Server:
+    def __init__(self, root: Path, port: int, env: dict):
+        self.root, self.port, self.env, self.process = root, port, env, None
+
+    def start(self) -> None:
+        log = (self.root / "server.log").open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "tunerun.jobs.cli", "serve", "--config", "server.yaml",
+                                         "--port", str(self.port)], cwd=self.root, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/docs", timeout=2)
+                return
+            except OSError:
+                assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+                time.sleep(0.3)
+        pytest.fail("the server did not start")
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
+    root = tmp_path_factory.mktemp("serve")
+    (root / "support.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, steps=8))
+    (root / "support-long.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, steps=24))
+    (root / "server.yaml").write_text("storage: {uri: ./runs}\nmax_concurrent_runs: 1\nmodels:\n"
+                                      "  support-tiny: {job: support.yaml}\n  support-long: {job: support-long.yaml}\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNERUN_CACHE": str(root / "cache")}
+    keys = {}
+    for project in ("acme", "globex"):
+        made = tunerun("serve", "keys", "create", project, "--config", "server.yaml", cwd=root, env=env, timeout=60)
+        assert made.returncode == 0, made.stderr
+        keys[project] = made.stdout.strip()
+    server = Server(root, free_port(), env)
+    server.start()
+    yield root, server, keys
+    server.stop()
+    for info in (root / "runs").glob("ftjob-*/run.json"):  # drivers are detached: stop any still training
+        pid = json.loads(info.read_text()).get("local", {}).get("pid")
+        if pid and session_pids(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def client(service, project: str = "acme", key: str | None = None) -> openai.OpenAI:
+    root, server, keys = service
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key or keys[project],
+                         max_retries=0, timeout=60)
+
+
+def uploaded(api: openai.OpenAI, path: Path):
+    found = api.files.create(file=path.open("rb"), purpose="fine-tune")
+    deadline = time.monotonic() + 120
+    while found.status == "uploaded" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = api.files.retrieve(found.id)
+    return found
+
+
+def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        job = api.fine_tuning.jobs.retrieve(job_id)
+        if done(job):
+            return job
+        if job.status in ("failed", "cancelled") and what not in ("failed", "cancelled"):
+            pytest.fail(f"job {job_id} ended {job.status} while waiting for {what}: {job.error}")
+        time.sleep(1.0)
+    pytest.fail(f"job {job_id} did not reach {what} within {WAIT_S} s: {job}")
+
+
+@pytest.fixture(scope="module")
+def finished(service):
+    api = client(service)
+    training_file = uploaded(api, TICKETS)
+    assert training_file.status == "processed", training_file.status_details
+    job = api.fine_tuning.jobs.create(model="support-tiny", training_file=training_file.id, suffix="tickets",
+                                      metadata={"ticket": "OPS-7"})
+    assert job.status in ("queued", "validating_files", "running")
+    return api, wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded"), training_file
+
+
+@pytest.mark.slow
+def test_a_job_is_followed_to_succeeded_with_events_checkpoints_and_results(finished, service):
+    api, job, training_file = finished
+    root = service[0]
+    assert job.fine_tuned_model == f"ft:support-tiny:acme:tickets:{job.id}"
+    assert job.trained_tokens and job.trained_tokens > 0 and job.finished_at >= job.created_at
+    assert job.metadata == {"ticket": "OPS-7"} and job.training_file == training_file.id
+    messages = [e.message for e in reversed(api.fine_tuning.jobs.list_events(job.id, limit=100).data)]
+    assert messages[0] == "Job queued: waiting for a free slot"
+    assert any(m.startswith("Files validated:") for m in messages)
+    assert any(m.startswith("Fine-tuning started: 8 steps on 2 workers") for m in messages)
+    assert any(m.startswith("Step 8/8: training loss=") for m in messages)
+    assert messages[-1] == "The job has successfully completed"
+    checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [8, 4]
+    assert all(c.metrics.train_loss > 0 and c.metrics.valid_loss > 0 for c in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint.endswith(":ckpt-step-8")
+    rows = list(csv.DictReader(io.StringIO(api.files.content(job.result_files[0]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and float(rows[-1]["train_loss"]) > 0
+    assert job.fine_tuned_model in [m.id for m in api.models.list().data]
+    # a job is a run: the CLI reads the same run folder
+    status = subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", "status", job.id, "--storage", "runs"],
+                            cwd=root, capture_output=True, text=True, timeout=60)
+    assert "state succeeded" in status.stdout and "step 8/8" in status.stdout, status.stderr
+    record = json.loads((root / "runs" / job.id / "service.json").read_text())
+    assert record["project"] == "acme" and record["request"]["suffix"] == "tickets"
+
+
+@pytest.mark.slow
+def test_projects_are_walls_and_a_wrong_key_is_refused(finished, service):
+    api, job, training_file = finished
+    other = client(service, "globex")
+    for call in (lambda: other.fine_tuning.jobs.retrieve(job.id), lambda: other.files.retrieve(training_file.id),
+                 lambda: other.files.content(job.result_files[0]), lambda: other.models.retrieve(job.fine_tuned_model)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert other.fine_tuning.jobs.list().data == [] and other.files.list().data == []
+    with pytest.raises(openai.AuthenticationError):
+        client(service, key="tr-123456789abc-" + "A" * 43).fine_tuning.jobs.list()
+    log = (service[0] / "server.log").read_text()
+    assert not any(key in log for key in service[2].values())  # nothing logs a key
+
+
+@pytest.mark.slow
+def test_an_upload_with_a_broken_line_fails_naming_it(service, tmp_path):
+    good = TICKETS.read_text().splitlines()[:20]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(good[:7] + ['{"messages": [{"role": "user", "content": "unterminated'] + good[7:])
+                      + "\n")
+    found = uploaded(client(service), broken)
+    assert found.status == "error" and "line 8" in found.status_details, found
+
+
+@pytest.mark.slow
+def test_a_long_job_is_cancelled(finished, service):
+    api, _, training_file = finished
+    job = api.fine_tuning.jobs.create(model="support-tiny", training_file=training_file.id,
+                                      hyperparameters={"n_epochs": 30})
+    wait_for(api, job.id, lambda j: (j.tunerun or {}).get("step"), "a first step")
+    assert api.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    pid = json.loads((service[0] / "runs" / job.id / "run.json").read_text())["local"]["pid"]
+    assert session_pids(pid) == []  # the driver and its Ray workers are gone
+    assert api.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finished, service):
+    api, _, training_file = finished
+    root, server, _ = service
+    job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
+    wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
+    server.kill()
+    time.sleep(2)
+    server.start()  # the job trained on while no server ran: its driver is detached
+    seen = wait_for(api, job.id, lambda j: j.status == "running", "running again")
+    assert seen.tunerun["step"] >= 2
+    paused = api.fine_tuning.jobs.pause(job.id)
+    assert paused.status in ("running", "paused")
+    paused = wait_for(api, job.id, lambda j: j.status == "paused", "paused")
+    stopped_at = paused.tunerun["step"]
+    assert 2 <= stopped_at < 24 and stopped_at in [c.step_number for c in
+                                                    api.fine_tuning.jobs.checkpoints.list(job.id).data]
+    api.fine_tuning.jobs.resume(job.id)
+    done = wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded")
+    assert done.tunerun["step"] == 24
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
+    steps = [json.loads(line)["step"] for line in (root / "runs" / job.id / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 25))  # no step trained twice, none skipped

@@ -22,6 +22,11 @@ from tunerun.jobs.spec import CheckpointSpec
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+PROGRESS = "progress.json"  # rank 0's counters (the engines' own files: tunerun.trainer.engines)
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -156,7 +161,7 @@ def saved_world_size(run: RunFolder) -> int | None:
     complete = complete_checkpoints(run)
     if not complete:
         return None
-    return json.loads(run.read_text(f"checkpoints/{complete[-1]}/progress.json")).get("world_size") or None
+    return json.loads(run.read_text(f"checkpoints/{complete[-1]}/{PROGRESS}")).get("world_size") or None
 
 
 def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:
@@ -219,13 +224,13 @@ def best_step(run: RunFolder, policy: CheckpointSpec) -> int:
 def save_progress(folder: Path, progress: Progress, rank: int) -> None:
     """Per-rank RNG state plus (rank 0) the progress counters."""
     if rank == 0:
-        (folder / "progress.json").write_text(json.dumps(asdict(progress)))
-    torch.save({"torch": torch.get_rng_state(), "python": _python_rng()}, folder / f"rng-rank{rank}.pt")
+        (folder / PROGRESS).write_text(json.dumps(asdict(progress)))
+    torch.save({"torch": torch.get_rng_state(), "python": _python_rng()}, folder / _rng_file(rank))
 
 
 def load_progress(folder: Path, rank: int) -> Progress:
-    progress = Progress(**json.loads((folder / "progress.json").read_text()))
-    rng_file = folder / f"rng-rank{rank}.pt"
+    progress = Progress(**json.loads((folder / PROGRESS).read_text()))
+    rng_file = folder / _rng_file(rank)
     if rng_file.is_file():  # absent when the world size changed since the save
         state = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(state["torch"])

@@ -26,7 +26,7 @@ from tunerun.trainer.data.render import IGNORE_INDEX
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
-# What an engine writes into a checkpoint folder (besides checkpoint.py's progress.json and rng-rank<N>.pt).
+# What an engine writes into a checkpoint folder (beside checkpoint.py's PROGRESS and per-rank RNG files).
 TRAINABLE = "trainable.safetensors"  # DDPEngine: the trainable (adapter) tensors under their live parameter names
 OPTIMIZER = "optimizer.pt"  # DDPEngine: the AdamW state dict, plain tensors
 SCHEDULER = "scheduler.json"  # DDPEngine: the LR scheduler state

@@ -50,7 +50,7 @@ def _make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = Tru
         folder.mkdir(parents=True)
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   str(folder / TRAINABLE))
-        (folder / "progress.json").write_text(json.dumps({"step": 2, "epoch": 0, "tokens_seen": 10}))
+        (folder / ckpt.PROGRESS).write_text(json.dumps({"step": 2, "epoch": 0, "tokens_seen": 10}))
         ckpt.write_manifest(run, "checkpoints/step-000002", 2, ckpt.file_digests(folder))
     if final:
         model.save_pretrained(run.local_path("final/adapter"))

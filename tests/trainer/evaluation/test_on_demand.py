@@ -2,8 +2,12 @@
 against the run's gates, and written to eval/on-demand/."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tunerun.jobs.errors import DataError
+from tunerun.jobs.loader import load_job_text
 from tunerun.trainer.evaluation.on_demand import evaluate_run
 
 
@@ -34,3 +38,21 @@ def test_final_weights_and_the_checkpoint_holding_them_evaluate_alike(tmp_path, 
     eval_set = load_examples(run.local_path("data/eval.jsonl"))
     direct = held_out_loss(EvalOnlyEngine(tuned, torch.device("cpu")), eval_set, 0, len(eval_set))
     assert final["metrics"]["loss"] == pytest.approx(direct["loss"], rel=1e-5)
+
+
+def test_evaluate_run_refuses_a_missing_or_empty_eval_set(tmp_path, tiny_model_dir):
+    import yaml
+
+    from tunerun.cluster.storage import RunFolder
+    from tunerun.jobs.plan import resolve
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    job = resolve(load_job_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{train: {data}}}\n"), run_id="r1")
+    run = RunFolder(str(tmp_path / "runs"), "r1")
+    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json")))
+    with pytest.raises(DataError, match="data/eval.jsonl is missing"):
+        evaluate_run(run, job, None)
+    run.write_text("data/eval.jsonl", "")
+    with pytest.raises(DataError, match="data/eval.jsonl holds no examples"):
+        evaluate_run(run, job, None)

@@ -13,7 +13,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DEEPSPEED_TAG, DeepSpeedEngine, load_deepspeed_file, torch_dtype, worker_device
-from tunerun.trainer.methods.lora import no_kv_cache
+from tunerun.trainer.methods.lora import load_base
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
@@ -30,17 +30,10 @@ _live_ds_config: list[HfDeepSpeedConfig] = []
 def load_model(job: ResolvedJob) -> torch.nn.Module:
     import deepspeed
 
-    spec = job.spec
     # Adopts the process group Ray Train already set up; DeepSpeed's batch arithmetic needs its world size.
     deepspeed.init_distributed()
     _live_ds_config[:] = [HfDeepSpeedConfig(job.deepspeed)]
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.model.path, dtype=torch_dtype(spec.model.dtype), trust_remote_code=spec.model.trust_remote_code
-    )
-    no_kv_cache(model)
-    if spec.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return load_base(job)
 
 
 def make_engine(model: torch.nn.Module, job: ResolvedJob, total_steps: int) -> DeepSpeedEngine:

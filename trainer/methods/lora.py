@@ -21,6 +21,11 @@ ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's name, in final/adapter and 
 
 
 def load_model(job: ResolvedJob) -> torch.nn.Module:
+    return add_adapters(load_base(job), job)
+
+
+def load_base(job: ResolvedJob) -> torch.nn.Module:
+    """``model.path`` in ``model.dtype``, ready to train: no KV cache, gradient checkpointing when asked."""
     spec = job.spec
     base = AutoModelForCausalLM.from_pretrained(
         spec.model.path, dtype=torch_dtype(spec.model.dtype), trust_remote_code=spec.model.trust_remote_code
@@ -29,7 +34,7 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
     if spec.training.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with DDP without enable_input_require_grads.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return add_adapters(base, job)
+    return base
 
 
 def no_kv_cache(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,6 +7,7 @@ pool, so storage calls block only their own request.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -32,6 +33,7 @@ from tunerun.jobs.service.fine_tuning import JobRequest, JobService, Scheduler
 from tunerun.jobs.service.keys import KeyStore
 
 COPY_CHUNK = 1 << 20
+logger = logging.getLogger("tunerun.serve")
 MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
 
 
@@ -247,7 +249,7 @@ def _page(items: list[dict], limit: int) -> dict:
 
 def _model_routes(app: FastAPI, service: Service, project_of) -> None:
     def models(project: str) -> list[dict]:
-        created = int(service.served.source.stat().st_mtime)
+        created = int(service.served.loaded_at)
         found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun"}
                  for name in service.served.config.models]
         for run, record in service.jobs.jobs_of(project):
@@ -298,3 +300,9 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TunerunError)
     async def tunerun_error(_request, exc: TunerunError):
         return respond(bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        logger.exception("internal error on %s %s", request.method, request.url.path)  # the path, never a header
+        return respond(ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the details",
+                                code="internal_error"))

@@ -17,6 +17,7 @@ and metadata; everything else is the template's.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,7 @@ class Served:
 
     def __init__(self, config: ServerConfig, templates: dict[str, JobSpec], texts: dict[str, str], source: Path):
         self.config, self.templates, self.texts, self.source = config, templates, texts, source
+        self.loaded_at = time.time()  # the catalog's models are as old as the configuration that names them
 
 
 def load_server_config(path: str | Path) -> Served:

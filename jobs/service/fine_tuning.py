@@ -167,9 +167,10 @@ class JobService:
         return run
 
     def _usable_file(self, project: str, file_id: str, param: str) -> str:
-        found = self.files.get(project, file_id) if file_id else None
-        if found is None:
-            raise not_found("file", file_id, param)
+        try:
+            found = self.files.get(project, file_id)
+        except ApiError:
+            raise not_found("file", file_id, param) from None
         if found.status == "uploaded":
             raise bad_request(f"File {file_id} is still being validated; create the job once files.retrieve says "
                               "'processed'", param, "file_not_ready")

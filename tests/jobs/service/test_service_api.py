@@ -156,10 +156,12 @@ def test_another_projects_objects_answer_404(app, keys):
     other = client(app, keys["other"])
     for call in (lambda: other.files.retrieve(found.id), lambda: other.files.content(found.id),
                  lambda: other.fine_tuning.jobs.retrieve(job.id), lambda: other.fine_tuning.jobs.cancel(job.id),
-                 lambda: other.fine_tuning.jobs.list_events(job.id),
-                 lambda: other.fine_tuning.jobs.create(model="support-tiny", training_file=found.id)):
+                 lambda: other.fine_tuning.jobs.list_events(job.id)):
         with pytest.raises(openai.NotFoundError):
             call()
+    with pytest.raises(openai.NotFoundError) as refused:
+        other.fine_tuning.jobs.create(model="support-tiny", training_file=found.id)
+    assert refused.value.body["param"] == "training_file"
     assert other.fine_tuning.jobs.list().data == [] and other.files.list().data == []
 
 

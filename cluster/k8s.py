@@ -82,7 +82,8 @@ def _yaml(value, indent: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _templates():
+def template_environment():
+    """The Jinja environment of the templates in k8s/ (the RayJob's, and `tunerun serve`'s own manifests)."""
     import jinja2
 
     folder = resources.files("tunerun.k8s")
@@ -99,7 +100,7 @@ def render_manifests(job: ResolvedJob) -> str:
     context = _context(job)
     documents = []
     for template in TEMPLATES:
-        text = _templates().get_template(template).render(**context)
+        text = template_environment().get_template(template).render(**context)
         # Optional blocks leave whitespace-only lines behind; YAML never needs them.
         documents.append("\n".join(line for line in text.splitlines() if line.strip()) + "\n")
     text = "---\n".join(documents)

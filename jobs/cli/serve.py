@@ -4,6 +4,7 @@
     tunerun serve keys create PROJECT --config server.yaml     # prints the key, once
     tunerun serve keys list --config server.yaml
     tunerun serve keys revoke KEY_ID --config server.yaml
+    tunerun serve render --config server.yaml | kubectl apply -f -   # the server itself on Kubernetes
 
 FastAPI and uvicorn load inside the commands: the rest of the CLI stays as quick to start as it was.
 """
@@ -90,6 +91,18 @@ def revoke_key(key_id, config_file):
     """Stop a key from working (at once, also for a running server)."""
     record = _key_store(config_file).revoke(key_id)
     console.print(f"revoked {record.key_id} (project {record.project})")
+
+
+@serve.command("render")
+@config_option
+@user_errors
+def render_manifests(config_file):
+    """Print the Kubernetes manifests that run this server (`| kubectl apply -f -`): ServiceAccount, Role,
+    RoleBinding, ConfigMap, Deployment, Service."""
+    from tunerun.jobs.service.config import load_server_config
+    from tunerun.jobs.service.deploy import render_k8s
+
+    click.echo(render_k8s(load_server_config(config_file)), nl=False)
 
 
 COMMANDS = (serve,)

@@ -90,6 +90,10 @@ def create_app(served: Served) -> FastAPI:
                                 "(`tunerun serve keys create PROJECT` makes one)", code="invalid_api_key")
         return project
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"status": "ok"}  # no key needed: the orchestrator's probes ask it
+
     _file_routes(app, service, project_of)
     _job_routes(app, service, project_of)
     _model_routes(app, service, project_of)

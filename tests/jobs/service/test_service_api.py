@@ -286,3 +286,9 @@ def test_the_shipped_example_config_loads(tmp_path, monkeypatch):
     served = load_server_config(REPO / "examples" / "server.yaml")
     assert list(served.templates) == ["support-tiny"] and served.config.target == "local"
 
+
+
+def test_health_needs_no_key_and_everything_else_does(app):
+    http = TestClient(app)
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/v1/models").status_code == 401

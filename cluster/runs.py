@@ -35,6 +35,8 @@ DRIVER_LOG = "logs/driver.log"  # the driver's output, in the run folder (or cop
 # request reaches the run on whatever target and node it trains (written by the driver on USR1/TERM, or by
 # `Target.pause`).
 CHECKPOINT_REQUEST = "control/checkpoint_requested"
+# Checkpoints: checkpoints/step-000200/, complete once its manifest (written last) is there (tunerun.trainer.checkpoint).
+CHECKPOINTS, CHECKPOINT_PREFIX, CHECKPOINT_MANIFEST = "checkpoints", "step-", "manifest.json"
 
 
 class RunState(str, Enum):

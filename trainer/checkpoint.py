@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import CheckpointSpec
 
-MANIFEST = "manifest.json"
-PREFIX = "step-"
+MANIFEST, PREFIX = CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX
 PROGRESS = "progress.json"  # rank 0's counters (the engines' own files: tunerun.trainer.engines)
 
 

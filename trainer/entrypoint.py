@@ -77,10 +77,11 @@ def run_job(run: RunFolder, job: ResolvedJob) -> None:
 def check_resume_world_size(run: RunFolder, job: ResolvedJob) -> None:
     """ZeRO shards fit only the world size that wrote them; LoRA/QLoRA state is replicated and fits any."""
     from tunerun.trainer.checkpoint import saved_world_size
+    from tunerun.trainer.methods import get_method
 
     saved = saved_world_size(run)
     workers = job.spec.resources.num_workers
-    if job.spec.method.kind == "full" and saved and saved != workers:
+    if get_method(job.spec.method.kind).SHARDED_STATE and saved and saved != workers:
         raise TargetError(f"run {run.run_id}: its newest checkpoint holds ZeRO shards of {saved} workers, this "
                           f"launch has {workers}; resume with resources giving {saved} workers "
                           f"(nodes × workers_per_node)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import signal
 import time
 
-MARKER = "control/checkpoint_requested"
+from tunerun.cluster.runs import CHECKPOINT_REQUEST as MARKER  # also written by `Target.pause`
+
 STOPPED = "control/stopped_at_checkpoint"  # written by rank 0 when it stopped early on request
 POLL_S = 2.0
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

@@ -9,12 +9,11 @@ import csv
 import io
 import time
 
-from tunerun.cluster.runs import RunInfo, RunState
+from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINTS, RunInfo, RunState
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.metrics import SCORES
 from tunerun.jobs.service.fine_tuning import ServiceRecord
 
-CHECKPOINTS, MANIFEST, STEP_PREFIX = "checkpoints", "manifest.json", "step-"  # the trainer's checkpoint layout
 STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNING: "running",
           RunState.SUCCEEDED: "succeeded", RunState.FAILED: "failed", RunState.CANCELLED: "cancelled",
           RunState.PREEMPTED: "paused"}
@@ -145,8 +144,8 @@ def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
     train = {m["step"]: m for m in run.read_jsonl("metrics.jsonl") if "loss" in m}
     found = []
     for name in sorted(run.list_dir(CHECKPOINTS), reverse=True):
-        key = f"{CHECKPOINTS}/{name}/{MANIFEST}"
-        if not name.startswith(STEP_PREFIX) or not run.exists(key):
+        key = f"{CHECKPOINTS}/{name}/{CHECKPOINT_MANIFEST}"
+        if not name.startswith(CHECKPOINT_PREFIX) or not run.exists(key):
             continue
         manifest = run.read_json(key)
         step, measured = manifest["step"], manifest.get("metrics") or {}

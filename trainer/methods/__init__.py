@@ -27,6 +27,7 @@ class Method(Protocol):
     NAME: str  # what people call it: "LoRA", "QLoRA", "full fine-tuning"
     ADAPTER: bool  # trains adapters on a frozen base (PEFT format, mergeable) rather than every weight
     FINAL_DIR: str  # the folder under final/ that export() writes: "adapter" or "model"
+    SHARDED_STATE: bool  # checkpoints hold per-rank shards, which fit only the world size that wrote them
 
     def load_model(self, job: ResolvedJob) -> torch.nn.Module:
         """The model to train, on this worker's device, with exactly its trainable parameters requiring grad."""

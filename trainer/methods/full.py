@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 NAME = "full fine-tuning"
 ADAPTER = False
 FINAL_DIR = "model"
+SHARDED_STATE = True  # ZeRO partitions of weights and optimizer states
 
 # transformers consults a live HfDeepSpeedConfig during from_pretrained: with ZeRO-3 it loads the weights
 # straight into partitions (deepspeed.zero.Init), so a 70B model never sits whole in one process.

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 NAME = "LoRA"
 ADAPTER = True
 FINAL_DIR = "adapter"
+SHARDED_STATE = False  # adapters and their optimizer are the same on every DDP rank
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's name, in final/adapter and in adapter exports
 
 

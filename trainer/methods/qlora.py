@@ -22,12 +22,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import torch_dtype, worker_device
 from tunerun.trainer.methods import lora
-from tunerun.trainer.methods.lora import FINAL_DIR, add_adapters, export, make_engine, no_kv_cache
+from tunerun.trainer.methods.lora import FINAL_DIR, SHARDED_STATE, add_adapters, export, make_engine, no_kv_cache
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
 
-__all__ = ["NAME", "ADAPTER", "FINAL_DIR", "load_model", "make_engine", "before_eval", "export", "load_trained",
+__all__ = ["NAME", "ADAPTER", "FINAL_DIR", "SHARDED_STATE", "load_model", "make_engine", "before_eval", "export", "load_trained",
            "merged_model", "keep_4bit_training_layout"]
 
 NAME = "QLoRA"

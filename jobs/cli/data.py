@@ -32,12 +32,9 @@ def data():
 @user_errors
 def prepare(job_file, overrides, storage, out, cache_dir):
     """Read, clean, tokenize and split the job's data; write train/eval files and the data report."""
-    from tunerun.trainer.data.cache import prepared_folder, publish
+    from tunerun.trainer.data.cache import publish
 
-    job = load_resolved(job_file, overrides, storage)
-    folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
-    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
-    _print_summary(report)
+    _, folder, cached, report = _prepared(job_file, overrides, storage, cache_dir)
     if out:
         publish(folder, Path(out))
     where = Path(out).resolve() if out else folder
@@ -52,13 +49,9 @@ def prepare(job_file, overrides, storage, out, cache_dir):
 @user_errors
 def inspect(job_file, overrides, storage, examples, cache_dir):
     """Counts per cleaning step, token lengths, and examples exactly as the model sees them (⟦trained⟧)."""
-    from tunerun.trainer.data.cache import prepared_folder
     from tunerun.trainer.tokenizer import load_tokenizer
 
-    job = load_resolved(job_file, overrides, storage)
-    folder, _ = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
-    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
-    _print_summary(report)
+    job, folder, _, report = _prepared(job_file, overrides, storage, cache_dir)
     _print_steps(report)
     stats = report["token_lengths"]
     console.print("tokens " + " · ".join(f"{k} {_number(stats[k])}" for k in ("min", "mean", "p50", "p95", "max"))
@@ -70,6 +63,17 @@ def inspect(job_file, overrides, storage, examples, cache_dir):
     for number, example in enumerate(itertools.islice(_examples(folder / "train.jsonl"), examples), start=1):
         _print_example(number, example, tokenizer)
     console.print(f"files  {folder}")
+
+
+def _prepared(job_file, overrides, storage, cache_dir) -> tuple:
+    """(job, prepared folder, whether it came from the cache, its data report), the summary printed."""
+    from tunerun.trainer.data.cache import prepared_folder
+
+    job = load_resolved(job_file, overrides, storage)
+    folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
+    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+    _print_summary(report)
+    return job, folder, cached, report
 
 
 def _print_summary(report: dict) -> None:

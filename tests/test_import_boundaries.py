@@ -1,8 +1,9 @@
 """The boundaries the layout promises, checked in one place: what each module may load when it is imported.
 
 `tunerun.jobs` and `tunerun.cluster` answer `validate`, `plan`, `render`, `status` without the training stack;
-data preparation runs without torch; the trainer reaches the run folder and its record, never a target. Each
-module is imported in a fresh interpreter, so nothing another test imported can hide or fake a violation.
+data preparation runs without torch; the trainer reaches the run folder and its record, never a target; the
+service (`tunerun serve`) loads no training stack. Each module is imported in a fresh interpreter, so nothing
+another test imported can hide or fake a violation.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 TRAINING_STACK = ("torch", "ray", "transformers", "deepspeed", "peft", "bitsandbytes")
 # What the CLI also keeps out of `tunerun --help`: libraries only some commands need.
-CLI_EXTRAS = ("matplotlib", "datasketch", "datasets", "kubernetes", "boto3", "llama_cpp")
+CLI_EXTRAS = ("matplotlib", "datasketch", "datasets", "kubernetes", "boto3", "llama_cpp", "fastapi", "uvicorn")
 TARGET_MODULES = ("tunerun.cluster.targets", "tunerun.cluster.local", "tunerun.cluster.slurm",
                   "tunerun.cluster.k8s", "tunerun.cluster.ray_cluster")
 
@@ -23,6 +24,8 @@ BOUNDARIES = {
     "tunerun.jobs.loader": TRAINING_STACK,
     "tunerun.jobs.plan": TRAINING_STACK,
     "tunerun.jobs.memory": TRAINING_STACK,
+    # the service reaches training only through the targets and the run folder
+    "tunerun.jobs.service.app": TRAINING_STACK + ("tunerun.trainer.loop", "tunerun.trainer.entrypoint"),
     "tunerun.cluster.targets": TRAINING_STACK,
     "tunerun.cluster.local": TRAINING_STACK,
     "tunerun.cluster.slurm": TRAINING_STACK,

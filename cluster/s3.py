@@ -141,6 +141,18 @@ class S3Backend:
     def put(self, key: str, data: bytes) -> None:
         self._call(f"write {key} to", self.s3.put_object, Bucket=self.bucket, Key=self._full(key), Body=data)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if nothing is there (S3 conditional write, ``If-None-Match: *``); whether it did."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise explain(exc, self.storage, f"write {key} to") from None
+
     def append(self, key: str, data: bytes) -> None:
         with self._lock:
             self._pending.setdefault(key, []).append(data)

@@ -41,6 +41,18 @@ class LocalBackend:
             handle.write(data)
         os.replace(tmp, target)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if nothing is there (an exclusive create); whether it did."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+
     def append(self, key: str, data: bytes) -> None:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,11 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         """Atomic on every backend: readers (a following CLI, a restarted worker) never see half a file."""
         self.backend.put(self._key(name), text.encode("utf-8"))
+
+    def claim(self, name: str, obj) -> bool:
+        """Write ``name`` only if no one has (an exclusive create on disk, a conditional write on S3): of several
+        processes claiming the same name, exactly one gets True."""
+        return self.backend.put_new(self._key(name), (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8"))
 
     def write_json(self, name: str, obj) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")

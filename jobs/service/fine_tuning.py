@@ -12,8 +12,10 @@ queue it in the cluster's own scheduler.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -301,6 +303,10 @@ class Scheduler:
         queued = sorted((run for run in runs if states[run.run_id] == RunState.QUEUED),
                         key=lambda run: read_info(run).updated_at or 0)
         for run in queued[:max(0, self.jobs.config.max_concurrent_runs - active)]:
+            # Two servers on one storage see the same queue: the one whose claim on this launch lands starts it.
+            if not run.claim(f"control/launch-{read_info(run).updated_at!r}", {"host": socket.gethostname(),
+                                                                              "pid": os.getpid()}):
+                continue
             job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
             _, process = local.start(job)
             self._started.append(process)

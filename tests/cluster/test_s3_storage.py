@@ -155,3 +155,11 @@ def test_model_prefix_is_fetched_once_per_node_and_reused(s3_server, tmp_path, m
     assert (fetch_prefix(spec, f"s3://{bucket}/llama", "models") / "config.json").read_bytes() == b'{"a": 2}'
     with pytest.raises(StorageError, match="no objects match"):
         fetch_prefix(spec, f"s3://{bucket}/nothing-here", "models")
+
+
+def test_a_claim_is_won_exactly_once_on_s3(storage):
+    """Two servers on one storage both try to start a queued job: S3's conditional write lets one win."""
+    run = RunFolder(storage, "claimed-1")
+    assert run.claim("control/launch-1", {"by": "a"}) is True
+    assert run.claim("control/launch-1", {"by": "b"}) is False
+    assert run.read_json("control/launch-1") == {"by": "a"}

@@ -232,3 +232,12 @@ def test_list_and_status_report_the_state_the_runs_own_target_sees(job, tmp_path
         shown = tunerun("status", run_id, "--storage", storage, "--json", cwd=tmp_path, env=env)
         assert json.loads(shown.stdout)["state"] == state
     assert "Slurm job 4242: RUNNING" in tunerun("status", "s-1", "--storage", storage, cwd=tmp_path, env=env).stdout
+
+
+def test_a_claim_is_won_exactly_once_on_a_filesystem(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = RunFolder(str(tmp_path / "runs"), "claimed-1")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda n: run.claim("control/launch-1", {"by": n}), range(8)))
+    assert won.count(True) == 1 and run.read_json("control/launch-1") == {"by": won.index(True)}

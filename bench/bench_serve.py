@@ -115,8 +115,11 @@ def timed(call, repeats: int) -> list[float]:
 
 def direct_read(runs: Path, job_id: str | None) -> None:
     """The baseline: the listing of the run folders, then the files a job object is made of."""
-    names = sorted((p.name for p in runs.iterdir() if (p / "run.json").exists()), reverse=True)
-    for name in names[:20] if job_id is None else [job_id]:
+    if job_id is None:
+        names = sorted((p.name for p in runs.iterdir() if (p / "run.json").exists()), reverse=True)[:20]
+    else:
+        names = [job_id]
+    for name in names:
         for file in ("service.json", "run.json", "events.jsonl", "metrics.jsonl"):
             (runs / name / file).read_bytes()
 

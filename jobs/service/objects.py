@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import threading
 import time
+from pathlib import Path
 
 from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINTS, RunInfo, RunState
 from tunerun.cluster.storage import RunFolder
@@ -20,14 +23,56 @@ STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNIN
 RESULT_COLUMNS = ("step", "train_loss", "learning_rate", "tokens_per_s", "valid_loss", *SCORES)
 
 
+class _AppendOnlyCache:
+    """events.jsonl and metrics.jsonl only grow: on a local run folder, parse just the lines added since the last
+    request (many clients poll a training job every second; re-parsing thousands of lines each time slowed its
+    steps, bench/bench_serve.py). Object storage has no cheap size check for a growing object: read it whole."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[int, list[dict]]] = {}
+
+    def records(self, run: RunFolder, name: str) -> list[dict]:
+        if not run.is_local:
+            return run.read_jsonl(name)
+        path = run.local_path(name)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return []
+        with self._lock:
+            offset, parsed = self._seen.get(path, (0, []))
+            if size < offset:  # rewritten (not appended): start again
+                offset, parsed = 0, []
+            if size > offset:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read(size - offset)
+                complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
+                parsed = parsed + [row for row in map(_parsed, complete.splitlines()) if row is not None]
+                offset += len(complete)
+                self._seen[path] = (offset, parsed)
+            return parsed
+
+
+def _parsed(line: bytes) -> dict | None:
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:  # as RunFolder.read_jsonl: a damaged line is skipped, not fatal
+        return None
+
+
+records = _AppendOnlyCache().records
+
+
 def fine_tuned_model(record: ServiceRecord) -> str:
     """OpenAI's naming: ``ft:<base model>:<project>:<suffix>:<job id>``."""
     return f"ft:{record.model}:{record.project}:{record.suffix or ''}:{record.job_id}"
 
 
 def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
-    events = run.read_jsonl("events.jsonl")
-    train = [m for m in run.read_jsonl("metrics.jsonl") if "loss" in m]
+    events = records(run, "events.jsonl")
+    train = [m for m in records(run, "metrics.jsonl") if "loss" in m]
     status = STATUS[info.state]
     if info.state == RunState.RUNNING and not any(e["event"] == "data_prepared" for e in events):
         status = "validating_files"  # the driver is reading, cleaning and checking the data
@@ -91,12 +136,12 @@ def events(run: RunFolder) -> list[dict]:
     """The run's lifecycle events and metrics as OpenAI job events, oldest first; ids are stable (a record's
     place in its append-only file)."""
     found = []
-    for n, event in enumerate(run.read_jsonl("events.jsonl")):
+    for n, event in enumerate(records(run, "events.jsonl")):
         message, level = _describe(event)
         if message:
             found.append(_event(f"ftevent-e{n}", event["time"], level, message, "message",
                                 {k: v for k, v in event.items() if k not in ("time", "event")}))
-    for n, row in enumerate(run.read_jsonl("metrics.jsonl")):
+    for n, row in enumerate(records(run, "metrics.jsonl")):
         if "loss" in row:
             data = {"step": row["step"], "train_loss": row["loss"], "total_steps": row["total_steps"],
                     "learning_rate": row["lr"], "tokens_per_s": row["tokens_per_s"]}
@@ -141,7 +186,7 @@ def _describe(event: dict) -> tuple[str | None, str]:
 
 def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
     """Complete checkpoints (those with a manifest), newest first, with the metrics of their step."""
-    train = {m["step"]: m for m in run.read_jsonl("metrics.jsonl") if "loss" in m}
+    train = {m["step"]: m for m in records(run, "metrics.jsonl") if "loss" in m}
     found = []
     for name in sorted(run.list_dir(CHECKPOINTS), reverse=True):
         key = f"{CHECKPOINTS}/{name}/{CHECKPOINT_MANIFEST}"
@@ -171,7 +216,7 @@ def result_file(run: RunFolder, record: ServiceRecord) -> dict:
 def result_csv(run: RunFolder) -> bytes:
     """One row per step: training loss, learning rate, throughput, and the held-out metrics where measured."""
     rows: dict[int, dict] = {}
-    for m in run.read_jsonl("metrics.jsonl"):
+    for m in records(run, "metrics.jsonl"):
         if m.get("base"):
             continue
         row = rows.setdefault(m["step"], {"step": m["step"]})

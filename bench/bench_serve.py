@@ -59,7 +59,8 @@ def write_ledger(runs: Path, count: int) -> list[str]:
             "job_id": job_id, "project": "bench", "model": "support-tiny", "created_at": now - count + n,
             "request": {"model": "support-tiny", "training_file": "file-" + "0" * 24, "seed": 42},
             "result_file": f"file-{n:024x}", "hyperparameters": {"n_epochs": 1, "batch_size": 8,
-                                                                 "learning_rate_multiplier": 1.0}}))
+                                                                 "learning_rate_multiplier": 1.0},
+            "seed": 42}))
         (folder / "run.json").write_text(json.dumps({"run_id": job_id, "state": "succeeded", "target": "local",
                                                      "method": "lora", "created_at": now, "finished_at": now}))
         (folder / "job.yaml").write_text("spec: {training: {seed: 42}}\n")

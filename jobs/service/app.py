@@ -58,12 +58,11 @@ class Service:
 
     def revalidate_unfinished(self) -> None:
         """Uploads whose validation a stopped server never finished are read again (from storage)."""
-        for project in self.files.backend.children("_service/files"):
+        for project in self.files.projects():
             for found in self.files.list(project):
                 if found.status == "uploaded":
                     local = Path(tempfile.mkdtemp(prefix="tunerun-upload-")) / "data.jsonl"
-                    self.files.backend.download_file(self.files._key(project, found.id, "jsonl"), local)
-                    self.validate_later(project, found.id, local)
+                    self.validate_later(project, found.id, self.files.fetch(project, found.id, local))
 
 
 def create_app(served: Served) -> FastAPI:

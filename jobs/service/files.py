@@ -51,6 +51,14 @@ class FileStore:
     def _key(self, project: str, file_id: str, suffix: str) -> str:
         return f"{ROOT}/{project}/{file_id}.{suffix}"
 
+    def projects(self) -> list[str]:
+        return self.backend.children(ROOT)
+
+    def fetch(self, project: str, file_id: str, local: Path) -> Path:
+        """A local copy of the file's bytes (for validating it again)."""
+        self.backend.download_file(self._key(project, file_id, "jsonl"), local)
+        return local
+
     def data_uri(self, project: str, file_id: str) -> str:
         """Where the trainer reads the file from (a local path or an s3:// URI)."""
         return self.backend.uri(self._key(project, file_id, "jsonl"))

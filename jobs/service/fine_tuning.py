@@ -123,6 +123,7 @@ class ServiceRecord:
     request: dict
     result_file: str
     hyperparameters: dict
+    seed: int  # the seed the job trains with (the request's, else the spec's)
 
     @property
     def suffix(self) -> str | None:
@@ -160,7 +161,8 @@ class JobService:
                                hyperparameters={"n_epochs": job.spec.training.epochs,
                                                 "batch_size": job.spec.training.global_batch_size,
                                                 "learning_rate_multiplier": job.spec.training.learning_rate
-                                                / template.learning_rate})
+                                                / template.learning_rate},
+                               seed=job.spec.training.seed)
         run.write_json(SERVICE_RECORD, vars(record))  # before run.json: a listed run always has its record
         if self.config.target == "local":
             create_run(job, "local", state=RunState.QUEUED)
@@ -248,10 +250,10 @@ class JobService:
         # cancelling a finished job changes nothing; the job object says how it ended
 
     def pause(self, run: RunFolder) -> None:
-        state = self.target_of(run).status(run).state
-        if state != RunState.RUNNING or not self.target_of(run).pause(run):
-            raise bad_request(f"Job {run.run_id} is {state}: only a running job can be paused", "fine_tuning_job_id",
-                              "invalid_state")
+        target = self.target_of(run)
+        if not target.pause(run):  # it pauses only a running run
+            raise bad_request(f"Job {run.run_id} is {target.status(run).state}: only a running job can be paused",
+                              "fine_tuning_job_id", "invalid_state")
 
     def resume(self, run: RunFolder) -> None:
         state = self.target_of(run).status(run).state

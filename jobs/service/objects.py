@@ -93,7 +93,7 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "method": {"type": "supervised", "supervised": {"hyperparameters": record.hyperparameters}},
         "trained_tokens": last.get("tokens_seen") if info.state.terminal else None,
         "error": _error(info),
-        "seed": int(record.request.get("seed", _seed(run))),
+        "seed": record.seed,
         "estimated_finish": _estimated_finish(train) if info.state == RunState.RUNNING else None,
         "metadata": record.metadata or None,
         "integrations": [],
@@ -102,12 +102,6 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "tunerun": {"run_id": run.run_id, "state": str(info.state), "step": last.get("step"),
                     "total_steps": last.get("total_steps"), "last_loss": last.get("loss")},
     }
-
-
-def _seed(run: RunFolder) -> int:
-    import yaml
-
-    return yaml.safe_load(run.read_text("job.yaml"))["spec"]["training"]["seed"]
 
 
 def _error(info: RunInfo) -> dict | None:

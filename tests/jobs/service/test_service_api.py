@@ -62,8 +62,7 @@ def client(app, key: str) -> openai.OpenAI:
 def validated(app, project: str, file_id: str) -> None:
     """What the background validation does, done here and waited for."""
     service = app.state.service
-    local = service.files.backend.local_path(service.files._key(project, file_id, "jsonl"))
-    service.files.validate(project, file_id, local)
+    service.files.validate(project, file_id, Path(service.files.data_uri(project, file_id)))
 
 
 def upload(app, key: str, project: str, path: Path):
@@ -153,6 +152,7 @@ def test_keys_are_stored_only_as_hashes(keys, served):
 def test_another_projects_objects_answer_404(app, keys):
     found = upload(app, keys["acme"], "acme", TICKETS)
     job = client(app, keys["acme"]).fine_tuning.jobs.create(model="support-tiny", training_file=found.id)
+    assert job.seed == 42  # no seed in the request: the spec's
     other = client(app, keys["other"])
     for call in (lambda: other.files.retrieve(found.id), lambda: other.files.content(found.id),
                  lambda: other.fine_tuning.jobs.retrieve(job.id), lambda: other.fine_tuning.jobs.cancel(job.id),

@@ -139,6 +139,7 @@ def trained(chromium, service, tmp_path_factory):
     page.screenshot(path=str(shots / "dashboard-jobs.png"))
     page.goto(f"/jobs/{job_id}")
     page.wait_for_selector("#report:not([hidden])", timeout=60 * MS)
+    seen["report_title"] = page.frame_locator("#report").locator("h1").inner_text(timeout=60 * MS)
     page.wait_for_selector('#base-vs-tuned tr[data-metric="exact_match"]')
     page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
     if os.environ.get("TUNERUN_SCREENSHOTS"):
@@ -161,6 +162,7 @@ def test_a_job_started_from_the_upload_form_is_followed_to_succeeded(trained, se
     assert seen["done"][0] == 1.0 and seen["done"][1].startswith(f"step {STEPS}/{STEPS}")
     job = api(service).fine_tuning.jobs.retrieve(job_id)
     assert job.status == "succeeded" and job.user_provided_suffix == "refunds-v1"  # the API says the same
+    assert seen["report_title"] == job_id  # the run's report.html, framed in its page
     assert (shots / "dashboard-jobs.png").stat().st_size > 10_000 and (shots / "dashboard-job.png").exists()
 
 
@@ -183,6 +185,7 @@ def test_the_job_page_draws_curves_and_fills_base_vs_tuned(trained):
     assert int(page.inner_text("#data-counts tr:first-child td")) == 600
     assert page.locator("#checkpoints tbody tr").count() >= 1
     assert page.locator("#events li").count() > 5
+    assert page.is_hidden("#pause") and page.is_hidden("#resume") and page.is_hidden("#cancel")  # it is over
     link = page.locator("#artifacts a").first
     assert "adapter" in link.inner_text()
     download = page.request.get(link.get_attribute("href"))  # the page's own session

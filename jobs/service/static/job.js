@@ -9,16 +9,18 @@ const base = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
 const charts = {};
 const SCORE_NAMES = ["exact_match", "f1", "rouge_l"];
 
-function lineChart(id, datasets, yTitle) {
+function lineChart(id, datasets, yTitle, scores = false) {
   const canvas = document.getElementById(id);
   if (!charts[id]) {
+    const scales = { x: { type: "linear", title: { display: true, text: "step" } },
+                     y: { title: { display: !!yTitle, text: yTitle ?? "" } } };
+    if (scores) scales.scores = { position: "right", min: 0, max: 1, title: { display: true, text: "score" },
+                                  grid: { drawOnChartArea: false } };
     charts[id] = new window.Chart(canvas, {
       type: "line",
       data: { datasets: [] },
       options: {
-        animation: false, parsing: false, responsive: true, maintainAspectRatio: false,
-        scales: { x: { type: "linear", title: { display: true, text: "step" } },
-                  y: { title: { display: !!yTitle, text: yTitle ?? "" } } },
+        animation: false, parsing: false, responsive: true, maintainAspectRatio: false, scales,
         plugins: { legend: { display: datasets.length > 1 } },
       },
     });
@@ -37,8 +39,8 @@ async function drawCurves(job) {
   lineChart("chart-lr", [{ label: "learning rate", data: series(rows, "learning_rate"), pointRadius: 0 }], "lr");
   lineChart("chart-eval", [
     { label: "held-out loss", data: series(rows, "valid_loss"), yAxisID: "y" },
-    ...SCORE_NAMES.map((name) => ({ label: name, data: series(rows, name), yAxisID: "y" })),
-  ]);
+    ...SCORE_NAMES.map((name) => ({ label: name, data: series(rows, name), yAxisID: "scores" })),
+  ], "loss", true);
 }
 
 function showHeader(job) {

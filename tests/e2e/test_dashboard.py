@@ -141,7 +141,11 @@ def trained(chromium, service, tmp_path_factory):
     page.wait_for_selector("#report:not([hidden])", timeout=60 * MS)
     seen["report_title"] = page.frame_locator("#report").locator("h1").inner_text(timeout=60 * MS)
     page.wait_for_selector('#base-vs-tuned tr[data-metric="exact_match"]')
-    page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
+    # a full-page capture does not repaint the framed report: grow the window to the page instead
+    page.set_viewport_size({"width": 1360, "height": page.evaluate("() => document.body.scrollHeight")})
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots / "dashboard-job.png"))
+    page.set_viewport_size({"width": 1360, "height": 900})
     if os.environ.get("TUNERUN_SCREENSHOTS"):
         target = Path(os.environ["TUNERUN_SCREENSHOTS"])
         target.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def compare(runs: list[RunFolder]) -> Comparison:
         return result
     for metric in METRICS:
         measured = [(s.metrics[metric], s.run_id) for s in summaries if s.metrics.get(metric) is not None]
-        if len(measured) > 1:
+        if measured:  # a run not evaluated yet has no say
             best = (min if lower_is_better(metric) else max)(value for value, _ in measured)
             result.best[metric] = [run_id for value, run_id in measured if value == best]
     return result

@@ -141,6 +141,7 @@ class RunInfo(_Record):
     slurm: SlurmHandle | None = None
     ray: RaySubmission | None = None
     k8s: RayJobHandle | None = None
+    mlflow_run_id: str | None = None  # tracking.mlflow: the MLflow run every launch of this run logs to
     launch: list[str] | None = None  # `tunerun run`'s job file and --set overrides: what a resume repeats
 
     def to_json(self) -> dict:

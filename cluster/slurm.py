@@ -24,7 +24,9 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 # Exported by name when set in the submitting shell; their values never appear in the script.
 BASE_EXPORTS = ("PATH", "HOME", "LANG", "USER", "TUNERUN_CACHE", "HF_HOME", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE",
-                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
+                "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS",
+                # tracking.mlflow: the standard MLflow credential variables, by name like the AWS ones
+                "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 SLURM_ACTIVE = {"PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "REQUEUED": RunState.PENDING,
                 "REQUEUE_HOLD": RunState.PENDING, "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING,
                 "SUSPENDED": RunState.RUNNING, "RESIZING": RunState.RUNNING}

@@ -453,6 +453,8 @@ class K8sTargetSpec(Strict):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []
     s3_secret: str | None = None  # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional)
+    # Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD (each optional)
+    mlflow_secret: str | None = None
     service_account: str | None = None
     priority_class: str | None = None
     labels: dict[str, str] = {}  # on the RayJob, the ConfigMap and every pod
@@ -478,7 +480,7 @@ class K8sTargetSpec(Strict):
     def _namespace(cls, v: str) -> str:
         return cls.dns_label(v)
 
-    @field_validator("s3_secret", "service_account", "priority_class", "scratch_storage_class")
+    @field_validator("s3_secret", "mlflow_secret", "service_account", "priority_class", "scratch_storage_class")
     @classmethod
     def _object_name(cls, v: str | None) -> str | None:
         return None if v is None else cls.dns_subdomain(v)
@@ -596,6 +598,54 @@ class RayTargetSpec(Strict):
         return v
 
 
+class MlflowSpec(Strict):
+    """A self-hosted MLflow tracking server fed from world rank 0. Credentials only from the standard variables
+    (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD), never from the spec."""
+
+    tracking_uri: str
+    experiment: str = "tunerun"
+    run_name: str | None = None  # None: the tunerun run id
+    tags: dict[str, str] = {}
+    log_artifacts: bool = True  # report.html, data_report.json and the eval JSONs at the end of the run
+    # validate/run ask the server before training; off for a server only the cluster can reach
+    check_reachable: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+            raise ValueError(f"{v!r}: expected the tracking server's HTTP address, e.g. http://mlflow:5000 "
+                             "(file: and databricks URIs are not supported: runs train on other machines)")
+        if re.match(r"https?://[^/@]*@", v):
+            raise ValueError("must not hold credentials: set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                             "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return v.rstrip("/")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        if not v.strip() or len(v) > 500:
+            raise ValueError("must be a non-empty experiment name of at most 500 characters")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if key.startswith(("mlflow.", "tunerun.")):
+                raise ValueError(f"tag {key!r}: the mlflow. and tunerun. prefixes are set by tunerun itself")
+        return v
+
+
+class TrackingSpec(Strict):
+    mlflow: MlflowSpec | None = None
+    tensorboard: bool = False  # event files under <run folder>/tensorboard/
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.tensorboard
+
+
 class TargetsSpec(Strict):
     slurm: SlurmTargetSpec = SlurmTargetSpec()
     k8s: K8sTargetSpec = K8sTargetSpec()
@@ -612,6 +662,7 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
+    tracking: TrackingSpec = TrackingSpec()
     targets: TargetsSpec = TargetsSpec()
 
     @field_validator("name")

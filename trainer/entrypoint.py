@@ -42,39 +42,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     storage_uri, run_id = args.run_uri.rstrip("/").rsplit("/", 1)
     run = RunFolder(StorageSpec(uri=storage_uri or "/", endpoint_url=args.endpoint_url), run_id)
+    tracking = None
     try:
         job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
         run = RunFolder(job.spec.storage, run_id)  # the spec's full settings: region, TLS, checksums
+        tracking = _open_tracking(job, run)
         run_job(run, job)
     except DiskFullError as exc:  # the next checkpoint would not fit: the workers stopped before writing it
-        return _disk_full(run, str(exc))
+        return _disk_full(run, tracking, str(exc))
     except TunerunError as exc:
-        _finish(run, RunState.FAILED, error=str(exc), error_kind="user")
+        _finish(run, tracking, RunState.FAILED, error=str(exc), error_kind="user")
         _say(f"error: {exc}")
         return EXIT_USER_ERROR
     except preemption.Preempted as exc:
-        _finish(run, RunState.PREEMPTED, detail=str(exc))
+        _finish(run, tracking, RunState.PREEMPTED, detail=str(exc))
         return EXIT_PREEMPTED
     except (KeyboardInterrupt, SystemExit):
         # `tunerun cancel` / Ctrl-C: SIGTERM reaches us as SystemExit once Ray has installed its handler.
-        _finish(run, RunState.CANCELLED)
+        _finish(run, tracking, RunState.CANCELLED)
         return EXIT_INTERNAL_ERROR
     except Exception as exc:  # noqa: BLE001 - the run folder must say the run ended, whatever happened
         full = space.disk_full_in(exc)
         if full is not None:  # the disk filled anyway (another process took the space), wherever it surfaced
-            return _disk_full(run, disk_full_message(run, space.describe_disk_full(full, run.uri())))
+            return _disk_full(run, tracking, disk_full_message(run, space.describe_disk_full(full, run.uri())))
         _say(traceback.format_exc())
-        _finish(run, RunState.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
+        _finish(run, tracking, RunState.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
         return EXIT_INTERNAL_ERROR
-    _finish(run, RunState.SUCCEEDED)
+    _finish(run, tracking, RunState.SUCCEEDED)
     return 0
 
 
-def _disk_full(run: RunFolder, message: str) -> int:
+def _disk_full(run: RunFolder, tracking, message: str) -> int:
     """Record a disk-full outcome where it can be; exit 2 when recorded, `EXIT_DISK_FULL` when nowhere could
     hold it (the CLI that follows the run then says so from the exit code)."""
     _say(f"error: {message}")
-    recorded = _finish(run, RunState.FAILED, error=message, error_kind="disk_full")
+    recorded = _finish(run, tracking, RunState.FAILED, error=message, error_kind="disk_full")
     if not recorded:
         _say(f"error: the outcome could not be recorded in {run.uri()} either")
     _detach_full_stdio()
@@ -94,6 +96,15 @@ def run_job(run: RunFolder, job: ResolvedJob) -> None:
     # Workers fetch the model on their own node; the driver needs it only for the tokenizer.
     prepare(run, localize_data(localize_model(job)))
     fit(run, job)
+
+
+def _open_tracking(job: ResolvedJob, run: RunFolder):
+    """The MLflow run of this tunerun run, when the job tracks to MLflow (`tunerun.trainer.tracking`)."""
+    if job.spec.tracking.mlflow is None:
+        return None
+    from tunerun.trainer.tracking import open_driver_tracking
+
+    return open_driver_tracking(job, run, warn=lambda message: _say(f"warning: {message}"))
 
 
 def check_resume_world_size(run: RunFolder, job: ResolvedJob) -> None:
@@ -206,14 +217,20 @@ def _worker_resources(job: ResolvedJob) -> dict:
     return resources
 
 
-def _finish(run: RunFolder, state: RunState, **fields) -> bool:
-    """Record the outcome (run.json, else the reserved file on a full disk); False when neither could hold it."""
+def _finish(run: RunFolder, tracking, state: RunState, **fields) -> bool:
+    """Record the outcome (run.json, else the reserved file on a full disk); False when neither could hold it.
+    The MLflow run then ends with the same outcome (FINISHED / FAILED / KILLED)."""
     try:
         record_outcome(run, state, **fields)
     except OSError as exc:
         if not space.is_disk_full(exc):
             raise
         return False
+    if tracking is not None:
+        try:
+            tracking.finish(state)
+        except Exception as exc:  # noqa: BLE001 - the outcome is recorded; tracking is a mirror of it
+            _say(f"warning: MLflow run not closed: {type(exc).__name__}: {exc}")
     log = os.environ.get("TUNERUN_DRIVER_LOG")
     if log and not run.is_local and Path(log).is_file():
         try:

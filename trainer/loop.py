@@ -54,7 +54,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = method.load_model(job)
     model_loaded = time.time()
     engine = method.make_engine(model, job, total_steps)
-    log = _RankZeroLog(run, rank)
+    from tunerun.trainer.tracking import open_worker_trackers
+
+    log = _RankZeroLog(run, rank, open_worker_trackers(job, run, rank, scratch, warn=_warn))
     log.event("worker_ready", load_started=load_started, model_loaded=model_loaded)  # cold-start breakdown
 
     # ── resume from the newest complete checkpoint, if any ──────────────────────────────────────────────
@@ -99,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 run.write_json(STOPPED, {"step": progress.step, "time": time.time()})
             log.event("stopped_at_checkpoint", step=progress.step)
-            log.flush()
+            log.close()
             return
 
     # ── export ──────────────────────────────────────────────────────────────────────────────────────────
@@ -109,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and not run.is_local:
         run.upload_dir(local_final, "final")
     log.event("exported", path=run.uri(f"final/{target.name}"), step=progress.step)
-    log.flush()
+    log.close()
 
     # ── memory: the measured peak beside the planner's estimate (memory.json) ───────────────────────────
     from tunerun.trainer.memory_probe import write_memory_report
@@ -232,15 +234,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _RankZeroLog:
-    """Rank 0 writes the run's metrics and events; other ranks stay quiet."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", flush=True)  # Ray forwards worker output to the driver log
 
-    def __init__(self, run: RunFolder, rank: int):
-        self.run, self.rank = run, rank
+
+class _RankZeroLog:
+    """Rank 0 writes the run's metrics and events, and mirrors the metrics to the trackers; other ranks stay quiet."""
+
+    def __init__(self, run: RunFolder, rank: int, trackers):
+        self.run, self.rank, self.trackers = run, rank, trackers
 
     def metrics(self, **values) -> None:
         if self.rank == 0:
             self.run.append_jsonl("metrics.jsonl", {"time": time.time(), **values})
+            self.trackers.log_row(values["step"], values)
 
     def event(self, kind: str, **fields) -> None:
         if self.rank == 0:
@@ -249,3 +256,9 @@ class _RankZeroLog:
     def flush(self) -> None:
         if self.rank == 0:
             self.run.flush()
+            self.trackers.flush()
+
+    def close(self) -> None:
+        """The end of this launch's training: flushed, the trackers' pending updates sent (or given up)."""
+        self.flush()
+        self.trackers.close()

@@ -76,9 +76,12 @@ def eval_command(run_id, checkpoint, storage):
               help="GGUF: the Modelfile's SYSTEM message (default: the chat template's own, if any).")
 @click.option("--to", "to", default=None, metavar="DIR|s3://…",
               help="Target folder (default: <run>/exports/<source>-<adapter|merged|model|gguf-QUANT>).")
+@click.option("--mlflow-model", "mlflow_model", default=None, metavar="NAME",
+              help="Also log the exported folder to the run's MLflow run and register it as a new version of the "
+                   "registered model NAME (needs tracking.mlflow in the job).")
 @storage_option
 @user_errors
-def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system, to, storage):
+def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system, to, mlflow_model, storage):
     """Export a run's weights: LoRA adapter (PEFT), merged model or full model, as safetensors + model card;
     or, with --format gguf, the merged model as GGUF + Ollama Modelfile."""
     from tunerun.trainer.export.hf import export_run
@@ -86,6 +89,9 @@ def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system,
     run = open_run(run_id, storage)
     job = load_run_job(run)
     checkpoint = checkpoint_step(run, job, checkpoint)
+    if mlflow_model and job.spec.tracking.mlflow is None:
+        raise StorageError(f"--mlflow-model: run {run_id} has no tracking.mlflow in its job, so no MLflow run to "
+                           "register the model from; export without it and register the folder yourself")
     if fmt == "gguf":
         _export_gguf(run, job, checkpoint, quant, to, system, check_prompts)
         return
@@ -96,6 +102,11 @@ def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system,
     size = sum(p.stat().st_size for p in files)
     console.print(f"export {weights.name} → {target} · {len(files)} files, {size / 1e6:.1f} MB · "
                   "load with AutoModelForCausalLM.from_pretrained")
+    if mlflow_model:
+        from tunerun.trainer.tracking import register_export
+
+        version = register_export(run, job, target, mlflow_model)
+        console.print(f"mlflow {mlflow_model} version {version.version} · {version.source}")
 
 
 @click.command("report")

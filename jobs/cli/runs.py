@@ -19,6 +19,7 @@ from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, disk_full_messag
 from tunerun.jobs.cli.options import (console, err_console, job_options, json_option, load_resolved,
                                       note_in_cli_log, open_run, run_argument, run_id_option, run_store,
                                       storage_option, user_errors)
+from tunerun.jobs.tracking import check_tracking
 
 EXIT_DISK_FULL = 4  # tunerun.trainer.entrypoint's: the driver could record its disk-full outcome nowhere
 USER_FIXABLE = ("user", "disk_full")  # error kinds that exit 2: the user can fix them and resume
@@ -36,6 +37,7 @@ def run(job_file, overrides, storage, run_id, resume_id):
     from tunerun.jobs.cli.follow import RunFollower
 
     job = load_resolved(job_file, overrides, storage, resume_id or run_id)
+    check_tracking(job, job_file)
     console.print(f"run    {job.run_id} · {job.spec.method.kind} · {job.spec.resources.num_workers} workers · "
                   f"local Ray · {job.spec.storage.uri}" + (" · resuming" if resume_id else ""))
     launch = [str(Path(job_file).absolute()), *overrides]
@@ -104,6 +106,7 @@ def submit(job_file, overrides, storage, target_name, run_id, address):
     if address:
         overrides = (*overrides, f"targets.ray.address={address}")
     job = load_resolved(job_file, overrides, storage, run_id)
+    check_tracking(job, job_file)
     run_folder = target.submit(job)
     console.print(f"submitted {job.run_id} · {target.name} · {target.describe(read_info(run_folder))} · "
                   f"{run_folder.uri()}")

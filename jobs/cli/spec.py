@@ -11,6 +11,7 @@ import yaml
 from rich.table import Table
 
 from tunerun.jobs.cli.options import console, err_console, job_options, json_option, load_resolved, user_errors
+from tunerun.jobs.tracking import check_tracking
 
 
 @click.command()
@@ -19,6 +20,7 @@ from tunerun.jobs.cli.options import console, err_console, job_options, json_opt
 def validate(job_file, overrides, storage):
     """Check a job spec: every problem at once, with its line."""
     job = load_resolved(job_file, overrides, storage)
+    check_tracking(job, job_file)
     if job.spec.storage.is_s3:
         from tunerun.cluster.s3 import missing_credentials
 

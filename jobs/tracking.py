@@ -90,3 +90,19 @@ def check_tracking(job, source: str, environ=os.environ) -> None:
             problems.append(Problem("tracking.mlflow.tracking_uri", found))
     if problems:
         raise SpecError(source, problems)
+
+
+def end_mlflow_run(settings: MlflowSpec, mlflow_run_id: str, status: str, environ=os.environ) -> str | None:
+    """Set an MLflow run's final status over the REST API (``runs/update``); why it failed, or None.
+
+    `tunerun cancel` needs it: the target may kill the driver before the driver can close its MLflow run."""
+    import time
+
+    body = json.dumps({"run_id": mlflow_run_id, "status": status, "end_time": int(time.time() * 1000)}).encode()
+    request = urllib.request.Request(f"{settings.tracking_uri}/api/2.0/mlflow/runs/update", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **auth_header(environ)})
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S):
+            return None
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{settings.tracking_uri}: {getattr(exc, 'reason', exc)}"

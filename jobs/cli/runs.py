@@ -195,8 +195,23 @@ def cancel(run_id, storage):
     target = targets.for_run(run_folder)
     if target.cancel(run_folder):
         console.print(f"cancelled {run_id}")
+        _end_mlflow_run_killed(run_folder)
     else:
         console.print(f"{run_id} is not running (state {target.status(run_folder).state})")
+
+
+def _end_mlflow_run_killed(run_folder) -> None:
+    """The target may have killed the driver before it closed its MLflow run: the run ends KILLED from here."""
+    info = read_info(run_folder)
+    if not info.mlflow_run_id:
+        return
+    from tunerun.jobs.cli.results import load_run_job
+    from tunerun.jobs.tracking import end_mlflow_run
+
+    settings = load_run_job(run_folder).spec.tracking.mlflow
+    problem = end_mlflow_run(settings, info.mlflow_run_id, "KILLED") if settings else None
+    if problem:
+        err_console.print(f"warning MLflow run {info.mlflow_run_id} not marked KILLED: {problem}")
 
 
 def _last_train_metrics(run_folder) -> dict:

@@ -95,6 +95,8 @@ def test_step_metrics_match_metrics_jsonl_despite_the_outage(tracked, mlflow_ser
     steps = [r for r in rows(tracked) if "loss" in r and "eval_loss" not in r]
     for key in ("loss", "lr", "tokens_per_s"):
         assert history(mlflow_server, run_id, key) == pytest.approx({r["step"]: r[key] for r in steps}), key
+    # two workers, one writer: world rank 0 alone logs, so every step is there once
+    assert len(mlflow_server.client().get_metric_history(run_id, "loss")) == len(steps)
     assert "did not take" in (tracked / "logs" / "driver.log").read_text()  # the outage was seen and survived
 
 
@@ -147,7 +149,8 @@ def test_cancelled_run_is_killed_and_its_resume_continues_the_same_mlflow_run(tm
     """`tunerun cancel` ends the MLflow run KILLED (the driver's session is stopped, maybe before it could say
     so); `run --resume` reopens that run from run.json, so the curve has one step axis and no second start."""
     sets = job_sets(tmp_path, tiny_model_dir, mlflow_server, "resume", "training.max_steps=100000",
-                    "checkpoint.every_steps=2", "checkpoint.keep_last=4", "eval.every_steps=100000")
+                    "checkpoint.every_steps=2", "checkpoint.keep_last=4", "eval.every_steps=100000",
+                    "resources.workers_per_node=1")  # one worker: what is checked here is the driver's part
     submitted = subprocess.run([*CLI, "submit", str(QUICKSTART), *sets, "--run-id", "rs"], cwd=tmp_path,
                                env=tracking_env(), capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-TRAINING_STACK = ("torch", "ray", "transformers", "deepspeed", "peft", "bitsandbytes")
+TRAINING_STACK = ("torch", "ray", "transformers", "deepspeed", "peft", "bitsandbytes", "mlflow", "tensorboardX")
 # What the CLI also keeps out of `tunerun --help`: libraries only some commands need.
 CLI_EXTRAS = ("matplotlib", "datasketch", "datasets", "kubernetes", "boto3", "llama_cpp", "fastapi", "uvicorn")
 TARGET_MODULES = ("tunerun.cluster.targets", "tunerun.cluster.local", "tunerun.cluster.slurm",
@@ -24,6 +24,7 @@ BOUNDARIES = {
     "tunerun.jobs.loader": TRAINING_STACK,
     "tunerun.jobs.plan": TRAINING_STACK,
     "tunerun.jobs.memory": TRAINING_STACK,
+    "tunerun.jobs.tracking": TRAINING_STACK,  # the validate-time check speaks MLflow's REST API itself
     # the service reaches training only through the targets and the run folder
     "tunerun.jobs.service.app": TRAINING_STACK + ("tunerun.trainer.loop", "tunerun.trainer.entrypoint"),
     "tunerun.cluster.targets": TRAINING_STACK,

@@ -49,19 +49,21 @@ CLOSINGS = ["", "", "Thanks!", "Kind regards", "Best regards, <PERSON>", "Cheers
 
 
 def ticket(rng: random.Random) -> tuple[str, list[tuple[int, int, str]]]:
-    """An opening, one or two sentences and a closing, with the spans of the names and cities in it."""
+    """A ticket number, an opening, one or two sentences and a closing (each but the sentences optional), with
+    the spans of the names and cities in it."""
     text, spans = "", []
-    parts = [rng.choice(OPENINGS), *(rng.choice(rng.choice([WITH_PERSON, WITH_CITY, WITH_BOTH, WITHOUT]))
+    parts = [f"Ticket {rng.randint(1000, 9999)}:" if rng.random() < 0.5 else "", rng.choice(OPENINGS), *(rng.choice(rng.choice([WITH_PERSON, WITH_CITY, WITH_BOTH, WITHOUT]))
                                      for _ in range(rng.randint(1, 2))), rng.choice(CLOSINGS)]
     for part in filter(None, parts):
-        piece, found = _fill(part, rng)
+        piece, found = fill(part, rng)
         offset = len(text) + (1 if text else 0)
         text = f"{text} {piece}" if text else piece
         spans += [(a + offset, b + offset, label) for a, b, label in found]
     return text, spans
 
 
-def _fill(template: str, rng: random.Random) -> tuple[str, list[tuple[int, int, str]]]:
+def fill(template: str, rng: random.Random) -> tuple[str, list[tuple[int, int, str]]]:
+    """``template`` with {person} and {city} drawn from `NAMES` and `CITIES`, and the spans they took."""
     person, city = rng.choice(NAMES), rng.choice(CITIES)
     text, spans = "", []
     for i, part in enumerate(template.replace("{city}", "\x00city\x00").replace("{person}", "\x00person\x00")

@@ -183,11 +183,12 @@ def cache_entries(root: Path) -> list[CacheEntry]:
 
 def prune_plan(entries: list[CacheEntry], now: float, older_than: float | None, keep_bytes: int | None,
                busy_after: float) -> list[CacheEntry]:
-    """The entries to remove: those unused for more than ``older_than`` seconds, then the least recently used
-    until at most ``keep_bytes`` remain. A temporary folder younger than ``busy_after`` seconds is a
-    preparation still running and is never chosen."""
+    """The entries to remove: temporary folders left by crashed preparations (older than ``busy_after``
+    seconds; a younger one is a preparation still running and is never chosen), those unused for more than
+    ``older_than`` seconds, then the least recently used until at most ``keep_bytes`` remain."""
     candidates = [e for e in entries if e.complete or now - e.last_used > busy_after]
-    chosen = [e for e in candidates if older_than is not None and now - e.last_used > older_than]
+    chosen = [e for e in candidates if not e.complete
+              or (older_than is not None and now - e.last_used > older_than)]
     if keep_bytes is not None:
         left = sum(e.size for e in entries) - sum(e.size for e in chosen)
         for entry in candidates:  # least recently used first

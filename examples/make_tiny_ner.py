@@ -52,8 +52,10 @@ def ticket(rng: random.Random) -> tuple[str, list[tuple[int, int, str]]]:
     """A ticket number, an opening, one or two sentences and a closing (each but the sentences optional), with
     the spans of the names and cities in it."""
     text, spans = "", []
-    parts = [f"Ticket {rng.randint(1000, 9999)}:" if rng.random() < 0.5 else "", rng.choice(OPENINGS), *(rng.choice(rng.choice([WITH_PERSON, WITH_CITY, WITH_BOTH, WITHOUT]))
-                                     for _ in range(rng.randint(1, 2))), rng.choice(CLOSINGS)]
+    number = f"Ticket {rng.randint(1000, 9999)}:" if rng.random() < 0.5 else ""
+    opening = rng.choice(OPENINGS)
+    sentences = [rng.choice(rng.choice([WITH_PERSON, WITH_CITY, WITH_BOTH, WITHOUT])) for _ in range(rng.randint(1, 2))]
+    parts = [number, opening, *sentences, rng.choice(CLOSINGS)]
     for part in filter(None, parts):
         piece, found = fill(part, rng)
         offset = len(text) + (1 if text else 0)

@@ -26,7 +26,8 @@ CUE_NAMES = ["José", "Ingrid Larsen", "Mateo Ruiz", "Zoë", "Farid Haddad", "Li
 GREETINGS = ["Dear Ms {name},", "Hello {name},", "Hi {name}!"]
 SIGN_OFFS = ["Kind regards, {name}", "Best, {name}", "Thanks!\n{name}", "Cheers, {name}"]
 # IBANs of the right country length whose check digits do not verify (a typo), and one that does.
-BAD_IBANS = ["DE89370400440532013001", "IT61X0542811101000000123456", "GB83WEST12345698765432", "FR7630006000011234567890188"]
+BAD_IBANS = ["DE89370400440532013001", "IT61X0542811101000000123456", "GB83WEST12345698765432",
+             "FR7630006000011234567890188"]
 GOOD_IBAN = "NL91ABNA0417164300"
 
 
@@ -61,8 +62,9 @@ def make_export(path: Path, ner, n: int = 120, seed: int = 7) -> dict:
             planted["person"] += 1
             planted["cue"] += 1
         ticket = f"Ticket {1000 + i}: " + " ".join(parts)  # unique: every record is kept, so counts compare
+        answer = f"category: {rng.choice(['billing', 'shipping'])}"
         lines.append(json.dumps({"messages": [{"role": "user", "content": ticket},
-                                              {"role": "assistant", "content": f"category: {rng.choice(['billing', 'shipping'])}"}]}))
+                                              {"role": "assistant", "content": answer}]}))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return planted
 

@@ -61,7 +61,11 @@ def content_hash(job: ResolvedJob) -> str:
     h = hashlib.blake2b(digest_size=16)
     _feed(h, f"format {FORMAT_VERSION} seed {spec.training.seed}")
     _feed(h, json.dumps(spec.data.model_dump(mode="json"), sort_keys=True))
-    for package in ("transformers", "tokenizers"):
+    packages = ["transformers", "tokenizers"]
+    if spec.data.clean.ner is not None:  # another pipeline version finds other names: another preparation
+        pipelines = sorted(set(spec.data.clean.ner.models().values()))
+        packages += ["presidio-analyzer", "presidio-anonymizer", "spacy", *pipelines]
+    for package in packages:
         _feed(h, f"{package} {_version(package)}")
     for pattern in (spec.data.train, spec.data.eval):
         for path in resolve_files(pattern) if pattern else []:

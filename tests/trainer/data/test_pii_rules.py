@@ -44,6 +44,7 @@ def test_ibans_with_failed_check_digits_are_masked_when_country_and_length_fit()
 def test_street_addresses_and_the_kinds_a_spec_leaves_out():
     counts = {}
     text = "Send it to 221B Baker Street or Hauptstraße 5, or Via Roma 12; mail a@b.example.com"
-    assert mask_pii(text, counts) == "Send it to <STREET_ADDRESS> or <STREET_ADDRESS>, or <STREET_ADDRESS>; mail <EMAIL>"
+    assert mask_pii(text, counts) == ("Send it to <STREET_ADDRESS> or <STREET_ADDRESS>, or <STREET_ADDRESS>; "
+                                      "mail <EMAIL>")
     assert counts == {"street_address": 3, "email": 1}
     assert mask_pii(text, {}, frozenset({"email"})).startswith("Send it to 221B Baker Street")

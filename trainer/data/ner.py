@@ -15,6 +15,7 @@ MB, and worker processes of the data pipeline each build their own.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import re
 
@@ -54,17 +55,20 @@ class EntityMasker:
 
     def mask(self, texts: list[str], counts: list[dict[str, int]]) -> list[str]:
         """``texts`` with their entities replaced; ``counts[i]`` gets text i's hits (``person``, ``location``…)."""
-        hits = [[] for _ in texts]
+        # Each distinct text once: system prompts and stock phrases repeat on every record of a set.
+        unique = list(dict.fromkeys(texts))
+        hits: dict[str, list] = {text: [] for text in unique}
         for language in self.languages:
-            found = self.batch.analyze_iterator(texts, language=language, entities=self.entities,
+            found = self.batch.analyze_iterator(unique, language=language, entities=self.entities,
                                                 score_threshold=self.threshold, batch_size=BATCH_SIZE)
-            for i, results in enumerate(found):
-                hits[i] += results
-        return [self._replace(text, found, tally) for text, found, tally in zip(texts, hits, counts)]
+            for text, results in zip(unique, found):
+                hits[text] += results
+        return [self._replace(text, hits[text], tally) for text, tally in zip(texts, counts)]
 
     def _replace(self, text: str, results: list, counts: dict[str, int]) -> str:
         taken = [m.span() for m in _PLACEHOLDER.finditer(text)]
-        results = [r for r in results if not any(r.start < b and a < r.end for a, b in taken)]
+        # Copies: the anonymizer may adjust the results it merges, and repeated texts share one list.
+        results = [copy.copy(r) for r in results if not any(r.start < b and a < r.end for a, b in taken)]
         if not results:
             return text
         from presidio_anonymizer.entities import OperatorConfig

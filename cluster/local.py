@@ -29,9 +29,11 @@ def driver_log_path(run: RunFolder) -> Path:
     return cache / "logs" / run.run_id / "driver.log"
 
 
-def start(job: ResolvedJob, resume: bool = False) -> tuple[RunFolder, subprocess.Popen]:
-    """Create the run and start its driver in a child process; the caller may follow or wait for it."""
-    run = create_run(job, LocalTarget.name, resume)
+def start(job: ResolvedJob, resume: bool = False,
+          launch: list[str] | None = None) -> tuple[RunFolder, subprocess.Popen]:
+    """Create the run and start its driver in a child process; the caller may follow or wait for it. ``launch``:
+    the job file and --set overrides it came from, recorded so that messages can give the exact resume command."""
+    run = create_run(job, LocalTarget.name, resume, launch=launch)
     log_path = driver_log_path(run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -56,7 +58,8 @@ class LocalTarget(Target):
         if pid is None:  # started on another host: only the run folder can tell
             return None
         return Observation(info.local, ended=not _alive(pid),
-                           error="the driver process is gone without recording an outcome; see logs/driver.log")
+                           error=f"the driver (pid {pid}) is gone without recording an outcome (killed: out of "
+                                 f"memory, kill -9, a reboot); its log: {info.local.log}")
 
     def stop(self, info: RunInfo) -> bool:
         """SIGTERM the driver's session (the driver, Ray's processes, the workers), then SIGKILL whatever is left

@@ -6,19 +6,24 @@ Who writes run.json, and when:
   state ``pending`` (``queued`` when `tunerun serve` holds it back until a slot frees); then the target adds its handle (the local driver's pid, the Slurm job id, the RayJob, the
   Ray submission id), or records ``failed`` when the target refused the job.
 - **the driver** (``python -m tunerun.trainer``, `tunerun.trainer.entrypoint`): ``running`` when it starts, its
-  outcome when it ends: ``succeeded``, ``failed`` (with ``error`` and ``error_kind`` user|internal),
+  outcome when it ends: ``succeeded``, ``failed`` (with ``error`` and ``error_kind`` user|internal|disk_full),
   ``cancelled`` or ``preempted`` (stopped at a checkpoint on request; launching the run again continues it).
+  On a full disk, where run.json cannot be rewritten, the outcome goes into `RESERVED_OUTCOME`, a small file the
+  driver wrote at its start for this (overwriting allocated bytes needs no new space); `read_info` reads it.
 - **rank 0 of the workers**: the gates' verdict (``gates``) at the final evaluation.
 - **the submitter on `tunerun cancel`**: ``cancelled``, after the target confirmed the stop. This is the one
   write that can meet another (the driver recording how it went down): cancel writes after the driver is gone,
   so the user's word is the last one.
 
 Reading never writes: `Target.status` returns run.json reconciled with the target's own view (a driver killed
-outright could not record its outcome; Slurm requeued a preempted job), and only the returned `RunInfo` says so.
+outright could not record its outcome: ``error_kind`` driver_gone; Slurm requeued a preempted job), and only the
+returned `RunInfo` says so.
 Each write is a read-modify-write of one small object, atomic on every backend (`RunFolder.write_text`).
 """
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from enum import Enum
 
@@ -26,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.space import is_disk_full
 from tunerun.jobs.errors import StorageError, TargetError
 from tunerun.jobs.plan import ResolvedJob
 
@@ -35,6 +41,12 @@ DRIVER_LOG = "logs/driver.log"  # the driver's output, in the run folder (or cop
 # request reaches the run on whatever target and node it trains (written by the driver on USR1/TERM, or by
 # `Target.pause`).
 CHECKPOINT_REQUEST = "control/checkpoint_requested"
+# Written by rank 0 when the next checkpoint would not fit (tunerun.cluster.space): the workers stopped, and the
+# driver records the run as failed (disk_full) with the message this holds.
+DISK_FULL = "control/disk_full"
+# Bytes set aside at the driver's start (local run folders) so the outcome can be recorded on a full disk.
+RESERVED_OUTCOME = "control/reserved_outcome"
+RESERVED_OUTCOME_BYTES = 16384
 # Checkpoints: checkpoints/step-000200/, complete once its manifest (written last) is there (tunerun.trainer.checkpoint).
 CHECKPOINTS, CHECKPOINT_PREFIX, CHECKPOINT_MANIFEST = "checkpoints", "step-", "manifest.json"
 
@@ -120,7 +132,7 @@ class RunInfo(_Record):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
-    error_kind: str | None = None  # user | internal
+    error_kind: str | None = None  # user | internal | disk_full; driver_gone only as `Target.status` reports it
     detail: str | None = None
     gates: dict | None = None
     versions: dict | None = None
@@ -129,16 +141,27 @@ class RunInfo(_Record):
     slurm: SlurmHandle | None = None
     ray: RaySubmission | None = None
     k8s: RayJobHandle | None = None
+    launch: list[str] | None = None  # `tunerun run`'s job file and --set overrides: what a resume repeats
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
 
+    @property
+    def state_text(self) -> str:
+        """The state with why it failed, when that is not the job's own doing: 'failed (disk full)'."""
+        why = {"disk_full": "disk full", "driver_gone": "driver gone"}.get(self.error_kind or "")
+        return f"{self.state} ({why})" if self.state == RunState.FAILED and why else str(self.state)
+
 
 def read_info(run: RunFolder) -> RunInfo:
     try:
-        return RunInfo.model_validate(run.read_json(RUN_INFO))
+        info = RunInfo.model_validate(run.read_json(RUN_INFO))
     except (ValidationError, ValueError) as exc:  # ValueError: not JSON (edited by hand, cut off by a full disk)
         raise StorageError(f"{run.uri(RUN_INFO)} is not a readable run record: {exc}") from None
+    if info.state.terminal or not run.is_local:
+        return info
+    outcome = _reserved_outcome(run)
+    return info.model_copy(update=outcome) if outcome else info
 
 
 def update_info(run: RunFolder, **fields) -> RunInfo:
@@ -150,7 +173,7 @@ def update_info(run: RunFolder, **fields) -> RunInfo:
 
 
 def create_run(job: ResolvedJob, target: str, resume: bool = False,
-               state: RunState = RunState.PENDING) -> RunFolder:
+               state: RunState = RunState.PENDING, launch: list[str] | None = None) -> RunFolder:
     """Write the resolved job and the initial run.json: the run exists from here on.
 
     An existing run id is only taken over with ``resume`` (or by a target restarting the same job, such as a
@@ -164,10 +187,11 @@ def create_run(job: ResolvedJob, target: str, resume: bool = False,
     run = RunFolder(job.spec.storage, job.run_id)
     earlier = read_info(run).state if run.exists(RUN_INFO) else None
     _check_takeover(run, job, earlier, resume)
+    release_reserved_outcome(run)  # a resumed run's earlier outcome: this launch records its own
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     update_info(run, run_id=job.run_id, name=job.spec.name, state=state, target=target,
                 method=job.spec.method.kind, workers=job.spec.resources.num_workers, error=None, error_kind=None,
-                **({"created_at": time.time()} if earlier is None else {}))
+                **({"created_at": time.time()} if earlier is None else {}), **({"launch": launch} if launch else {}))
     if earlier is None:
         event = "run_queued" if state == RunState.QUEUED else "run_created"
     else:
@@ -195,11 +219,93 @@ def _check_takeover(run: RunFolder, job: ResolvedJob, earlier: RunState | None, 
 
 
 def record_outcome(run: RunFolder, state: RunState, **fields) -> RunInfo:
-    """The driver's last word: the state it ended in, when, and why (``error``, ``error_kind``, ``detail``)."""
-    info = update_info(run, state=state, finished_at=time.time(), **fields)
-    run.event(f"run_{state}", **fields)
-    run.flush()
+    """The driver's last word: the state it ended in, when, and why (``error``, ``error_kind``, ``detail``).
+
+    On a full disk it goes into the reserved file instead; an OSError leaves only when that failed too."""
+    try:
+        info = update_info(run, state=state, finished_at=time.time(), **fields)
+    except OSError as exc:
+        if not is_disk_full(exc) or not _write_reserved_outcome(run, state, fields):
+            raise
+        return read_info(run)
+    try:
+        run.event(f"run_{state}", **fields)
+        run.flush()
+    except OSError as exc:  # run.json has the outcome: the event line is a copy of it
+        if not is_disk_full(exc):
+            raise
+    release_reserved_outcome(run)
     return info
+
+
+def reserve_outcome_space(run: RunFolder) -> None:
+    """Set aside `RESERVED_OUTCOME_BYTES` in the run folder (local folders: object stores do not fill up)."""
+    if run.is_local:
+        run.write_text(RESERVED_OUTCOME, " " * RESERVED_OUTCOME_BYTES)
+
+
+def release_reserved_outcome(run: RunFolder) -> None:
+    if run.is_local and run.exists(RESERVED_OUTCOME):
+        run.delete(RESERVED_OUTCOME)
+
+
+def _write_reserved_outcome(run: RunFolder, state: RunState, fields: dict) -> bool:
+    """Overwrite the reserved file in place with the outcome (padded to its size: no new blocks are needed)."""
+    if not run.is_local or not run.exists(RESERVED_OUTCOME):
+        return False
+    outcome = {"state": str(state), "finished_at": time.time(), **fields}
+    data = RunInfo.model_validate(outcome).model_dump_json(include=set(outcome)).encode("utf-8")
+    if len(data) > RESERVED_OUTCOME_BYTES and "error" in fields:  # a long error: keep its end, the exception
+        outcome["error"] = str(fields["error"])[-(RESERVED_OUTCOME_BYTES // 2):]
+        data = RunInfo.model_validate(outcome).model_dump_json(include=set(outcome)).encode("utf-8")
+    try:
+        with open(run.local_path(RESERVED_OUTCOME), "r+b") as handle:
+            handle.write(data[:RESERVED_OUTCOME_BYTES].ljust(RESERVED_OUTCOME_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        return False
+    return True
+
+
+def _reserved_outcome(run: RunFolder) -> dict | None:
+    """The outcome the driver wrote into the reserved file (None while it only holds the reserved bytes)."""
+    try:
+        with open(run.local_path(RESERVED_OUTCOME), "rb") as handle:
+            if handle.read(1) != b"{":
+                return None
+            data = b"{" + handle.read()
+    except OSError:
+        return None
+    try:
+        return RunInfo.model_validate_json(data.strip()).model_dump(exclude_unset=True)
+    except ValidationError:
+        return None
+
+
+def last_complete_checkpoint(run: RunFolder) -> str | None:
+    """The newest checkpoint folder with a manifest (``checkpoints/step-000200``): where a resume starts."""
+    names = [n for n in run.list_dir(CHECKPOINTS) if n.startswith(CHECKPOINT_PREFIX)
+             and run.exists(f"{CHECKPOINTS}/{n}/{CHECKPOINT_MANIFEST}")]
+    return f"{CHECKPOINTS}/{max(names)}" if names else None
+
+
+def disk_full_message(run: RunFolder, what: str) -> str:
+    """``disk full: <what>``, then what survived and the exact command that continues the run once there is room."""
+    last = last_complete_checkpoint(run)
+    kept = f"the last complete checkpoint is {run.uri(last)}" if last else "no checkpoint was complete yet"
+    return (f"disk full: {what}; {kept}. Free space on that filesystem, or copy the run folder {run.uri()} to a "
+            f"larger disk, then continue with: {resume_command(run, read_info(run))} (with --storage naming the "
+            "folder you copied it into)")
+
+
+def resume_command(run: RunFolder, info: RunInfo, storage: str | None = None) -> str:
+    """The `tunerun run … --resume` that continues ``run``: the job file and --set overrides it was launched
+    with (``JOB`` when they were not recorded), and ``storage`` if the run folder moved there."""
+    job_file, *overrides = info.launch or ["JOB"]
+    words = ["tunerun", "run", job_file, *[w for o in overrides for w in ("--set", o)], "--resume", run.run_id,
+             "--storage", storage or run.storage.uri]
+    return shlex.join(words)
 
 
 def record_refused(run: RunFolder, error: str, **fields) -> None:

@@ -37,9 +37,13 @@ class LocalBackend:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk: leave no half-written temp file behind to hold the space
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def put_new(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if nothing is there (an exclusive create); whether it did."""

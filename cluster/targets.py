@@ -21,8 +21,9 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from tunerun.cluster.runs import (DRIVER_LOG, RunInfo, RunState, read_info, record_cancelled,
-                                  request_checkpoint_and_stop)
+from tunerun.cluster import space
+from tunerun.cluster.runs import (DRIVER_LOG, RunInfo, RunState, disk_full_message, last_complete_checkpoint,
+                                  read_info, record_cancelled, request_checkpoint_and_stop, resume_command)
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
@@ -104,7 +105,7 @@ class Target(ABC):
         if seen.ended and not info.state.terminal:
             # The driver records its own outcome; one that died before it could (killed, out of memory, a node
             # lost, an image never pulled) leaves only the target's word for it.
-            return info.model_copy(update={"state": seen.ended_as, "error": seen.error})
+            return info.model_copy(update=unrecorded_end(run, info, seen))
         return info
 
     def cancel(self, run: RunFolder) -> bool:
@@ -132,6 +133,30 @@ class Target(ABC):
         left in the run folder when it ended."""
         if run.exists(DRIVER_LOG):
             write(run.read_text(DRIVER_LOG))
+
+    def log_tail(self, run: RunFolder, lines: int = 10) -> list[str]:
+        """The last ``lines`` lines of the driver's output, wherever this target keeps it ([] when there is none)."""
+        chunks: list[str] = []
+        try:
+            self.logs(run, chunks.append)
+        except (OSError, TargetError):  # the log is on a host or an API this machine cannot reach
+            return []
+        return [line for line in "".join(chunks).splitlines() if line.strip()][-lines:]
+
+
+def unrecorded_end(run: RunFolder, info: RunInfo, seen: Observation) -> dict:
+    """The state of a run whose driver is gone without a word: why, as far as can be told from here, what survived
+    and how to continue. A run folder whose disk is full explains the silence (the driver could write nothing)."""
+    if seen.ended_as != RunState.FAILED:
+        return {"state": seen.ended_as, "error": seen.error}
+    if run.is_local and (free := space.free_bytes(run.local_path())) < space.WRITE_RESERVE_BYTES:
+        what = (f"the driver ended without recording an outcome, and {space.filesystem_of(run.local_path())} "
+                f"holding {run.uri()} has {space.size_text(free)} free")
+        return {"state": RunState.FAILED, "error": disk_full_message(run, what), "error_kind": "disk_full"}
+    last = last_complete_checkpoint(run)
+    kept = f"last complete checkpoint {run.uri(last)}" if last else "no complete checkpoint"
+    return {"state": RunState.FAILED, "error_kind": "driver_gone",
+            "error": f"{seen.error}; {kept}; continue with: {resume_command(run, info)}"}
 
 
 def tail_file(path: Path, write: Callable[[str], None], follow: bool, done: Callable[[], bool],

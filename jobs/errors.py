@@ -67,3 +67,8 @@ class TargetError(TunerunError):
 
 class RunNotFound(StorageError):
     """No run with that id exists in the storage location."""
+
+
+class DiskFullError(StorageError):
+    """A filesystem the run writes to has no room left (or would not have for the next checkpoint): the message
+    names the filesystem, free against needed space, the last complete checkpoint and the command to resume."""

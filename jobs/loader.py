@@ -200,7 +200,8 @@ def load_config_text(text: str, source: str, model: type[M], overrides: Sequence
     try:
         spec = model.model_validate(data)
     except ValidationError as e:
-        found += _validation_problems(e, model)
+        flagged = {path for path, _ in found}  # a control character there is the one thing to fix
+        found += [(path, message) for path, message in _validation_problems(e, model) if path not in flagged]
     problems += [_place(path, message, lines, overridden) for path, message in found]
     if problems:
         unique = list(dict.fromkeys(problems))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tunerun.jobs.data_files import resolve_files
 from tunerun.jobs.errors import DataError, Problem, SpecError
-from tunerun.jobs.spec import JobSpec
+from tunerun.jobs.spec import JobSpec, os_path_problem
 
 
 
@@ -71,6 +71,8 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
         spec, choice = _choose_method(spec, problems)
     spec = _absolute_paths(spec, problems)
     _check_ner_setup(spec, problems)
+    if run_id is not None and (problem := _run_id_problem(run_id)):
+        problems.append(Problem("--run-id", problem))
     if problems:
         raise SpecError(source, problems)
     return ResolvedJob(
@@ -80,6 +82,12 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
         deepspeed=deepspeed_config(spec),
         method_choice=choice,
     )
+
+
+def _run_id_problem(run_id: str) -> str | None:
+    """A run id names a folder (and an object prefix): a name the OS accepts. (Which characters each target
+    accepts in it is the target's check: `tunerun.cluster.k8s`.)"""
+    return os_path_problem(run_id)
 
 
 def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str | None]:

@@ -29,6 +29,47 @@ def field_error(path: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("spec_field", message.replace("{", "(").replace("}", ")"), {"path": path})
 
 
+# What the operating system accepts in a path, checked when the spec loads rather than met as an OSError mid-run.
+NAME_MAX_BYTES = 255  # one path component (NAME_MAX on Linux filesystems, HFS+/APFS and NTFS alike)
+PATH_MAX_BYTES = 4095  # a whole path: PATH_MAX (4096) less the terminating NUL
+S3_KEY_MAX_BYTES = 1024
+RUN_FOLDER_ROOM = 200  # what tunerun adds below storage.uri: <run-id>/checkpoints/step-000200/<file>
+
+
+def os_path_problem(value: str, room: int = 0) -> str | None:
+    """Why the OS (or S3) would refuse ``value`` as a path once ``room`` more bytes are added below it, or None."""
+    if "\x00" in value:
+        return "must not contain NUL bytes: no filesystem accepts them in a name"
+    if value.startswith("s3://"):
+        key_bytes = len(value.encode("utf-8")) - len("s3://")
+        if key_bytes + room > S3_KEY_MAX_BYTES:
+            return (f"is {key_bytes} bytes after s3://; S3 keys hold at most {S3_KEY_MAX_BYTES} bytes"
+                    + (f" and tunerun adds up to {room} below it" if room else "") + " — use a shorter prefix")
+        return None
+    if "://" in value:
+        return None  # not a filesystem path: other checks name what is expected
+    from pathlib import Path
+
+    for part in Path(value).parts:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > NAME_MAX_BYTES:
+            shown = part if len(part) <= 24 else part[:12] + "…" + part[-8:]
+            return (f"the name '{shown}' is {size} bytes; filesystems allow at most {NAME_MAX_BYTES} bytes per "
+                    "file or folder name — shorten it")
+    full = len(str(Path(value).expanduser().absolute()).encode("utf-8", "surrogatepass"))
+    if full + room > PATH_MAX_BYTES:
+        return (f"is {full} bytes as an absolute path" + (f" (plus up to {room} that tunerun adds below it)" if room
+                else "") + f"; the OS allows at most {PATH_MAX_BYTES} — use a shorter path or a symlink to it")
+    return None
+
+
+def _os_path(value: str | None, room: int = 0) -> str | None:
+    problem = os_path_problem(value, room) if value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 def suggest_name(name: str) -> str:
     """A valid job name as close as possible to ``name`` (lowercase, hyphens, 40 chars)."""
     cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
@@ -42,6 +83,11 @@ class ModelSpec(Strict):
     path: str = Field(description="Local Hugging Face folder (or s3:// prefix) holding config, weights and tokenizer.")
     dtype: Dtype = "bfloat16"
     trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _os_accepts(cls, v: str) -> str:
+        return _os_path(v, room=len("/model.safetensors.index.json"))
 
 
 class LoraSpec(Strict):
@@ -208,6 +254,11 @@ class DataSpec(Strict):
     packing: bool = False
     clean: CleanSpec = CleanSpec()
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _os_accepts(cls, v: str | None) -> str | None:
+        return _os_path(v)
+
 
 class TrainingSpec(Strict):
     epochs: int = Field(1, ge=1)
@@ -258,6 +309,7 @@ class EvalSpec(Strict):
         # Made absolute here, like data paths, because workers do not run in the submitter's directory.
         if v is None or v == "default" or "://" in v:
             return v
+        _os_path(v)
         from pathlib import Path
 
         path = Path(v).expanduser().absolute()
@@ -381,9 +433,15 @@ class StorageSpec(Strict):
     # choice for a custom endpoint, "when_supported" is AWS's default. None picks by endpoint.
     checksums: Literal["when_required", "when_supported"] | None = None
 
+    @field_validator("ca_bundle")
+    @classmethod
+    def _os_accepts(cls, v: str | None) -> str | None:
+        return _os_path(v)
+
     @field_validator("uri")
     @classmethod
     def _s3_uri_has_bucket(cls, v: str) -> str:
+        _os_path(v, room=RUN_FOLDER_ROOM)
         if v.startswith("s3://"):
             bucket = v[5:].split("/", 1)[0]
             if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
@@ -422,6 +480,11 @@ class SlurmTargetSpec(Strict):
     ray_port_max: int = Field(29999, ge=1024, le=65534)
     network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$")
     join_timeout_s: int = Field(300, ge=10)
+
+    @field_validator("log_dir")
+    @classmethod
+    def _os_accepts(cls, v: str) -> str:
+        return _os_path(v, room=len("/tunerun-job-4294967295.out") + 40)
 
     @field_validator("export")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tunerun.cluster import space
 from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import StorageError
@@ -154,6 +155,19 @@ def _download_verified(run: RunFolder, key: str, local: Path, manifest: dict) ->
             if digest.result() != entry["sha256"]:
                 return f"{entry['path']} does not match its sha256"
     return None
+
+
+def space_shortage(run: RunFolder, staging: Path) -> space.Shortage | None:
+    """Whether the next checkpoint would not fit: the staging folder it is written into first and, for a run
+    folder on a filesystem, the run folder, each against the last complete checkpoint's size with a margin (the
+    first checkpoint of a run, with nothing to size it by, needs only the write reserve)."""
+    complete = complete_checkpoints(run)
+    last_bytes = 0
+    if complete:
+        manifest = run.read_json(f"checkpoints/{complete[-1]}/{MANIFEST}")
+        last_bytes = sum(entry["size"] for entry in manifest["files"])
+    paths = [staging, *([run.local_path("checkpoints")] if run.is_local else [])]
+    return space.shortage(paths, space.needed_for_next(last_bytes))
 
 
 def saved_world_size(run: RunFolder) -> int | None:

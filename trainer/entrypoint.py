@@ -17,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from tunerun.cluster.runs import DRIVER_LOG, RunState, record_outcome, update_info
+from tunerun.cluster import space
+from tunerun.cluster.runs import (DISK_FULL, DRIVER_LOG, RunState, disk_full_message, record_outcome,
+                                  reserve_outcome_space, update_info)
 from tunerun.cluster.storage import RunFolder
-from tunerun.jobs.errors import TargetError, TunerunError
+from tunerun.jobs.errors import DiskFullError, TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import StorageSpec
 from tunerun.trainer import preemption
@@ -28,6 +30,7 @@ from tunerun.trainer.inputs import localize_data, localize_model
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_PREEMPTED = 3  # stopped at a checkpoint on request: launch the same run again to continue
+EXIT_DISK_FULL = 4  # a disk filled and not even the reserved outcome file could record it
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"  # Ray Train's record of reported checkpoints
 
 
@@ -43,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
         run = RunFolder(job.spec.storage, run_id)  # the spec's full settings: region, TLS, checksums
         run_job(run, job)
+    except DiskFullError as exc:  # the next checkpoint would not fit: the workers stopped before writing it
+        return _disk_full(run, str(exc))
     except TunerunError as exc:
         _finish(run, RunState.FAILED, error=str(exc), error_kind="user")
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return EXIT_USER_ERROR
     except preemption.Preempted as exc:
         _finish(run, RunState.PREEMPTED, detail=str(exc))
@@ -55,17 +60,34 @@ def main(argv: list[str] | None = None) -> int:
         _finish(run, RunState.CANCELLED)
         return EXIT_INTERNAL_ERROR
     except Exception as exc:  # noqa: BLE001 - the run folder must say the run ended, whatever happened
-        traceback.print_exc()
+        full = space.disk_full_in(exc)
+        if full is not None:  # the disk filled anyway (another process took the space), wherever it surfaced
+            return _disk_full(run, disk_full_message(run, space.describe_disk_full(full, run.uri())))
+        _say(traceback.format_exc())
         _finish(run, RunState.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000], error_kind="internal")
         return EXIT_INTERNAL_ERROR
     _finish(run, RunState.SUCCEEDED)
     return 0
 
 
+def _disk_full(run: RunFolder, message: str) -> int:
+    """Record a disk-full outcome where it can be; exit 2 when recorded, `EXIT_DISK_FULL` when nowhere could
+    hold it (the CLI that follows the run then says so from the exit code)."""
+    _say(f"error: {message}")
+    recorded = _finish(run, RunState.FAILED, error=message, error_kind="disk_full")
+    if not recorded:
+        _say(f"error: the outcome could not be recorded in {run.uri()} either")
+    _detach_full_stdio()
+    return EXIT_USER_ERROR if recorded else EXIT_DISK_FULL
+
+
 def run_job(run: RunFolder, job: ResolvedJob) -> None:
     # An earlier launch's stop request is done with; one made from here on (a pause while the data is prepared)
     # must reach the workers, so the slate is cleaned before the run says it is running.
     preemption.clear(run)
+    if run.exists(DISK_FULL):  # an earlier launch's verdict; this one checks for itself
+        run.delete(DISK_FULL)
+    reserve_outcome_space(run)
     update_info(run, state=RunState.RUNNING, started_at=time.time(), versions=versions(), host=platform.node())
     run.event("run_started", pid=os.getpid())
     check_resume_world_size(run, job)
@@ -145,6 +167,8 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
         ),
     )
     trainer.fit()
+    if run.exists(DISK_FULL):
+        raise DiskFullError(run.read_json(DISK_FULL)["message"])
     if run.exists(preemption.STOPPED):  # not when the signal came too late to stop before the last step
         step = run.read_json(preemption.STOPPED)["step"]
         raise preemption.Preempted(f"stopped at the checkpoint of step {step} on {', '.join(received) or 'request'}")
@@ -182,11 +206,40 @@ def _worker_resources(job: ResolvedJob) -> dict:
     return resources
 
 
-def _finish(run: RunFolder, state: RunState, **fields) -> None:
-    record_outcome(run, state, **fields)
+def _finish(run: RunFolder, state: RunState, **fields) -> bool:
+    """Record the outcome (run.json, else the reserved file on a full disk); False when neither could hold it."""
+    try:
+        record_outcome(run, state, **fields)
+    except OSError as exc:
+        if not space.is_disk_full(exc):
+            raise
+        return False
     log = os.environ.get("TUNERUN_DRIVER_LOG")
     if log and not run.is_local and Path(log).is_file():
-        run.upload(Path(log), DRIVER_LOG)
+        try:
+            run.upload(Path(log), DRIVER_LOG)
+        except OSError as exc:  # the local spool filled up: the outcome is recorded, the log copy is a convenience
+            _say(f"warning: driver log not uploaded: {exc}")
+    return True
+
+
+def _say(text: str) -> None:
+    """Print to the driver log, which may sit on the very disk that is full: then the words are lost, not the run."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _detach_full_stdio() -> None:
+    """Output still buffered for a full disk would make the interpreter exit 120 instead of our code."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def versions() -> dict:

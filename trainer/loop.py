@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tunerun.cluster import space
+from tunerun.cluster.runs import DISK_FULL, disk_full_message
 from tunerun.cluster.storage import RunFolder
+from tunerun.jobs.errors import DiskFullError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.batches import BatchSchedule
@@ -90,7 +93,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  phase="final" if last else "train")
         stop = stop_poll.requested()
         if progress.step % spec.checkpoint.every_steps == 0 or last or stop:
-            _save_checkpoint(engine, progress, run, rank, log, spec.checkpoint, measured)
+            if not _save_checkpoint(engine, progress, run, rank, log, spec.checkpoint, measured):
+                return  # no room for it: stopped before writing (the driver records the run as disk_full)
         if stop and not last:
             if rank == 0:
                 run.write_json(STOPPED, {"step": progress.step, "time": time.time()})
@@ -127,7 +131,38 @@ def _evaluate(engine, method, eval_set, tokenizer, rank, job, run, log, step: in
 
 
 def _save_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int, log: "_RankZeroLog",
-                     policy, measured: dict) -> None:
+                     policy, measured: dict) -> bool:
+    """Write the checkpoint of this step; False (on every rank) when it would not fit, having written nothing."""
+    if _no_room_for_checkpoint(run, rank, log, progress.step):
+        return False
+    try:
+        _write_checkpoint(engine, progress, run, rank, log, policy, measured)
+    except Exception as exc:
+        full = space.disk_full_in(exc)
+        if full is None:
+            raise
+        path = space.full_path(full) or run.uri()
+        raise DiskFullError(f"no space left on {space.filesystem_of(path) if run.is_local else 'the staging disk'} "
+                            f"writing {path} at the checkpoint of step {progress.step}") from None
+    return True
+
+
+def _no_room_for_checkpoint(run: RunFolder, rank: int, log: "_RankZeroLog", step: int) -> bool:
+    """Every rank checks the filesystems it writes; if one lacks room, all stop and rank 0 says why."""
+    found = ckpt.space_shortage(run, Path(tempfile.gettempdir()))
+    shortages = [s for s in _gather(found.describe() if found else None) if s]
+    if not shortages:
+        return False
+    if rank == 0:
+        what = f"{shortages[0]}; stopped before the checkpoint of step {step}"
+        run.write_json(DISK_FULL, {"step": step, "message": disk_full_message(run, what), "time": time.time()})
+        log.event("disk_full", step=step, detail=shortages[0])
+        log.flush()
+    return True
+
+
+def _write_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int, log: "_RankZeroLog",
+                      policy, measured: dict) -> None:
     import ray.train
 
     name = ckpt.checkpoint_dir_name(progress.step)

@@ -11,11 +11,15 @@ import functools
 import os
 import sys
 import tempfile
+import time
 import traceback
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
+from tunerun.cluster.space import describe_disk_full, is_disk_full
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import ResolvedJob, resolve
@@ -27,7 +31,7 @@ DEFAULT_STORAGE = os.environ.get("TUNERUN_STORAGE", "./runs")
 
 
 def user_errors(command):
-    """Turn TunerunError into one message + exit 2, anything else into a logged traceback + exit 1."""
+    """Turn TunerunError (and a full disk) into one message + exit 2, anything else into a logged traceback + exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -38,7 +42,12 @@ def user_errors(command):
             sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
             raise
-        except Exception:  # noqa: BLE001 - the user sees one line, the details go to a file
+        except Exception as exc:  # noqa: BLE001 - the user sees one line, the details go to a file
+            if is_disk_full(exc):
+                message = f"disk full: {describe_disk_full(exc, os.getcwd())}; free space there and run it again"
+                note_in_cli_log(message)
+                err_console.print(f"[red]error[/red] {escape(message)}", soft_wrap=True)
+                sys.exit(2)
             fd, path = tempfile.mkstemp(prefix="tunerun-error-", suffix=".log")
             with os.fdopen(fd, "w") as handle:
                 traceback.print_exc(file=handle)
@@ -46,6 +55,18 @@ def user_errors(command):
             sys.exit(1)
 
     return wrapper
+
+
+def note_in_cli_log(text: str) -> None:
+    """Append a line to the CLI's own log (``$TUNERUN_CACHE/tunerun.log``, default ``~/.cache/tunerun``): what a
+    user was told about a run whose folder could not keep it (a full disk). Best effort."""
+    cache = Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with (cache / "tunerun.log").open("a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+    except OSError:
+        pass
 
 
 def job_options(command):

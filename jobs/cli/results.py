@@ -1,4 +1,4 @@
-"""`tunerun eval`, `tunerun export`, `tunerun report`: what a run produced, judged and handed over.
+"""`tunerun eval`, `export`, `report`, `compare`: what a run produced, judged, handed over and set beside others.
 
 They read the run folder only, so they work for any run wherever it trained. Importing this module loads neither
 torch nor Ray: the work happens in `tunerun.trainer.evaluation`, `.export` and `.report`, imported inside the
@@ -6,11 +6,14 @@ commands.
 """
 from __future__ import annotations
 
+import json
+
 import click
 import yaml
 from rich.table import Table
 
-from tunerun.jobs.cli.options import checkpoint_option, console, open_run, run_argument, storage_option, user_errors
+from tunerun.jobs.cli.options import (checkpoint_option, console, json_option, open_run, run_argument, storage_option,
+                                      user_errors)
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.metrics import format_value
 
@@ -149,4 +152,37 @@ def print_gates(gates: dict | None) -> None:
     console.print(f"gates  {verdict}: {details}")
 
 
-COMMANDS = (eval_command, export_command, report_command)
+@click.command("compare")
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN RUN…")
+@storage_option
+@json_option
+@user_errors
+def compare_command(run_ids, storage, as_json):
+    """Runs side by side: held-out metrics (the best of each marked ★), gates, data counts, hyperparameters."""
+    from tunerun.jobs.compare import DATA_COUNTS, METRICS, compare
+
+    if len(run_ids) < 2:
+        raise click.UsageError("name two or more runs to compare, e.g. tunerun compare RUN-A RUN-B (tunerun list shows them)")
+    result = compare([open_run(run_id, storage) for run_id in run_ids])
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    table = Table("", *[r.run_id for r in result.runs], box=None)
+    for label, values in (("status", [r.state for r in result.runs]), ("method", [r.method for r in result.runs]),
+                          ("gates", [{True: "passed", False: "failed"}.get(r.gates_passed, "–") for r in result.runs]),
+                          ("evaluated at step", [r.evaluated_step for r in result.runs])):
+        table.add_row(label, *[format_value(v) for v in values])
+    for metric in METRICS:
+        best = result.best.get(metric, [])
+        table.add_row(metric, *[format_value(r.metrics[metric]) + (" ★" if r.run_id in best else "")
+                                for r in result.runs])
+    for name in ("epochs", "max_steps", "learning_rate", "global_batch_size", "seed"):
+        table.add_row(name, *[format_value(r.hyperparameters[name]) for r in result.runs])
+    for name in (*DATA_COUNTS, "pii_masked"):
+        table.add_row(f"data: {name}", *[format_value(r.data[name]) for r in result.runs])
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/yellow]: {warning}")
+
+
+COMMANDS = (eval_command, export_command, report_command, compare_command)

@@ -7,15 +7,21 @@ each one does, comes from `tunerun.cluster.targets` alone; targets load inside t
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from pathlib import Path
 
 import click
 from rich.table import Table
 
 from tunerun.cluster import targets
-from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, read_info
-from tunerun.jobs.cli.options import (console, err_console, job_options, json_option, load_resolved, open_run,
-                                      run_argument, run_id_option, run_store, storage_option, user_errors)
+from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, disk_full_message, read_info
+from tunerun.jobs.cli.options import (console, err_console, job_options, json_option, load_resolved,
+                                      note_in_cli_log, open_run, run_argument, run_id_option, run_store,
+                                      storage_option, user_errors)
+
+EXIT_DISK_FULL = 4  # tunerun.trainer.entrypoint's: the driver could record its disk-full outcome nowhere
+USER_FIXABLE = ("user", "disk_full")  # error kinds that exit 2: the user can fix them and resume
 
 
 @click.command()
@@ -32,7 +38,12 @@ def run(job_file, overrides, storage, run_id, resume_id):
     job = load_resolved(job_file, overrides, storage, resume_id or run_id)
     console.print(f"run    {job.run_id} · {job.spec.method.kind} · {job.spec.resources.num_workers} workers · "
                   f"local Ray · {job.spec.storage.uri}" + (" · resuming" if resume_id else ""))
-    run_folder, process = local.start(job, resume=bool(resume_id))
+    launch = [str(Path(job_file).absolute()), *overrides]
+    run_folder, process = local.start(job, resume=bool(resume_id), launch=launch)
+    # The driver runs in its own session: if this terminal goes away (or this process is killed), it trains on.
+    where = shlex.join(["--storage", job.spec.storage.uri])
+    console.print(f"follow tunerun logs {job.run_id} -f {where} · cancel: tunerun cancel {job.run_id} {where} "
+                  "(Ctrl-C here cancels too)")
     target = local.LocalTarget()
     follower = RunFollower(run_folder, console, from_start=not resume_id)
     try:
@@ -42,9 +53,14 @@ def run(job_file, overrides, storage, run_id, resume_id):
         console.print("cancelling (Ctrl-C): stopping Ray workers…")
         target.cancel(run_folder)
         sys.exit(130)
+    if process.returncode == EXIT_DISK_FULL and info.error_kind != "disk_full":
+        info = info.model_copy(update={"state": RunState.FAILED, "error_kind": "disk_full", "error": disk_full_message(
+            run_folder, f"the driver found no room to record its outcome in {run_folder.uri()}")})
+    if info.error_kind == "disk_full":  # the run folder may not keep it: the CLI's own log does
+        note_in_cli_log(f"{job.run_id}: {info.error}")
     _print_outcome(run_folder, info, follower)
     if info.state != RunState.SUCCEEDED:
-        sys.exit(2 if info.error_kind == "user" else 1)
+        sys.exit(2 if info.error_kind in USER_FIXABLE else 1)
 
 
 def _print_outcome(run_folder, info: RunInfo, follower) -> None:
@@ -59,7 +75,7 @@ def _print_outcome(run_folder, info: RunInfo, follower) -> None:
         console.print(f"done   {loss}{verdict}weights: {run_folder.uri(artifact)} · "
                       f"metrics: {run_folder.uri('metrics.jsonl')}")
         return
-    if info.error_kind == "user":
+    if info.error_kind in USER_FIXABLE:
         err_console.print(f"[red]error[/red] {info.error}", soft_wrap=True)
     else:
         log = info.local.log if info.local else run_folder.uri(DRIVER_LOG)
@@ -114,7 +130,7 @@ def list_runs(storage):
     for run_folder in run_store(storage).runs():
         info = targets.for_run(run_folder).status(run_folder)
         last = _last_train_metrics(run_folder)
-        table.add_row(run_folder.run_id, str(info.state), info.method or "?", info.target,
+        table.add_row(run_folder.run_id, info.state_text, info.method or "?", info.target,
                       f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
                       f"{last['loss']:.4f}" if "loss" in last else "-")
     console.print(table)
@@ -135,7 +151,7 @@ def status(run_id, storage, as_json):
     if as_json:
         click.echo(json.dumps({**info.to_json(), "last_metrics": last, "checkpoints": checkpoints}, indent=2))
         return
-    line = f"state {info.state} · target {info.target} · {info.method}"
+    line = f"state {info.state_text} · target {info.target} · {info.method}"
     if last:
         line += f" · step {last.get('step')}/{last.get('total_steps')} · last loss {last.get('loss', float('nan')):.4f}"
     line += f" · {len(checkpoints)} checkpoints"
@@ -150,6 +166,9 @@ def status(run_id, storage, as_json):
         console.print(f"target {view}")
     if info.error:
         console.print(f"error  {info.error}")
+    if info.error_kind == "driver_gone":  # nothing was recorded: the driver's last words are the best clue
+        for text in target.log_tail(run_folder):
+            console.print(f"log    {text}", markup=False)
 
 
 @click.command()

@@ -1,9 +1,14 @@
 """The HTTP surface of `tunerun serve`: OpenAI's Files, Fine-tuning and Models endpoints under ``/v1``.
 
 FastAPI on uvicorn; the OpenAPI page is at ``/docs``. Every request carries a project's key (``Authorization:
-Bearer tr-…``) and sees only that project's objects: anything else is 404, as if it did not exist. Errors have
-OpenAI's shape (`tunerun.jobs.service.errors`). Handlers are plain functions: FastAPI runs them in its thread
-pool, so storage calls block only their own request.
+Bearer tr-…``) or the dashboard's session cookie (`tunerun.jobs.service.sessions`; then a state-changing request
+needs the session's CSRF token) and sees only that project's objects: anything else is 404, as if it did not
+exist. Errors have OpenAI's shape (`tunerun.jobs.service.errors`). Handlers are plain functions: FastAPI runs them
+in its thread pool, so storage calls block only their own request.
+
+Beside OpenAI's endpoints, tunerun's own (same keys, same walls): a job's evaluation, data report, report page and
+artifacts (downloads), and a comparison of jobs. The dashboard (`tunerun.jobs.service.dashboard`) reads only these
+endpoints, so it shows what the `openai` client sees.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,16 +30,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunerun.cluster.runs import read_info
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.plan import TUNERUN_VERSION
-from tunerun.jobs.service import objects
+from tunerun.jobs import compare
+from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
+from tunerun.jobs.service.downloads import stream_tar
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found
 from tunerun.jobs.service.files import FileStore
 from tunerun.jobs.service.fine_tuning import JobRequest, JobService, Scheduler
 from tunerun.jobs.service.keys import KeyStore
+from tunerun.jobs.service.sessions import CSRF_HEADER, SESSION_COOKIE, Session, SessionSigner
 
 COPY_CHUNK = 1 << 20
 logger = logging.getLogger("tunerun.serve")
 MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# tunerun's own report page is served in a sandbox: its inline styles apply, nothing in it can run.
+REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox; frame-ancestors 'self'"
 
 
 class Service:
@@ -44,6 +55,7 @@ class Service:
         storage = served.config.storage
         self.served, self.keys, self.files = served, KeyStore(storage), FileStore(storage)
         self.jobs = JobService(served, self.files)
+        self.sessions = SessionSigner(storage, served.config.sessions.hours * 3600)
         self.scheduler = Scheduler(self.jobs)
         self.validation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerun-validate")
 
@@ -55,6 +67,11 @@ class Service:
                 shutil.rmtree(local.parent, ignore_errors=True)
 
         self.validation.submit(run)
+
+    def session_of(self, request: Request) -> Session | None:
+        """The dashboard session of a request: a valid cookie whose key is still unrevoked."""
+        session = self.sessions.read(request.cookies.get(SESSION_COOKIE))
+        return session if session is not None and self.keys.active(session.key_id) is not None else None
 
     def revalidate_unfinished(self) -> None:
         """Uploads whose validation a stopped server never finished are read again (from storage)."""
@@ -83,7 +100,15 @@ def create_app(served: Served) -> FastAPI:
 
     def project_of(request: Request) -> str:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        project = service.keys.project_of(key.strip()) if scheme.lower() == "bearer" else None
+        if scheme.lower() == "bearer":
+            project = service.keys.project_of(key.strip())
+        else:
+            session = service.session_of(request)
+            if session is not None and request.method not in SAFE_METHODS \
+                    and not service.sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
+                raise ApiError(403, "this request carries no valid CSRF token for your session: reload the page "
+                                    "and try again", code="csrf_failed")
+            project = session.project if session else None
         if project is None:
             raise ApiError(401, "Incorrect API key provided: pass a project's key as 'Authorization: Bearer tr-…' "
                                 "(`tunerun serve keys create PROJECT` makes one)", code="invalid_api_key")
@@ -96,6 +121,10 @@ def create_app(served: Served) -> FastAPI:
     _file_routes(app, service, project_of)
     _job_routes(app, service, project_of)
     _model_routes(app, service, project_of)
+    _outcome_routes(app, service, project_of)
+    from tunerun.jobs.service.dashboard import dashboard_routes
+
+    dashboard_routes(app, service)
     return app
 
 
@@ -271,6 +300,58 @@ def _model_routes(app: FastAPI, service: Service, project_of) -> None:
         if found is None:
             raise not_found("model", model_id, "model")
         return found
+
+
+# ── tunerun's own: what a job produced ──────────────────────────────────────────────────────────────────────
+
+def _outcome_routes(app: FastAPI, service: Service, project_of) -> None:
+    jobs = service.jobs
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/evaluation")
+    def job_evaluation(job_id: str, project: str = Depends(project_of)):
+        run, _ = jobs.owned(project, job_id)
+        return outcomes.evaluation(run, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/data_report")
+    def job_data_report(job_id: str, project: str = Depends(project_of)):
+        run, _ = jobs.owned(project, job_id)
+        return outcomes.data_report(run, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/report")
+    def job_report(job_id: str, project: str = Depends(project_of)):
+        run, _ = jobs.owned(project, job_id)
+        if not run.exists("report.html"):
+            raise ApiError(404, f"Job {job_id} has no report yet: it is written when the run ends", "fine_tuning_job_id",
+                           "not_ready")
+        return Response(run.read_bytes("report.html"), media_type="text/html",
+                        headers={"content-security-policy": REPORT_POLICY})
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/artifacts")
+    def list_artifacts(job_id: str, project: str = Depends(project_of)):
+        run, _ = jobs.owned(project, job_id)
+        return {"object": "list", "data": outcomes.artifacts(run, job_id), "has_more": False}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/artifacts/{artifact_id}")
+    def download_artifact(job_id: str, artifact_id: str, project: str = Depends(project_of)):
+        run, _ = jobs.owned(project, job_id)
+        found = outcomes.artifact(run, job_id, artifact_id)
+        name = f"{job_id}-{artifact_id}"
+        return StreamingResponse(stream_tar(run, found["path"], name), media_type="application/x-tar",
+                                 headers={"content-disposition": f'attachment; filename="{name}.tar"'})
+
+    @app.get("/v1/fine_tuning/compare")
+    def compare_jobs(job_ids: str, project: str = Depends(project_of)):
+        wanted = [j for j in job_ids.split(",") if j]
+        if len(wanted) < 2:
+            raise bad_request("name two or more jobs to compare: job_ids=ftjob-…,ftjob-…", "job_ids")
+        owned = [jobs.owned(project, job_id) for job_id in wanted]
+        result = compare.compare([run for run, _ in owned]).to_json()
+        uploads = service.files.data_uri(project, "f").removesuffix("f.jsonl")  # the files' place in the storage is the server's business
+        for summary, (_, record) in zip(result["runs"], owned):
+            summary["eval_set"] = summary["eval_set"].replace(uploads, "")
+            summary.update(suffix=record.suffix, model=record.model, hyperparameters=record.hyperparameters
+                           | {"seed": record.seed}, result_file=record.result_file)
+        return {"object": "fine_tuning.comparison", **result}
 
 
 # ── errors ──────────────────────────────────────────────────────────────────────────────────────────────────

@@ -7,6 +7,7 @@ max_concurrent_runs: 1        # local target: more jobs wait as `queued`; other 
 models:                       # what users may fine-tune: a name → the job spec the platform team wrote
   support-tiny: {job: specs/quickstart.yaml}
 uploads: {max_file_bytes: 1073741824}
+sessions: {hours: 8}          # how long a dashboard sign-in lasts
 host: 127.0.0.1
 port: 8000
 ```
@@ -41,6 +42,10 @@ class UploadLimits(Strict):
     max_file_bytes: int = Field(GIB, ge=1)
 
 
+class SessionLimits(Strict):
+    hours: float = Field(8.0, gt=0, le=24 * 30, description="How long a dashboard sign-in lasts.")
+
+
 class ServerConfig(Strict):
     storage: StorageSpec = StorageSpec()
     target: Literal[TARGETS] = "local"
@@ -48,6 +53,7 @@ class ServerConfig(Strict):
     max_concurrent_runs: int = Field(1, ge=1)
     models: dict[str, ModelEntry]
     uploads: UploadLimits = UploadLimits()
+    sessions: SessionLimits = SessionLimits()
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

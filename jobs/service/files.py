@@ -38,9 +38,11 @@ class FileObject:
     status_details: str | None = None
     object: str = "file"
     records: int | None = None
+    cleaning: dict | None = None  # what the default cleaning does to it (`count_cleaning`), once processed
 
     def public(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "records"}
+        shown = {k: v for k, v in asdict(self).items() if k not in ("records", "cleaning")}
+        return shown | {"tunerun": {"records": self.records, "cleaning": self.cleaning}}
 
 
 class FileStore:
@@ -79,7 +81,8 @@ class FileStore:
         """Read every record with tunerun's data reader; the file object says how that went."""
         status, details, records = validation_verdict(local, self.get(project, file_id).filename)
         found = FileObject(**{**asdict(self.get(project, file_id)), "status": status, "status_details": details,
-                              "records": records})
+                              "records": records, "cleaning": cleaning_counts(local) if status == "processed"
+                              else None})
         self._save(project, found)
         return found
 
@@ -137,6 +140,17 @@ def _first_line(path: Path) -> str:
             if raw.strip():
                 return raw.decode("utf-8", errors="replace").strip()
     return ""
+
+
+def cleaning_counts(path: Path) -> dict:
+    """The cleaning steps' counts under the default cleaning settings (a catalog model's spec may clean
+    differently; its job's data report is the word on what trained)."""
+    from tunerun.trainer.data.pipeline import count_cleaning
+
+    report = count_cleaning(path, CleanSpec())
+    counts = {name: getattr(report, name) for name in ("records_read", "malformed", "empty", "duplicates",
+                                                       "near_duplicates", "fuzzy_duplicates")}
+    return counts | {"kept": report.train_records, "pii_masked": report.pii_masked}
 
 
 def validation_verdict(path: Path, filename: str) -> tuple[str, str | None, int]:

@@ -89,6 +89,11 @@ class KeyStore:
 
     def project_of(self, key: str) -> str | None:
         """The project of a valid, unrevoked key; None for anything else (wrong, revoked, malformed)."""
+        record = self.record_of(key)
+        return record.project if record else None
+
+    def record_of(self, key: str) -> KeyRecord | None:
+        """The record of a valid, unrevoked key; None for anything else."""
         match = KEY_PATTERN.fullmatch(key or "")
         record = self._read().get(match.group(1)) if match else None
         if record is None:
@@ -97,7 +102,15 @@ class KeyStore:
         if not hmac.compare_digest(_digest(key), record.sha256) or record.revoked_at is not None:
             return None
         self._note_use(record)
-        return record.project
+        return record
+
+    def active(self, key_id: str) -> KeyRecord | None:
+        """The record of key ``key_id`` while it is not revoked (a dashboard session lives only as long)."""
+        record = self._read().get(key_id)
+        if record is None or record.revoked_at is not None:
+            return None
+        self._note_use(record)
+        return record
 
     def _note_use(self, record: KeyRecord) -> None:
         now = time.time()

@@ -77,6 +77,7 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
     if info.state == RunState.RUNNING and not any(e["event"] == "data_prepared" for e in events):
         status = "validating_files"  # the driver is reading, cleaning and checking the data
     last = train[-1] if train else {}
+    evaluated = [m for m in records(run, "metrics.jsonl") if "loss" not in m and not m.get("base")]
     return {
         "object": "fine_tuning.job",
         "id": record.job_id,
@@ -100,8 +101,19 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "user_provided_suffix": record.suffix,
         # tunerun's own view, beside OpenAI's fields: the run id works with `tunerun status/logs/report/export`
         "tunerun": {"run_id": run.run_id, "state": str(info.state), "step": last.get("step"),
-                    "total_steps": last.get("total_steps"), "last_loss": last.get("loss")},
+                    "total_steps": last.get("total_steps"), "last_loss": last.get("loss"),
+                    "tokens_per_s": last.get("tokens_per_s"), "last_eval": _last_eval(evaluated),
+                    "gates_passed": (info.gates or {}).get("passed")},
     }
+
+
+def _last_eval(evaluated: list[dict]) -> dict | None:
+    """The newest held-out metrics of the fine-tuned model (the base model's at step 0 are not its own)."""
+    if not evaluated:
+        return None
+    row = evaluated[-1]
+    return {"step": row["step"], **{k.removeprefix("eval_"): v for k, v in row.items()
+                                    if k.startswith("eval_") and v is not None}}
 
 
 def _error(info: RunInfo) -> dict | None:

@@ -591,3 +591,37 @@ def prepare_data(spec: DataSpec, tokenizer, seed: int) -> PreparedData:
     with tempfile.TemporaryDirectory(prefix="tunerun-data-") as tmp:
         report = prepare_files(spec, tokenizer, seed, Path(tmp))
         return PreparedData(load_examples(Path(tmp) / "train.jsonl"), load_examples(Path(tmp) / "eval.jsonl"), report)
+
+
+# ---------------------------------------------------------------- before a model is chosen
+
+
+def count_cleaning(path: Path, clean: CleanSpec) -> DataReport:
+    """What cleaning does to one file before a model (and its tokenizer) is chosen: records read, malformed,
+    empty, duplicates and PII hits of the records kept. Length limits need the tokenizer, so `tunerun serve`
+    shows these counts for an upload and the job's own data report adds the rest once it trains."""
+    ctx = _Context(None, clean, None, custom_rules(clean.pii_patterns) if clean.pii == "mask" else [])
+    report = DataReport(files=[str(path)], pii_masked=_pii_kinds(clean))
+    dedup = _Dedup(clean)
+    for where, record, error in read_records([path]):
+        report.records_read += 1
+        outcome = _Outcome(where, error)
+        if error is None:
+            try:
+                outcome.format = detect_format(record)
+                conversation = to_conversation(record, outcome.format)
+                _visit_texts(conversation, lambda text, counts=outcome.pii: _clean_text(text, ctx, counts))
+                if ctx.ner_entities:
+                    _mask_entities([(outcome, conversation)], ctx)
+                _key(conversation, ctx, outcome)
+            except DataError as exc:
+                outcome.error = str(exc)
+        if outcome.error is not None:
+            report.malformed += 1
+        elif outcome.empty:
+            report.empty += 1
+        elif dedup.keep(outcome, report) is not None:
+            report.train_records += 1
+            for kind, n in outcome.pii.items():
+                report.pii_masked[kind] = report.pii_masked.get(kind, 0) + n
+    return report

@@ -16,64 +16,11 @@ import openai
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from service_calls import REPO, TICKETS, client, upload, validated, write_lines
 
 from tunerun.jobs.errors import SpecError
-from tunerun.jobs.service.app import create_app
 from tunerun.jobs.service.config import load_server_config
 from tunerun.jobs.service.keys import KeyStore
-
-REPO = Path(__file__).resolve().parents[3]
-TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
-TEMPLATE = """
-name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
-resources: {workers_per_node: 2}
-"""
-
-
-@pytest.fixture
-def served(tmp_path, stub_model_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "support.yaml").write_text(TEMPLATE.replace("MODEL", str(stub_model_dir)))
-    (tmp_path / "server.yaml").write_text(
-        "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\nuploads: {max_file_bytes: 200000}\n")
-    return load_server_config(tmp_path / "server.yaml")
-
-
-@pytest.fixture
-def app(served):
-    return create_app(served)
-
-
-@pytest.fixture
-def keys(served):
-    store = KeyStore(served.config.storage)
-    return {"acme": store.create("acme")[1], "other": store.create("other")[1]}
-
-
-def client(app, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, max_retries=0,
-                         http_client=TestClient(app, raise_server_exceptions=True))
-
-
-def validated(app, project: str, file_id: str) -> None:
-    """What the background validation does, done here and waited for."""
-    service = app.state.service
-    service.files.validate(project, file_id, Path(service.files.data_uri(project, file_id)))
-
-
-def upload(app, key: str, project: str, path: Path):
-    found = client(app, key).files.create(file=path.open("rb"), purpose="fine-tune")
-    validated(app, project, found.id)
-    return client(app, key).files.retrieve(found.id)
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
 
 
 # ── files ───────────────────────────────────────────────────────────────────────────────────────────────────

@@ -1,0 +1,41 @@
+"""The service's app in this process (no training): a catalog of one stub model, two projects' keys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunerun.jobs.service.app import create_app
+from tunerun.jobs.service.config import load_server_config
+from tunerun.jobs.service.keys import KeyStore
+
+REPO = Path(__file__).resolve().parents[3]
+TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
+TEMPLATE = """
+name: support
+model: {path: MODEL}
+method: {kind: lora}
+data: {eval_fraction: 0.1, max_seq_len: 128}
+training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
+resources: {workers_per_node: 2}
+"""
+
+
+@pytest.fixture
+def served(tmp_path, stub_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "support.yaml").write_text(TEMPLATE.replace("MODEL", str(stub_model_dir)))
+    (tmp_path / "server.yaml").write_text(
+        "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\nuploads: {max_file_bytes: 200000}\n")
+    return load_server_config(tmp_path / "server.yaml")
+
+
+@pytest.fixture
+def app(served):
+    return create_app(served)
+
+
+@pytest.fixture
+def keys(served):
+    store = KeyStore(served.config.storage)
+    return {"acme": store.create("acme")[1], "other": store.create("other")[1]}

@@ -155,7 +155,8 @@ def test_data_on_s3_is_prepared_by_the_cli_then_trained_on_through_the_same_cach
                                                                                    s3_server, tiny_model_dir):
     bucket = s3_server.bucket(f"governance-{uuid.uuid4().hex[:8]}")
     s3_server.client().upload_file(str(governance["root"] / "export.jsonl"), bucket, "exports/tickets.jsonl")
-    env = {**governance["env"], "AWS_ENDPOINT_URL_S3": s3_server.endpoint,
+    # os.environ now: the s3_server fixture put its test credentials there after the module fixture was built.
+    env = {**os.environ, "PYTHONPATH": governance["env"]["PYTHONPATH"], "AWS_ENDPOINT_URL_S3": s3_server.endpoint,
            "TUNERUN_CACHE": str(governance["root"] / "s3-cache")}
     sets = [f"model.path={tiny_model_dir}", f"data.train=s3://{bucket}/exports/tickets.jsonl",
             f"storage.endpoint_url={s3_server.endpoint}", f"storage.uri={governance['root'] / 'runs'}",

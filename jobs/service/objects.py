@@ -119,7 +119,9 @@ def _last_eval(evaluated: list[dict]) -> dict | None:
 def _error(info: RunInfo) -> dict | None:
     if info.state != RunState.FAILED:
         return None
-    code = "invalid_training_data" if info.error_kind == "user" else "internal_error"
+    # tunerun's own codes where they tell the platform team what to do (free space; see why a driver died)
+    code = {"user": "invalid_training_data", "disk_full": "disk_full", "driver_gone": "driver_gone"}.get(
+        info.error_kind, "internal_error")
     return {"code": code, "message": info.error or "the run failed", "param": None}
 
 

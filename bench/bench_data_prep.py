@@ -2,12 +2,18 @@
 
     python bench/bench_data_prep.py                       # 100k synthetic chat records
     python bench/bench_data_prep.py --records 20000 --workers 2
+    python bench/bench_data_prep.py --records 20000 --ner  # also with the NER pass (data.clean.ner) on
 
 Both sides read the same JSONL file and turn every record into token ids with the same tokenizer (the tiny
 SentencePiece model `examples/make_tiny_model.py` builds, nothing from a hub). The baseline only renders
 and tokenizes: ``datasets.load_dataset("json")`` + ``Dataset.map(batched=True)``, which is the least any
 preparation has to do. tunerun also validates, normalises, masks PII, deduplicates (exact, normalised,
 MinHash), computes loss masks, splits and writes train/eval files, so the ratio is the price of that work.
+
+``--ner`` adds a third run with ``data.clean.ner`` on: Presidio over the tiny spaCy pipeline that
+`examples/make_tiny_ner.py` trains here (no model download), and reports the share of that run's wall time
+spent inside the NER pass. The tiny pipeline (a blank English tokenizer and a small NER model) is far cheaper
+per text than ``en_core_web_lg`` (word vectors, tagger, parser): the figure is a lower bound of NER's cost.
 """
 from __future__ import annotations
 
@@ -67,12 +73,41 @@ def baseline(path: Path, tokenizer, cache: Path) -> int:
     return len(tokenized)
 
 
-def tunerun_prepare(path: Path, tokenizer, out: Path) -> int:
+def tunerun_prepare(path: Path, tokenizer, out: Path, ner: dict | None = None) -> int:
     from tunerun.jobs.spec import DataSpec
     from tunerun.trainer.data.pipeline import prepare_files
 
-    report = prepare_files(DataSpec(train=str(path), max_seq_len=512), tokenizer, seed=0, out_dir=out)
+    spec = DataSpec(train=str(path), max_seq_len=512, clean={"ner": ner})
+    report = prepare_files(spec, tokenizer, seed=0, out_dir=out)
     return report.records_read
+
+
+class NerClock:
+    """Wall seconds spent inside `EntityMasker.mask` (the NER pass: spaCy via Presidio, then the anonymizer)."""
+
+    def __init__(self):
+        from tunerun.trainer.data.ner import EntityMasker
+
+        self.seconds, original = 0.0, EntityMasker.mask
+
+        def mask(masker, texts, counts):
+            started = time.perf_counter()
+            try:
+                return original(masker, texts, counts)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        EntityMasker.mask = mask
+
+
+def install_tiny_ner(root: Path) -> str:
+    """Train and install the tiny pipeline; its folder goes on sys.path (and PYTHONPATH, for worker processes)."""
+    from make_tiny_ner import PACKAGE, make_tiny_ner
+
+    site = str(make_tiny_ner(root))
+    sys.path.insert(0, site)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    return PACKAGE
 
 
 def cpu_seconds() -> float:
@@ -94,6 +129,7 @@ def timed(label: str, fn, *args) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--ner", action="store_true", help="also run with data.clean.ner on (tiny spaCy pipeline)")
     parser.add_argument("--workers", type=int, default=None,
                         help="tunerun's data worker processes (default: TUNERUN_DATA_WORKERS or automatic)")
     args = parser.parse_args()
@@ -115,6 +151,14 @@ def main() -> None:
         base = timed("datasets.map tokenization (baseline)", baseline, data, tokenizer, tmp / "hf-cache")
         ours = timed("tunerun prepare (full pipeline)", tunerun_prepare, data, tokenizer, tmp / "out")
         print(f"ratio tunerun / baseline: {ours[0] / base[0]:.2f} (wall), {ours[1] / base[1]:.2f} (CPU)")
+        if args.ner:
+            package, clock = install_tiny_ner(tmp / "tiny-ner"), NerClock()
+            started = time.perf_counter()
+            with_ner = timed("tunerun prepare, NER on (tiny spaCy)", tunerun_prepare, data, tokenizer, tmp / "ner",
+                             {"model": package})
+            share = clock.seconds / (time.perf_counter() - started)
+            print(f"ratio NER on / baseline: {with_ner[0] / base[0]:.2f} (wall), {with_ner[1] / base[1]:.2f} (CPU); "
+                  f"NER on / off: {with_ner[0] / ours[0]:.2f}; share of the NER run's wall time in NER: {share:.0%}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 def resolve_files(pattern: str) -> list[Path]:
     """The data files a path or glob names, sorted; `DataError` if there are none."""
     if "://" in pattern:
-        raise DataError(f"data file {pattern}: reading data from object storage ({pattern.split('://')[0]}://) is "
-                        "not available yet; copy the files to a local folder and point data.train / data.eval there")
+        # `tunerun data` and the trainer fetch s3:// data into the node cache first (trainer.inputs.localize_data).
+        raise DataError(f"data file {pattern}: object-storage data ({pattern.split('://')[0]}://) is read from its "
+                        "local copy; fetch it first (tunerun.trainer.inputs.localize_data, as `tunerun data prepare` "
+                        "and every run do)")
     expanded = os.path.expanduser(pattern)
     where = f"relative paths are read from the current directory, {os.getcwd()}"
     if glob.has_magic(expanded):

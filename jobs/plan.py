@@ -70,6 +70,7 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
     if spec.method.kind == "auto":
         spec, choice = _choose_method(spec, problems)
     spec = _absolute_paths(spec, problems)
+    _check_ner_setup(spec, problems)
     if run_id is not None and (problem := _run_id_problem(run_id)):
         problems.append(Problem("--run-id", problem))
     if problems:
@@ -150,6 +151,16 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
     model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path})
     return spec.model_copy(update={"model": model, "data": data, "storage": storage, "method": _method_blocks(spec)})
+
+
+def _check_ner_setup(spec: JobSpec, problems: list[Problem]) -> None:
+    """The spaCy pipeline must be installed where the data is prepared; checked here, where the job is resolved
+    (the submitting shell, and again by the run's driver before it prepares the data)."""
+    from tunerun.jobs.ner_setup import missing_ner_setup
+
+    clean = spec.data.clean
+    if clean.pii == "mask" and clean.ner is not None and (why := missing_ner_setup(clean.ner)):
+        problems.append(Problem("data.clean.ner", why))
 
 
 def _method_blocks(spec: JobSpec):

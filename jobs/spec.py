@@ -153,14 +153,76 @@ DataColumn = Literal["messages", "conversations", "tools", "system", "instructio
                      "history", "text"]
 
 
+# Entities tunerun's own detectors find (patterns, checksums, the rule-based name pass); every other Presidio
+# entity name (e.g. NRP, DATE_TIME) is found only by the NER model of data.clean.ner.
+RULE_ENTITIES = ("EMAIL", "PHONE", "IP_ADDRESS", "IBAN", "CREDIT_CARD", "PERSON", "STREET_ADDRESS")
+DEFAULT_PII_ENTITIES = ("EMAIL", "PHONE", "IP_ADDRESS", "IBAN", "CREDIT_CARD", "PERSON", "LOCATION", "STREET_ADDRESS")
+ENTITY_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,39}$")
+
+
+class NerSpec(Strict):
+    """A named-entity model for PII masking: Presidio's analyzer over a spaCy pipeline the user installed.
+
+    tunerun never downloads a pipeline (clusters are offline); `tunerun validate` checks it is installed."""
+
+    engine: Literal["presidio"] = "presidio"
+    # One spaCy package for every language, or one per language: {en: en_core_web_lg, de: de_core_news_lg}.
+    model: str | dict[str, str] = "en_core_web_lg"
+    languages: list[str] = Field(["en"], min_length=1)
+    score_threshold: float = Field(0.5, ge=0, le=1)  # Presidio's confidence below which a hit is not masked
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, languages: list[str]) -> list[str]:
+        for code in languages:
+            if not re.fullmatch(r"[a-z]{2,3}", code):
+                raise ValueError(f"{code!r}: a language is an ISO 639 code such as en, de or it")
+        return languages
+
+    @model_validator(mode="after")
+    def _a_model_per_language(self):
+        if isinstance(self.model, dict):
+            missing = [code for code in self.languages if code not in self.model]
+            if missing:
+                raise field_error("model", f"names no spaCy package for {', '.join(missing)}: add "
+                                  f"{missing[0]}: <package> or list only the languages it covers")
+        return self
+
+    def models(self) -> dict[str, str]:
+        """language code → spaCy package name."""
+        return {code: self.model if isinstance(self.model, str) else self.model[code] for code in self.languages}
+
+
 class CleanSpec(Strict):
     normalize: bool = True  # NFKC + whitespace
     dedup: bool = True
     near_dedup: bool = True  # normalised-text copies, and MinHash above near_dedup_threshold
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)  # estimated Jaccard similarity; 1 turns MinHash off
     pii: Literal["mask", "off"] = "mask"
+    pii_entities: list[str] = list(DEFAULT_PII_ENTITIES)  # masked as <NAME>; LOCATION and the rest need ner
+    ner: NerSpec | None = None  # null: tunerun's rule-based detectors only
     pii_patterns: dict[str, str] = {}  # e.g. {EMPLOYEE_ID: 'EMP-\d{6}'} → <EMPLOYEE_ID>
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("pii_entities", mode="before")
+    @classmethod
+    def _entity_names(cls, entities):
+        if not isinstance(entities, list):
+            return entities
+        names = [e.upper() if isinstance(e, str) else e for e in entities]
+        for name in names:
+            if isinstance(name, str) and not ENTITY_NAME.match(name):
+                raise ValueError(f"{name!r}: an entity is a Presidio entity name such as PERSON, LOCATION or EMAIL")
+        return names
+
+    @model_validator(mode="after")
+    def _ner_entities_need_ner(self):
+        ner_only = [e for e in self.pii_entities if e not in RULE_ENTITIES]
+        if ner_only and self.ner is None and self.pii_entities != list(DEFAULT_PII_ENTITIES):
+            # The default list names LOCATION for when a model is configured; a list the user wrote is a promise.
+            raise field_error("pii_entities", f"{', '.join(ner_only)} can only be found by a named-entity model: "
+                              "set data.clean.ner (e.g. {engine: presidio, model: en_core_web_lg}) or remove them")
+        return self
 
     @field_validator("pii_patterns")
     @classmethod

@@ -1,4 +1,5 @@
-"""``tunerun data prepare|inspect JOB``: the data a job will train on, prepared (and cached) before any run.
+"""``tunerun data prepare|inspect JOB``: the data a job will train on, prepared (and cached) before any run;
+``tunerun data cache list|prune``: what that cache holds, and making room in it.
 
 Importing this module loads neither torch nor transformers: they are imported inside the commands.
 """
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import time
 from pathlib import Path
 
 import click
@@ -16,7 +19,7 @@ from tunerun.jobs.cli.options import console, job_options, load_resolved, user_e
 
 
 cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                                help="Cache root (default: $TUNERUN_CACHE or ~/.cache/tunerun/data).")
+                                help="Cache root (default: $TUNERUN_CACHE/prepared or ~/.cache/tunerun/prepared).")
 
 
 @click.group("data")
@@ -68,8 +71,11 @@ def inspect(job_file, overrides, storage, examples, cache_dir):
 def _prepared(job_file, overrides, storage, cache_dir) -> tuple:
     """(job, prepared folder, whether it came from the cache, its data report), the summary printed."""
     from tunerun.trainer.data.cache import prepared_folder
+    from tunerun.trainer.inputs import localize_data, localize_model
 
-    job = load_resolved(job_file, overrides, storage)
+    # s3:// data and models come into the node cache first, exactly as the trainer fetches them: the content
+    # hash then names the same prepared folder a run on this machine would use.
+    job = localize_data(localize_model(load_resolved(job_file, overrides, storage)))
     folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
     report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
     _print_summary(report)
@@ -77,7 +83,7 @@ def _prepared(job_file, overrides, storage, cache_dir) -> tuple:
 
 
 def _print_summary(report: dict) -> None:
-    from tunerun.trainer.data.report import kept_records, steps
+    from tunerun.trainer.data.report import kept_records, pii_label, steps
 
     removed = ", ".join(f"{name} {n:,}" for name, n in steps(report) if n)
     console.print(f"data   {report['records_read']:,} records ({report['format']}) → {kept_records(report):,} kept"
@@ -87,7 +93,8 @@ def _print_summary(report: dict) -> None:
                      if report["contaminated_eval"] else ""))
     pii = report.get("pii_masked", {})
     if pii:
-        console.print(f"PII    masked {sum(pii.values()):,}: " + ", ".join(f"{k} {n:,}" for k, n in pii.items()))
+        console.print(f"PII    masked {sum(pii.values()):,}: "
+                      + ", ".join(f"{pii_label(k)} {n:,}" for k, n in pii.items()))
     if report["truncated"]:
         console.print(f"length {report['truncated']:,} examples truncated to data.max_seq_len")
 
@@ -128,6 +135,107 @@ def _print_example(number: int, example: dict, tokenizer) -> None:
     text = "".join(f"[bold green]⟦{escape(piece)}⟧[/bold green]" if is_trained else escape(piece)
                    for piece, is_trained in decode_segments(tokenizer, example["input_ids"], example["labels"]))
     console.print(text)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# A hidden folder younger than this is a preparation running now; older, one that crashed.
+BUSY_SECONDS = 6 * 3600
+
+
+def parse_age(text: str) -> float:
+    """'30d' → seconds (s, m, h, d, w)."""
+    match = AGE.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not an age; write e.g. 30d, 12h or 2w", param_hint="--older-than")
+    return float(match.group(1)) * AGE_UNITS[match.group(2)]
+
+
+def parse_bytes(text: str) -> int:
+    from tunerun.jobs.memory import parse_size
+
+    try:
+        return int(parse_size(text))
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (a bare number means GB)", param_hint="--keep-bytes") from None
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from tunerun.trainer.data.cache import default_cache_root
+
+    return Path(cache_dir).resolve() if cache_dir else default_cache_root()
+
+
+@data.group("cache")
+def cache():
+    """The content-hash cache of prepared data ($TUNERUN_CACHE/prepared, default ~/.cache/tunerun/prepared)."""
+
+
+@cache.command("list")
+@cache_dir_option
+@user_errors
+def cache_list(cache_dir):
+    """Every prepared dataset in the cache: size, when it was last used, what it was prepared from."""
+    from tunerun.trainer.data.cache import cache_entries
+
+    root = _cache_root(cache_dir)
+    entries = cache_entries(root)
+    table = Table("entry", "size", "last used", "examples", "prepared from", box=None, pad_edge=False)
+    for entry in reversed(entries):  # most recently used first
+        table.add_row(entry.path.name, _size(entry.size), _ago(entry.last_used),
+                      f"{entry.records:,}" if entry.records is not None else "incomplete", escape(entry.files))
+    if entries:
+        console.print(table)
+    console.print(f"cache  {root} · {len(entries)} entries, {_size(sum(e.size for e in entries))}")
+
+
+@cache.command("prune")
+@click.option("--older-than", "older_than", default=None, metavar="AGE",
+              help="Remove entries not used for longer than AGE (e.g. 30d, 12h, 2w).")
+@click.option("--keep-bytes", "keep_bytes", default=None, metavar="SIZE",
+              help="Then remove the least recently used until at most SIZE remain (e.g. 50GiB).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@cache_dir_option
+@user_errors
+def cache_prune(older_than, keep_bytes, dry_run, cache_dir):
+    """Remove prepared datasets: unused for longer than --older-than, then the least recently used beyond
+    --keep-bytes. A run that needs one again prepares it again."""
+    from tunerun.trainer.data.cache import cache_entries, prune_plan, remove_entry
+
+    if older_than is None and keep_bytes is None:
+        raise click.UsageError("say what to remove: --older-than AGE and/or --keep-bytes SIZE")
+    root = _cache_root(cache_dir)
+    entries = cache_entries(root)
+    chosen = prune_plan(entries, time.time(), parse_age(older_than) if older_than else None,
+                        parse_bytes(keep_bytes) if keep_bytes is not None else None, BUSY_SECONDS)
+    verb = "would remove" if dry_run else "removed"
+    for entry in chosen:
+        if not dry_run:
+            remove_entry(entry)
+        console.print(f"{verb} {entry.path.name} · {_size(entry.size)} · last used {_ago(entry.last_used)}"
+                      + ("" if entry.complete else " · incomplete"))
+    kept = [e for e in entries if e not in chosen]
+    console.print(f"cache  {root} · {verb} {len(chosen)} entries ({_size(sum(e.size for e in chosen))}), "
+                  f"{len(kept)} left ({_size(sum(e.size for e in kept))})")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _ago(when: float) -> str:
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return "just now"
 
 
 COMMANDS = (data,)

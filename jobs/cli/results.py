@@ -98,6 +98,10 @@ def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system,
     if merge and job.spec.method.kind == "full":
         console.print("note   a full fine-tune is already a whole model: --merge changes nothing")
     target, weights = export_run(run, job, checkpoint, merge, to)
+    if isinstance(target, str):  # uploaded to object storage
+        console.print(f"export {weights.name} → {target} · download the folder and load it with "
+                      "AutoModelForCausalLM.from_pretrained")
+        return
     files = sorted(p for p in target.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     console.print(f"export {weights.name} → {target} · {len(files)} files, {size / 1e6:.1f} MB · "

@@ -62,3 +62,21 @@ def stop_drivers(runs: Path) -> None:
         pid = json.loads(info.read_text()).get("local", {}).get("pid")
         if pid and session_pids(pid):
             os.killpg(pid, signal.SIGKILL)
+
+
+def serve_models(root: Path, tiny_model: Path, steps: dict[str, int], port: int, tunerun) -> tuple[Server, dict]:
+    """A catalog of the tiny model's LoRA template (a name → its step count), keys for projects acme and globex,
+    and the server started on ``port``: (the server, {project: key})."""
+    for name, n in steps.items():
+        (root / f"{name}.yaml").write_text(TEMPLATE.format(model=tiny_model, steps=n))
+    catalog = "".join(f"  {name}: {{job: {name}.yaml}}\n" for name in steps)
+    (root / "server.yaml").write_text(f"storage: {{uri: ./runs}}\nmax_concurrent_runs: 1\nmodels:\n{catalog}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNERUN_CACHE": str(root / "cache")}
+    keys = {}
+    for project in ("acme", "globex"):
+        made = tunerun("serve", "keys", "create", project, "--config", "server.yaml", cwd=root, env=env, timeout=60)
+        assert made.returncode == 0, made.stderr
+        keys[project] = made.stdout.strip()
+    server = Server(root, port, env)
+    server.start()
+    return server, keys

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from serve_process import TEMPLATE, WAIT_S, Server, stop_drivers
+from serve_process import WAIT_S, serve_models, stop_drivers
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
@@ -31,17 +31,7 @@ MS = 1000
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
     root = tmp_path_factory.mktemp("dashboard")
-    (root / "support.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, steps=STEPS))
-    (root / "server.yaml").write_text("storage: {uri: ./runs}\nmax_concurrent_runs: 1\nmodels:\n"
-                                      "  support-tiny: {job: support.yaml}\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNERUN_CACHE": str(root / "cache")}
-    keys = {}
-    for project in ("acme", "globex"):
-        made = tunerun("serve", "keys", "create", project, "--config", "server.yaml", cwd=root, env=env, timeout=60)
-        assert made.returncode == 0, made.stderr
-        keys[project] = made.stdout.strip()
-    server = Server(root, free_port(), env)
-    server.start()
+    server, keys = serve_models(root, tiny_model_dir, {"support-tiny": STEPS}, free_port(), tunerun)
     yield root, f"http://127.0.0.1:{server.port}", keys
     server.stop()
     stop_drivers(root / "runs")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,25 +19,15 @@ from pathlib import Path
 import openai
 import pytest
 from processes import session_pids
-from serve_process import TEMPLATE, WAIT_S, Server, stop_drivers
+from serve_process import WAIT_S, serve_models, stop_drivers
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
     root = tmp_path_factory.mktemp("serve")
-    (root / "support.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, steps=8))
-    (root / "support-long.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, steps=24))
-    (root / "server.yaml").write_text("storage: {uri: ./runs}\nmax_concurrent_runs: 1\nmodels:\n"
-                                      "  support-tiny: {job: support.yaml}\n  support-long: {job: support-long.yaml}\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNERUN_CACHE": str(root / "cache")}
-    keys = {}
-    for project in ("acme", "globex"):
-        made = tunerun("serve", "keys", "create", project, "--config", "server.yaml", cwd=root, env=env, timeout=60)
-        assert made.returncode == 0, made.stderr
-        keys[project] = made.stdout.strip()
-    server = Server(root, free_port(), env)
-    server.start()
+    # the catalog names are the template files: support-tiny.yaml, support-long.yaml
+    server, keys = serve_models(root, tiny_model_dir, {"support-tiny": 8, "support-long": 24}, free_port(), tunerun)
     yield root, server, keys
     server.stop()
     stop_drivers(root / "runs")

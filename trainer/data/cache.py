@@ -5,6 +5,10 @@ file, the ``data`` spec, the tokenizer files, the seed, the versions of transfor
 `FORMAT_VERSION`. ``<cache_root>/<hash>/`` holds train.jsonl, eval.jsonl, data_report.json/.html/.png and a
 ``COMPLETE`` marker; a folder is built under a temporary name and renamed into place whole, so a reader
 never sees half of one and two preparations racing for the same key both end with a complete folder.
+
+The cache root is ``$TUNERUN_CACHE/prepared`` (default ``~/.cache/tunerun/prepared``), beside the node cache
+of S3 models and data (``models/``, ``data/``). Every reuse touches the marker, so `cache_entries` knows
+when an entry was last used and ``tunerun data cache prune`` removes the least recently used first.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.data_files import resolve_files
 
-FORMAT_VERSION = 1  # bump when the prepared files would come out different for the same inputs
+FORMAT_VERSION = 2  # bump when the prepared files would come out different for the same inputs
 MARKER = "COMPLETE"
 # data_report.json last: in a run folder its presence says the data folder is complete.
 PREPARED_FILES = ("train.jsonl", "eval.jsonl", "data_report.html", "data_report.png", "data_report.json")
@@ -29,7 +33,7 @@ MAX_TOKENIZER_FILE = 64 << 20  # skips weights stored under those suffixes; toke
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("TUNERUN_CACHE") or Path.home() / ".cache" / "tunerun" / "data")
+    return Path(os.environ.get("TUNERUN_CACHE") or Path.home() / ".cache" / "tunerun") / "prepared"
 
 
 def prepare_to_folder(job: ResolvedJob, out_dir: Path | None, cache_root: Path | None) -> dict:
@@ -46,6 +50,7 @@ def prepared_folder(job: ResolvedJob, cache_root: Path | None) -> tuple[Path, bo
     root = Path(cache_root) if cache_root else default_cache_root()
     folder = root / content_hash(job)
     if (folder / MARKER).is_file():
+        _touch(folder / MARKER)
         return folder, True
     _build(job, folder)
     return folder, False
@@ -56,7 +61,11 @@ def content_hash(job: ResolvedJob) -> str:
     h = hashlib.blake2b(digest_size=16)
     _feed(h, f"format {FORMAT_VERSION} seed {spec.training.seed}")
     _feed(h, json.dumps(spec.data.model_dump(mode="json"), sort_keys=True))
-    for package in ("transformers", "tokenizers"):
+    packages = ["transformers", "tokenizers"]
+    if spec.data.clean.ner is not None:  # another pipeline version finds other names: another preparation
+        pipelines = sorted(set(spec.data.clean.ner.models().values()))
+        packages += ["presidio-analyzer", "presidio-anonymizer", "spacy", *pipelines]
+    for package in packages:
         _feed(h, f"{package} {_version(package)}")
     for pattern in (spec.data.train, spec.data.eval):
         for path in resolve_files(pattern) if pattern else []:
@@ -131,3 +140,72 @@ def publish(folder: Path, out_dir: Path) -> None:
         except OSError:
             shutil.copyfile(folder / name, tmp)
         os.replace(tmp, out_dir / name)
+
+
+# ---------------------------------------------------------------- listing and pruning
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    size: int  # bytes of the files in it
+    last_used: float  # epoch seconds: the marker's mtime (touched on reuse), else the folder's
+    complete: bool  # False: a preparation that crashed or is running now (a hidden temporary folder)
+    records: int | None  # train + eval examples, from its data report
+    files: str  # the data files it was prepared from, as its report names them
+
+
+def _touch(marker: Path) -> None:
+    try:
+        os.utime(marker)
+    except OSError:
+        pass  # a read-only cache still serves; it only cannot say it was used
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """Every prepared folder under ``root`` (and left-over temporary ones), least recently used first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    entries = []
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        marker = folder / MARKER
+        complete = marker.is_file() and not folder.name.startswith(".")
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        records, files = None, ""
+        report_file = folder / "data_report.json"
+        if complete and report_file.is_file():
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+            records = report.get("train_records", 0) + report.get("eval_records", 0)
+            files = ", ".join(report.get("files", []))
+        last_used = (marker if marker.is_file() else folder).stat().st_mtime
+        entries.append(CacheEntry(folder, size, last_used, complete, records, files))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def prune_plan(entries: list[CacheEntry], now: float, older_than: float | None, keep_bytes: int | None,
+               busy_after: float) -> list[CacheEntry]:
+    """The entries to remove: temporary folders left by crashed preparations (older than ``busy_after``
+    seconds; a younger one is a preparation still running and is never chosen), those unused for more than
+    ``older_than`` seconds, then the least recently used until at most ``keep_bytes`` remain."""
+    candidates = [e for e in entries if e.complete or now - e.last_used > busy_after]
+    chosen = [e for e in candidates if not e.complete
+              or (older_than is not None and now - e.last_used > older_than)]
+    if keep_bytes is not None:
+        left = sum(e.size for e in entries) - sum(e.size for e in chosen)
+        for entry in candidates:  # least recently used first
+            if left <= keep_bytes:
+                break
+            if entry not in chosen:
+                chosen.append(entry)
+                left -= entry.size
+    return chosen
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """Remove a prepared folder, marker first: a reader that finds no marker rebuilds instead of reading a
+    folder half deleted."""
+    (entry.path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(entry.path, ignore_errors=True)

@@ -3,9 +3,12 @@ spec's own patterns), duplicate keys and MinHash signatures for fuzzy duplicates
 
 No torch, no tokenizer: `tunerun.trainer.data.pipeline` applies these to every message.
 
-PII masking is pattern-based (emails, phone numbers, IPv4 addresses, IBANs, payment card numbers) and errs
-on the side of precision: IBANs must pass the ISO 7064 mod-97 check and card numbers the Luhn check, so an
-order number or a random 16-digit id is left alone. It is not a substitute for a named-entity PII scanner.
+PII masking here is rule-based (emails, phone numbers, IPv4 addresses, IBANs, payment card numbers, street
+addresses; person names where a greeting, sign-off or introduction says so, in `names`) and errs on the side
+of precision: card numbers must pass the Luhn check, so an order number or a random 16-digit id is left alone.
+An IBAN is masked when it passes the ISO 7064 mod-97 check, and also when it fails it but has a known
+country code and exactly that country's length (a typo, a test account): counted apart, as
+``iban_checksum_failed``. Names in running text and places need the named-entity pass (`ner`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,23 @@ import numpy as np
 from datasketch import MinHash
 
 PII_KINDS = ("email", "phone", "ip_address", "iban", "credit_card")
-PLACEHOLDERS = {kind: f"<{kind.upper()}>" for kind in PII_KINDS}
+# Report kinds, each the placeholder's entity in lower case except this one: a bad-checksum IBAN is <IBAN> too.
+IBAN_CHECKSUM_FAILED = "iban_checksum_failed"
+PLACEHOLDERS = {kind: f"<{kind.upper()}>" for kind in (*PII_KINDS, "street_address")}
+PLACEHOLDERS[IBAN_CHECKSUM_FAILED] = "<IBAN>"
+
+# IBAN length per country (SWIFT's IBAN registry, release 99, 2025).
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27, "BR": 29,
+    "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29,
+    "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28,
+    "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
+    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29,
+    "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24,
+    "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}
 
 _INNER_BLANKS = re.compile(r"(?<=\S)[ \t\f\v\u00a0]{2,}|(?<=\S)[\t\f\v\u00a0]")
 _TRAILING_BLANKS = re.compile(r"[ \t\f\v\u00a0]+$", re.MULTILINE)
@@ -31,6 +50,16 @@ IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+# A house number and a street: "221B Baker Street", "12 Main St.", "Hauptstraße 5", "Via Roma 12",
+# "Rue de Rivoli 8". Street words must be capitalised; a number alone or "street" in prose is left alone.
+_STREET_WORDS = r"Street|St\.?|Road|Rd\.?|Avenue|Ave\.?|Lane|Ln\.?|Drive|Dr\.?|Boulevard|Blvd\.?|Way|Court|Ct\.?|" \
+                r"Place|Pl\.?|Square|Sq\.?|Terrace|Close|Crescent|Highway|Parkway"
+_CAP = r"[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿA-Z'-]+"
+STREET_ADDRESS = re.compile(
+    rf"\b\d{{1,5}}[A-Za-z]?,? (?:{_CAP} ){{1,3}}(?:{_STREET_WORDS})(?![\w])"
+    rf"|\b{_CAP}(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|ufer) \d{{1,5}}[a-z]?\b"
+    rf"|\b(?:Via|Viale|Piazza|Corso|Largo|Vicolo|Rue|Avenue|Boulevard|Calle|Avenida|Rua) (?:(?:de|del|della|di|"
+    rf"dei|des|du|la|le|da|do|dos) )?(?:{_CAP} ){{0,2}}{_CAP},? \d{{1,5}}[a-zA-Z]?\b")
 PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w]|[.-]\d)")
 
 
@@ -76,6 +105,31 @@ def _iban_ok(candidate: str) -> bool:
     return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
 
 
+def _mask_iban(match: re.Match, counts: dict[str, int]) -> str:
+    """An IBAN-shaped match → ``<IBAN>`` (counted as iban or iban_checksum_failed), or left as it is.
+
+    The pattern is greedy (it may run into a following code such as "DE89… BIC X"), so a match longer than
+    its country's IBAN is cut to that length and the rest kept."""
+    text = match.group(0)
+    length = IBAN_LENGTHS.get(text[:2])
+    if length is not None:
+        end, seen = 0, 0
+        for end, ch in enumerate(text, start=1):
+            seen += ch != " "
+            if seen == length:
+                break
+        if seen == length:
+            iban, rest = text[:end], text[end:]
+            if rest[:1] in ("", " ") or not rest[:1].isalnum():
+                kind = "iban" if _iban_ok(iban) else IBAN_CHECKSUM_FAILED
+                counts[kind] = counts.get(kind, 0) + 1
+                return PLACEHOLDERS[kind] + rest
+    if _iban_ok(text):  # an unknown country, or not its length: only the checksum can vouch for it
+        counts["iban"] = counts.get("iban", 0) + 1
+        return PLACEHOLDERS["iban"]
+    return text
+
+
 def _card_ok(candidate: str) -> bool:
     digits = re.sub(r"\D", "", candidate)
     return 13 <= len(digits) <= 19 and _luhn_ok(digits)
@@ -92,32 +146,43 @@ def _phone_ok(candidate: str) -> bool:
 
 
 # Order matters: emails first (they contain dots and digits), IBANs and cards before phones (a phone
-# pattern would eat part of a card number), IPs before phones (dotted digits).
+# pattern would eat part of a card number), IPs before phones (dotted digits), street addresses last (a house
+# number is no phone, but a phone's digits must not become a house number).
 _RULES: list[tuple[str, re.Pattern, Callable[[str], bool]]] = [
     ("email", EMAIL, lambda _: True),
-    ("iban", IBAN, _iban_ok),
     ("credit_card", CARD, _card_ok),
     ("ip_address", IPV4, lambda _: True),
     ("phone", PHONE, _phone_ok),
+    ("street_address", STREET_ADDRESS, lambda _: True),
 ]
+RULE_KINDS = ("email", "phone", "ip_address", "iban", "credit_card", "street_address")
 
 
-def mask_pii(text: str, counts: dict[str, int]) -> str:
-    """Replace PII in ``text`` with placeholders such as ``<EMAIL>``; adds what it masked to ``counts``."""
+def mask_pii(text: str, counts: dict[str, int], kinds: frozenset[str] = frozenset(RULE_KINDS)) -> str:
+    """Replace PII in ``text`` with placeholders such as ``<EMAIL>``; adds what it masked to ``counts``.
+    ``kinds``: which of `RULE_KINDS` to look for (data.clean.pii_entities, lower case)."""
     # Every rule but the email one needs digits, the email one an "@": most turns skip most patterns.
     has_at, has_digits = "@" in text, _DIGIT.search(text) is not None
-    for kind, pattern, valid in _RULES:
-        if not (has_at if kind == "email" else has_digits):
-            continue
-
-        def replace(match: re.Match, kind=kind, valid=valid) -> str:
-            if not valid(match.group(0)):
-                return match.group(0)
-            counts[kind] = counts.get(kind, 0) + 1
-            return PLACEHOLDERS[kind]
-
-        text = pattern.sub(replace, text)
+    if has_at and "email" in kinds:
+        text = _apply("email", EMAIL, lambda _: True, text, counts)
+    if not has_digits:
+        return text
+    if "iban" in kinds:  # before cards: a card pattern would eat an IBAN's digits
+        text = IBAN.sub(lambda m: _mask_iban(m, counts), text)
+    for kind, pattern, valid in _RULES[1:]:
+        if kind in kinds:
+            text = _apply(kind, pattern, valid, text, counts)
     return text
+
+
+def _apply(kind: str, pattern: re.Pattern, valid: Callable[[str], bool], text: str, counts: dict[str, int]) -> str:
+    def replace(match: re.Match) -> str:
+        if not valid(match.group(0)):
+            return match.group(0)
+        counts[kind] = counts.get(kind, 0) + 1
+        return PLACEHOLDERS[kind]
+
+    return pattern.sub(replace, text)
 
 
 # ---------------------------------------------------------------- custom PII patterns

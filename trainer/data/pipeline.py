@@ -42,8 +42,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tunerun.jobs.errors import DataError
-from tunerun.trainer.data.clean import (PII_KINDS, FuzzyIndex, custom_rules, digest, exact_key, mask_custom,
-                                      mask_pii, minhash_signature, near_key, normalize_text)
+from tunerun.jobs.spec import RULE_ENTITIES
+from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, custom_rules, digest, exact_key,
+                                      mask_custom, mask_pii, minhash_signature, near_key, normalize_text)
+from tunerun.trainer.data.names import mask_names
 from tunerun.trainer.data.formats import Conversation, detect_format, to_conversation, trainable
 from tunerun.trainer.data.pack import ExampleWriter, Packer, load_examples
 from tunerun.jobs.data_files import resolve_files
@@ -106,6 +108,18 @@ class _Context:
     pii_rules: list = field(default_factory=list)
 
     @property
+    def rule_kinds(self) -> frozenset[str]:
+        """The report kinds (lower case) of data.clean.pii_entities that tunerun's rule-based passes find."""
+        return frozenset(e.lower() for e in self.clean.pii_entities if e in RULE_ENTITIES)
+
+    @property
+    def ner_entities(self) -> tuple[str, ...]:
+        """The Presidio entities the NER pass looks for: what only a model finds, and PERSON (in running text)."""
+        if self.clean.pii != "mask" or self.clean.ner is None:
+            return ()
+        return tuple(e for e in self.clean.pii_entities if e not in RULE_ENTITIES or e == "PERSON")
+
+    @property
     def fuzzy(self) -> bool:
         return self.clean.near_dedup and self.clean.near_dedup_threshold < 1
 
@@ -127,7 +141,7 @@ class _Outcome:
 
 def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
     """Parse, clean, key and tokenize a chunk; everything per record that needs no global state."""
-    outcomes, rendered = [], []
+    outcomes, cleaned, rendered = [], [], []
     for where, record, error in rows:
         outcome = _Outcome(where, error)
         outcomes.append(outcome)
@@ -140,7 +154,15 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
             continue
         try:
             conversation = to_conversation(record, outcome.format)
-            _clean(conversation, ctx, outcome)
+            _visit_texts(conversation, lambda text, counts=outcome.pii: _clean_text(text, ctx, counts))
+            cleaned.append((outcome, conversation))
+        except DataError as e:
+            outcome.error = str(e)
+    if ctx.ner_entities and cleaned:
+        _mask_entities(cleaned, ctx)
+    for outcome, conversation in cleaned:
+        try:
+            _key(conversation, ctx, outcome)
             if not outcome.empty:
                 rendered.append((outcome, render(conversation, ctx.tokenizer)))
         except DataError as e:
@@ -150,11 +172,44 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
     return outcomes
 
 
-def _clean(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
+def _visit_texts(conversation: Conversation, change) -> None:
+    """Replace every text of ``conversation`` that PII can hide in by ``change(text)``: message contents and
+    tool-call arguments (text the model learns to write, PII included)."""
     for m in conversation.messages:
-        m["content"] = _clean_text(m["content"], ctx, outcome.pii)
-        for call in m.get("tool_calls", []):  # arguments are text the model learns to write, PII included
-            call["function"]["arguments"] = _clean_value(call["function"]["arguments"], ctx, outcome.pii)
+        m["content"] = change(m["content"])
+        for call in m.get("tool_calls", []):
+            call["function"]["arguments"] = _visit_value(call["function"]["arguments"], change)
+
+
+def _visit_value(value, change):
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _visit_value(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_visit_value(v, change) for v in value]
+    return value
+
+
+def _mask_entities(cleaned: list[tuple[_Outcome, Conversation]], ctx: _Context) -> None:
+    """The NER pass over all texts of the chunk at once: spaCy is fast per batch, slow per call."""
+    from tunerun.trainer.data.ner import masker_for
+
+    texts, owners = [], []
+    for outcome, conversation in cleaned:
+        def collect(text: str, owner=outcome) -> str:
+            texts.append(text)
+            owners.append(owner)
+            return text
+
+        _visit_texts(conversation, collect)
+    masked = iter(masker_for(ctx.clean.ner, ctx.ner_entities).mask(texts, [o.pii for o in owners]))
+    for _, conversation in cleaned:
+        _visit_texts(conversation, lambda _: next(masked))
+
+
+def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
+    """Empty or not, and the keys that recognise copies; from the cleaned text, so masked values don't count."""
     messages = conversation.messages
     if not any(trainable(m) and (m["content"] or m.get("tool_calls")) for m in messages):
         outcome.empty = True
@@ -172,18 +227,10 @@ def _clean_text(text: str, ctx: _Context, counts: dict[str, int]) -> str:
     if ctx.clean.normalize:
         text = normalize_text(text)
     if ctx.clean.pii == "mask":
-        text = mask_pii(mask_custom(text, ctx.pii_rules, counts), counts)
+        text = mask_pii(mask_custom(text, ctx.pii_rules, counts), counts, ctx.rule_kinds)
+        if "person" in ctx.rule_kinds:
+            text = mask_names(text, counts)
     return text
-
-
-def _clean_value(value, ctx: _Context, counts: dict[str, int]):
-    if isinstance(value, str):
-        return _clean_text(value, ctx, counts)
-    if isinstance(value, dict):
-        return {k: _clean_value(v, ctx, counts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean_value(v, ctx, counts) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------- running chunks, here or in workers
@@ -416,7 +463,7 @@ class _Preparation:
 
     def __init__(self, spec: DataSpec, tokenizer, out_dir: Path):
         self.spec, self.out_dir = spec, out_dir
-        self.report = DataReport(pii_masked=dict.fromkeys(PII_KINDS, 0) if spec.clean.pii == "mask" else {})
+        self.report = DataReport(pii_masked=_pii_kinds(spec.clean))
         self.ctx = _Context(None if spec.format == "auto" else spec.format, spec.clean, tokenizer,
                             custom_rules(spec.clean.pii_patterns) if spec.clean.pii == "mask" else [])
         files = resolve_files(spec.train) + (resolve_files(spec.eval) if spec.eval else [])
@@ -505,6 +552,16 @@ class _Preparation:
         self.scratch.unlink(missing_ok=True)
 
 
+def _pii_kinds(clean: CleanSpec) -> dict[str, int]:
+    """The report's PII counters, each at 0: every kind the spec looks for (a 0 says it was looked for)."""
+    if clean.pii != "mask":
+        return {}
+    kinds = [e.lower() for e in clean.pii_entities if e in RULE_ENTITIES or clean.ner is not None]
+    if "iban" in kinds:
+        kinds.insert(kinds.index("iban") + 1, IBAN_CHECKSUM_FAILED)
+    return dict.fromkeys(kinds, 0)
+
+
 def _held_out(n: int, fraction: float, seed: int) -> set[int]:
     k = 0 if fraction == 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
     order = list(range(n))
@@ -544,7 +601,7 @@ def count_cleaning(path: Path, clean: CleanSpec) -> DataReport:
     empty, duplicates and PII hits of the records kept. Length limits need the tokenizer, so `tunerun serve`
     shows these counts for an upload and the job's own data report adds the rest once it trains."""
     ctx = _Context(None, clean, None, custom_rules(clean.pii_patterns) if clean.pii == "mask" else [])
-    report = DataReport(files=[str(path)], pii_masked=dict.fromkeys(PII_KINDS, 0) if clean.pii == "mask" else {})
+    report = DataReport(files=[str(path)], pii_masked=_pii_kinds(clean))
     dedup = _Dedup(clean)
     for where, record, error in read_records([path]):
         report.records_read += 1
@@ -552,7 +609,11 @@ def count_cleaning(path: Path, clean: CleanSpec) -> DataReport:
         if error is None:
             try:
                 outcome.format = detect_format(record)
-                _clean(to_conversation(record, outcome.format), ctx, outcome)
+                conversation = to_conversation(record, outcome.format)
+                _visit_texts(conversation, lambda text, counts=outcome.pii: _clean_text(text, ctx, counts))
+                if ctx.ner_entities:
+                    _mask_entities([(outcome, conversation)], ctx)
+                _key(conversation, ctx, outcome)
             except DataError as exc:
                 outcome.error = str(exc)
         if outcome.error is not None:

@@ -14,6 +14,11 @@ def kept_records(report: dict) -> int:
     return report["records_read"] - sum(n for _, n in steps(report))
 
 
+def pii_label(kind: str) -> str:
+    """How a PII kind of the report reads: "iban_checksum_failed" → "iban, checksum failed"."""
+    return "iban, checksum failed" if kind == "iban_checksum_failed" else kind
+
+
 def steps(report: dict) -> list[tuple[str, int]]:
     """(cleaning step, records it removed), in pipeline order (mirrors `DataReport.steps`)."""
     return [("malformed", report["malformed"]), ("empty", report["empty"]), ("duplicates", report["duplicates"]),
@@ -49,7 +54,7 @@ def render_png(report: dict, title: str) -> bytes:
     removed.set(title=f"records: {report['records_read']:,} read", xlabel="records")
     kinds = sorted(report.get("pii_masked", {}).items(), key=lambda kv: -kv[1])
     if kinds:
-        bars = pii.barh([k for k, _ in kinds][::-1], [n for _, n in kinds][::-1], color="#8172b2")
+        bars = pii.barh([pii_label(k) for k, _ in kinds][::-1], [n for _, n in kinds][::-1], color="#8172b2")
         pii.bar_label(bars, padding=3)
         pii.margins(x=0.15)
         pii.set(title="PII masked (hits per type)", xlabel="hits")
@@ -66,7 +71,8 @@ def render_html(report: dict, png: bytes, title: str) -> str:
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(name)}</td><td>{n:,}</td></tr>" for name, n in steps(report))
     stats = report.get("token_lengths") or {}
-    pii = "".join(f"<tr><td>{esc(kind)}</td><td>{n:,}</td></tr>" for kind, n in report.get("pii_masked", {}).items())
+    pii = "".join(f"<tr><td>{esc(pii_label(kind))}</td><td>{n:,}</td></tr>"
+                  for kind, n in report.get("pii_masked", {}).items())
     malformed = report.get("malformed_examples", [])
     problems = "".join(f"<li><code>{esc(p)}</code></li>" for p in malformed)
     lengths = "".join(f"<tr><td>{k}</td><td>{stats[k]:,}</td></tr>" for k in ("min", "mean", "p50", "p95", "max")

@@ -88,7 +88,9 @@ def _data_section(run) -> list[str]:
     if not run.exists("data/data_report.json"):
         return []
     r = run.read_json("data/data_report.json")
-    masked = ", ".join(f"{k} {v}" for k, v in r.get("pii_masked", {}).items() if v) or "none"
+    from tunerun.trainer.data.report import pii_label
+
+    masked = ", ".join(f"{pii_label(k)} {v}" for k, v in r.get("pii_masked", {}).items() if v) or "none"
     return ["## Data", "", "| | |", "|---|---|",
             f"| files | {', '.join(Path(f).name for f in r.get('files', []))} |",
             f"| format | {r.get('format')} |",

@@ -74,7 +74,7 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
     llama_cpp = require_tools()
     started = time.monotonic()
     remote = to if to is not None and "://" in to else None
-    bucket = _export_bucket(remote, job.spec.storage) if remote else None  # refused before the work, not after
+    bucket = hf.export_bucket(remote, job.spec.storage) if remote else None  # refused before the work, not after
     scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
     try:
         weights = find_weights(run, job, checkpoint, scratch)
@@ -90,7 +90,9 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
         with _disk_full_is_a_user_error(target), hf.staged(target) as staging:
             check = _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant, system, staging, gguf_name)
         size = (target / gguf_name).stat().st_size
-        where = _upload(target, remote, bucket) if remote else str(target)
+        if remote:
+            hf.upload_export(target, bucket)  # the .gguf first, Modelfile and model card last
+        where = remote or str(target)
         record = {"source": weights.name, "step": weights.step, "quant": quant, "file": gguf_name, "to": where,
                   "size": size, "time": time.time(), **check}
         run.write_json(f"eval/exports/{source}-gguf-{quant}.json", record)
@@ -307,25 +309,3 @@ def _first_difference(ours: list[list[int]], hf: list[list[int]], tokenizer) -> 
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
-
-
-def _export_bucket(uri: str, storage):
-    """The object-storage prefix ``uri`` (reached with the run storage's endpoint and credentials), if empty."""
-    from tunerun.cluster.storage import backend_for
-
-    if not uri.startswith("s3://"):
-        raise StorageError(f"--to {uri}: only local folders and s3:// URIs are export targets")
-    backend = backend_for(storage.model_copy(update={"uri": uri.rstrip("/")}))
-    if backend.list(""):
-        raise StorageError(f"export target {uri} already holds objects; choose another --to or remove them")
-    return backend
-
-
-def _upload(folder: Path, uri: str, backend) -> str:
-    """Copy the finished export to object storage, file by file: boto3 streams large files in parts and an object
-    appears only when its upload completed. The model card and Modelfile go last, so a listing that shows them
-    shows a complete upload."""
-    files = sorted(folder.iterdir(), key=lambda p: p.suffix != ".gguf")
-    for path in files:
-        backend.upload_file(path, path.name)  # the backend turns botocore's errors into one StorageError
-    return uri

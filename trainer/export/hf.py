@@ -5,7 +5,8 @@ the LoRA adapter in PEFT format; with ``merge``, the adapter folded into the bas
 ``model.path`` (QLoRA trains against 4-bit weights, but merging into them would bake the quantisation error into
 every layer); for full runs the consolidated weights. Every export holds safetensors, the tokenizer, the
 generation config and a model card, loads with plain ``from_pretrained``, and is written to a temp folder beside
-the target that is renamed into place last.
+the target that is renamed into place last. A ``to`` of ``s3://bucket/prefix`` (which must be empty) uploads the
+finished folder with the run storage's endpoint and credentials, the model card last.
 """
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ def default_target(run, weights: RunWeights, merge: bool) -> Path:
     return run_local_path(run, f"exports/{source}-{kind}")
 
 
-def export_run(run, job, checkpoint: int | None, merge: bool, to: str | None) -> tuple[Path, RunWeights]:
-    """Write the export and return (its folder, what it was made from)."""
-    if to is not None and "://" in to:
-        raise StorageError(f"--to {to}: exporting to object storage is not available yet; export to a local "
-                           "folder and upload it")
+def export_run(run, job, checkpoint: int | None, merge: bool, to: str | None) -> tuple[Path | str, RunWeights]:
+    """Write the export and return (its folder, or the s3:// URI it was uploaded to; what it was made from)."""
+    remote = to if to is not None and "://" in to else None
+    bucket = export_bucket(remote, job.spec.storage) if remote else None  # refused before the work, not after
     scratch = Path(tempfile.mkdtemp(prefix="tunerun-export-"))
     try:
         weights = find_weights(run, job, checkpoint, scratch)
-        target = Path(to).expanduser().absolute() if to else default_target(run, weights, merge)
+        if remote:
+            target = scratch / "upload" / default_target(run, weights, merge).name
+        else:
+            target = Path(to).expanduser().absolute() if to else default_target(run, weights, merge)
         with staged(target) as staging:
             if merge or weights.full:  # a full run's weights are a whole model either way
                 write_merged_model(job, weights, staging)
@@ -45,9 +48,38 @@ def export_run(run, job, checkpoint: int | None, merge: bool, to: str | None) ->
             write_tokenizer_and_generation_config(job, staging)
             (staging / "README.md").write_text(model_card(run, job, weights, merged=merge or weights.full),
                                                encoding="utf-8")
+        if remote:
+            upload_export(target, bucket)
+            return remote, weights
         return target, weights
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_bucket(uri: str, storage):
+    """The object-storage prefix ``uri`` (reached with the run storage's endpoint and credentials), if empty."""
+    from tunerun.cluster.storage import backend_for
+
+    if not uri.startswith("s3://"):
+        raise StorageError(f"--to {uri}: only local folders and s3:// URIs are export targets")
+    backend = backend_for(storage.model_copy(update={"uri": uri.rstrip("/")}))
+    if backend.list(""):
+        raise StorageError(f"export target {uri} already holds objects; choose another --to or remove them")
+    return backend
+
+
+# Uploaded last: a listing that shows the model card (and a GGUF export's Modelfile) shows a complete upload.
+LAST_UPLOADED = ("Modelfile", "README.md")
+
+
+def upload_export(folder: Path, backend) -> None:
+    """Copy a finished export to object storage, file by file: boto3 streams large files in parts and an object
+    appears only when its upload completed."""
+    def order(path: Path) -> tuple[int, str]:
+        return (LAST_UPLOADED.index(path.name) + 1 if path.name in LAST_UPLOADED else 0, path.name)
+
+    for path in sorted(folder.iterdir(), key=order):
+        backend.upload_file(path, path.name)  # the backend turns botocore's errors into one StorageError
 
 
 @contextmanager

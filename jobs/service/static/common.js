@@ -119,3 +119,6 @@ export function parseCsv(text) {
     return Object.fromEntries(names.map((name, i) => [name, cells[i] === "" ? null : Number(cells[i])]));
   });
 }
+
+// A PII type of the data report as people read it ("iban_checksum_failed" → "iban, checksum failed").
+export const piiLabel = (kind) => kind.replace("_checksum_failed", ", checksum failed").replaceAll("_", " ");

@@ -1,7 +1,7 @@
 // The job page: progress and actions, curves, base vs fine-tuned, the data report, checkpoints, downloads,
 // events and the run's report. Refreshed while the job runs; everything comes from /v1.
-import { ApiError, TERMINAL, api, el, gatesBadge, jobLabel, number, parseCsv, progressOf, replaceRows, showError,
-  statusBadge, when } from "/static/common.js";
+import { ApiError, TERMINAL, api, el, gatesBadge, jobLabel, number, parseCsv, piiLabel, progressOf, replaceRows,
+  showError, statusBadge, when } from "/static/common.js";
 
 const REFRESH_MS = 3000;
 const jobId = document.getElementById("job").dataset.jobId;
@@ -94,7 +94,7 @@ function showDataReport(report) {
       el("tr", {}, el("th", {}, k), el("td", { class: "num" }, v ?? "–"))))),
     el("h3", {}, "PII masked (hits per type)"),
     pii.length ? el("table", { id: "pii-counts" }, el("tbody", {}, pii.map(([k, v]) =>
-      el("tr", {}, el("th", {}, k), el("td", { class: "num" }, v))))) : el("p", { class: "empty" }, "None found."));
+      el("tr", {}, el("th", {}, piiLabel(k)), el("td", { class: "num" }, v))))) : el("p", { class: "empty" }, "None found."));
 }
 
 function showCheckpoints(found) {

@@ -1,5 +1,5 @@
 // New job: upload a JSONL file, see how it validated and what cleaning would do, pick a model, start.
-import { api, el, replaceRows, showError } from "/static/common.js";
+import { api, el, piiLabel, replaceRows, showError } from "/static/common.js";
 
 const VALIDATION_POLL_MS = 700;
 let fileId = null;
@@ -21,7 +21,7 @@ function showValidation(file) {
   const rows = cleaning ? [["Records", cleaning.records_read], ["Malformed", cleaning.malformed],
     ["Empty", cleaning.empty], ["Duplicates", cleaning.duplicates], ["Near-duplicates", cleaning.near_duplicates],
     ["Fuzzy duplicates", cleaning.fuzzy_duplicates], ["Kept", cleaning.kept],
-    ...Object.entries(cleaning.pii_masked ?? {}).map(([k, v]) => [`PII masked: ${k}`, v])] : [];
+    ...Object.entries(cleaning.pii_masked ?? {}).map(([k, v]) => [`PII masked: ${piiLabel(k)}`, v])] : [];
   replaceRows(document.getElementById("validation-counts"), rows.map(([k, v]) =>
     el("tr", {}, el("th", {}, k), el("td", { class: "num" }, v))));
   start.disabled = !ok;

@@ -156,8 +156,8 @@ def test_export_of_a_run_with_no_weights_or_to_a_blocked_target_is_a_user_error(
                       "checkpoint step 20 does not exist")
     assert_user_error(tunerun("export", "demo", "--format", "gguf", "--storage", storage, cwd=tmp_path),
                       "no final weights and no complete checkpoint")
-    assert_user_error(tunerun("export", "demo", "--to", "s3://bucket/x", "--storage", storage, cwd=tmp_path),
-                      "not available yet")
+    assert_user_error(tunerun("export", "demo", "--to", "gs://bucket/x", "--storage", storage, cwd=tmp_path),
+                      "only local folders and s3:// URIs are export targets")
     assert_user_error(tunerun("export", "nope", "--storage", storage, cwd=tmp_path), "no run 'nope'")
 
 

@@ -297,7 +297,8 @@ def test_pii_masking_applies_to_all_messages_and_can_be_off(tokenizer, tmp_path)
     data = prepare_data(spec(path, eval_fraction=0), tokenizer, seed=0)
     text = tokenizer.decode(data.train[0]["input_ids"])
     assert "bob@" not in text and text.count("<EMAIL>") == 2 and "<PHONE>" in text and "4111 1111 1111 1112" in text
-    assert data.report.pii_masked == {"email": 2, "phone": 1, "ip_address": 0, "iban": 0, "credit_card": 0}
+    assert data.report.pii_masked == {"email": 2, "phone": 1, "ip_address": 0, "iban": 0, "iban_checksum_failed": 0,
+                                      "credit_card": 0, "person": 0, "street_address": 0}
     assert "bob@" not in json.dumps(dataclasses.asdict(data.report))  # counts only, never the values
     off = prepare_data(spec(path, eval_fraction=0, clean={"pii": "off"}), tokenizer, seed=0)
     assert "bob@example.com" in tokenizer.decode(off.train[0]["input_ids"]) and off.report.pii_masked == {}

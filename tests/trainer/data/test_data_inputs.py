@@ -233,6 +233,7 @@ def test_dataset_empty_after_cleaning_names_the_step(tokenizer, tmp_path, rows, 
     assert message.startswith(f"no training records left in {path} (read 2, ") and step in message
 
 
-def test_object_storage_inputs_are_not_read_yet(tokenizer):
+def test_object_storage_inputs_are_read_from_their_local_copy_only(tokenizer):
+    """The CLI and the trainer fetch s3:// data first (tests/e2e/test_data_governance.py); unfetched, it is refused."""
     message = refused(tokenizer, spec("s3://bucket/data/train.jsonl"))
-    assert "reading data from object storage (s3://) is not available yet" in message
+    assert "object-storage data (s3://) is read from its local copy; fetch it first" in message

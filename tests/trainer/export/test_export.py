@@ -143,8 +143,35 @@ def test_unwritable_or_occupied_targets_are_clear_errors(lora_run, tmp_path):
     with pytest.raises(StorageError, match="already exists"):
         hf.export_run(run, job, None, merge=False, to=str(occupied))
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
-    with pytest.raises(StorageError, match="not available yet"):
-        hf.export_run(run, job, None, merge=False, to="s3://bucket/models/x")
+    with pytest.raises(StorageError, match="only local folders and s3:// URIs"):
+        hf.export_run(run, job, None, merge=False, to="gs://bucket/models/x")
+
+
+def test_hf_export_uploads_to_s3_and_loads_back_after_download(lora_run, s3_server, tunerun, tmp_path):
+    """`tunerun export --merge --to s3://…` against the loopback S3 server; the download loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    run, job, tuned = lora_run
+    bucket = s3_server.bucket("hf-exports")
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3_server.endpoint}  # the run's storage spec names no endpoint
+    storage = str(tmp_path / "runs")
+    done = tunerun("export", "r", "--merge", "--to", f"s3://{bucket}/tickets/merged", "--storage", storage,
+                   cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"→ s3://{bucket}/tickets/merged" in done.stdout
+    s3 = s3_server.client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="tickets/merged/")["Contents"]]
+    assert {"tickets/merged/config.json", "tickets/merged/model.safetensors", "tickets/merged/tokenizer.json",
+            "tickets/merged/README.md"} <= set(keys)
+    download = tmp_path / "download"
+    download.mkdir()
+    for key in keys:
+        s3.download_file(bucket, key, str(download / key.rsplit("/", 1)[1]))
+    loaded = AutoModelForCausalLM.from_pretrained(download, dtype=torch.float32)
+    assert torch.allclose(logits(loaded), logits(tuned), atol=1e-4)
+    again = tunerun("export", "r", "--to", f"s3://{bucket}/tickets/merged", "--storage", storage, cwd=tmp_path,
+                    env=env)
+    assert again.returncode == 2 and "already holds objects" in again.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions; the blocked-path case above "

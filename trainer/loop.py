@@ -28,6 +28,7 @@ from tunerun.trainer.inputs import localize_model
 from tunerun.trainer.methods import get_method
 from tunerun.trainer.preemption import STOPPED, StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
+from tunerun.trainer.tracking import open_worker_trackers
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -54,8 +55,6 @@ def train_loop_per_worker(config: dict) -> None:
     model = method.load_model(job)
     model_loaded = time.time()
     engine = method.make_engine(model, job, total_steps)
-    from tunerun.trainer.tracking import open_worker_trackers
-
     log = _RankZeroLog(run, rank, open_worker_trackers(job, run, rank, scratch, warn=_warn))
     log.event("worker_ready", load_started=load_started, model_loaded=model_loaded)  # cold-start breakdown
 

@@ -201,17 +201,10 @@ def cancel(run_id, storage):
 
 
 def _end_mlflow_run_killed(run_folder) -> None:
-    """The target may have killed the driver before it closed its MLflow run: the run ends KILLED from here."""
-    info = read_info(run_folder)
-    if not info.mlflow_run_id:
-        return
-    from tunerun.jobs.cli.results import load_run_job
-    from tunerun.jobs.tracking import end_mlflow_run
+    from tunerun.jobs.tracking import end_cancelled_run
 
-    settings = load_run_job(run_folder).spec.tracking.mlflow
-    problem = end_mlflow_run(settings, info.mlflow_run_id, "KILLED") if settings else None
-    if problem:
-        err_console.print(f"warning MLflow run {info.mlflow_run_id} not marked KILLED: {problem}")
+    if problem := end_cancelled_run(run_folder):
+        err_console.print(f"warning MLflow run {read_info(run_folder).mlflow_run_id} not marked KILLED: {problem}")
 
 
 def _last_train_metrics(run_folder) -> dict:

@@ -12,6 +12,7 @@ queue it in the cluster's own scheduler.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ from tunerun.jobs.service.errors import ApiError, bad_request, not_found
 from tunerun.jobs.service.files import FileStore
 
 SERVICE_RECORD = "service.json"
+logger = logging.getLogger("tunerun.serve")
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Where a spec problem shows in the request: the field the request filled in.
@@ -245,8 +247,11 @@ class JobService:
         info = read_info(run)
         if info.state == RunState.QUEUED:
             record_cancelled(run, info.target)
-        elif not info.state.terminal:
-            self.target_of(run).cancel(run)
+        elif not info.state.terminal and self.target_of(run).cancel(run):
+            from tunerun.jobs.tracking import end_cancelled_run
+
+            if problem := end_cancelled_run(run):  # a tracked run: its MLflow run ends KILLED, as with the CLI
+                logger.warning("job %s: MLflow run not marked KILLED: %s", run.run_id, problem)
         # cancelling a finished job changes nothing; the job object says how it ended
 
     def pause(self, run: RunFolder) -> None:

@@ -3,7 +3,7 @@ wide margin on held-out support tickets, the gates pass, and every results comma
 also exported as GGUF (f16, q8_0) for llama.cpp / Ollama and checked against the merged model.
 
 The task is generated here (examples/make_support_data.py, 1,100 tickets → "category: <label>"). Measured on
-2 cores: base exact match 0.00, tuned 0.97 after 2 epochs (124 steps, ~50 s for the run). The thresholds below
+2 cores: base exact match 0.00, tuned 0.93–0.97 after 2 epochs (~122 steps, ~50 s for the run). The thresholds below
 (base ≤ 0.05, tuned ≥ 0.8) leave room for thread-count noise without letting a model that did not learn pass.
 """
 from __future__ import annotations
@@ -50,7 +50,9 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tunerun, tmp_path, t
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_exact_match" in r]
     base, final = evals[0], evals[-1]
-    assert base["base"] is True and base["step"] == 0 and final["step"] == 124
+    # two epochs of what cleaning kept (masked names make some tickets copies of others): about 124 steps
+    total = next(r["total_steps"] for r in rows if "total_steps" in r)
+    assert 110 <= total <= 130 and base["base"] is True and base["step"] == 0 and final["step"] == total
     print(f"\nexact match: base {base['eval_exact_match']:.3f} → tuned {final['eval_exact_match']:.3f}; "
           f"label accuracy {final['eval_label_accuracy']:.3f}; held-out loss {base['eval_loss']:.2f} → "
           f"{final['eval_loss']:.4f}; forgetting drop {final['forgetting_drop']:.3f}")
@@ -60,7 +62,7 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tunerun, tmp_path, t
     assert "forgetting_drop" in final and "general_rouge_l" in base
     base_record = json.loads((run / "eval" / "base.json").read_text())
     assert base_record["base"] and len(base_record["examples"]) >= 3
-    assert (run / "eval" / "step-000062.json").is_file() and (run / "eval" / "step-000124.json").is_file()
+    assert (run / "eval" / "step-000062.json").is_file() and (run / "eval" / f"step-{total:06d}.json").is_file()
 
     info = json.loads((run / "run.json").read_text())
     assert info["gates"]["passed"], info["gates"]

@@ -17,6 +17,7 @@ from tunerun.jobs import metrics as metric_names  # not `metrics`: EvalSpec has 
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # variables travel by name to Slurm jobs and Ray runtime envs
+HTTP_ADDRESS = re.compile(r"https?://[^\s/]+(/\S*)?")  # a server reached over HTTP (Ray jobs, MLflow)
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -641,7 +642,7 @@ class RayTargetSpec(Strict):
     @field_validator("address")
     @classmethod
     def _http(cls, v: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        if not HTTP_ADDRESS.fullmatch(v):
             raise ValueError(f"{v!r}: expected the Ray dashboard's HTTP address, e.g. http://head:8265 "
                              "(ray:// is Ray Client, not the Job Submission API)")
         return v
@@ -675,7 +676,7 @@ class MlflowSpec(Strict):
     @field_validator("tracking_uri")
     @classmethod
     def _http(cls, v: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+        if not HTTP_ADDRESS.fullmatch(v):
             raise ValueError(f"{v!r}: expected the tracking server's HTTP address, e.g. http://mlflow:5000 "
                              "(file: and databricks URIs are not supported: runs train on other machines)")
         if re.match(r"https?://[^/@]*@", v):

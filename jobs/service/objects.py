@@ -71,13 +71,13 @@ def fine_tuned_model(record: ServiceRecord) -> str:
 
 
 def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
-    events = records(run, "events.jsonl")
-    train = [m for m in records(run, "metrics.jsonl") if "loss" in m]
+    events, rows = records(run, "events.jsonl"), records(run, "metrics.jsonl")
+    train = [m for m in rows if "loss" in m]
     status = STATUS[info.state]
     if info.state == RunState.RUNNING and not any(e["event"] == "data_prepared" for e in events):
         status = "validating_files"  # the driver is reading, cleaning and checking the data
     last = train[-1] if train else {}
-    evaluated = [m for m in records(run, "metrics.jsonl") if "loss" not in m and not m.get("base")]
+    evaluated = [m for m in rows if "loss" not in m and not m.get("base")]
     return {
         "object": "fine_tuning.job",
         "id": record.job_id,

@@ -17,6 +17,12 @@ Sources, term by term:
   constants (QLoRA, `nf4_bytes`); PEFT keeps adapters in fp32 (``autocast_adapter_dtype``) and AdamW keeps two
   fp32 states per adapter parameter; ``prepare_model_for_kbit_training`` upcasts the embeddings, the LM head
   and the norms of a 4-bit model to fp32.
+* **QLoRA under ZeRO-3** (`sharded_qlora_states`): the packed 4-bit weights (stored in the compute dtype) and the
+  unquantised weights are partitioned over N_d like any ZeRO-3 parameter; the quantization constants are not
+  parameters and stay whole on every GPU; no fp32 upcast (``prepare_model_for_kbit_training`` is not used: it
+  would replace partitioned parameters with whole ones). The adapters are ordinary ZeRO-3 parameters in the
+  compute dtype: DeepSpeed's 18 bytes per parameter over N_d (16-bit weights, fp32 gradients, fp32 master weights
+  and Adam states), plus the largest module gathered whole while it computes.
 * **Activations** follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", §4.1: 34·sbh + 5·as²b bytes per GPT layer), re-derived tensor by tensor for Hugging Face Llama-style
   decoders (fp32 RMSNorm, SwiGLU MLP, grouped-query attention, SDPA/flash attention that keeps no s² scores)
@@ -182,6 +188,17 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     return numel // 2 + blocks + 4 * nested + 256 * 4 + 4 + 16 * 4
 
 
+def quantized_linear_numel(shape: ModelShape) -> int:
+    """Weights of all decoder linears: what bitsandbytes quantizes to 4 bits (their biases stay unquantised)."""
+    return sum(n_in * n_out for n_in, n_out, _ in shape.linears().values()) * shape.layers
+
+
+def unquantized_params(shape: ModelShape) -> int:
+    """Embeddings, the LM head, the norms and the linears' biases: what a 4-bit model keeps in floating point."""
+    biases = sum(n_out for _, n_out, bias in shape.linears().values() if bias) * shape.layers
+    return shape.embedding_params + shape.layers * shape.norm_params_per_layer + shape.hidden + biases
+
+
 def qlora_base_bytes(shape: ModelShape, double_quant: bool) -> int:
     """4-bit decoder linears; embeddings, LM head and norms upcast to fp32 by prepare_model_for_kbit_training."""
     quantized = sum(nf4_bytes(n_in * n_out, double_quant) + 4 * (n_out if bias else 0)
@@ -245,6 +262,37 @@ def full_states(psi: int, largest: int, dp: int, gpus_per_node: int, nodes: int,
                   largest * load_bytes * gpus_per_node * buffer)
 
 
+def sharded_qlora_states(shape: ModelShape, adapters: int, dp: int, gpus_per_node: int, nodes: int,
+                         double_quant: bool, compute_bytes: int, offload_optimizer: bool,
+                         offload_params: bool) -> States:
+    """QLoRA under ZeRO-3, per GPU (bytes): see the module docstring.
+
+    weights: packed 4-bit weights (numel/2 bytes) and unquantised weights (compute dtype) over N_d, the
+    quantization constants whole, 16-bit adapter partitions, and the largest module gathered whole (the
+    embedding or LM head in the compute dtype, or the largest packed linear). gradients: 4 bytes per adapter
+    parameter over N_d; optimizer: 12. With offload_params the partitions live in CPU memory (the gathered module
+    stays on the GPU); with offload_optimizer the gradients and optimizer states do. CPU memory per node:
+    what is offloaded, for each GPU of the node, times DeepSpeed's buffer factor; without offload, the largest
+    tensor loaded whole before it is quantized and partitioned (as for full ZeRO-3).
+    """
+    numel = quantized_linear_numel(shape)
+    packed = numel / 2
+    constants = sum(nf4_bytes(n_in * n_out, double_quant) - (n_in * n_out) // 2
+                    for n_in, n_out, _ in shape.linears().values()) * shape.layers
+    unquantized = compute_bytes * unquantized_params(shape)
+    largest_linear = max(n_in * n_out for n_in, n_out, _ in shape.linears().values()) / 2
+    gathered = max(compute_bytes * shape.vocab * shape.hidden, largest_linear)
+    partitioned = (packed + unquantized + compute_bytes * adapters) / dp
+    gpu_weights = constants + gathered + (0.0 if offload_params else partitioned)
+    grads, optimizer = 4 * adapters / dp, ADAM_K * adapters / dp
+    offloaded = (partitioned if offload_params else 0.0) + (grads + optimizer if offload_optimizer else 0.0)
+    if offload_optimizer:
+        grads, optimizer = 0.0, 0.0
+    cpu = offloaded * gpus_per_node * DS_CPU_BUFFER_FACTOR if offloaded else \
+        shape.largest_layer_params * compute_bytes * gpus_per_node * DS_CPU_BUFFER_FACTOR
+    return States(gpu_weights, grads, optimizer, cpu)
+
+
 def adapter_states(base_bytes: float, adapters: int, dp: int) -> States:
     """LoRA/QLoRA under DDP: frozen base + fp32 adapters, fp32 gradients (DDP keeps a bucket copy of them when
     there is more than one worker), and AdamW's two fp32 states (no master copy: the adapters are fp32)."""
@@ -265,11 +313,14 @@ class Activations:
 
 
 def activation_bytes(shape: ModelShape, seq: int, micro_batch: int, kind: str, stream_bytes: int,
-                     lora: "LoraSpec | None" = None, checkpointing: bool = False, mask_bytes: int = 1) -> Activations:
+                     lora: "LoraSpec | None" = None, checkpointing: bool = False, mask_bytes: int = 1,
+                     adapter_bytes: int = 4) -> Activations:
     """Activation memory of one micro-batch (bytes); ``kind`` is 'full' or 'adapters' (LoRA/QLoRA).
 
-    ``stream_bytes`` is the dtype of the hidden states: model.dtype for full and LoRA, fp32 for QLoRA (its
-    embeddings were upcast). ``mask_bytes`` is a dropout mask element: bool (1) on CUDA, the input dtype on CPU.
+    ``stream_bytes`` is the dtype of the hidden states: model.dtype for full and LoRA, fp32 for QLoRA under DDP
+    (its embeddings were upcast), the compute dtype for QLoRA under ZeRO-3. ``adapter_bytes``: fp32 adapters
+    (PEFT's default), or the compute dtype under ZeRO-3. ``mask_bytes`` is a dropout mask element: bool (1) on
+    CUDA, the input dtype on CPU.
     """
     s, b, h, p = seq, micro_batch, shape.hidden, stream_bytes
     sb = s * b
@@ -285,7 +336,7 @@ def activation_bytes(shape: ModelShape, seq: int, micro_batch: int, kind: str, s
         outside = (4 + p) * sb * h + p * sb * h  # final norm, LM head input
     else:
         norms = 2 * 4 * sb * h  # frozen norm weights: only the fp32 input is kept
-        per_layer = norms + attention + gated_mlp + _adapter_inputs(shape, sb, p, lora, mask_bytes)
+        per_layer = norms + attention + gated_mlp + _adapter_inputs(shape, sb, p, lora, mask_bytes, adapter_bytes)
         outside = 4 * sb * h
     logits_saved = 4 * sb * shape.vocab  # the fp32 log-softmax output of the loss
     # At the end of the forward pass the logits, their fp32 upcast and the log-softmax output coexist.
@@ -297,29 +348,31 @@ def activation_bytes(shape: ModelShape, seq: int, micro_batch: int, kind: str, s
     return Activations(shape.layers * per_layer + outside + logits_saved + mask, logits_peak)
 
 
-def _adapter_inputs(shape: ModelShape, sb: int, p: int, lora: "LoraSpec | None", mask_bytes: int) -> float:
-    """What one layer's adapters add: their inputs (in fp32) and the r-wide inputs of the B matrices."""
+def _adapter_inputs(shape: ModelShape, sb: int, p: int, lora: "LoraSpec | None", mask_bytes: int,
+                    a: int = 4) -> float:
+    """What one layer's adapters add: their inputs (in the adapter dtype, ``a`` bytes) and the r-wide inputs of
+    the B matrices."""
     if lora is None:
         return 0.0
     names = [name for name in (LINEAR_NAMES if lora.target_modules == "all-linear" else lora.target_modules)
              if name in LINEAR_NAMES]
     width = {name: shape.linears()[name][0] for name in names}
-    b_inputs = 4 * sb * lora.r * len(names)
+    b_inputs = a * sb * lora.r * len(names)
     if lora.dropout > 0:
-        # Each adapter keeps its own dropout output (fp32) and mask.
-        return sum((4 + mask_bytes) * sb * w for w in width.values()) + b_inputs
-    if p < 4:
-        # PEFT casts each adapter's input to the fp32 adapter dtype: one saved copy per adapter.
-        return sum(4 * sb * w for w in width.values()) + b_inputs
+        # Each adapter keeps its own dropout output and mask.
+        return sum((a + mask_bytes) * sb * w for w in width.values()) + b_inputs
+    if p != a:
+        # PEFT casts each adapter's input to the adapter dtype: one saved copy per adapter.
+        return sum(a * sb * w for w in width.values()) + b_inputs
     # Same dtype: adapters share the tensors the layer already has (q/k/v one input, gate/up another, o_proj
     # reads the SDPA output); only down_proj's input is new, since the frozen base does not keep it.
     shared = 0
     if {"q_proj", "k_proj", "v_proj"} & set(names):
-        shared += 4 * sb * shape.hidden
+        shared += p * sb * shape.hidden
     if {"gate_proj", "up_proj"} & set(names):
-        shared += 4 * sb * shape.hidden
+        shared += p * sb * shape.hidden
     if "down_proj" in names:
-        shared += 4 * sb * shape.intermediate
+        shared += p * sb * shape.intermediate
     return shared + b_inputs
 
 
@@ -369,11 +422,20 @@ ZERO_CHOICES = (
 )
 
 
+# QLoRA with its 4-bit base partitioned, after DDP QLoRA (whose steps need no gathering): no offload first.
+SHARDED_QLORA_CHOICES = (
+    ("QLoRA + ZeRO-3", False, False), ("QLoRA + ZeRO-3 + optimizer offload", True, False),
+    ("QLoRA + ZeRO-3 + optimizer & param offload", True, True),
+)
+
+
 def candidates(spec: "JobSpec", shape: ModelShape, hw: Hardware) -> list[Candidate]:
     """Every way to train this job's model on ``hw``, in the order `choose` prefers them."""
     out = [full_candidate(spec, shape, hw, stage, opt, par, name) for name, stage, opt, par in ZERO_CHOICES
            if hw.on_gpu or not (opt or par)]  # offloading to the RAM a CPU worker already uses gains nothing
     out += [adapter_candidate(spec, shape, hw, "lora"), adapter_candidate(spec, shape, hw, "qlora")]
+    out += [sharded_qlora_candidate(spec, shape, hw, opt, par, name) for name, opt, par in SHARDED_QLORA_CHOICES
+            if hw.on_gpu or not (opt or par)]
     for candidate in out:
         _judge(candidate, hw)
     return out
@@ -408,11 +470,27 @@ def adapter_candidate(spec, shape, hw, kind: str) -> Candidate:
     return _candidate(name, kind, None, states, acts, spec, hw)
 
 
-def _activations(spec, shape, hw, kind, stream, lora) -> tuple[Activations, Activations]:
+def sharded_qlora_candidate(spec, shape, hw, offload_optimizer: bool, offload_params: bool,
+                            name: str | None = None) -> Candidate:
+    from tunerun.jobs.spec import LoraSpec, QuantizationSpec
+
+    lora = spec.method.lora or LoraSpec()
+    quant = spec.method.quantization or QuantizationSpec()
+    compute = DTYPE_BYTES[quant.compute_dtype]
+    states = sharded_qlora_states(shape, lora_params(shape, lora), hw.gpus, hw.gpus_per_node, hw.nodes,
+                                  quant.double_quant, compute, offload_optimizer, offload_params)
+    acts = _activations(spec, shape, hw, "adapters", compute, lora, adapter_bytes=compute)
+    name = name or "QLoRA + ZeRO-3" + (" + optimizer" if offload_optimizer else "") + (
+        " + param" if offload_params else "") + (" offload" if offload_optimizer or offload_params else "")
+    zero = {"stage": 3, "offload_optimizer": offload_optimizer, "offload_params": offload_params}
+    return _candidate(name, "qlora", zero, states, acts, spec, hw)
+
+
+def _activations(spec, shape, hw, kind, stream, lora, adapter_bytes: int = 4) -> tuple[Activations, Activations]:
     mask = 1 if hw.on_gpu else 4  # CPU dropout keeps a float mask
     args = (shape, spec.data.max_seq_len, spec.training.micro_batch_size, kind, stream, lora)
-    return (activation_bytes(*args, checkpointing=False, mask_bytes=mask),
-            activation_bytes(*args, checkpointing=True, mask_bytes=mask))
+    return (activation_bytes(*args, checkpointing=False, mask_bytes=mask, adapter_bytes=adapter_bytes),
+            activation_bytes(*args, checkpointing=True, mask_bytes=mask, adapter_bytes=adapter_bytes))
 
 
 def _candidate(name, kind, zero, states: States, acts, spec, hw: Hardware) -> Candidate:
@@ -441,7 +519,7 @@ def _judge(candidate: Candidate, hw: Hardware) -> None:
 
 def choose(options: list[Candidate]) -> Candidate | None:
     """The cheapest candidate that fits with headroom: full ZeRO (lowest stage, no offload first), else LoRA,
-    else QLoRA. `candidates` already lists them in that order."""
+    else QLoRA under DDP, else QLoRA under ZeRO-3. `candidates` already lists them in that order."""
     return next((c for c in options if c.fits), None)
 
 
@@ -502,12 +580,35 @@ def estimate_for_spec(spec: "JobSpec", hw: Hardware | None = None) -> Candidate:
     if kind == "full":
         zero = spec.method.zero
         candidate = full_candidate(spec, shape, hw, zero.stage, zero.offload_optimizer, zero.offload_params)
+    elif spec.method.sharded_qlora:
+        zero = spec.method.zero
+        candidate = sharded_qlora_candidate(spec, shape, hw, zero.offload_optimizer, zero.offload_params)
     elif kind in ("lora", "qlora"):
         candidate = adapter_candidate(spec, shape, hw, kind)
     else:
         raise MemoryPlanError(f"method {kind!r} has no single estimate; resolve the job first")
     _judge(candidate, hw)
     return candidate
+
+
+def offload_ram_problem(spec: "JobSpec", node_ram: float | None) -> str | None:
+    """Why a node with ``node_ram`` bytes cannot hold what the (resolved) spec offloads to CPU memory; None when
+    it can, when nothing is offloaded, or when the model cannot be sized (the planner says why elsewhere)."""
+    zero = spec.method.zero
+    if zero is None or not (zero.offload_optimizer or zero.offload_params) or not node_ram:
+        return None
+    try:
+        candidate = estimate_for_spec(spec, hardware_for(spec, cpu_memory=node_ram))
+    except (MemoryPlanError, OSError, ValueError):
+        return None
+    usable = node_ram * (1 - HEADROOM)
+    if not candidate.cpu_per_node or candidate.cpu_per_node <= usable:
+        return None
+    offloaded = " and ".join(name for name, on in (("the parameters", zero.offload_params),
+                                                    ("the optimizer states", zero.offload_optimizer)) if on)
+    return (f"{candidate.name} puts {offloaded} in CPU memory: ~{gib(candidate.cpu_per_node)} of RAM per node, "
+            f"but a node has {gib(node_ram)} ({gib(usable)} less {HEADROOM:.0%} headroom). Turn offload off, "
+            "spread the job over more nodes, or run on nodes with more RAM (see `tunerun plan`)")
 
 
 def budget(hw: Hardware) -> str:

@@ -71,6 +71,7 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
         spec, choice = _choose_method(spec, problems)
     spec = _absolute_paths(spec, problems)
     _check_ner_setup(spec, problems)
+    _check_offload_ram(spec, problems)
     if run_id is not None and (problem := _run_id_problem(run_id)):
         problems.append(Problem("--run-id", problem))
     if problems:
@@ -119,7 +120,7 @@ def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str
         problems.append(Problem("method.kind", memory.explain_refusal(plan.candidates, hardware)))
         return spec, None
     update: dict = {"kind": chosen.kind}
-    if chosen.kind == "full":
+    if chosen.zero is not None:  # full ZeRO, or QLoRA under ZeRO-3
         update["zero"] = ZeroSpec(**chosen.zero)
     method = spec.method.model_copy(update=update)
     return spec.model_copy(update={"method": method}), memory.explain_choice(chosen, plan.candidates, hardware)
@@ -163,13 +164,23 @@ def _check_ner_setup(spec: JobSpec, problems: list[Problem]) -> None:
         problems.append(Problem("data.clean.ner", why))
 
 
+def _check_offload_ram(spec: JobSpec, problems: list[Problem]) -> None:
+    """Offloading to CPU memory the nodes do not have fails mid-run, after the model loaded: refuse it here when
+    the spec says what a node has (the run's driver checks again with the RAM of the node it runs on)."""
+    from tunerun.jobs.memory import GB, offload_ram_problem
+
+    if spec.resources.cpu_memory_gb and (problem := offload_ram_problem(spec, spec.resources.cpu_memory_gb * GB)):
+        problems.append(Problem("method.zero", problem))
+
+
 def _method_blocks(spec: JobSpec):
     """Keep only the settings blocks the chosen method uses, so the resolved job shows what applies."""
-    kind = spec.method.kind
-    return spec.method.model_copy(update={
-        "lora": spec.method.lora if kind in ("lora", "qlora") else None,
-        "quantization": spec.method.quantization if kind == "qlora" else None,
-        "zero": spec.method.zero if kind == "full" else None,
+    method = spec.method
+    kind = method.kind
+    return method.model_copy(update={
+        "lora": method.lora if kind in ("lora", "qlora") else None,
+        "quantization": method.quantization if kind == "qlora" else None,
+        "zero": method.zero if kind == "full" or method.sharded_qlora else None,
     })
 
 
@@ -229,11 +240,15 @@ def count_records(pattern: str) -> int | None:
 
 
 def deepspeed_config(spec: JobSpec) -> dict | None:
-    """The DeepSpeed JSON for `full` runs, generated from the spec (users never write it by hand)."""
-    if spec.method.kind != "full":
+    """The DeepSpeed JSON for `full` runs and QLoRA under ZeRO-3, generated from the spec (users never write it
+    by hand)."""
+    method = spec.method
+    if method.kind != "full" and not method.sharded_qlora:
         return None
-    zero = spec.method.zero
+    zero = method.zero
     training = spec.training
+    # QLoRA computes in the quantization's compute dtype: DeepSpeed's mixed precision follows it.
+    dtype = method.quantization.compute_dtype if method.sharded_qlora else spec.model.dtype
     optimization: dict = {
         "stage": zero.stage,
         "overlap_comm": True,
@@ -243,7 +258,11 @@ def deepspeed_config(spec: JobSpec) -> dict | None:
         optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_worker > 0}
     if zero.offload_params:
         optimization["offload_param"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_worker > 0}
-    if zero.stage == 3:
+    if method.sharded_qlora:
+        threshold = _qlora_persistence_threshold(spec)
+        if threshold is not None:
+            optimization["stage3_param_persistence_threshold"] = threshold
+    elif zero.stage == 3:
         # Lets rank 0 write a consolidated 16-bit state dict for export without zero_to_fp32.
         optimization["stage3_gather_16bit_weights_on_model_save"] = True
     return {
@@ -252,8 +271,8 @@ def deepspeed_config(spec: JobSpec) -> dict | None:
         "gradient_accumulation_steps": spec.grad_accumulation,
         "gradient_clipping": training.max_grad_norm,
         "zero_optimization": optimization,
-        "bf16": {"enabled": spec.model.dtype == "bfloat16"},
-        "fp16": {"enabled": spec.model.dtype == "float16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": training.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
@@ -262,3 +281,16 @@ def deepspeed_config(spec: JobSpec) -> dict | None:
         "steps_per_print": 10**9,  # tunerun reports progress itself
         "wall_clock_breakdown": False,
     }
+
+
+def _qlora_persistence_threshold(spec: JobSpec) -> int | None:
+    """Below this many elements a ZeRO-3 parameter stays whole on every rank. Hugging Face's "auto" value is
+    10 × hidden_size (norms and biases stay whole, every matrix is partitioned); a packed 4-bit weight holds four
+    weights per 16-bit element, so QLoRA uses a quarter of it. None (DeepSpeed's default) for a model whose
+    config.json is not on this machine."""
+    config = Path(spec.model.path) / "config.json"
+    try:
+        hidden = json.loads(config.read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError):
+        return None
+    return 10 * hidden // 4 if isinstance(hidden, int) and hidden > 0 else None

@@ -109,6 +109,12 @@ class QuantizationSpec(Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Dtype = "bfloat16"
+    # The tensor dtype the packed 4-bit weights live in (bitsandbytes' bnb_4bit_quant_storage). Left out: uint8
+    # under DDP; the compute dtype under ZeRO-3, which partitions them like every other parameter of that dtype.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+
+    def storage_dtype(self, sharded: bool) -> str:
+        return self.quant_storage or (self.compute_dtype if sharded else "uint8")
 
 
 class ZeroSpec(Strict):
@@ -133,7 +139,7 @@ class MethodSpec(Strict):
     @model_validator(mode="after")
     def _settings_fit_kind(self):
         # Defaults for every block are always present; only blocks the user *wrote* must fit the kind.
-        belongs = {"lora": {"lora", "qlora"}, "quantization": {"qlora"}, "zero": {"full"}}
+        belongs = {"lora": {"lora", "qlora"}, "quantization": {"qlora"}, "zero": {"full", "qlora"}}
         if self.kind == "auto":
             return self
         for block, kinds in belongs.items():
@@ -145,7 +151,28 @@ class MethodSpec(Strict):
                     f"applies to kind {allowed}, not '{self.kind}': "
                     f"remove method.{block} or set method.kind: {sorted(kinds)[0]}",
                 )
+        if self.sharded_qlora:
+            _check_sharded_qlora(self.zero, self.quantization or QuantizationSpec())
         return self
+
+    @property
+    def sharded_qlora(self) -> bool:
+        """QLoRA with a ``zero`` block the user wrote (or `auto` chose): the 4-bit base partitioned by ZeRO-3.
+        (Every spec carries a default ``zero`` block; only a written one applies to qlora.)"""
+        return self.kind == "qlora" and "zero" in self.model_fields_set and self.zero is not None
+
+
+def _check_sharded_qlora(zero: ZeroSpec, quant: QuantizationSpec) -> None:
+    if zero.stage != 3:
+        raise field_error("zero.stage", f"QLoRA runs under ZeRO stage 3 only (got {zero.stage}): stages 1 and 2 "
+                          "partition optimizer states and gradients, which for adapters are already small, and "
+                          "leave the whole 4-bit base on every GPU. Set zero.stage: 3 to partition the base, "
+                          "or remove method.zero to train QLoRA under DDP")
+    if quant.quant_storage not in (None, quant.compute_dtype):
+        raise field_error("quantization.quant_storage", f"under ZeRO-3 the packed 4-bit weights must be stored in the "
+                          f"compute dtype ({quant.compute_dtype}), not {quant.quant_storage}: DeepSpeed partitions "
+                          "and gathers them as parameters of the model's one dtype. Set quant_storage: "
+                          f"{quant.compute_dtype} or leave it out")
 
 
 PII_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")

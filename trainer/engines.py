@@ -1,7 +1,7 @@
 """Engines step a model: one optimizer step from a list of micro-batches, evaluation, state save/restore.
 
 `DDPEngine` serves LoRA and QLoRA (adapters replicated, gradients all-reduced); `DeepSpeedEngine` serves full
-fine-tuning under ZeRO; `EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop
+fine-tuning under ZeRO and QLoRA under ZeRO-3 (the frozen 4-bit base partitioned, adapters trained); `EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop
 and evaluation only see the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs.
 
 Training state is written with safetensors / ``torch.save`` of plain tensors and read back with
@@ -190,9 +190,11 @@ class DDPEngine(_Optimizing):
 
 
 class DeepSpeedEngine(_Optimizing):
-    """All weights trained under DeepSpeed ZeRO (stage 1, 2 or 3) with the config the planner generated."""
+    """A model trained under DeepSpeed ZeRO (stage 1, 2 or 3) with the config the planner generated: every weight
+    (full fine-tuning), or only the adapters on a frozen base (``exclude_frozen``: QLoRA under ZeRO-3, whose
+    checkpoints leave the base out — it is reloaded from model.path, never changed)."""
 
-    def __init__(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int):
+    def __init__(self, model: torch.nn.Module, job: ResolvedJob, total_steps: int, exclude_frozen: bool = False):
         import deepspeed
 
         config = json.loads(json.dumps(job.deepspeed))
@@ -211,6 +213,7 @@ class DeepSpeedEngine(_Optimizing):
         self.device = self.engine.device
         self.zero_stage = config["zero_optimization"]["stage"]
         self.collective_forward = self.zero_stage == 3  # each layer's parameters are gathered from every rank
+        self.exclude_frozen = exclude_frozen
 
     def train_step(self, micro_batches: list[dict]) -> float:
         # DeepSpeed scales the loss by its gradient_accumulation_steps and only updates at the boundary.
@@ -228,13 +231,44 @@ class DeepSpeedEngine(_Optimizing):
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its own shards (collective)."""
-        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        if not self.exclude_frozen:
+            self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+            return
+        # DeepSpeed leaves out frozen *parameters*; a 4-bit layer also puts its quantization constants (absmax,
+        # code books: ~1 GB for a 70B model) into the module's state. Neither is needed to resume: both are
+        # rebuilt from model.path. Only the trained parameters stay in the module state each rank writes.
+        trained = {name for name, p in self.module.named_parameters() if p.requires_grad}
+
+        def trained_only(module, state, prefix, local_metadata):
+            for key in [k for k in state if k not in trained]:
+                del state[key]
+
+        hook = self.module.register_state_dict_post_hook(trained_only)
+        try:
+            self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        finally:
+            hook.remove()
 
     def load_state(self, folder: Path) -> None:
         self.engine.checkpoint_engine.load = load_deepspeed_file  # not DeepSpeed's free unpickling
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        # Without the frozen base in the checkpoint, the module's state holds only the trained parameters.
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG,
+                                              load_module_strict=not self.exclude_frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+
+    def trainable_fp32_state_dict(self) -> dict:
+        """The trained parameters whole, from the optimizer's fp32 master weights, on rank 0 (collective: each
+        rank holds a partition of every one)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                value = safe_get_full_fp32_param(param)
+                if self.rank == 0:
+                    out[name] = value.detach().cpu().contiguous()
+        return out
 
     def full_state_dict(self) -> dict:
         """The whole model's weights on rank 0 (collective for ZeRO-3, where each rank holds a partition)."""

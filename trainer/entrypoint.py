@@ -93,6 +93,7 @@ def run_job(run: RunFolder, job: ResolvedJob) -> None:
     update_info(run, state=RunState.RUNNING, started_at=time.time(), versions=versions(), host=platform.node())
     run.event("run_started", pid=os.getpid())
     check_resume_world_size(run, job)
+    check_offload_ram(job)
     # Workers fetch the model on their own node; the driver needs it only for the tokenizer.
     prepare(run, localize_data(localize_model(job)))
     fit(run, job)
@@ -110,14 +111,24 @@ def _open_tracking(job: ResolvedJob, run: RunFolder):
 def check_resume_world_size(run: RunFolder, job: ResolvedJob) -> None:
     """ZeRO shards fit only the world size that wrote them; LoRA/QLoRA state is replicated and fits any."""
     from tunerun.trainer.checkpoint import saved_world_size
-    from tunerun.trainer.methods import get_method
+    from tunerun.trainer.methods import method_for
 
     saved = saved_world_size(run)
     workers = job.spec.resources.num_workers
-    if get_method(job.spec.method.kind).SHARDED_STATE and saved and saved != workers:
+    if method_for(job.spec.method).SHARDED_STATE and saved and saved != workers:
         raise TargetError(f"run {run.run_id}: its newest checkpoint holds ZeRO shards of {saved} workers, this "
                           f"launch has {workers}; resume with resources giving {saved} workers "
                           f"(nodes × workers_per_node)")
+
+
+def check_offload_ram(job: ResolvedJob) -> None:
+    """What ZeRO offloads must fit this node's RAM (resources.cpu_memory_gb, else what the node has): refused
+    here, before a model loads, rather than met as an out-of-memory kill mid-run."""
+    from tunerun.jobs.memory import GB, machine_ram, offload_ram_problem
+
+    declared = job.spec.resources.cpu_memory_gb
+    if problem := offload_ram_problem(job.spec, declared * GB if declared else machine_ram()):
+        raise TargetError(f"method.zero: {problem}")
 
 
 def prepare(run: RunFolder, job: ResolvedJob) -> None:

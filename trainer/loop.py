@@ -25,7 +25,7 @@ from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.batches import BatchSchedule
 from tunerun.trainer.data.pack import collate, load_examples
 from tunerun.trainer.inputs import localize_model
-from tunerun.trainer.methods import get_method
+from tunerun.trainer.methods import method_for
 from tunerun.trainer.preemption import STOPPED, StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
 from tunerun.trainer.tracking import open_worker_trackers
@@ -50,7 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
                              spec.training.seed)
     total_steps = spec.training.max_steps or schedule.steps_per_epoch * spec.training.epochs
 
-    method = get_method(spec.method.kind)
+    method = method_for(spec.method)
     load_started = time.time()
     model = method.load_model(job)
     model_loaded = time.time()
@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ── memory: the measured peak beside the planner's estimate (memory.json) ───────────────────────────
     from tunerun.trainer.memory_probe import write_memory_report
 
-    write_memory_report(run, job, rank)
+    write_memory_report(run, job, rank, engine.module)
 
 
 def _evaluate(engine, method, eval_set, tokenizer, rank, job, run, log, step: int, phase: str) -> dict:

@@ -27,20 +27,41 @@ def measured_kind() -> str:
     return "cuda_max_allocated" if torch.cuda.is_available() and torch.cuda.is_initialized() else "peak_rss"
 
 
-def write_memory_report(run, job, rank: int) -> None:
-    """Collective: every rank contributes its peak; rank 0 writes ``memory.json``."""
-    peaks = [peak_memory_bytes()]
+def write_memory_report(run, job, rank: int, model: torch.nn.Module) -> None:
+    """Collective: every rank contributes its peak and what it holds of ``model``; rank 0 writes ``memory.json``."""
+    mine = (peak_memory_bytes(), zero3_partitions(model))
+    every = [mine]
     if dist.is_initialized():
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, peaks[0])
-        peaks = gathered
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
     if rank != 0:
         return
-    run.write_json("memory.json", {
+    report = {
         "measured": measured_kind(),
-        "measured_peak_bytes_per_worker": peaks,
+        "measured_peak_bytes_per_worker": [peak for peak, _ in every],
         "estimate": _estimate(job),
-    })
+    }
+    if any(partitions for _, partitions in every):
+        report["zero3_partitions_per_worker"] = [partitions for _, partitions in every]
+    run.write_json("memory.json", report)
+
+
+def zero3_partitions(model: torch.nn.Module) -> dict | None:
+    """What this rank holds of each ZeRO-3 parameter: its partition (``ds_tensor``) over the whole parameter
+    (``ds_numel``), for the packed 4-bit weights and for the other parameters; ``persistent`` counts those
+    below DeepSpeed's persistence threshold, which stay gathered whole on every rank between steps. 1/N of each
+    when ZeRO-3 really partitioned the model; None for a model ZeRO-3 does not manage."""
+    groups: dict[str, list] = {}
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor") and param.ds_numel:
+            group = "weights_4bit" if type(param).__name__ == "Params4bit" else "other"
+            groups.setdefault(group, []).append((param.ds_tensor.numel() / param.ds_numel,
+                                                 bool(getattr(param, "ds_persist", False))))
+    if not groups:
+        return None
+    return {group: {"count": len(entries), "share_min": min(s for s, _ in entries),
+                    "share_max": max(s for s, _ in entries), "persistent": sum(p for _, p in entries)}
+            for group, entries in groups.items()}
 
 
 def _estimate(job) -> dict:

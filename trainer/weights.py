@@ -36,9 +36,9 @@ def run_local_path(run, name: str, scratch: Path | None = None) -> Path:
 def find_weights(run, job, checkpoint: int | None, scratch: Path | None = None) -> RunWeights:
     """The checkpoint at step ``checkpoint`` (must be complete), else the final weights, else the newest
     complete checkpoint. Raises StorageError naming what exists when there is nothing usable."""
-    from tunerun.trainer.methods import get_method
+    from tunerun.trainer.methods import method_for
 
-    method = get_method(job.spec.method.kind)
+    method = method_for(job.spec.method)
     full = not method.ADAPTER
     if checkpoint is not None:
         name = ckpt.checkpoint_dir_name(checkpoint)

@@ -343,12 +343,13 @@ def test_auto_falls_back_to_lora_then_qlora_and_keeps_the_adapter_settings(tmp_p
 
 def test_auto_refuses_a_job_that_fits_nowhere_with_the_numbers(tmp_path):
     path = write_job(tmp_path, LLAMA3_8B, "method: {kind: auto}\n"
-                     + GPUS.format(gb=8).replace("cpu_memory_gb: 1000", "cpu_memory_gb: 32"))
+                     + GPUS.format(gb=2).replace("cpu_memory_gb: 1000", "cpu_memory_gb: 32"))
     with pytest.raises(SpecError) as caught:
         resolve_file(path)
     (problem,) = caught.value.problems
     assert problem.path == "method.kind"
     assert "no method fits" in problem.message and "QLoRA (4-bit) needs" in problem.message
+    assert "QLoRA + ZeRO-3 needs" in problem.message
     assert re.search(r"\d+\.\d GiB per GPU", problem.message)
 
 
@@ -418,3 +419,103 @@ def test_plan_without_a_readable_config_still_plans(tunerun, tmp_path):
     result = tunerun("plan", "job.yaml", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "model_type" in json.loads(result.stdout)["memory"]["error"]
+
+
+# ── QLoRA under ZeRO-3 ───────────────────────────────────────────────────────────────────────────────────────
+
+LLAMA3_70B = dict(model_type="llama", vocab_size=128256, hidden_size=8192, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672, tie_word_embeddings=False)
+ZERO3_QLORA = "method:\n  kind: qlora\n  zero: {stage: 3}\ntraining: {micro_batch_size: 1, global_batch_size: 8, " \
+              "gradient_checkpointing: true}\n"
+
+
+def test_sharded_qlora_70b_on_8_gpus_of_24gb_matches_a_hand_accounting(tmp_path):
+    """Llama-3-70B, 8 × 24 GB, micro-batch 1 × 2048 tokens, checkpointing, LoRA r 16 on every linear (dropout
+    0.05), NF4 with double quantization, bf16 compute: every term counted here by hand from the model's shape."""
+    job = resolve_file(write_job(tmp_path, LLAMA3_70B, ZERO3_QLORA + GPUS.format(gb=24).split("training")[0]))
+    shape = memory.ModelShape.load(job.spec.model.path)
+    hw = memory.hardware_for(job.spec)
+    plan = {c.name: c for c in memory.candidates(job.spec, shape, hw)}
+    mine = memory.estimate_for_spec(job.spec, hw)
+    assert mine.name == "QLoRA + ZeRO-3" and mine.to_json() == plan["QLoRA + ZeRO-3"].to_json()
+
+    n, layers, h, kv, inter, vocab, r, s = 8, 80, 8192, 1024, 28672, 128256, 16, 2048
+    matrices = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, inter), "up": (h, inter),
+                "down": (inter, h)}
+    weights_4bit = layers * sum(a * b for a, b in matrices.values())
+    assert weights_4bit == 68_451_041_280  # the quantized share of Llama-3-70B's 70.6 B parameters
+    packed = weights_4bit / 2  # two 4-bit weights per byte, stored in bf16 elements and partitioned
+    # per matrix: one 8-bit absmax per 64 weights, those quantized again in blocks of 256 (fp32 absmax each),
+    # the 256-entry fp32 nested code book + its offset, and the 16-entry fp32 NF4 code book; all kept whole
+    constants = layers * sum(a * b // 64 + 4 * -(-(a * b // 64) // 256) + 1024 + 4 + 64 for a, b in matrices.values())
+    unquantized = 2 * vocab * h + layers * 2 * h + h  # embeddings, LM head, the norms: bf16, partitioned
+    adapters = layers * sum(r * (a + b) for a, b in matrices.values())
+    assert adapters == 207_093_760
+    lm_head_gathered = 2 * vocab * h  # the largest module, whole while it computes
+    weights = constants + lm_head_gathered + (packed + 2 * unquantized + 2 * adapters) / n
+    assert mine.weights == pytest.approx(weights, rel=1e-12)
+    assert mine.gradients == pytest.approx(4 * adapters / n) and mine.optimizer == pytest.approx(12 * adapters / n)
+
+    # activations, checkpointed: each layer's bf16 input, the final norm's fp32 input, the fp32 log-softmax, the
+    # bf16 4-D mask; at the peak the logits with their fp32 copy, and one layer recomputed in the backward pass
+    sb = s * 1
+    saved = layers * 2 * sb * h + 4 * sb * h + 4 * sb * vocab + 2 * s * s
+    one_layer = (2 * 4 * sb * h  # the two RMSNorms' fp32 inputs
+                 + 2 * sb * (2 * h + 2 * kv) + 4 * 64 * s  # q, k, v, the SDPA output; its log-sum-exp
+                 + 3 * 2 * sb * inter  # SiLU input and output, the up projection
+                 + (2 + 1) * sb * (6 * h + inter)  # each adapter's dropout output (bf16) and bool mask
+                 + 2 * sb * r * 7)  # the r-wide inputs of the seven B matrices
+    assert mine.activations == pytest.approx(saved + sb * vocab * (2 + 4) + one_layer, rel=1e-12)
+
+    total = weights + 16 * adapters / n + mine.activations
+    assert mine.total == pytest.approx(total) and 13.5 * GiB < total < 14.5 * GiB and mine.fits
+    # DDP QLoRA holds the whole 4-bit base on each GPU: ~44 GB, more than the card
+    assert plan["QLoRA (4-bit)"].weights > 40e9 and not plan["QLoRA (4-bit)"].fits
+
+
+def test_auto_picks_sharded_qlora_when_ddp_qlora_does_not_fit(tmp_path):
+    job = resolve_file(write_job(tmp_path, LLAMA3_70B, "method: {kind: auto}\n" + GPUS.format(gb=24)))
+    method = job.spec.method
+    assert method.kind == "qlora" and method.sharded_qlora and method.zero.stage == 3
+    assert not (method.zero.offload_params or method.zero.offload_optimizer)
+    assert job.method_choice.startswith("auto chose QLoRA + ZeRO-3") and "QLoRA (4-bit) needs" in job.method_choice
+    assert job.deepspeed["zero_optimization"]["stage"] == 3 and job.deepspeed["bf16"]["enabled"]
+    # with 80 GB cards DDP QLoRA fits: it is preferred (no gathering in every step)
+    roomy = resolve_file(write_job(tmp_path, LLAMA3_70B, "method: {kind: auto}\n" + GPUS.format(gb=80)),
+                         "training.gradient_checkpointing=true")
+    assert roomy.spec.method.kind == "qlora" and not roomy.spec.method.sharded_qlora and roomy.deepspeed is None
+
+
+@pytest.mark.parametrize("zero,storage", [(None, None), ("{stage: 3}", None), ("{}", "float16")])
+def test_sharded_qlora_is_what_the_spec_says_and_survives_the_round_trip(tmp_path, zero, storage):
+    import yaml
+
+    from tunerun.jobs.plan import ResolvedJob
+
+    quant = "float16" if storage else "bfloat16"
+    text = (f"method:\n  kind: qlora\n  quantization: {{compute_dtype: {quant}"
+            + (f", quant_storage: {storage}" if storage else "") + "}\n" + (f"  zero: {zero}\n" if zero else ""))
+    job = resolve_file(write_job(tmp_path, LLAMA3_8B, text))
+    again = ResolvedJob.model_validate(yaml.safe_load(yaml.safe_dump(job.model_dump(mode="json"))))
+    assert again == job and again.spec.method.sharded_qlora == (zero is not None)
+    if zero is None:  # QLoRA without a zero block stays DDP, as before
+        assert job.spec.method.zero is None and job.deepspeed is None
+        return
+    ds = job.deepspeed
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] == (quant == "bfloat16")
+    assert ds["fp16"]["enabled"] == (quant == "float16")
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 4096 // 4
+    assert job.spec.method.quantization.storage_dtype(sharded=True) == quant
+
+
+def test_offload_beyond_the_nodes_ram_is_refused_before_training(tmp_path):
+    job = write_job(tmp_path, LLAMA3_70B, ZERO3_QLORA.replace("{stage: 3}", "{stage: 3, offload_params: true, "
+                    "offload_optimizer: true}") + GPUS.format(gb=24).split("training")[0].replace("1000", "64"))
+    with pytest.raises(SpecError) as caught:
+        resolve_file(job)
+    (problem,) = caught.value.problems
+    assert problem.path == "method.zero"
+    assert "puts the parameters and the optimizer states in CPU memory" in problem.message
+    assert re.search(r"~[\d.]+ GiB of RAM per node, but a node has 59.6 GiB", problem.message)
+    assert "Turn offload off" in problem.message
+    assert resolve_file(job, "resources.cpu_memory_gb=1000").spec.method.zero.offload_params  # with the RAM: fine

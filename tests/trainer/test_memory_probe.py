@@ -25,6 +25,7 @@ PEAK = textwrap.dedent("""
 
 REPORT = textwrap.dedent("""
     import sys
+    import torch
     from tunerun.cluster.storage import RunFolder
     from tunerun.jobs.plan import resolve
     from tunerun.jobs.spec import JobSpec
@@ -34,7 +35,7 @@ REPORT = textwrap.dedent("""
     spec = JobSpec.model_validate({"model": {"path": model}, "data": {"train": data}, "method": {"kind": "lora"},
                                    "storage": {"uri": runs}})
     job = resolve(spec, run_id="demo-1")
-    write_memory_report(RunFolder(job.spec.storage, job.run_id), job, rank=0)
+    write_memory_report(RunFolder(job.spec.storage, job.run_id), job, rank=0, model=torch.nn.Linear(2, 2))
 """)
 
 

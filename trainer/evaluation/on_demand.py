@@ -12,7 +12,7 @@ def evaluate_run(run, job, checkpoint: int | None) -> dict:
     from tunerun.trainer.data.pack import load_examples
     from tunerun.trainer.engines import EvalOnlyEngine, worker_device
     from tunerun.trainer.evaluation.records import build_record, judge
-    from tunerun.trainer.methods import get_method
+    from tunerun.trainer.methods import method_for
     from tunerun.trainer.tokenizer import load_tokenizer
     from tunerun.trainer.weights import find_weights, run_local_path
 
@@ -24,7 +24,7 @@ def evaluate_run(run, job, checkpoint: int | None) -> dict:
                         "data.eval_fraction > 0 in the job and rerun to evaluate")
     weights = find_weights(run, job, checkpoint)
     tokenizer = load_tokenizer(job)
-    engine = EvalOnlyEngine(get_method(job.spec.method.kind).load_trained(job, weights), worker_device())
+    engine = EvalOnlyEngine(method_for(job.spec.method).load_trained(job, weights), worker_device())
     record = build_record(engine, tokenizer, eval_set, job, step=weights.step, phase="on-demand", general=True,
                           loss_batch_size=LOSS_BATCH, always_generate=True)
     record["source"] = weights.name

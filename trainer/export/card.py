@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunerun.jobs.metrics import format_value
-from tunerun.trainer.methods import get_method
+from tunerun.trainer.methods import method_for
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
@@ -21,7 +21,7 @@ def model_card(run, job, weights: RunWeights, merged: bool, gguf: dict | None = 
     """The README.md of an export; ``gguf`` ({file, quant, check}) makes it the card of a GGUF export."""
     spec = job.spec
     kind = spec.method.kind
-    method = get_method(kind)
+    method = method_for(spec.method)
     library = "gguf" if gguf else "transformers" if merged else "peft"
     converted = f", converted to GGUF ({gguf['quant']}) for llama.cpp and Ollama," if gguf else ""
     lines = ["---", f"base_model: {json.dumps(spec.model.path)}", f"library_name: {library}",

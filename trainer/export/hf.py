@@ -112,9 +112,9 @@ def staged(target: Path):
 def write_merged_model(job, weights: RunWeights, out: Path) -> None:
     """The whole trained model as safetensors shards: adapters merged into the unquantised base, or a full run's
     consolidated weights (the method decides, `Method.merged_model`)."""
-    from tunerun.trainer.methods import get_method
+    from tunerun.trainer.methods import method_for
 
-    model = get_method(job.spec.method.kind).merged_model(job, weights)
+    model = method_for(job.spec.method).merged_model(job, weights)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
 
 

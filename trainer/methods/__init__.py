@@ -1,4 +1,5 @@
-"""Training methods, one module each (`full`, `lora`, `qlora`), looked up in one registry: `get_method(kind)`.
+"""Training methods, one module each (`full`, `lora`, `qlora`, `qlora_zero3`), looked up in one registry:
+`method_for(job.spec.method)`, or `get_method(kind)` for a kind's own module.
 
 Each module is a `Method`: it answers every question that differs between methods, so the train loop,
 evaluation and export ask the method instead of comparing ``job.spec.method.kind`` with a name.
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from tunerun.jobs.plan import ResolvedJob
+    from tunerun.jobs.spec import MethodSpec
     from tunerun.trainer.engines import Engine
     from tunerun.trainer.weights import RunWeights
 
@@ -55,3 +57,10 @@ def get_method(kind: str) -> Method:
     if kind not in METHODS:
         raise ValueError(f"unknown method {kind!r}")
     return import_module(f"tunerun.trainer.methods.{kind}")
+
+
+def method_for(method: MethodSpec) -> Method:
+    """The module that trains a resolved job's ``spec.method``: QLoRA with a zero block runs under ZeRO-3."""
+    if method.sharded_qlora:
+        return import_module("tunerun.trainer.methods.qlora_zero3")
+    return get_method(method.kind)

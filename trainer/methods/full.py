@@ -29,12 +29,17 @@ _live_ds_config: list[HfDeepSpeedConfig] = []
 
 
 def load_model(job: ResolvedJob) -> torch.nn.Module:
+    live_deepspeed_config(job)
+    return load_base(job)
+
+
+def live_deepspeed_config(job: ResolvedJob) -> None:
+    """Before ``from_pretrained``: DeepSpeed joins the process group and transformers sees the job's config."""
     import deepspeed
 
     # Adopts the process group Ray Train already set up; DeepSpeed's batch arithmetic needs its world size.
     deepspeed.init_distributed()
     _live_ds_config[:] = [HfDeepSpeedConfig(job.deepspeed)]
-    return load_base(job)
 
 
 def make_engine(model: torch.nn.Module, job: ResolvedJob, total_steps: int) -> DeepSpeedEngine:

@@ -4,12 +4,9 @@ replicated with DDP — the same engine, export and adapter files as LoRA.
 ``prepare_model_for_kbit_training`` (PEFT) freezes the base, casts its non-quantised weights (norms, embeddings)
 to float32 and enables gradient checkpointing when ``training.gradient_checkpointing`` is on.
 
-QLoRA runs under DDP only: the spec accepts ``method.zero`` for kind full alone, and the resolved job of a
-qlora run has no DeepSpeed config. (QLoRA under ZeRO-3 does train on CPU — with ``bnb_4bit_quant_storage``
-equal to the compute dtype and ``HfDeepSpeedConfig`` live before ``from_pretrained`` — but this module sets
-neither, so its 4-bit weights could not be partitioned.)
-
-The method also owns the one bitsandbytes trap evaluation meets, `keep_4bit_training_layout`.
+This is QLoRA without a ``method.zero`` block; with one, `tunerun.trainer.methods.qlora_zero3` partitions the
+4-bit base across the workers instead. Both load through `quantization_config`, and both guard against the one
+bitsandbytes trap evaluation meets, `keep_4bit_training_layout`.
 """
 from __future__ import annotations
 
@@ -27,27 +24,36 @@ from tunerun.trainer.methods.lora import FINAL_DIR, SHARDED_STATE, add_adapters,
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
 
-__all__ = ["NAME", "ADAPTER", "FINAL_DIR", "SHARDED_STATE", "load_model", "make_engine", "before_eval", "export", "load_trained",
-           "merged_model", "keep_4bit_training_layout"]
+__all__ = ["NAME", "ADAPTER", "FINAL_DIR", "SHARDED_STATE", "load_model", "make_engine", "before_eval", "export",
+           "load_trained", "merged_model", "quantization_config", "keep_4bit_training_layout"]
 
 NAME = "QLoRA"
 ADAPTER = True
 
 
-def load_model(job: ResolvedJob) -> torch.nn.Module:
-    spec = job.spec
-    quant = spec.method.quantization
-    compute_dtype = torch_dtype(quant.compute_dtype)
-    config = BitsAndBytesConfig(
+def quantization_config(job: ResolvedJob, sharded: bool) -> BitsAndBytesConfig:
+    """bitsandbytes' 4-bit settings from ``method.quantization``; ``sharded`` (ZeRO-3) stores the packed weights
+    in the compute dtype unless the spec says otherwise (the spec refuses any other storage under ZeRO-3)."""
+    quant = job.spec.method.quantization
+    return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=_storage_dtype(quant.storage_dtype(sharded)),
     )
+
+
+def _storage_dtype(name: str) -> torch.dtype:
+    return torch.uint8 if name == "uint8" else torch_dtype(name)
+
+
+def load_model(job: ResolvedJob) -> torch.nn.Module:
+    spec = job.spec
     base = AutoModelForCausalLM.from_pretrained(
         spec.model.path,
-        quantization_config=config,
-        dtype=compute_dtype,
+        quantization_config=quantization_config(job, sharded=False),
+        dtype=torch_dtype(spec.method.quantization.compute_dtype),
         device_map={"": worker_device()},
         trust_remote_code=spec.model.trust_remote_code,
     )

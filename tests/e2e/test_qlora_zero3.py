@@ -1,0 +1,179 @@
+"""QLoRA under DeepSpeed ZeRO-3, end to end as a user runs it: `tunerun run` on an embedded Ray with 2 CPU workers
+(gloo, DS_ACCELERATOR=cpu), the tiny Llama loaded 4-bit through `from_pretrained` with its packed weights
+partitioned across the workers.
+
+One run serves every test here (module fixture): it is killed after a checkpoint, resumed with `--resume`, and
+then evaluated, exported (adapter, merged, GGUF) and refused a resume on another worker count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from processes import session_pids
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+JOB = ["method={kind: qlora, zero: {stage: 3}}", f"training.max_steps={STEPS}", "checkpoint.every_steps=4",
+       "checkpoint.keep_last=10", "eval.every_steps=12", "eval.max_examples=16", "eval.max_new_tokens=12"]
+
+
+@dataclass
+class ShardedRun:
+    folder: Path
+    storage: Path
+    cwd: Path
+    killed_losses: dict[int, float]  # what the killed launch logged, step → loss
+    resume: subprocess.CompletedProcess
+
+    def rows(self, name: str = "metrics.jsonl") -> list[dict]:
+        return [json.loads(line) for line in (self.folder / name).read_text().splitlines()]
+
+
+def _sets(tiny_model_dir: Path, storage: Path, *extra: str) -> list[str]:
+    sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
+            f"storage.uri={storage}", *JOB, *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_model_dir, tunerun) -> ShardedRun:
+    cwd = tmp_path_factory.mktemp("zero3-qlora")
+    storage, folder = cwd / "runs", cwd / "runs" / "z3"
+    process = subprocess.Popen([sys.executable, "-m", "tunerun.jobs.cli", "run", str(QUICKSTART),
+                                *_sets(tiny_model_dir, storage), "--run-id", "z3"], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    # killed after its first checkpoint and a step or two beyond it, as a lost node would be
+    while not ((folder / "checkpoints/step-000004/manifest.json").exists() and _logged_steps(folder) >= 6):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    for pid in session_pids(json.loads((folder / "run.json").read_text())["local"]["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    killed = {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").open()) if "loss" in r}
+    assert max(killed) < STEPS, "the run finished before it was killed"
+    resume = tunerun("run", str(QUICKSTART), *_sets(tiny_model_dir, storage), "--resume", "z3", cwd=cwd,
+                     timeout=900)
+    return ShardedRun(folder, storage, cwd, killed, resume)
+
+
+def _logged_steps(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()] if path.exists() else []
+    return max(steps, default=0)
+
+
+def test_killed_run_resumes_where_its_checkpoint_left_it(sharded):
+    log = (sharded.folder / "logs" / "driver.log").read_text()
+    assert sharded.resume.returncode == 0, sharded.resume.stdout + sharded.resume.stderr + log[-4000:]
+    assert json.loads((sharded.folder / "run.json").read_text())["state"] == "succeeded"
+    resumed = [e for e in sharded.rows("events.jsonl") if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["world_size"] == 2
+    start = resumed[0]["step"]
+    assert start >= 4 and start % 4 == 0 and start < max(sharded.killed_losses)
+    rows = [r for r in sharded.rows() if "loss" in r]
+    relaunched = {r["step"]: r["loss"] for r in rows[len(sharded.killed_losses):]}
+    assert sorted(relaunched) == list(range(start + 1, STEPS + 1))  # the step count continues from the checkpoint
+    # optimizer, scheduler, RNG and data position restored: the steps both launches ran give the same loss
+    again = [step for step in relaunched if step in sharded.killed_losses]
+    assert again
+    for step in again:
+        assert relaunched[step] == pytest.approx(sharded.killed_losses[step], rel=1e-3, abs=1e-4), step
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    evals = [r for r in sharded.rows() if "eval_loss" in r]
+    assert evals[0]["base"] and evals[-1]["step"] == STEPS and evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
+    assert (sharded.folder / "eval" / f"step-{STEPS:06d}.json").is_file()
+
+
+def test_every_worker_holds_half_of_each_4bit_weight(sharded):
+    """ZeRO-3 really partitioned the 4-bit base: on both ranks each packed weight's own partition is half its
+    storage, and none stays gathered whole; the measured peak sits beside the planner's estimate."""
+    memory = json.loads((sharded.folder / "memory.json").read_text())
+    partitions = memory["zero3_partitions_per_worker"]
+    assert len(partitions) == 2
+    for rank in partitions:
+        packed = rank["weights_4bit"]
+        assert packed["count"] == 14  # 7 linears × 2 layers
+        assert packed["share_min"] == packed["share_max"] == 0.5 and packed["persistent"] == 0
+        assert rank["other"]["share_max"] == 0.5  # embeddings, norms and the adapters too
+    assert memory["estimate"]["name"] == "QLoRA + ZeRO-3" and memory["estimate"]["zero"]["stage"] == 3
+    assert len(memory["measured_peak_bytes_per_worker"]) == 2
+
+
+def test_checkpoints_hold_the_adapters_and_their_optimizer_not_the_base(sharded):
+    from tunerun.trainer.checkpoint import verify
+    from tunerun.trainer.engines import load_deepspeed_file
+
+    folder = sharded.folder / "checkpoints" / f"step-{STEPS:06d}"
+    assert verify(folder) is None
+    shards = sorted(p.name for p in (folder / "deepspeed").iterdir())
+    assert sum(name.endswith("optim_states.pt") for name in shards) == 2  # one optimizer partition per rank
+    for states in (folder / "deepspeed").glob("*model_states.pt"):
+        module = load_deepspeed_file(states, map_location="cpu")["module"]
+        assert module and all(".lora_" in key for key in module), sorted(module)[:5]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 2_000_000
+
+
+def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharded, tunerun, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    storage = ["--storage", str(sharded.storage)]
+    again = tunerun("eval", "z3", *storage, cwd=sharded.cwd, timeout=900)
+    assert again.returncode == 0, again.stderr
+    on_demand = json.loads((sharded.folder / "eval" / "on-demand" / "final.json").read_text())["metrics"]
+    final = [r for r in sharded.rows() if "eval_loss" in r][-1]
+    assert on_demand["loss"] == pytest.approx(final["eval_loss"], rel=0.02)
+
+    adapter = sharded.folder / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    merged = tunerun("export", "z3", "--merge", "--to", str(sharded.cwd / "merged"), *storage, cwd=sharded.cwd,
+                     timeout=900)
+    assert merged.returncode == 0, merged.stderr
+    model = AutoModelForCausalLM.from_pretrained(sharded.cwd / "merged")
+    assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    with_adapter = PeftModel.from_pretrained(base, adapter)
+    prompts = [_prompt(json.loads(line)) for line in (sharded.folder / "data" / "eval.jsonl").open()][:16]
+    changed = 0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            want = with_adapter.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+            got = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+            plain = with_adapter.get_base_model()
+            with with_adapter.disable_adapter():
+                untrained = plain.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert got.tolist() == want.tolist()
+        changed += got.tolist() != untrained.tolist()
+    assert changed >= len(prompts) // 2  # the adapter changes what the model says
+
+    gguf = tunerun("export", "z3", "--format", "gguf", "--quant", "f16", *storage, cwd=sharded.cwd, timeout=900)
+    assert gguf.returncode == 0, gguf.stdout + gguf.stderr
+    check = json.loads((sharded.folder / "eval" / "exports" / "final-gguf-f16.json").read_text())
+    assert check["prompts"] >= 16 and check["same_tokens"] == check["prompts"]
+
+
+def test_resume_on_another_worker_count_is_refused(sharded, tunerun, tiny_model_dir):
+    smaller = tunerun("run", str(QUICKSTART), *_sets(tiny_model_dir, sharded.storage, f"training.max_steps={STEPS + 4}",
+                      "resources.workers_per_node=1"), "--resume", "z3", cwd=sharded.cwd, timeout=300)
+    assert smaller.returncode == 2, smaller.stdout + smaller.stderr
+    assert "ZeRO shards of 2 workers" in smaller.stderr and "this launch has 1" in smaller.stderr
+    assert "Traceback" not in smaller.stderr
+
+
+def _prompt(example: dict) -> list[int]:
+    return example["input_ids"][:next(i for i, label in enumerate(example["labels"]) if label != -100)]

@@ -156,6 +156,13 @@ class MethodSpec(Strict):
         return self
 
     @property
+    def label(self) -> str:
+        """What the CLI calls the method: the kind, and ZeRO's stage where DeepSpeed runs it."""
+        if self.kind == "full" and self.zero is not None:
+            return f"full · ZeRO-{self.zero.stage}"
+        return "qlora · ZeRO-3" if self.sharded_qlora else self.kind
+
+    @property
     def sharded_qlora(self) -> bool:
         """QLoRA with a ``zero`` block the user wrote (or `auto` chose): the 4-bit base partitioned by ZeRO-3.
         (Every spec carries a default ``zero`` block; only a written one applies to qlora.)"""

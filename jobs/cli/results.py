@@ -52,7 +52,7 @@ def eval_command(run_id, checkpoint, storage):
     run = open_run(run_id, storage)
     job = load_run_job(run)
     checkpoint = checkpoint_step(run, job, checkpoint)
-    console.print(f"eval   {run_id} · {job.spec.method.kind} · loading weights…")
+    console.print(f"eval   {run_id} · {job.spec.method.label} · loading weights…")
     record = evaluate_run(run, job, checkpoint)
     base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
     console.print(metrics_table(record, base))

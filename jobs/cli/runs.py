@@ -38,7 +38,7 @@ def run(job_file, overrides, storage, run_id, resume_id):
 
     job = load_resolved(job_file, overrides, storage, resume_id or run_id)
     check_tracking(job, job_file)
-    console.print(f"run    {job.run_id} · {job.spec.method.kind} · {job.spec.resources.num_workers} workers · "
+    console.print(f"run    {job.run_id} · {job.spec.method.label} · {job.spec.resources.num_workers} workers · "
                   f"local Ray · {job.spec.storage.uri}" + (" · resuming" if resume_id else ""))
     launch = [str(Path(job_file).absolute()), *overrides]
     run_folder, process = local.start(job, resume=bool(resume_id), launch=launch)

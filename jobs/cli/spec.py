@@ -29,7 +29,7 @@ def validate(job_file, overrides, storage):
             err_console.print(f"warning storage.uri: {job.spec.storage.uri} needs {' and '.join(missing)} in the "
                               "environment that submits the job (or AWS_PROFILE); credentials never go into the spec")
     steps = job.steps.total_steps_estimate
-    console.print(f"{job_file}: OK · {job.spec.method.kind} · {job.steps.world_size} workers"
+    console.print(f"{job_file}: OK · {job.spec.method.label} · {job.steps.world_size} workers"
                   + (f" · ~{steps} steps" if steps else ""))
     if job.method_choice:
         console.print(job.method_choice)
@@ -68,7 +68,7 @@ def plan(job_file, overrides, storage, as_json, gpu_memory, gpus, cpu_memory):
         return
     s = job.steps
     console.print(f"run     {job.run_id} → {job.run_uri}")
-    console.print(f"method  {job.spec.method.kind} · model {job.spec.model.path} ({job.spec.model.dtype})")
+    console.print(f"method  {job.spec.method.label} · model {job.spec.model.path} ({job.spec.model.dtype})")
     if job.method_choice:
         console.print(f"choice  {job.method_choice}")
     console.print(f"batch   {s.world_size} workers × {s.micro_batch_size} micro-batch × {s.grad_accumulation} "

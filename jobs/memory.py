@@ -271,9 +271,9 @@ def sharded_qlora_states(shape: ModelShape, adapters: int, dp: int, gpus_per_nod
     quantization constants whole, 16-bit adapter partitions, and the largest module gathered whole (the
     embedding or LM head in the compute dtype, or the largest packed linear). gradients: 4 bytes per adapter
     parameter over N_d; optimizer: 12. With offload_params the partitions live in CPU memory (the gathered module
-    stays on the GPU); with offload_optimizer the gradients and optimizer states do. CPU memory per node:
-    what is offloaded, for each GPU of the node, times DeepSpeed's buffer factor; without offload, the largest
-    tensor loaded whole before it is quantized and partitioned (as for full ZeRO-3).
+    stays on the GPU); with offload_optimizer the gradients and optimizer states do. CPU memory per node, for each
+    GPU of the node times DeepSpeed's buffer factor: what is offloaded, or while the model loads the largest
+    tensor whole before it is quantized and partitioned (as for full ZeRO-3), whichever is more.
     """
     numel = quantized_linear_numel(shape)
     packed = numel / 2
@@ -288,9 +288,8 @@ def sharded_qlora_states(shape: ModelShape, adapters: int, dp: int, gpus_per_nod
     offloaded = (partitioned if offload_params else 0.0) + (grads + optimizer if offload_optimizer else 0.0)
     if offload_optimizer:
         grads, optimizer = 0.0, 0.0
-    cpu = offloaded * gpus_per_node * DS_CPU_BUFFER_FACTOR if offloaded else \
-        shape.largest_layer_params * compute_bytes * gpus_per_node * DS_CPU_BUFFER_FACTOR
-    return States(gpu_weights, grads, optimizer, cpu)
+    loading = shape.largest_layer_params * compute_bytes
+    return States(gpu_weights, grads, optimizer, max(offloaded, loading) * gpus_per_node * DS_CPU_BUFFER_FACTOR)
 
 
 def adapter_states(base_bytes: float, adapters: int, dp: int) -> States:

@@ -1,8 +1,9 @@
 """Engines step a model: one optimizer step from a list of micro-batches, evaluation, state save/restore.
 
 `DDPEngine` serves LoRA and QLoRA (adapters replicated, gradients all-reduced); `DeepSpeedEngine` serves full
-fine-tuning under ZeRO and QLoRA under ZeRO-3 (the frozen 4-bit base partitioned, adapters trained); `EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop
-and evaluation only see the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs.
+fine-tuning under ZeRO and QLoRA under ZeRO-3 (the frozen 4-bit base partitioned, adapters trained);
+`EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop and evaluation only see
+the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs.
 
 Training state is written with safetensors / ``torch.save`` of plain tensors and read back with
 ``weights_only=True``: nothing from a run folder is unpickled freely. The names of the files an engine writes

@@ -24,8 +24,10 @@ QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
 STEPS = 24
-JOB = ["method={kind: qlora, zero: {stage: 3}}", f"training.max_steps={STEPS}", "checkpoint.every_steps=4",
-       "checkpoint.keep_last=10", "eval.every_steps=12", "eval.max_examples=16", "eval.max_new_tokens=12"]
+# gradient checkpointing on, as a 70B job runs it (jobs/examples/qlora-70b-zero3.yaml)
+JOB = ["method={kind: qlora, zero: {stage: 3}}", f"training.max_steps={STEPS}", "training.gradient_checkpointing=true",
+       "checkpoint.every_steps=4", "checkpoint.keep_last=10", "eval.every_steps=12", "eval.max_examples=16",
+       "eval.max_new_tokens=12"]
 
 
 @dataclass

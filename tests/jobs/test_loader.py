@@ -243,10 +243,18 @@ def test_batch_arithmetic_without_any_written_parent_has_no_line():
     assert problem.line is None
 
 
-def test_zero_block_with_qlora_is_reported_at_method_zero():
-    problems = problems_of(MINIMAL + "method:\n  kind: qlora\n  zero:\n    stage: 3\n")
-    assert problems == [Problem("method.zero", "applies to kind full, not 'qlora': "
+def test_zero_block_with_lora_is_reported_at_method_zero():
+    problems = problems_of(MINIMAL + "method:\n  kind: lora\n  zero:\n    stage: 3\n")
+    assert problems == [Problem("method.zero", "applies to kind full or qlora, not 'lora': "
                                                "remove method.zero or set method.kind: full", 6)]
+
+
+def test_zero_stage_2_with_qlora_is_reported_at_its_line():
+    problems = problems_of(MINIMAL + "method:\n  kind: qlora\n  zero:\n    stage: 2\n")
+    problem = only(problems, "method.zero.stage")
+    assert problem.line == 7 and "QLoRA runs under ZeRO stage 3 only (got 2)" in problem.message
+    assert load_job_text(spec_text(MINIMAL + "method:\n  kind: qlora\n  zero:\n    stage: 3\n"), "job.yaml",
+                         ()).method.sharded_qlora
 
 
 def test_keep_best_needs_an_eval_at_every_checkpoint():

@@ -519,3 +519,20 @@ def test_offload_beyond_the_nodes_ram_is_refused_before_training(tmp_path):
     assert re.search(r"~[\d.]+ GiB of RAM per node, but a node has 59.6 GiB", problem.message)
     assert "Turn offload off" in problem.message
     assert resolve_file(job, "resources.cpu_memory_gb=1000").spec.method.zero.offload_params  # with the RAM: fine
+
+
+def test_the_driver_checks_offload_against_its_own_nodes_ram(tmp_path, monkeypatch):
+    """Without resources.cpu_memory_gb the submitter cannot know a node's RAM; the run's driver checks it against
+    the node it runs on, before any model loads."""
+    from tunerun.jobs.errors import TargetError
+    from tunerun.trainer import entrypoint
+
+    job = resolve_file(write_job(tmp_path, LLAMA3_70B, ZERO3_QLORA.replace("{stage: 3}", "{stage: 3, "
+                       "offload_params: true}") + GPUS.format(gb=24).split("training")[0].replace(
+                       "  cpu_memory_gb: 1000\n", "")))
+    monkeypatch.setattr(memory, "machine_ram", lambda: 48 * 2**30)
+    with pytest.raises(TargetError, match=r"method.zero: QLoRA \+ ZeRO-3 \+ param offload puts the parameters in "
+                                          r"CPU memory: ~[\d.]+ GiB of RAM per node, but a node has 48.0 GiB"):
+        entrypoint.check_offload_ram(job)
+    monkeypatch.setattr(memory, "machine_ram", lambda: 2**40)
+    entrypoint.check_offload_ram(job)  # a node with 1 TiB holds it

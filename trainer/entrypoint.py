@@ -109,7 +109,8 @@ def _open_tracking(job: ResolvedJob, run: RunFolder):
 
 
 def check_resume_world_size(run: RunFolder, job: ResolvedJob) -> None:
-    """ZeRO shards fit only the world size that wrote them; LoRA/QLoRA state is replicated and fits any."""
+    """ZeRO shards (full, QLoRA + ZeRO-3) fit only the world size that wrote them; DDP LoRA/QLoRA state is
+    replicated and fits any."""
     from tunerun.trainer.checkpoint import saved_world_size
     from tunerun.trainer.methods import method_for
 

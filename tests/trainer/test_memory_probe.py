@@ -65,3 +65,17 @@ def test_report_holds_every_rank_and_the_estimate_for_the_jobs_method(tiny_model
     assert len(report["measured_peak_bytes_per_worker"]) == 1 and report["measured_peak_bytes_per_worker"][0] > 0
     estimate = report["estimate"]
     assert estimate["kind"] == "lora" and estimate["name"] == "LoRA" and estimate["total"] > estimate["weights"] > 0
+    assert "zero3_partitions_per_worker" not in report  # a model ZeRO-3 does not manage has no partitions to show
+
+
+def test_zero3_partitions_counts_each_parameters_own_share():
+    import torch
+
+    from tunerun.trainer.memory_probe import zero3_partitions
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert zero3_partitions(model) is None
+    for param, (held, persist) in zip(model.parameters(), [(8, False), (2, True), (8, False), (2, False)]):
+        param.ds_tensor, param.ds_numel, param.ds_persist = torch.empty(held), param.numel(), persist
+    other = zero3_partitions(model)["other"]
+    assert other == {"count": 4, "share_min": 0.5, "share_max": 1.0, "persistent": 1}

@@ -201,10 +201,8 @@ def unquantized_params(shape: ModelShape) -> int:
 
 def qlora_base_bytes(shape: ModelShape, double_quant: bool) -> int:
     """4-bit decoder linears; embeddings, LM head and norms upcast to fp32 by prepare_model_for_kbit_training."""
-    quantized = sum(nf4_bytes(n_in * n_out, double_quant) + 4 * (n_out if bias else 0)
-                    for n_in, n_out, bias in shape.linears().values()) * shape.layers
-    unquantized = shape.embedding_params + shape.layers * shape.norm_params_per_layer + shape.hidden
-    return quantized + 4 * unquantized
+    quantized = sum(nf4_bytes(n_in * n_out, double_quant) for n_in, n_out, _ in shape.linears().values())
+    return quantized * shape.layers + 4 * unquantized_params(shape)
 
 
 # ── model states: the ZeRO paper and what DeepSpeed's runtime holds ─────────────────────────────────────────
@@ -445,8 +443,7 @@ def full_candidate(spec, shape, hw, stage, offload_optimizer, offload_params, na
     states = full_states(shape.total_params, shape.largest_layer_params, hw.gpus, hw.gpus_per_node, hw.nodes,
                          stage, offload_optimizer, offload_params, weight_bytes, load_bytes=weight_bytes)
     acts = _activations(spec, shape, hw, "full", weight_bytes, None)
-    name = name or f"ZeRO-{stage}" + (" + optimizer" if offload_optimizer else "") + (
-        " + param" if offload_params else "") + (" offload" if offload_optimizer or offload_params else "")
+    name = name or offload_name(f"ZeRO-{stage}", offload_optimizer, offload_params)
     zero = {"stage": stage, "offload_optimizer": offload_optimizer, "offload_params": offload_params}
     return _candidate(name, "full", zero, states, acts, spec, hw)
 
@@ -479,10 +476,15 @@ def sharded_qlora_candidate(spec, shape, hw, offload_optimizer: bool, offload_pa
     states = sharded_qlora_states(shape, lora_params(shape, lora), hw.gpus, hw.gpus_per_node, hw.nodes,
                                   quant.double_quant, compute, offload_optimizer, offload_params)
     acts = _activations(spec, shape, hw, "adapters", compute, lora, adapter_bytes=compute)
-    name = name or "QLoRA + ZeRO-3" + (" + optimizer" if offload_optimizer else "") + (
-        " + param" if offload_params else "") + (" offload" if offload_optimizer or offload_params else "")
+    name = name or offload_name("QLoRA + ZeRO-3", offload_optimizer, offload_params)
     zero = {"stage": 3, "offload_optimizer": offload_optimizer, "offload_params": offload_params}
     return _candidate(name, "qlora", zero, states, acts, spec, hw)
+
+
+def offload_name(base: str, offload_optimizer: bool, offload_params: bool) -> str:
+    """A ZeRO candidate's name as the choice tables spell it: 'ZeRO-3 + optimizer & param offload'."""
+    offloaded = " & ".join(what for what, on in (("optimizer", offload_optimizer), ("param", offload_params)) if on)
+    return f"{base} + {offloaded} offload" if offloaded else base
 
 
 def _activations(spec, shape, hw, kind, stream, lora, adapter_bytes: int = 4) -> tuple[Activations, Activations]:

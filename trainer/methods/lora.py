@@ -95,10 +95,11 @@ def load_adapter(peft_model: torch.nn.Module, weights: RunWeights) -> None:
         load_trainable(peft_model, weights.folder)
 
 
-def merge_into_base(job: ResolvedJob, weights: RunWeights, dtype: torch.dtype) -> torch.nn.Module:
-    """The adapter folded into the base reloaded from ``model.path`` in ``dtype``."""
+def merge_into_base(job: ResolvedJob, weights: RunWeights, dtype: torch.dtype, load=None) -> torch.nn.Module:
+    """The adapter folded into the base reloaded from ``model.path`` in ``dtype``; ``load(peft_model, weights)``
+    puts the adapter in (default `load_adapter`)."""
     spec = job.spec.model
     base = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     model = add_adapters(base, job)
-    load_adapter(model, weights)
+    (load or load_adapter)(model, weights)
     return model.merge_and_unload()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
 
 __all__ = ["NAME", "ADAPTER", "FINAL_DIR", "SHARDED_STATE", "load_model", "make_engine", "before_eval", "export",
-           "load_trained", "merged_model", "quantization_config", "keep_4bit_training_layout"]
+           "load_trained", "merged_model", "quantization_config", "load_4bit_base", "keep_4bit_training_layout"]
 
 NAME = "QLoRA"
 ADAPTER = True
@@ -48,16 +48,23 @@ def _storage_dtype(name: str) -> torch.dtype:
     return torch.uint8 if name == "uint8" else torch_dtype(name)
 
 
-def load_model(job: ResolvedJob) -> torch.nn.Module:
+def load_4bit_base(job: ResolvedJob, sharded: bool, device_map: dict | None) -> torch.nn.Module:
+    """``model.path`` quantized to 4 bits in the compute dtype, without a KV cache (``device_map`` None: ZeRO-3's
+    zero.Init places each partition)."""
     spec = job.spec
     base = AutoModelForCausalLM.from_pretrained(
         spec.model.path,
-        quantization_config=quantization_config(job, sharded=False),
+        quantization_config=quantization_config(job, sharded),
         dtype=torch_dtype(spec.method.quantization.compute_dtype),
-        device_map={"": worker_device()},
+        device_map=device_map,
         trust_remote_code=spec.model.trust_remote_code,
     )
-    no_kv_cache(base)
+    return no_kv_cache(base)
+
+
+def load_model(job: ResolvedJob) -> torch.nn.Module:
+    spec = job.spec
+    base = load_4bit_base(job, sharded=False, device_map={"": worker_device()})
     base = prepare_model_for_kbit_training(
         base,
         use_gradient_checkpointing=spec.training.gradient_checkpointing,

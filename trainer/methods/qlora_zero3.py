@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DeepSpeedEngine, torch_dtype, worker_device
@@ -46,14 +45,8 @@ SHARDED_STATE = True  # DeepSpeed partitions of the adapters and of their optimi
 def load_model(job: ResolvedJob) -> torch.nn.Module:
     full.live_deepspeed_config(job)
     spec = job.spec
-    base = AutoModelForCausalLM.from_pretrained(
-        spec.model.path,
-        quantization_config=qlora.quantization_config(job, sharded=True),
-        dtype=_compute_dtype(job),
-        trust_remote_code=spec.model.trust_remote_code,
-    )  # no device_map: zero.Init places each partition on this worker's device
+    base = qlora.load_4bit_base(job, sharded=True, device_map=None)  # zero.Init places each partition
     base.requires_grad_(False)
-    lora.no_kv_cache(base)
     if spec.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_4bit_training_layout(base)
@@ -78,26 +71,14 @@ def export(engine: DeepSpeedEngine, out_dir: Path, tokenizer) -> Path:
 def load_trained(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
     """In one process, without DeepSpeed: the same 4-bit quantization of the base (the storage dtype only changes
     how the packed bytes are viewed), the adapter in the compute dtype it trained in."""
-    spec = job.spec
-    base = AutoModelForCausalLM.from_pretrained(
-        spec.model.path,
-        quantization_config=qlora.quantization_config(job, sharded=True),
-        dtype=_compute_dtype(job),
-        device_map={"": worker_device()},
-        trust_remote_code=spec.model.trust_remote_code,
-    )
-    lora.no_kv_cache(base)
-    model = lora.add_adapters(base, job)
+    model = lora.add_adapters(qlora.load_4bit_base(job, sharded=True, device_map={"": worker_device()}), job)
     load_adapter(model, weights)
     return _adapters_in_compute_dtype(model, job)
 
 
 def merged_model(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
     # Into the base reloaded unquantised, never into the 4-bit weights: see qlora.merged_model.
-    model = lora.add_adapters(AutoModelForCausalLM.from_pretrained(
-        job.spec.model.path, dtype=_compute_dtype(job), trust_remote_code=job.spec.model.trust_remote_code), job)
-    load_adapter(model, weights)
-    return model.merge_and_unload()
+    return lora.merge_into_base(job, weights, _compute_dtype(job), load=load_adapter)
 
 
 def load_adapter(peft_model: torch.nn.Module, weights: RunWeights) -> None:

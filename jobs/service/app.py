@@ -16,7 +16,6 @@ import logging
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -35,9 +34,10 @@ from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found
-from tunerun.jobs.service.files import FileStore
-from tunerun.jobs.service.fine_tuning import JobRequest, JobService, Scheduler
+from tunerun.jobs.service.files import FileStore, Validator
+from tunerun.jobs.service.fine_tuning import JobRequest, JobService
 from tunerun.jobs.service.keys import KeyStore
+from tunerun.jobs.service.scheduler import Scheduler
 from tunerun.jobs.service.sessions import CSRF_HEADER, SESSION_COOKIE, Session, SessionSigner
 
 COPY_CHUNK = 1 << 20
@@ -57,29 +57,12 @@ class Service:
         self.jobs = JobService(served, self.files)
         self.sessions = SessionSigner(storage, served.config.sessions.hours * 3600)
         self.scheduler = Scheduler(self.jobs)
-        self.validation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerun-validate")
-
-    def validate_later(self, project: str, file_id: str, local: Path) -> None:
-        def run():
-            try:
-                self.files.validate(project, file_id, local)
-            finally:
-                shutil.rmtree(local.parent, ignore_errors=True)
-
-        self.validation.submit(run)
+        self.validator = Validator(self.files)
 
     def session_of(self, request: Request) -> Session | None:
         """The dashboard session of a request: a valid cookie whose key is still unrevoked."""
         session = self.sessions.read(request.cookies.get(SESSION_COOKIE))
         return session if session is not None and self.keys.active(session.key_id) is not None else None
-
-    def revalidate_unfinished(self) -> None:
-        """Uploads whose validation a stopped server never finished are read again (from storage)."""
-        for project in self.files.projects():
-            for found in self.files.list(project):
-                if found.status == "uploaded":
-                    local = Path(tempfile.mkdtemp(prefix="tunerun-upload-")) / "data.jsonl"
-                    self.validate_later(project, found.id, self.files.fetch(project, found.id, local))
 
 
 def create_app(served: Served) -> FastAPI:
@@ -87,11 +70,11 @@ def create_app(served: Served) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        threading.Thread(target=service.revalidate_unfinished, daemon=True).start()
+        threading.Thread(target=service.validator.revalidate_unfinished, daemon=True).start()
         service.scheduler.start()
         yield
         service.scheduler.stop()
-        service.validation.shutdown(wait=False, cancel_futures=True)
+        service.validator.shutdown()
 
     app = FastAPI(title="tunerun", version=TUNERUN_VERSION, lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning on your own hardware")
@@ -152,7 +135,7 @@ def _file_routes(app: FastAPI, service: Service, project_of) -> None:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        service.validate_later(project, found.id, local)
+        service.validator.later(project, found.id, local)
         return found.public() | {"bytes": size}
 
     @app.get("/v1/files")

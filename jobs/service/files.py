@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +113,34 @@ class FileStore:
         names = [n for n in self.backend.children(f"{ROOT}/{project}") if n.endswith(".json")]
         found = [self.get(project, n.removesuffix(".json")) for n in names]
         return sorted(found, key=lambda f: f.created_at, reverse=True)
+
+
+class Validator:
+    """Validates uploads one at a time in the background, from a local copy it removes when done."""
+
+    def __init__(self, files: FileStore):
+        self.files = files
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerun-validate")
+
+    def later(self, project: str, file_id: str, local: Path) -> None:
+        def run():
+            try:
+                self.files.validate(project, file_id, local)
+            finally:
+                shutil.rmtree(local.parent, ignore_errors=True)
+
+        self.pool.submit(run)
+
+    def revalidate_unfinished(self) -> None:
+        """Uploads whose validation a stopped server never finished are read again (from storage)."""
+        for project in self.files.projects():
+            for found in self.files.list(project):
+                if found.status == "uploaded":
+                    local = Path(tempfile.mkdtemp(prefix="tunerun-upload-")) / "data.jsonl"
+                    self.later(project, found.id, self.files.fetch(project, found.id, local))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def check_upload(filename: str, purpose: str, upload: Path) -> None:

@@ -5,7 +5,7 @@ The run folder holds everything (job.yaml, run.json, events, metrics, checkpoint
 written once, before the run exists, so every run with a run.json that belongs to the service has one. The
 server keeps nothing else: a restarted server, or a second one on the same storage, sees every job.
 
-With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`Scheduler` starts them as slots
+With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler` starts them as slots
 free, detached, so they keep training while the server is down); other targets are given the job at once and
 queue it in the cluster's own scheduler.
 """
@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
-import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -270,50 +267,3 @@ class JobService:
             create_run(job, "local", resume=True, state=RunState.QUEUED)
         else:
             targets.get(self.config.target).submit(job, resume=True)
-
-
-class Scheduler:
-    """Local target: starts queued jobs, oldest first, while fewer than ``max_concurrent_runs`` run.
-
-    The drivers run detached (their own session, as `tunerun submit --target local` starts them): a server that
-    stops leaves them training, and the next one counts them as running from their run folders.
-    """
-
-    def __init__(self, jobs: JobService, poll_s: float = 1.0):
-        self.jobs, self.poll_s = jobs, poll_s
-        self._started: list[subprocess.Popen] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tunerun-scheduler", daemon=True)
-
-    def start(self) -> None:
-        if self.jobs.config.target == "local":
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.tick()
-            except TunerunError:
-                continue  # storage briefly unreachable: try again on the next tick
-
-    def tick(self) -> None:
-        from tunerun.cluster import local
-
-        self._started = [p for p in self._started if p.poll() is None]  # reap finished drivers
-        runs = [RunFolder(self.jobs.config.storage, run_id) for run_id in self.jobs.store.run_ids()
-                if JOB_ID.fullmatch(run_id)]
-        states = {run.run_id: local.LocalTarget().status(run).state for run in runs}
-        active = sum(1 for state in states.values() if state in (RunState.PENDING, RunState.RUNNING))
-        queued = sorted((run for run in runs if states[run.run_id] == RunState.QUEUED),
-                        key=lambda run: read_info(run).updated_at or 0)
-        for run in queued[:max(0, self.jobs.config.max_concurrent_runs - active)]:
-            # Two servers on one storage see the same queue: the one whose claim on this launch lands starts it.
-            if not run.claim(f"control/launch-{read_info(run).updated_at!r}", {"host": socket.gethostname(),
-                                                                              "pid": os.getpid()}):
-                continue
-            job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
-            _, process = local.start(job)
-            self._started.append(process)

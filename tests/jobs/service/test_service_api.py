@@ -177,7 +177,7 @@ def test_unknown_model_is_404_listing_the_catalog(app, keys):
 def test_a_job_on_a_file_still_being_validated_or_failed_is_400(app, keys, tmp_path):
     acme = client(app, keys["acme"])
     busy = threading.Event()
-    app.state.service.validation.submit(busy.wait)  # the validator is still on an earlier upload
+    app.state.service.validator.pool.submit(busy.wait)  # the validator is still on an earlier upload
     try:
         pending = acme.files.create(file=TICKETS.open("rb"), purpose="fine-tune")
         with pytest.raises(openai.BadRequestError) as refused:

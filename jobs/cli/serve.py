@@ -10,6 +10,8 @@ FastAPI and uvicorn load inside the commands: the rest of the CLI stays as quick
 """
 from __future__ import annotations
 
+import os
+
 import click
 from rich.table import Table
 
@@ -39,6 +41,7 @@ def serve(ctx, config_file, host, port):
 
     served = load_server_config(config_file)
     host, port = host or served.config.host, port or served.config.port
+    os.umask(0o077)  # tenants' data, keys and the drivers' run folders: private on a shared login node
     console.print(f"serve  {len(served.config.models)} models · target {served.config.target} · "
                   f"{served.config.storage.uri} · http://{host}:{port}/v1 (API docs: /docs)")
     uvicorn.run(create_app(served), host=host, port=port, log_level="info")

@@ -13,6 +13,7 @@ endpoints, so it shows what the `openai` client sees.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -21,29 +22,30 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunerun.cluster.runs import read_info
+from tunerun.cluster.space import is_disk_full
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.plan import TUNERUN_VERSION
 from tunerun.jobs import compare
 from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
-from tunerun.jobs.service.errors import ApiError, bad_request, not_found
+from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
 from tunerun.jobs.service.files import FileStore, Validator
 from tunerun.jobs.service.fine_tuning import JobRequest, JobService
 from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.scheduler import Scheduler
-from tunerun.jobs.service.sessions import CSRF_HEADER, SESSION_COOKIE, Session, SessionSigner
+from tunerun.jobs.service.gate import RequestGate, error_response, project_of
+from tunerun.jobs.service.sessions import SESSION_COOKIE, Session, SessionSigner
 
 COPY_CHUNK = 1 << 20
 logger = logging.getLogger("tunerun.serve")
-MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+CHECKPOINT_MODEL = re.compile(r"ft:.+:(?P<job>ftjob-[0-9a-f]{24}):ckpt-step-\d+")
 # tunerun's own report page is served in a sandbox: its inline styles apply, nothing in it can run.
 REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox; frame-ancestors 'self'"
 
@@ -81,22 +83,6 @@ def create_app(served: Served) -> FastAPI:
     app.state.service = service
     _error_handlers(app)
 
-    def project_of(request: Request) -> str:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            project = service.keys.project_of(key.strip())
-        else:
-            session = service.session_of(request)
-            if session is not None and request.method not in SAFE_METHODS \
-                    and not service.sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
-                raise ApiError(403, "this request carries no valid CSRF token for your session: reload the page "
-                                    "and try again", code="csrf_failed")
-            project = session.project if session else None
-        if project is None:
-            raise ApiError(401, "Incorrect API key provided: pass a project's key as 'Authorization: Bearer tr-…' "
-                                "(`tunerun serve keys create PROJECT` makes one)", code="invalid_api_key")
-        return project
-
     @app.get("/healthz", include_in_schema=False)
     def healthz():
         return {"status": "ok"}  # no key needed: the orchestrator's probes ask it
@@ -108,6 +94,7 @@ def create_app(served: Served) -> FastAPI:
     from tunerun.jobs.service.dashboard import dashboard_routes
 
     dashboard_routes(app, service)
+    app.add_middleware(RequestGate, service=service)  # outermost: before any body is read
     return app
 
 
@@ -118,11 +105,7 @@ def _file_routes(app: FastAPI, service: Service, project_of) -> None:
 
     @app.post("/v1/files")
     async def create_file(request: Request, project: str = Depends(project_of)):
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > limit + MULTIPART_OVERHEAD:  # refused before a byte of the body is read
-            raise ApiError(413, f"the upload is {declared:,} bytes; this server takes files up to {limit:,} bytes",
-                           "file", "file_too_large")
-        form = await request.form(max_files=1, max_fields=4)
+        form = await request.form(max_files=1, max_fields=4)  # the gate has bounded and authenticated it
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise bad_request("send the file as multipart form field 'file' (and purpose=fine-tune)", "file")
@@ -279,10 +262,23 @@ def _model_routes(app: FastAPI, service: Service, project_of) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     def retrieve_model(model_id: str, project: str = Depends(project_of)):
-        found = next((m for m in models(project) if m["id"] == model_id), None)
+        found = checkpoint_model(model_id, project) if CHECKPOINT_MODEL.fullmatch(model_id) else \
+            next((m for m in models(project) if m["id"] == model_id), None)
         if found is None:
             raise not_found("model", model_id, "model")
         return found
+
+    def checkpoint_model(model_id: str, project: str) -> dict | None:
+        """A checkpoint's model (``checkpoints.list`` names them): its owner's while the checkpoint is complete."""
+        job_id = CHECKPOINT_MODEL.fullmatch(model_id).group("job")
+        try:
+            run, record = service.jobs.owned(project, job_id)
+        except ApiError:
+            return None
+        found = next((c for c in objects.checkpoints(run, record) if c["fine_tuned_model_checkpoint"] == model_id),
+                     None)
+        return {"id": model_id, "object": "model", "created": found["created_at"], "owned_by": project} \
+            if found else None
 
 
 # ── tunerun's own: what a job produced ──────────────────────────────────────────────────────────────────────
@@ -340,9 +336,7 @@ def _outcome_routes(app: FastAPI, service: Service, project_of) -> None:
 # ── errors ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 def _error_handlers(app: FastAPI) -> None:
-    def respond(error: ApiError) -> JSONResponse:
-        headers = {"x-should-retry": "false"} if 400 <= error.status < 500 else {}
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    respond = error_response
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -364,9 +358,19 @@ def _error_handlers(app: FastAPI) -> None:
     async def http_error(_request, exc: StarletteHTTPException):
         return respond(ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None))
 
+    @app.exception_handler(OSError)
+    async def storage_error(request, exc: OSError):
+        if not is_disk_full(exc):
+            return await internal_error(request, exc)
+        logger.error("storage full on %s %s: %s", request.method, request.url.path, exc)
+        return respond(ApiError(507, "The server's storage is full, so nothing was stored; what was there before is "
+                                     "unchanged and can still be read. Try again once your platform team has freed "
+                                     "space.", code="storage_full"))
+
     @app.exception_handler(TunerunError)
-    async def tunerun_error(_request, exc: TunerunError):
-        return respond(bad_request(str(exc)))
+    async def tunerun_error(request, exc: TunerunError):
+        logger.warning("%s %s refused: %s", request.method, request.url.path, exc)  # the admin's log has it whole
+        return respond(bad_request(tenant_text(str(exc))))
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):

@@ -7,6 +7,7 @@ max_concurrent_runs: 1        # local target: more jobs wait as `queued`; other 
 models:                       # what users may fine-tune: a name → the job spec the platform team wrote
   support-tiny: {job: specs/quickstart.yaml}
 uploads: {max_file_bytes: 1073741824}
+limits: {max_request_bytes: 65536, max_epochs: 50, max_steps: 100000}   # per request / per job (defaults shown)
 sessions: {hours: 8}          # how long a dashboard sign-in lasts
 host: 127.0.0.1
 port: 8000
@@ -42,6 +43,15 @@ class UploadLimits(Strict):
     max_file_bytes: int = Field(GIB, ge=1)
 
 
+class JobLimits(Strict):
+    """What one request may ask of the server: a body is read only up to ``max_request_bytes`` (a job request is a
+    few KB), and a job may not train beyond ``max_epochs`` (OpenAI allows 1–50) or ``max_steps`` optimizer steps."""
+
+    max_request_bytes: int = Field(64 * 1024, ge=4096, le=16 << 20)
+    max_epochs: int = Field(50, ge=1, le=10_000)
+    max_steps: int = Field(100_000, ge=1)
+
+
 class SessionLimits(Strict):
     hours: float = Field(8.0, gt=0, le=24 * 30, description="How long a dashboard sign-in lasts.")
 
@@ -53,6 +63,7 @@ class ServerConfig(Strict):
     max_concurrent_runs: int = Field(1, ge=1)
     models: dict[str, ModelEntry]
     uploads: UploadLimits = UploadLimits()
+    limits: JobLimits = JobLimits()
     sessions: SessionLimits = SessionLimits()
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import TUNERUN_VERSION
 from tunerun.jobs.service.errors import ApiError
 from tunerun.jobs.service.sessions import SESSION_COOKIE, SIGNIN_COOKIE, signin_token, tokens_match
@@ -114,6 +115,13 @@ def _signin_routes(app: FastAPI, service, page) -> None:
         if session is not None and not service.sessions.csrf_ok(session, str(form.get("csrf_token") or "")):
             return page("message", 400, title="Not signed out",
                         message="That sign-out form did not come from this dashboard. Use the Sign out button.")
+        if session is not None:
+            try:
+                service.sessions.end(session)  # on every server: a copy of the cookie must not outlive it
+            except (OSError, StorageError):
+                return page("message", 503, title="Not signed out",
+                            message="The server could not record the sign-out in its storage, so this session "
+                                    "still works. Try again in a moment.")
         response = RedirectResponse("/signin?signed_out=1", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response

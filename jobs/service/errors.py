@@ -5,6 +5,12 @@ Raised anywhere in the service and turned into one response by the app's handler
 """
 from __future__ import annotations
 
+import re
+
+# What a tenant cannot act on: the server's paths and the admin's commands (the run folder keeps the whole text)
+_ADMIN_CLAUSE = re.compile(r"[^;]*(?:\btunerun [a-z]+ |--resume|--storage|its log: )[^;]*")
+_SERVER_PATH = re.compile(r"(?:s3://|(?<![\w.:/])/)[\w.@%+=-]+(?:/[\w.@%+=-]*)+")
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -26,3 +32,15 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
     # Also for another project's objects: a 404 does not reveal that they exist.
     return ApiError(404, f"No such {what}: {ident}", param, "not_found")
+
+
+def tenant_text(message: str) -> str:
+    """``message`` as a tenant sees it: clauses that give the admin's commands dropped, server paths elided."""
+    clauses = [c.strip() for c in message.split(";")]
+    kept = [c for c in clauses if c and not _ADMIN_CLAUSE.fullmatch(c)]
+    return "; ".join(_SERVER_PATH.sub(_last_part, c) for c in kept) or "see the server's log"
+
+
+def _last_part(found: re.Match) -> str:
+    """A path shown by its last part ('…/file-1a2b.jsonl'): enough to know which of one's own things it was."""
+    return "…/" + found.group(0).rstrip("/").rsplit("/", 1)[-1]

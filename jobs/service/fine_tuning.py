@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -29,17 +30,20 @@ from tunerun.jobs.errors import SpecError, TunerunError
 from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import ResolvedJob, resolve
 from tunerun.jobs.service.config import Served
-from tunerun.jobs.service.errors import ApiError, bad_request, not_found
-from tunerun.jobs.service.files import FileStore
+from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
+from tunerun.jobs.service.files import FileObject, FileStore
 
 SERVICE_RECORD = "service.json"
 logger = logging.getLogger("tunerun.serve")
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+INTEGRATIONS = ("mlflow",)  # tracking tunerun feeds itself (tracking.mlflow in the job spec)
+MAX_PAIRS, MAX_KEY, MAX_VALUE = 16, 64, 512  # OpenAI's bounds for metadata; tags take the same
 # Where a spec problem shows in the request: the field the request filled in.
 PARAMS = {"training.epochs": "hyperparameters.n_epochs", "training.global_batch_size": "hyperparameters.batch_size",
           "training.learning_rate": "hyperparameters.learning_rate_multiplier", "training.seed": "seed",
-          "data.train": "training_file", "data.eval": "validation_file"}
+          "data.train": "training_file", "data.eval": "validation_file",
+          **{f"tracking.mlflow.{name}": "integrations" for name in ("experiment", "run_name", "tags")}}
 
 
 class Hyperparameters(BaseModel):
@@ -49,12 +53,14 @@ class Hyperparameters(BaseModel):
     batch_size: int | str = "auto"
     learning_rate_multiplier: float | str = "auto"
 
-    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier")
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier", mode="before")
     @classmethod
     def _auto_or_positive(cls, value, info):
         if value == "auto":
             return value
-        if isinstance(value, str) or isinstance(value, bool) or value <= 0:
+        # bool is an int to Python (true would train 1 epoch); inf/nan are floats JSON can carry (1e999)
+        if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value <= 0:
             raise ValueError(f"{info.field_name} must be 'auto' or a number above 0 (got {value!r})")
         if info.field_name != "learning_rate_multiplier" and not float(value).is_integer():
             raise ValueError(f"{info.field_name} must be 'auto' or a whole number (got {value!r})")
@@ -72,20 +78,56 @@ class MethodRequest(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
+class MlflowIntegration(BaseModel):
+    """Where the job's MLflow run goes on the platform's tracking server (the catalog model's spec names the
+    server: a request never points training at an address of its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+    experiment: str | None = Field(None, min_length=1, max_length=500)
+    run_name: str | None = Field(None, min_length=1, max_length=250)
+    tags: dict[str, str] | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _few_tags(cls, tags: dict | None) -> dict | None:
+        _check_pairs(tags, "tags")
+        return tags
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    mlflow: MlflowIntegration | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _supported(cls, kind: str) -> str:
+        if kind not in INTEGRATIONS:
+            raise ValueError(f"integration type {kind[:40]!r} is not available here; this server supports: "
+                             f"{', '.join(INTEGRATIONS)}")
+        return kind
+
+
+def _check_pairs(pairs: dict | None, what: str) -> None:
+    if pairs and (len(pairs) > MAX_PAIRS or any(len(k) > MAX_KEY or len(v) > MAX_VALUE for k, v in pairs.items())):
+        raise ValueError(f"{what} holds at most {MAX_PAIRS} pairs, keys up to {MAX_KEY} and values up to "
+                         f"{MAX_VALUE} characters")
+
+
 class JobRequest(BaseModel):
     """The body of ``POST /v1/fine_tuning/jobs``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    training_file: str
-    validation_file: str | None = None
+    model: str = Field(max_length=200)
+    training_file: str = Field(max_length=100)
+    validation_file: str | None = Field(None, max_length=100)
     hyperparameters: Hyperparameters | None = None
     method: MethodRequest | None = None
     suffix: str | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list | None = None
+    integrations: list[Integration] | None = Field(None, max_length=len(INTEGRATIONS))
 
     @field_validator("suffix")
     @classmethod
@@ -97,9 +139,21 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, metadata: dict | None) -> dict | None:
-        if metadata and (len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items())):
-            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+        _check_pairs(metadata, "metadata")
         return metadata
+
+    @field_validator("integrations")
+    @classmethod
+    def _one_of_each(cls, integrations: list | None) -> list | None:
+        kinds = [i.type for i in integrations or []]
+        if len(set(kinds)) < len(kinds):
+            raise ValueError("name each integration type once")
+        for integration in integrations or []:
+            if getattr(integration, integration.type) is None:
+                raise ValueError(f"an integration of type {integration.type!r} needs its settings under "
+                                 f"{integration.type!r}, e.g. {{\"type\": \"mlflow\", \"mlflow\": {{\"experiment\": "
+                                 "\"support\"}}")
+        return integrations
 
     def chosen_hyperparameters(self) -> Hyperparameters:
         if self.method is not None:
@@ -107,6 +161,9 @@ class JobRequest(BaseModel):
                 raise bad_request(f"method type {self.method.type!r} is not available here; tunerun fine-tunes with "
                                   "'supervised'", "method.type", "unsupported_method")
             if self.method.supervised is not None:
+                if self.hyperparameters is not None:  # OpenAI refuses the pair too: which one would win is a guess
+                    raise bad_request("give hyperparameters either at the top level (deprecated) or under "
+                                      "method.supervised.hyperparameters, not both", "hyperparameters")
                 return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
 
@@ -147,11 +204,15 @@ class JobService:
             raise ApiError(404, f"The model {request.model!r} is not in this server's catalog; models: "
                                 f"{', '.join(self.served.templates)}", "model", "model_not_found")
         hyper = request.chosen_hyperparameters()
-        data = {"train": self._usable_file(project, request.training_file, "training_file"),
-                "eval": self._usable_file(project, request.validation_file, "validation_file")
+        self._check_hyperparameters(request.model, hyper)
+        train = self._usable_file(project, request.training_file, "training_file")
+        data = {"train": self.files.data_uri(project, train.id),
+                "eval": self.files.data_uri(project, self._usable_file(project, request.validation_file,
+                                                                       "validation_file").id)
                 if request.validation_file else None}
         job_id = f"ftjob-{secrets.token_hex(12)}"
         job = self._resolved_job(job_id, request, hyper, data)
+        self._check_budget(job, train, hyper)
         run = RunFolder(self.config.storage, job_id)
         template = self.served.templates[request.model].training
         record = ServiceRecord(job_id=job_id, project=project, model=request.model, created_at=time.time(),
@@ -169,7 +230,7 @@ class JobService:
             targets.get(self.config.target).submit(job)
         return run
 
-    def _usable_file(self, project: str, file_id: str, param: str) -> str:
+    def _usable_file(self, project: str, file_id: str, param: str) -> FileObject:
         try:
             found = self.files.get(project, file_id)
         except ApiError:
@@ -179,7 +240,35 @@ class JobService:
                               "'processed'", param, "file_not_ready")
         if found.status == "error":
             raise bad_request(f"File {file_id} failed validation: {found.status_details}", param, "invalid_file")
-        return self.files.data_uri(project, file_id)
+        return found
+
+    def _check_hyperparameters(self, model: str, hyper: Hyperparameters) -> None:
+        """What the catalog and this server's limits allow, checked on the values the request sent (the job spec
+        would name the derived ones: a learning rate, not the multiplier)."""
+        limits = self.config.limits
+        if hyper.n_epochs != "auto" and hyper.n_epochs > limits.max_epochs:
+            raise bad_request(f"hyperparameters.n_epochs: at most {limits.max_epochs} on this server (got "
+                              f"{hyper.n_epochs:g})", "hyperparameters.n_epochs")
+        base = self.served.templates[model].training.learning_rate
+        if hyper.learning_rate_multiplier != "auto" and hyper.learning_rate_multiplier * base >= 1:
+            raise bad_request(f"hyperparameters.learning_rate_multiplier: must be below {1 / base:g} for model "
+                              f"{model} (got {hyper.learning_rate_multiplier:g})",
+                              "hyperparameters.learning_rate_multiplier")
+
+    def _check_budget(self, job: ResolvedJob, train: FileObject, hyper: Hyperparameters) -> None:
+        """A batch the training file can fill, and no more optimizer steps than this server allows a job."""
+        training, data = job.spec.training, job.spec.data
+        records = (train.cleaning or {}).get("kept", train.records) or 0
+        examples = records if data.eval else records - math.ceil(records * data.eval_fraction)
+        if training.global_batch_size > examples:
+            raise bad_request(f"hyperparameters.batch_size: {training.global_batch_size:,} is more than the "
+                              f"{examples:,} training examples of {train.id}; use a batch of at most {examples:,}",
+                              "hyperparameters.batch_size")
+        steps = training.max_steps or math.ceil(examples / training.global_batch_size) * training.epochs
+        if steps > self.config.limits.max_steps:
+            param = "hyperparameters.n_epochs" if hyper.n_epochs != "auto" else "hyperparameters.batch_size"
+            raise bad_request(f"{param}: this job would train {steps:,} steps; this server allows at most "
+                              f"{self.config.limits.max_steps:,} per job (fewer epochs or a larger batch)", param)
 
     def _resolved_job(self, job_id: str, request: JobRequest, hyper: Hyperparameters, data: dict) -> ResolvedJob:
         template = self.served.templates[request.model]
@@ -195,6 +284,7 @@ class JobService:
             overrides.append(f"training.learning_rate={rate!r}")
         if request.seed is not None:
             overrides.append(f"training.seed={request.seed}")
+        overrides += self._integration_overrides(request)
         try:
             spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides)
             spec = spec.model_copy(update={"storage": self.config.storage, "targets": self.config.targets})
@@ -204,7 +294,18 @@ class JobService:
             raise bad_request(f"{PARAMS.get(first.path, first.path)}: {first.message.replace(' (from --set)', '')}",
                               PARAMS.get(first.path, first.path)) from None
         except TunerunError as exc:
-            raise bad_request(str(exc)) from None
+            logger.warning("job request for model %s refused: %s", request.model, exc)  # the admin's view, whole
+            raise bad_request(f"model {request.model} cannot train this request: {tenant_text(str(exc))}") from None
+
+    def _integration_overrides(self, request: JobRequest) -> list[str]:
+        wanted = next((i.mlflow for i in request.integrations or [] if i.type == "mlflow"), None)
+        if wanted is None:
+            return []
+        if self.served.templates[request.model].tracking.mlflow is None:
+            raise bad_request(f"model {request.model} has no MLflow tracking server on this server; ask your "
+                              "platform team to set tracking.mlflow in its job spec", "integrations")
+        chosen = wanted.model_dump(exclude_none=True)
+        return [f"tracking.mlflow.{name}={json.dumps(value)}" for name, value in chosen.items()]
 
     # ── reading ─────────────────────────────────────────────────────────────────────────────────────────────
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINTS, RunInfo, RunState
 from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.metrics import SCORES
+from tunerun.jobs.service.errors import tenant_text
 from tunerun.jobs.service.fine_tuning import ServiceRecord
 
 STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNING: "running",
@@ -97,7 +98,7 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "seed": record.seed,
         "estimated_finish": _estimated_finish(train) if info.state == RunState.RUNNING else None,
         "metadata": record.metadata or None,
-        "integrations": [],
+        "integrations": record.request.get("integrations") or [],
         "user_provided_suffix": record.suffix,
         # tunerun's own view, beside OpenAI's fields: the run id works with `tunerun status/logs/report/export`
         "tunerun": {"run_id": run.run_id, "state": str(info.state), "step": last.get("step"),
@@ -122,7 +123,7 @@ def _error(info: RunInfo) -> dict | None:
     # tunerun's own codes where they tell the platform team what to do (free space; see why a driver died)
     code = {"user": "invalid_training_data", "disk_full": "disk_full", "driver_gone": "driver_gone"}.get(
         info.error_kind, "internal_error")
-    return {"code": code, "message": info.error or "the run failed", "param": None}
+    return {"code": code, "message": tenant_text(info.error or "the run failed"), "param": None}
 
 
 def _estimated_finish(train: list[dict]) -> int | None:
@@ -184,7 +185,7 @@ def _describe(event: dict) -> tuple[str | None, str]:
         "run_succeeded": "The job has successfully completed",
         "run_cancelled": "The job was cancelled",
         "run_preempted": f"The job is paused ({event.get('detail', 'stopped at a checkpoint')})",
-        "run_failed": f"The job failed: {event.get('error', '')}",
+        "run_failed": f"The job failed: {tenant_text(str(event.get('error', '')))}",
     }
     level = "error" if kind == "run_failed" else "warn" if kind == "checkpoint_skipped" else "info"
     return messages.get(kind), level

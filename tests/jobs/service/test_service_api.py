@@ -91,8 +91,11 @@ def test_a_wrong_or_revoked_key_is_401(app, keys, served):
 
 
 def test_keys_are_stored_only_as_hashes(keys, served):
-    stored = (Path(served.config.storage.uri) / "_service" / "keys.json").read_text()
+    service = Path(served.config.storage.uri) / "_service"
+    stored = "".join(path.read_text() for path in service.rglob("*") if path.is_file())
+    assert keys["acme"].split("-")[1] in stored  # the key id is there, to find the record by
     assert keys["acme"] not in stored and keys["acme"].split("-", 2)[2] not in stored
+    assert not (service / "keys.json").exists()  # one object per key now, never the old shared file
     assert KeyStore(served.config.storage).project_of(keys["acme"]) == "acme"
 
 

@@ -61,7 +61,9 @@ def data_report(run: RunFolder, job_id: str) -> dict:
 
     report = run.read_json("data/data_report.json")
     removed = [{"step": name, "records": n} for name, n in steps(report)]
-    return {"object": "fine_tuning.job.data_report", "fine_tuning_job_id": job_id, **report, "removed": removed}
+    files = [name.rsplit("/", 1)[-1] for name in report.get("files", [])]  # the file ids: where is the server's
+    return {"object": "fine_tuning.job.data_report", "fine_tuning_job_id": job_id, **report, "files": files,
+            "removed": removed}
 
 
 def artifacts(run: RunFolder, job_id: str) -> list[dict]:

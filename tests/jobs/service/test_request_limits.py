@@ -164,3 +164,26 @@ def test_a_deeply_nested_request_body_is_400_not_500(app, keys):
                       raise_server_exceptions=False)
     answer = http.post("/v1/fine_tuning/jobs", content='{"model": ' + "[" * 30000 + "]" * 30000 + "}")
     assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error", answer.text
+
+
+def test_tenants_see_no_server_paths_or_admin_commands(app, keys):
+    found = upload(app, keys["acme"], "acme", TICKETS)
+    acme = client(app, keys["acme"])
+    job = acme.fine_tuning.jobs.create(model="support-tiny", training_file=found.id)
+    run = Path("runs", job.id).absolute()
+    info = json.loads((run / "run.json").read_text())
+    error = (f"the driver (pid 4242) is gone without recording an outcome (killed: out of memory, kill -9, a reboot); "
+             f"its log: {run}/logs/driver.log; last complete checkpoint {run}/checkpoints/step-000004; continue "
+             f"with: tunerun run JOB --resume {job.id} --storage {run.parent}")
+    (run / "run.json").write_text(json.dumps(info | {"state": "failed", "error_kind": "user", "error": error}))
+    (run / "data").mkdir()
+    counts = dict.fromkeys(("malformed", "empty", "duplicates", "near_duplicates", "fuzzy_duplicates",
+                            "too_long_dropped"), 0)
+    (run / "data" / "data_report.json").write_text(json.dumps(
+        {"files": [f"{run.parent}/_service/files/acme/{found.id}.jsonl"], **counts}))
+    http = TestClient(app, headers={"authorization": f"Bearer {keys['acme']}"})
+    shown = [http.get(f"/v1/fine_tuning/jobs/{job.id}").json()["error"]["message"],
+             json.dumps(http.get(f"/v1/fine_tuning/jobs/{job.id}/data_report").json())]
+    for text in shown:
+        assert str(run.parent) not in text and "tunerun run" not in text and "--resume" not in text, text
+    assert "step-000004" in shown[0] and f"{found.id}.jsonl" in shown[1]

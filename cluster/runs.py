@@ -3,8 +3,13 @@
 Who writes run.json, and when:
 
 - **the submitter**, in `create_run` (every target's ``submit`` calls it first): ``job.yaml`` and run.json with
-  state ``pending`` (``queued`` when `tunerun serve` holds it back until a slot frees); then the target adds its handle (the local driver's pid, the Slurm job id, the RayJob, the
-  Ray submission id), or records ``failed`` when the target refused the job.
+  state ``pending`` (``queued`` when `tunerun serve` holds it back until a slot frees); then the target adds its
+  handle (the local driver's pid, the Slurm job id, the RayJob, the Ray submission id), or records ``failed``
+  when the target refused the job. Queuing drops the previous launch's local handle: a queued run has no driver,
+  and a resumed run's dead one would otherwise read as this launch's, gone without a word.
+- **the service's scheduler** (`tunerun.jobs.service.scheduler`): ``failed`` when it cannot start a queued job
+  (`record_refused`), ``queued`` again when a launch stopped before its driver could record anything
+  (`record_requeued`).
 - **the driver** (``python -m tunerun.trainer``, `tunerun.trainer.entrypoint`): ``running`` when it starts, its
   outcome when it ends: ``succeeded``, ``failed`` (with ``error`` and ``error_kind`` user|internal|disk_full),
   ``cancelled`` or ``preempted`` (stopped at a checkpoint on request; launching the run again continues it).
@@ -16,8 +21,8 @@ Who writes run.json, and when:
   so the user's word is the last one.
 
 Reading never writes: `Target.status` returns run.json reconciled with the target's own view (a driver killed
-outright could not record its outcome: ``error_kind`` driver_gone; Slurm requeued a preempted job), and only the
-returned `RunInfo` says so.
+outright could not record its outcome: ``error_kind`` driver_gone; Slurm requeued a preempted job; a queued run
+has no driver to ask), and only the returned `RunInfo` says so.
 Each write is a read-modify-write of one small object, atomic on every backend (`RunFolder.write_text`).
 """
 from __future__ import annotations
@@ -190,9 +195,12 @@ def create_run(job: ResolvedJob, target: str, resume: bool = False,
     _check_takeover(run, job, earlier, resume)
     release_reserved_outcome(run)  # a resumed run's earlier outcome: this launch records its own
     run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    # Only the local target queues; the handle it would keep is the previous launch's driver (see the module doc).
+    dropped = {"local": None} if state == RunState.QUEUED else {}
     update_info(run, run_id=job.run_id, name=job.spec.name, state=state, target=target,
                 method=job.spec.method.kind, workers=job.spec.resources.num_workers, error=None, error_kind=None,
-                **({"created_at": time.time()} if earlier is None else {}), **({"launch": launch} if launch else {}))
+                **({"created_at": time.time()} if earlier is None else {}), **({"launch": launch} if launch else {}),
+                **dropped)
     if earlier is None:
         event = "run_queued" if state == RunState.QUEUED else "run_created"
     else:
@@ -309,10 +317,19 @@ def resume_command(run: RunFolder, info: RunInfo, storage: str | None = None) ->
     return shlex.join(words)
 
 
-def record_refused(run: RunFolder, error: str, **fields) -> None:
-    """The target would not take the job (sbatch, the Ray cluster or the Kubernetes API said no)."""
-    update_info(run, state=RunState.FAILED, error=error, error_kind="user", finished_at=time.time(), **fields)
+def record_refused(run: RunFolder, error: str, error_kind: str = "user", **fields) -> None:
+    """The target would not take the job (sbatch, the Ray cluster or the Kubernetes API said no), or the service
+    could not start it (``error_kind`` internal: a job.yaml another tunerun wrote, a launch that raised)."""
+    update_info(run, state=RunState.FAILED, error=error, error_kind=error_kind, finished_at=time.time(), **fields)
     run.event("run_failed", error=error)
+    run.flush()
+
+
+def record_requeued(run: RunFolder, reason: str) -> None:
+    """A launch stopped between leaving ``queued`` and recording its driver (the server died, the disk filled):
+    nothing trains, so the run waits for a slot again."""
+    update_info(run, state=RunState.QUEUED, local=None, error=None, error_kind=None)
+    run.event("run_queued", reason=reason)
     run.flush()
 
 

@@ -94,7 +94,8 @@ class Target(ABC):
 
     def status(self, run: RunFolder) -> RunInfo:
         info = read_info(run)
-        if getattr(info, self.handle_field) is None:
+        # A queued run has no driver yet: a handle there is an earlier launch's, whose driver is gone by design.
+        if info.state == RunState.QUEUED or getattr(info, self.handle_field) is None:
             return info
         seen = self.observe(info)
         if seen is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -84,8 +84,11 @@ def create_app(served: Served) -> FastAPI:
     _error_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz():
-        return {"status": "ok"}  # no key needed: the orchestrator's probes ask it
+    def healthz():  # no key needed: the orchestrator's probes ask it
+        scheduler = service.scheduler.health()
+        if scheduler["scheduler"] in ("stopped", "stalled"):  # queued jobs would wait forever: restart this server
+            return JSONResponse({"status": "unhealthy", **scheduler}, status_code=503)
+        return {"status": "ok"}
 
     _file_routes(app, service, project_of)
     _job_routes(app, service, project_of)

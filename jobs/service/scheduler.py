@@ -1,18 +1,45 @@
-"""The local target's queue: jobs beyond ``max_concurrent_runs`` wait as ``queued`` until a slot frees."""
+"""The local target's queue: jobs beyond ``max_concurrent_runs`` wait as ``queued`` until a slot frees.
+
+The queue is the run folders, not this process: a restarted server, or a second one on the same storage, sees the
+same queue. So every launch is decided by a claim in the run folder (an exclusive create), and everything the
+scheduler leaves behind when it dies must be readable as "nobody is starting this" by the next one:
+
+- Claims go by generation: ``control/launch-<updated_at>``, then ``…-1``, ``…-2``. A claim older than
+  `STALE_LAUNCH_S` on a run still queued was abandoned by its server, and the next generation is claimed; exactly
+  one server wins each, and nothing is ever deleted. A claim left empty (a full disk cut the write) is aged by its
+  file and holds no slot meanwhile: nobody is starting that job.
+- A run left ``pending`` with no driver handle for that long is a launch that stopped before its driver was
+  recorded: it is queued again (`record_requeued`), under a claim of its own.
+- One job's failure is that job's: a transient one (OSError, StorageError: a full disk, storage unreachable) is
+  tried again on later ticks and logged once per distinct error; any other (a job.yaml another tunerun wrote, a
+  launch that raised) records the job ``failed`` with the reason. The jobs behind it still start, and the thread
+  survives every `Exception`; `Scheduler.health` says whether it still ticks.
+"""
 from __future__ import annotations
 
+import logging
+import math
 import os
+import secrets
 import socket
 import subprocess
 import threading
+import time
 
 import yaml
 
-from tunerun.cluster.runs import RunState, read_info
+from tunerun.cluster.runs import RunInfo, RunState, record_refused, record_requeued
 from tunerun.cluster.storage import RunFolder
-from tunerun.jobs.errors import TunerunError
-from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.errors import StorageError
+from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob
 from tunerun.jobs.service.fine_tuning import JOB_ID, JobService
+
+logger = logging.getLogger("tunerun.serve")
+# A launch (claim → run.json pending → driver started → its pid recorded) takes well under a second, and a driver
+# records `running` within seconds: a claim or a handle-less pending run this old was abandoned by its server.
+STALE_LAUNCH_S = 120.0
+# Errors this server's own launch may meet again on the next tick; anything else fails the job.
+TRANSIENT = (OSError, StorageError)
 
 
 class Scheduler:
@@ -24,39 +51,222 @@ class Scheduler:
 
     def __init__(self, jobs: JobService, poll_s: float = 1.0):
         self.jobs, self.poll_s = jobs, poll_s
+        self.stalled_after_s = max(60.0, 20 * poll_s)  # a tick reads every run.json: slow storage is no hang
         self._started: list[subprocess.Popen] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tunerun-scheduler", daemon=True)
+        # Who holds a claim: a restarted server may get the same host and pid (a container), never the same token.
+        self._claimant = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8)}
+        self._logged: dict[str, str] = {}  # what was last logged per job (or "tick"): each error once
+        self._tick_errors: list[str] = []
+        self._last_error: str | None = None
+        self._last_tick: float | None = None
 
     def start(self) -> None:
         if self.jobs.config.target == "local":
+            self._last_tick = time.monotonic()  # the first tick is due now: age counts from here
             self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def health(self) -> dict:
+        """``scheduler``: running | stalled (no tick ended for `stalled_after_s`) | stopped (the thread ended, or
+        never started) | off (not the local target: the cluster queues); ``last_tick_age_s``: seconds since a tick
+        last ended (None before one did); ``last_error``: the last error the latest tick met, None if it met none."""
+        if self.jobs.config.target != "local":
+            return {"scheduler": "off", "last_tick_age_s": None, "last_error": None}
+        age = None if self._last_tick is None else round(time.monotonic() - self._last_tick, 1)
+        if not self._thread.is_alive():
+            state = "stopped"
+        else:
+            state = "stalled" if age is not None and age > self.stalled_after_s else "running"
+        return {"scheduler": state, "last_tick_age_s": age, "last_error": self._last_error}
+
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
-            try:
-                self.tick()
-            except TunerunError:
-                continue  # storage briefly unreachable: try again on the next tick
+            self.tick()
 
     def tick(self) -> None:
+        """One pass over the queue; never raises (what went wrong is logged and kept for `health`)."""
+        self._tick_errors = []
+        try:
+            self._start_queued()
+        except Exception as exc:  # noqa: BLE001 - storage unreachable, or a bug: the next tick tries again
+            self._note("tick", f"a pass over the queue failed, trying again: {type(exc).__name__}: {exc}", exc,
+                       level=logging.WARNING if isinstance(exc, TRANSIENT) else logging.ERROR)
+        else:
+            self._logged.pop("tick", None)
+        finally:
+            self._last_tick = time.monotonic()
+            self._last_error = self._tick_errors[-1] if self._tick_errors else None
+
+    def _start_queued(self) -> None:
+        self._started = [p for p in self._started if p.poll() is None]  # reap finished drivers
+        seen, abandoned = [], []
+        for run, info in self._service_runs():
+            (abandoned if _abandoned(info) else seen).append((run, info))
+        for run, info in abandoned:  # queued again now, started on a later tick
+            self._attempt(run, self._requeue, info)
+        slots = self.jobs.config.max_concurrent_runs - sum(
+            1 for _, info in seen if info.state in (RunState.PENDING, RunState.RUNNING))
+        queued = sorted(((run, info) for run, info in seen if info.state == RunState.QUEUED),
+                        key=lambda item: item[1].updated_at or 0)
+        for run, info in queued:
+            if slots <= 0:
+                return
+            if self._attempt(run, self._launch, info):
+                slots -= 1
+
+    def _service_runs(self) -> list[tuple[RunFolder, RunInfo]]:
+        """The service's runs as the local target sees them; one whose run.json cannot be read is left out."""
+        from tunerun.cluster.local import LocalTarget
+
+        seen = []
+        for run_id in self.jobs.store.run_ids():
+            if JOB_ID.fullmatch(run_id):
+                run = RunFolder(self.jobs.config.storage, run_id)
+                try:
+                    seen.append((run, LocalTarget().status(run)))
+                except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
+                    self._note(run_id, f"job {run_id}: its state cannot be read, skipped: {exc}")
+        return seen
+
+    def _attempt(self, run: RunFolder, action, info: RunInfo) -> bool:
+        """``action(run, info)`` (True: it went ahead), with its failure turned into a log line and, unless
+        transient, a failed job."""
+        try:
+            done = action(run, info)
+        except TRANSIENT as exc:
+            self._note(run.run_id, f"job {run.run_id}: not started yet, trying again: {type(exc).__name__}: {exc}")
+            return False
+        except Exception as exc:  # noqa: BLE001 - a bug or a refusal in one launch fails that job only
+            self._fail(run, f"the server could not start the job: {type(exc).__name__}: {exc}", exc)
+            return False
+        if done:
+            self._logged.pop(run.run_id, None)  # past its error: a later one is news again
+        return done
+
+    def _launch(self, run: RunFolder, info: RunInfo) -> bool:
+        """Start a queued run if this server wins its launch; True when it takes a slot (started here, or being
+        started by the server holding the claim)."""
         from tunerun.cluster import local
 
-        self._started = [p for p in self._started if p.poll() is None]  # reap finished drivers
-        runs = [RunFolder(self.jobs.config.storage, run_id) for run_id in self.jobs.store.run_ids()
-                if JOB_ID.fullmatch(run_id)]
-        states = {run.run_id: local.LocalTarget().status(run).state for run in runs}
-        active = sum(1 for state in states.values() if state in (RunState.PENDING, RunState.RUNNING))
-        queued = sorted((run for run in runs if states[run.run_id] == RunState.QUEUED),
-                        key=lambda run: read_info(run).updated_at or 0)
-        for run in queued[:max(0, self.jobs.config.max_concurrent_runs - active)]:
-            # Two servers on one storage see the same queue: the one whose claim on this launch lands starts it.
-            if not run.claim(f"control/launch-{read_info(run).updated_at!r}", {"host": socket.gethostname(),
-                                                                              "pid": os.getpid()}):
-                continue
-            job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
-            _, process = local.start(job)
-            self._started.append(process)
+        held = self._claim(run, f"launch-{info.updated_at!r}")
+        if held == "abandoned":
+            self._note(run.run_id, f"job {run.run_id}: its launch claim was cut off (empty); it is claimed again "
+                                   f"once {STALE_LAUNCH_S:.0f} s old")
+        if held != "won":
+            return held == "held"
+        job = self._resolved_job(run)
+        if job is None:
+            return False
+        _, process = local.start(job)
+        self._started.append(process)
+        logger.info("job %s: started, driver pid %s", run.run_id, process.pid)
+        return True
+
+    def _requeue(self, run: RunFolder, info: RunInfo) -> bool:
+        if self._claim(run, f"requeue-{info.updated_at!r}") != "won":
+            return False
+        record_requeued(run, "the launch stopped before its driver was recorded")
+        logger.warning("job %s: its launch stopped before the driver was recorded; queued again", run.run_id)
+        return True
+
+    def _resolved_job(self, run: RunFolder) -> ResolvedJob | None:
+        """The run's job.yaml, or None after recording the job failed because this tunerun cannot read it."""
+        data = run.read_text("job.yaml")  # storage errors are transient: they propagate
+        try:
+            return ResolvedJob.model_validate(yaml.safe_load(data))
+        except (ValueError, yaml.YAMLError) as exc:  # pydantic's ValidationError is a ValueError
+            written = _written_by(data)
+            if written == TUNERUN_VERSION:  # the same version: the file itself is damaged
+                why = f"{run.uri('job.yaml')} cannot be read as a job ({_first_lines(exc)}); create the job again"
+            else:
+                why = (f"{run.uri('job.yaml')} was written by tunerun {written or 'of another version'} and this "
+                       f"server runs tunerun {TUNERUN_VERSION}, which cannot read it ({_first_lines(exc)}); create "
+                       "the job again, or serve this storage with the tunerun that queued it")
+            self._fail(run, why)
+            return None
+
+    def _claim(self, run: RunFolder, base: str) -> str:
+        """Claim the newest live generation of ``control/<base>``: "won" (this server acts), "held" (another
+        server's claim is live: it acts) or "abandoned" (an empty claim not yet stale: no one acts, for now)."""
+        generations = [_generation(name, base) for name in run.list_dir("control")]
+        newest = max((g for g in generations if g is not None), default=None)
+        if newest is not None:
+            holder, age = _claim_record(run, f"control/{_claim_name(base, newest)}")
+            if holder.get("token") == self._claimant["token"]:
+                if age < STALE_LAUNCH_S / 2:
+                    return "won"  # a transient error stopped our launch: try again under the same claim
+                # else: claim the next generation well before other servers would call this one stale
+            elif age < STALE_LAUNCH_S:
+                return "held" if holder else "abandoned"
+        generation = 0 if newest is None else newest + 1
+        won = run.claim(f"control/{_claim_name(base, generation)}", {**self._claimant, "time": time.time()})
+        return "won" if won else "held"
+
+    def _fail(self, run: RunFolder, error: str, exc: BaseException | None = None) -> None:
+        self._note(run.run_id, f"job {run.run_id}: failed: {error}", exc, level=logging.ERROR)
+        try:
+            record_refused(run, error, error_kind="internal")
+        except Exception as unrecorded:  # noqa: BLE001 - still queued: the next tick meets the error again
+            self._note(f"{run.run_id} record", f"job {run.run_id}: the failure could not be recorded: "
+                                                f"{type(unrecorded).__name__}: {unrecorded}")
+
+    def _note(self, key: str, message: str, exc: BaseException | None = None, level: int = logging.WARNING) -> None:
+        """Log ``message`` unless it is what was last logged for ``key`` (a full disk would say it every tick)."""
+        self._tick_errors.append(message)
+        if self._logged.get(key) != message:
+            self._logged[key] = message
+            logger.log(level, "scheduler: %s", message, exc_info=exc if level >= logging.ERROR else None)
+
+
+def _abandoned(info: RunInfo) -> bool:
+    """A local run pending with no driver recorded for `STALE_LAUNCH_S`: the launch that left the queue never
+    finished (a run another target holds is pending in that target's queue, with that target's handle)."""
+    return (info.target == "local" and info.state == RunState.PENDING and info.local is None
+            and time.time() - (info.updated_at or 0) > STALE_LAUNCH_S)
+
+
+def _claim_name(base: str, generation: int) -> str:
+    return base if generation == 0 else f"{base}-{generation}"
+
+
+def _generation(name: str, base: str) -> int | None:
+    if name == base:
+        return 0
+    suffix = name.removeprefix(f"{base}-")
+    return int(suffix) if suffix != name and suffix.isdigit() else None
+
+
+def _claim_record(run: RunFolder, name: str) -> tuple[dict, float]:
+    """What a claim holds ({} when it holds nothing readable) and its age in seconds: by the time it records, else
+    by the file's mtime (a claim cut off by a full disk); a claim with neither is as old as can be."""
+    try:
+        holder = run.read_json(name)
+    except (ValueError, StorageError):
+        holder = None
+    if isinstance(holder, dict) and isinstance(holder.get("time"), (int, float)):
+        return holder, time.time() - holder["time"]
+    holder = holder if isinstance(holder, dict) else {}
+    if run.is_local:
+        try:
+            return holder, time.time() - run.local_path(name).stat().st_mtime
+        except OSError:
+            pass
+    return holder, math.inf
+
+
+def _written_by(data: str) -> str | None:
+    """The tunerun version a job.yaml names, if it can be told."""
+    try:
+        version = (yaml.safe_load(data) or {}).get("tunerun_version")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return str(version) if version else None
+
+
+def _first_lines(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(exc).__name__

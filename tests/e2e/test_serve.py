@@ -4,7 +4,8 @@ One server (and its storage) for the module; the jobs run one at a time (``max_c
 embedded local Ray, each a tiny LoRA run of the bundled ticket data. Checked: a job followed to `succeeded`
 with events, checkpoints and its result file; projects as walls; a wrong key; a broken upload naming its line;
 a long job cancelled; a job whose server is killed and started again mid-training, then paused and resumed,
-continuing its step count to the end.
+continuing its step count to the end; a paused job resumed only once its driver has exited (the slow path: the
+queued run must not be mistaken for a driver that died).
 """
 from __future__ import annotations
 
@@ -153,6 +154,30 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     stopped_at = paused.tunerun["step"]
     assert 2 <= stopped_at < 24 and stopped_at in [c.step_number for c in
                                                     api.fine_tuning.jobs.checkpoints.list(job.id).data]
+    api.fine_tuning.jobs.resume(job.id)
+    done = wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded")
+    assert done.tunerun["step"] == 24
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
+    steps = [json.loads(line)["step"] for line in (root / "runs" / job.id / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 25))  # no step trained twice, none skipped
+
+
+@pytest.mark.slow
+def test_a_job_resumed_after_its_paused_driver_exited_continues_the_steps(service):
+    api = client(service)
+    root = service[0]
+    training_file = uploaded(api, TICKETS)
+    job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
+    wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
+    api.fine_tuning.jobs.pause(job.id)
+    stopped_at = wait_for(api, job.id, lambda j: j.status == "paused", "paused").tunerun["step"]
+    pid = json.loads((root / "runs" / job.id / "run.json").read_text())["local"]["pid"]
+    deadline = time.monotonic() + WAIT_S
+    while session_pids(pid) and time.monotonic() < deadline:  # the driver shuts its Ray down, then exits
+        time.sleep(1.0)
+    assert session_pids(pid) == [], f"the paused driver (pid {pid}) and its session did not exit"
     api.fine_tuning.jobs.resume(job.id)
     done = wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded")
     assert done.tunerun["step"] == 24

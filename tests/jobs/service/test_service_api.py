@@ -239,6 +239,15 @@ def test_the_shipped_example_config_loads(tmp_path, monkeypatch):
 
 
 def test_health_needs_no_key_and_everything_else_does(app):
-    http = TestClient(app)
-    assert http.get("/healthz").json() == {"status": "ok"}
-    assert http.get("/v1/models").status_code == 401
+    with TestClient(app) as http:  # the server's lifespan: its scheduler runs
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/v1/models").status_code == 401
+
+
+def test_health_reports_a_dead_scheduler(app):
+    with TestClient(app) as http:
+        scheduler = app.state.service.scheduler
+        scheduler.stop()
+        scheduler._thread.join(timeout=10)
+        answer = http.get("/healthz")
+        assert answer.status_code == 503 and answer.json()["scheduler"] == "stopped", answer.text

@@ -1,0 +1,58 @@
+"""A queued run has no driver: neither `Target.status` nor queuing a paused run again may mistake an earlier
+launch's driver, long gone, for this launch's (the service would report the job failed, driver gone, and never
+start it). A finished child process stands in for that driver: its pid is real and dead."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunerun.cluster.local import LocalTarget
+from tunerun.cluster.runs import RunState, create_run, read_info, update_info
+from tunerun.jobs.loader import load_job
+from tunerun.jobs.plan import resolve
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quickstart's relative paths resolve against the user's directory
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-llama" / "config.json").write_text("{}")
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "data").symlink_to(REPO / "examples" / "data")
+    return resolve(load_job(str(QUICKSTART), [f"storage.uri={tmp_path / 'runs'}"]), run_id="t-1")
+
+
+@pytest.fixture
+def paused_run(job, tmp_path):
+    """A run whose driver checkpointed, recorded `preempted` and exited."""
+    driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    driver.wait()
+    run = create_run(job, "local")
+    update_info(run, local={"pid": driver.pid, "log": str(tmp_path / "driver.log"), "host": socket.gethostname()})
+    update_info(run, state=RunState.PREEMPTED)
+    return run
+
+
+def test_a_queued_run_json_that_kept_a_dead_drivers_handle_reads_as_queued(paused_run):
+    update_info(paused_run, state=RunState.QUEUED)  # as a tunerun that kept the handle when queuing left it
+    seen = LocalTarget().status(paused_run)
+    assert (seen.state, seen.error_kind) == (RunState.QUEUED, None)
+
+
+def test_queuing_a_paused_run_again_drops_the_exited_drivers_handle(job, paused_run):
+    create_run(job, "local", resume=True, state=RunState.QUEUED)
+    assert read_info(paused_run).local is None
+    assert LocalTarget().status(paused_run).state == RunState.QUEUED
+
+
+def test_a_started_runs_dead_driver_is_still_driver_gone(paused_run):
+    update_info(paused_run, state=RunState.RUNNING)  # the rule is about queued runs only
+    seen = LocalTarget().status(paused_run)
+    assert (seen.state, seen.error_kind) == (RunState.FAILED, "driver_gone")

@@ -4,22 +4,39 @@
 whatever target ran the job and wherever the folder lives: a local path or ``s3://bucket/prefix`` on an
 S3-compatible store (see `tunerun.cluster.s3`). Names inside a run are relative keys such as
 ``checkpoints/step-000020/manifest.json``. What ``run.json`` holds and who writes it: `tunerun.cluster.runs`.
+
+A local storage is often a folder on a shared login node, and it holds the service's secrets (the session
+secret, key hashes) and users' training data: `LocalBackend` makes every file 0600 and every folder 0700 itself,
+whatever the umask of the process that writes. Nothing it writes is ever seen half-written, and a write that
+fails (a full disk) or whose writer dies (kill -9, a crash) leaves only a temp file that names its writer, so the
+next start can tell it from a write still in progress and remove it (`LocalBackend.remove_interrupted_writes`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunerun.jobs.errors import RunNotFound, StorageError
 from tunerun.jobs.spec import StorageSpec
 
+FILE_MODE, FOLDER_MODE = 0o600, 0o700
+# A write in progress lies beside its target as ``.<name>.<pid>@<host>.<random>.part`` until it is renamed into
+# place: the writer's pid and host say whether anyone can still finish it.
+PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>.+)\.[a-z0-9_]+\.part")
+# Another host's pid says nothing here: its write is abandoned once untouched this long (a live copy writes on).
+ABANDONED_AFTER_S = 3600
+
+
 class LocalBackend:
-    """Keys are paths below ``root``; writes are atomic (temp file + rename), appends use O_APPEND."""
+    """Keys are paths below ``root``; writes land whole (temp file + rename, or link), appends use O_APPEND;
+    files are 0600, the folders it makes 0700."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -34,33 +51,27 @@ class LocalBackend:
         return (self.root / key).read_bytes()
 
     def put(self, key: str, data: bytes) -> None:
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, target)
-        except BaseException:  # a full disk: leave no half-written temp file behind to hold the space
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_whole(self.root / key, lambda partial: partial.write_bytes(data), os.replace)
 
     def put_new(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if nothing is there (an exclusive create); whether it did."""
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``key`` only if nothing is there (an exclusive create); whether it did. The bytes are written
+        beside it and hard-linked into place (a link, unlike a rename, refuses an existing name), so a concurrent
+        reader never finds the file empty, and a write that fails leaves nothing to refuse the next try."""
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _write_whole(self.root / key, lambda partial: partial.write_bytes(data), os.link)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
         return True
 
     def append(self, key: str, data: bytes) -> None:
         target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("ab") as handle:
+        _make_folders(target.parent)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # O_CREAT's mode passes through the umask
+        except FileExistsError:
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(fd, "ab") as handle:
             handle.write(data)
 
     def flush(self) -> None:
@@ -70,27 +81,26 @@ class LocalBackend:
         return (self.root / key).exists()
 
     def list(self, prefix: str) -> dict[str, int]:
-        """Every file below ``prefix`` (recursive), as key → size."""
+        """Every file below ``prefix`` (recursive), as key → size; writes not yet in place are no files."""
         base = self.root / prefix
         if base.is_file():
             return {prefix: base.stat().st_size}
         if not base.is_dir():
             return {}
-        return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()}
+        return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*")
+                if p.is_file() and not PARTIAL.fullmatch(p.name)}
 
     def children(self, prefix: str) -> list[str]:
         base = self.root / prefix
-        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        return sorted(p.name for p in base.iterdir() if not PARTIAL.fullmatch(p.name)) if base.is_dir() else []
 
     def upload_file(self, path: Path, key: str) -> None:
         target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
         if Path(path).resolve() != target.resolve():
-            shutil.copyfile(path, target)
+            _write_whole(target, lambda partial: shutil.copyfile(path, partial), os.replace)
 
     def download_file(self, key: str, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.root / key, path)
+        _write_whole(Path(path), lambda partial: shutil.copyfile(self.root / key, partial), os.replace)
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / prefix
@@ -98,6 +108,69 @@ class LocalBackend:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+    def remove_interrupted_writes(self, prefix: str) -> list[str]:
+        """Remove the temp files below ``prefix`` of writes nobody will finish: their writer died on this host
+        (a crash, a kill -9), or, written from another host, they have been untouched for an hour. The temp
+        files' keys."""
+        host, removed = socket.gethostname(), []
+        for path in (self.root / prefix).rglob(".*.part"):
+            found = PARTIAL.fullmatch(path.name)
+            if found and _abandoned(path, int(found["pid"]), found["host"] == host):
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(self.root)))
+        return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def _abandoned(partial: Path, pid: int, this_host: bool) -> bool:
+    try:
+        idle_s = time.time() - partial.stat().st_mtime
+    except FileNotFoundError:
+        return False  # renamed into place meanwhile
+    return (this_host and not process_alive(pid)) or idle_s > ABANDONED_AFTER_S
+
+
+def _make_folders(folder: Path) -> None:
+    """``folder`` and its missing parents, each 0700. ``mkdir(parents=True, mode=…)`` would give the parents the
+    umask's mode and the last one the mode less the umask; folders already there are not ours to change."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:
+            continue  # another writer made it first
+        made.chmod(FOLDER_MODE)
+
+
+def _write_whole(target: Path, fill: Callable[[Path], object], place: Callable[[Path, Path], None]) -> None:
+    """``fill`` a 0600 temp file beside ``target`` (writing into it keeps its mode) and ``place`` it there
+    (rename or link). The temp file is gone afterwards whatever happened: a full disk must not keep the space,
+    nor the folder a partial file."""
+    _make_folders(target.parent)
+    fd, name = tempfile.mkstemp(dir=target.parent, suffix=".part",
+                                prefix=f".{target.name}.{os.getpid()}@{socket.gethostname()}.")
+    partial = Path(name)
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 passes through the umask too
+        os.close(fd)
+        fill(partial)
+        place(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # after a rename: already gone; after a link: the second name
 
 
 def backend_for(storage: StorageSpec | str):

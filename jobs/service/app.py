@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,7 +35,7 @@ from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
-from tunerun.jobs.service.files import FileStore, Validator
+from tunerun.jobs.service.files import FileStore, Validator, upload_folder
 from tunerun.jobs.service.fine_tuning import JobRequest, JobService
 from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.scheduler import Scheduler
@@ -72,7 +71,7 @@ def create_app(served: Served) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        threading.Thread(target=service.validator.revalidate_unfinished, daemon=True).start()
+        threading.Thread(target=service.validator.recover, daemon=True).start()
         service.scheduler.start()
         yield
         service.scheduler.stop()
@@ -112,7 +111,7 @@ def _file_routes(app: FastAPI, service: Service, project_of) -> None:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise bad_request("send the file as multipart form field 'file' (and purpose=fine-tune)", "file")
-        folder = Path(tempfile.mkdtemp(prefix="tunerun-upload-"))
+        folder = upload_folder()
         local = folder / "data.jsonl"
         try:
             size = await run_in_threadpool(_copy_limited, upload, local, limit)

@@ -6,28 +6,59 @@ temporary file (streamed by the multipart parser, never held in memory), gets th
 hear about at once (a plain ``.jsonl`` name, not empty, JSON lines), is stored as ``uploaded``, and is then read
 record by record with tunerun's own data reader: ``processed`` (malformed records below the allowed share are
 listed in ``status_details``, as the data report lists them) or ``error``, naming the lines at fault.
+
+Every upload ends ``processed`` or ``error``: one left ``uploaded`` would refuse every job on it as
+``file_not_ready``, forever. So a validation that raises (a bug, a record the reader chokes on) is logged and
+recorded as ``error``, and uploads a stopped server never finished are validated again at the next start.
+
+An upload's local copy is a user's training data in the machine's temp folder: it lives in an upload folder
+(`upload_folder`) that the `Validator` removes when the validation ends or is cancelled. A server killed outright
+(kill -9, out of memory) cannot, so its folders carry its pid, and the next server's start (`Validator.recover`)
+removes those of dead servers, with the storage's interrupted writes and bytes whose file object never came.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tunerun.cluster.storage import backend_for
+from tunerun.cluster.storage import LocalBackend, backend_for, process_alive
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.service.errors import bad_request, not_found
 from tunerun.jobs.spec import CleanSpec, StorageSpec
+from tunerun.trainer.data.read import TOO_DEEP, too_deep
 
 ROOT = "_service/files"
 FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,199}")
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 LISTED_PROBLEMS = 20
+UPLOAD_PREFIX = "tunerun-upload-"
+UPLOAD_FOLDER = re.compile(re.escape(UPLOAD_PREFIX) + r"(\d+)-.+")  # the pid of the server that holds it
+ORPHAN_AFTER_S = 60  # the file object follows its bytes at once: bytes alone for a minute lost their writer
+logger = logging.getLogger("tunerun.serve")
+
+
+def upload_folder() -> Path:
+    """A new private temp folder for one upload's local copy, named after this server's pid."""
+    return Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-"))
+
+
+def remove_dead_upload_folders() -> int:
+    """Remove the upload folders of servers that no longer run (killed before they could); how many."""
+    dead = [folder for folder in Path(tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*")
+            if (owner := UPLOAD_FOLDER.fullmatch(folder.name)) and not process_alive(int(owner[1]))]
+    for folder in dead:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(dead)
 
 
 @dataclass
@@ -77,25 +108,49 @@ class FileStore:
         self.backend.upload_file(upload, self._key(project, file_id, "jsonl"))
         found = FileObject(id=file_id, bytes=upload.stat().st_size, created_at=int(time.time()), filename=filename,
                            purpose=purpose, status="uploaded")
-        self._save(project, found)
+        self.save(project, found)
         return found
 
     def validate(self, project: str, file_id: str, local: Path) -> FileObject:
         """Read every record with tunerun's data reader; the file object says how that went."""
-        status, details, records = validation_verdict(local, self.get(project, file_id).filename)
-        found = FileObject(**{**asdict(self.get(project, file_id)), "status": status, "status_details": details,
-                              "records": records, "cleaning": cleaning_counts(local) if status == "processed"
-                              else None})
-        self._save(project, found)
+        found = self.examine(project, file_id, local)
+        self.save(project, found)
         return found
 
-    def _save(self, project: str, found: FileObject) -> None:
+    def examine(self, project: str, file_id: str, local: Path) -> FileObject:
+        """The file object as reading every record of ``local`` leaves it, not saved yet."""
+        status, details, records = validation_verdict(local, self.get(project, file_id).filename)
+        return replace(self.get(project, file_id), status=status, status_details=details, records=records,
+                       cleaning=cleaning_counts(local) if status == "processed" else None)
+
+    def save(self, project: str, found: FileObject) -> None:
         self.backend.put(self._key(project, found.id, "json"), json.dumps(asdict(found)).encode("utf-8"))
 
     def delete(self, project: str, file_id: str) -> None:
         self.get(project, file_id)
         self.backend.delete_prefix(self._key(project, file_id, "json"))  # the object first: half a file never shows
         self.backend.delete_prefix(self._key(project, file_id, "jsonl"))
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove what servers that died mid-write left: interrupted writes, and bytes older than a minute with
+        no file object (a crash between the two writes, or between a deletion's two). The keys removed."""
+        if not isinstance(self.backend, LocalBackend):
+            return []  # an object store keeps no partial objects; an orphan's age would need its LastModified
+        removed = self.backend.remove_interrupted_writes(ROOT)
+        for project in self.projects():
+            orphans = [key for name in self.backend.children(f"{ROOT}/{project}")
+                       if name.endswith(".jsonl") and self._orphaned(key := f"{ROOT}/{project}/{name}")]
+            for key in orphans:
+                self.backend.delete_prefix(key)
+            removed += orphans
+        return removed
+
+    def _orphaned(self, key: str) -> bool:
+        try:
+            idle_s = time.time() - self.backend.local_path(key).stat().st_mtime
+        except FileNotFoundError:
+            return False  # deleted meanwhile
+        return idle_s > ORPHAN_AFTER_S and not self.backend.exists(key.removesuffix("l"))
 
     # ── reading ─────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -116,31 +171,84 @@ class FileStore:
 
 
 class Validator:
-    """Validates uploads one at a time in the background, from a local copy it removes when done."""
+    """Validates uploads one at a time in the background, each from a local copy in an upload folder it holds
+    from `later` on and removes when the validation ends or the validator shuts down."""
 
     def __init__(self, files: FileStore):
         self.files = files
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunerun-validate")
+        self._held: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def later(self, project: str, file_id: str, local: Path) -> None:
-        def run():
-            try:
-                self.files.validate(project, file_id, local)
-            finally:
-                shutil.rmtree(local.parent, ignore_errors=True)
+        """Validate ``local`` in turn; its folder is the validator's from now on."""
+        with self._lock:
+            self._held.add(local.parent)
+        try:
+            self.pool.submit(self._validate, project, file_id, local)
+        except RuntimeError:  # shut down: the file stays ``uploaded`` and the next start validates it
+            self._release(local.parent)
 
-        self.pool.submit(run)
+    def _validate(self, project: str, file_id: str, local: Path) -> None:
+        try:
+            found = self._examine(project, file_id, local)
+            if not self._stopping.is_set():  # shutdown removes the copy being read: no verdict on half a file
+                self.files.save(project, found)
+        finally:
+            self._release(local.parent)
+
+    def _examine(self, project: str, file_id: str, local: Path) -> FileObject:
+        try:
+            return self.files.examine(project, file_id, local)
+        except Exception:  # noqa: BLE001 - whatever failed is the server's: the file must not wait forever
+            if not self._stopping.is_set():
+                logger.exception("validating %s of project %s failed", file_id, project)
+            return replace(self.files.get(project, file_id), status="error", status_details=(
+                "the file could not be validated: the server failed while reading it (its log says why); upload "
+                "it again, or tell the server's operator"))
+
+    def _release(self, folder: Path) -> None:
+        with self._lock:
+            self._held.discard(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def recover(self) -> None:
+        """At start: remove what servers that died left behind, then validate the uploads they never finished."""
+        folders, removed = remove_dead_upload_folders(), self.files.remove_leftovers()
+        if folders or removed:
+            logger.info("removed what stopped servers left: %d upload folders, %d files in the storage",
+                        folders, len(removed))
+        # A server restarted at once (systemd's Restart=) finds its predecessor's orphans too young to tell from
+        # another server's write in progress: look again once they are old enough.
+        again = threading.Timer(ORPHAN_AFTER_S, self.files.remove_leftovers)
+        again.daemon = True
+        again.start()
+        self.revalidate_unfinished()
 
     def revalidate_unfinished(self) -> None:
         """Uploads whose validation a stopped server never finished are read again (from storage)."""
         for project in self.files.projects():
             for found in self.files.list(project):
                 if found.status == "uploaded":
-                    local = Path(tempfile.mkdtemp(prefix="tunerun-upload-")) / "data.jsonl"
-                    self.later(project, found.id, self.files.fetch(project, found.id, local))
+                    folder = upload_folder()
+                    try:
+                        local = self.files.fetch(project, found.id, folder / "data.jsonl")
+                    except BaseException:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        raise
+                    self.later(project, found.id, local)
 
     def shutdown(self) -> None:
+        """Remove every upload folder held, the running validation's too: uvicorn ends the process right after
+        (it raises the SIGTERM again), so nothing would remove them later. The files stay ``uploaded``; the
+        next start validates them."""
+        self._stopping.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            held, self._held = self._held, set()
+        for folder in held:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_upload(filename: str, purpose: str, upload: Path) -> None:
@@ -157,6 +265,9 @@ def check_upload(filename: str, purpose: str, upload: Path) -> None:
     if upload.stat().st_size == 0:
         raise bad_request(f"{filename} is empty: it needs at least one training record", "file")
     first = _first_line(upload)
+    if too_deep(first):  # json.loads would recurse until it dies
+        raise bad_request(f"{filename}: its first record is {TOO_DEEP}; no training record nests like that",
+                          "file")
     try:
         if not isinstance(json.loads(first), dict):
             raise ValueError

@@ -7,6 +7,12 @@ decoded whole (it is one JSON value), so very large data belongs in JSONL or Par
 Problems that make a whole file unusable (not UTF-8, cut off mid-record, a column mapping that names a
 column the file does not have) raise `DataError` at once; a single bad record is yielded with its error and
 counted as malformed by the caller.
+
+A record nested deeper than `MAX_NESTING` levels is malformed, in every format: Python's JSON parser recurses
+once per level and dies with a RecursionError near a thousand (sooner on a deeper stack), and every later step
+that walks the record would recurse as deep. No training record needs a hundred levels; one line of brackets
+from a broken export or a hostile upload must not take down the reader, nor the service that validates uploads
+with it. (Deep enough to stop the parser, an element of a JSON array refuses the file: it cannot be skipped.)
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator, Mapping
+from itertools import accumulate
 from pathlib import Path
 
 from tunerun.jobs.errors import DataError
@@ -23,6 +30,10 @@ from tunerun.jobs.errors import DataError
 JSON_FIELDS = ("messages", "conversations", "history", "tools")
 OPTIONAL_FIELDS = ("system", "input", "history", "tools")
 Row = tuple[str, dict | None, str | None]  # where, record, error
+MAX_NESTING = 100
+TOO_DEEP = f"nested too deeply (more than {MAX_NESTING} levels of [ and {{)"
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+BRACKET = re.compile(r"[\[\]{}]")
 
 
 def read_records(files: list[Path], columns: Mapping[str, str] | None = None) -> Iterator[Row]:
@@ -78,12 +89,23 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             line = _decode(path, number, raw)
             if not line.strip():
                 continue
+            if too_deep(line):
+                yield f"{path}:{number}", None, TOO_DEEP
+                continue
             try:
                 yield f"{path}:{number}", json.loads(line), None
             except json.JSONDecodeError as e:
                 if not raw.endswith(b"\n") and _incomplete(line, e):
                     raise DataError(_cut_off(path, number)) from None
                 yield f"{path}:{number}", None, f"not valid JSON ({e.msg} at column {e.colno})"
+
+
+def too_deep(text: str) -> bool:
+    """Whether the JSON ``text`` nests more than `MAX_NESTING` levels (brackets inside strings do not count)."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:  # the common case, at C speed
+        return False
+    steps = (1 if bracket in "[{" else -1 for bracket in BRACKET.findall(JSON_STRING.sub("", text)))
+    return max(accumulate(steps), default=0) > MAX_NESTING
 
 
 def _incomplete(text: str, e: json.JSONDecodeError) -> bool:
@@ -98,12 +120,12 @@ def _json_rows(path: Path) -> Iterator[Row]:
     if not text.lstrip().startswith("["):
         yield from _jsonl_rows(path)
         return
-    for line, value in _array_elements(path, text):
-        yield f"{path}:{line}", value, None
+    for line, value, error in _array_elements(path, text):
+        yield f"{path}:{line}", value, error
 
 
-def _array_elements(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    """Elements of a top-level JSON array, each with the line it starts on.
+def _array_elements(path: Path, text: str) -> Iterator[tuple[int, object, str | None]]:
+    """Elements of a top-level JSON array, each with the line it starts on (and `TOO_DEEP` in place of one).
 
     `json.loads` would not say where each record is; decoding element by element gives malformed records a
     line number. A syntax error inside the array cannot be skipped, so it refuses the whole file.
@@ -115,12 +137,14 @@ def _array_elements(path: Path, text: str) -> Iterator[tuple[int, object]]:
         line, counted = line + text.count("\n", counted, pos), pos
         try:
             value, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise DataError(f"{path}:{line}: a record {TOO_DEEP}; a .json array cannot be read past it") from None
         except json.JSONDecodeError as e:
             if _incomplete(text, e):
                 raise DataError(_cut_off(path, e.lineno)) from None
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a .json file must "
                             "hold one JSON array of records (or one object per line)") from None
-        yield line, value
+        yield (line, None, TOO_DEEP) if too_deep(text[counted:pos]) else (line, value, None)
         pos = blank.match(text, pos).end()
         if pos < len(text) and text[pos] == ",":
             pos = blank.match(text, pos + 1).end()
@@ -173,6 +197,9 @@ def _json_cells(rows: Iterator[Row]) -> Iterator[Row]:
     """A CSV cell can hold messages, history or tools only as JSON text: decode them (after column mapping,
     so a mapped column counts); an empty cell is an absent field."""
     for where, record, error in rows:
+        cells = [v for k, v in (record or {}).items() if k in JSON_FIELDS and isinstance(v, str)]
+        if any(too_deep(cell) for cell in cells):
+            record, error = None, f"a {'/'.join(JSON_FIELDS)} cell is {TOO_DEEP}"
         if record is not None:
             try:
                 record = {k: json.loads(v) if k in JSON_FIELDS and isinstance(v, str) else v

@@ -80,3 +80,20 @@ def serve_models(root: Path, tiny_model: Path, steps: dict[str, int], port: int,
     server = Server(root, port, env)
     server.start()
     return server, keys
+
+
+STUB_TEMPLATE = """name: support
+model: {path: MODEL}
+method: {kind: lora}
+data: {eval_fraction: 0.1, max_seq_len: 128}
+"""
+
+
+def stub_catalog(root: Path, storage: str = "./runs", extra: str = "") -> None:
+    """server.yaml with one catalog model whose folder holds only config.json: for servers that train nothing
+    (the model is never loaded)."""
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    (root / "support.yaml").write_text(STUB_TEMPLATE.replace("MODEL", str(root / "model")))
+    (root / "server.yaml").write_text(f"storage: {{uri: {storage}}}\nmodels:\n  support-tiny: {{job: support.yaml}}\n"
+                                      + extra)

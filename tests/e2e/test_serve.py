@@ -61,6 +61,17 @@ def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
     pytest.fail(f"job {job_id} did not reach {what} within {WAIT_S} s: {job}")
 
 
+def assert_continued_to_the_end(api: openai.OpenAI, run: Path, job_id: str, stopped_at: int) -> None:
+    """A resumed job of support-long trains on from its checkpoint to step 24: no step twice, none skipped."""
+    done = wait_for(api, job_id, lambda j: j.status == "succeeded", "succeeded")
+    assert done.tunerun["step"] == 24
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job_id, limit=100).data]
+    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 25))
+
+
 @pytest.fixture(scope="module")
 def finished(service):
     api = client(service)
@@ -155,13 +166,7 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     assert 2 <= stopped_at < 24 and stopped_at in [c.step_number for c in
                                                     api.fine_tuning.jobs.checkpoints.list(job.id).data]
     api.fine_tuning.jobs.resume(job.id)
-    done = wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded")
-    assert done.tunerun["step"] == 24
-    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
-    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
-    steps = [json.loads(line)["step"] for line in (root / "runs" / job.id / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, 25))  # no step trained twice, none skipped
+    assert_continued_to_the_end(api, root / "runs" / job.id, job.id, stopped_at)
 
 
 @pytest.mark.slow
@@ -179,10 +184,4 @@ def test_a_job_resumed_after_its_paused_driver_exited_continues_the_steps(servic
         time.sleep(1.0)
     assert session_pids(pid) == [], f"the paused driver (pid {pid}) and its session did not exit"
     api.fine_tuning.jobs.resume(job.id)
-    done = wait_for(api, job.id, lambda j: j.status == "succeeded", "succeeded")
-    assert done.tunerun["step"] == 24
-    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
-    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
-    steps = [json.loads(line)["step"] for line in (root / "runs" / job.id / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, 25))  # no step trained twice, none skipped
+    assert_continued_to_the_end(api, root / "runs" / job.id, job.id, stopped_at)

@@ -19,15 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_process import Server
+from serve_process import Server, stub_catalog
 
 pytestmark = pytest.mark.slow
 
-TEMPLATE = """name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-"""
 WAIT_S = 60
 
 
@@ -125,10 +120,7 @@ class Faulty:
 @pytest.fixture(scope="module")
 def started(tmp_path_factory, free_port, tunerun):
     root = tmp_path_factory.mktemp("serve-faults")
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text("{}")  # a catalog entry: the model is never loaded here
-    (root / "support.yaml").write_text(TEMPLATE.replace("MODEL", str(root / "model")))
-    (root / "server.yaml").write_text("storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\n")
+    stub_catalog(root)
     (root / "tmp").mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root / "tmp"), "TUNERUN_CACHE": str(root / "cache")}
     with umask(0):

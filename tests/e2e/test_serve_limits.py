@@ -14,28 +14,19 @@ from pathlib import Path
 
 import openai
 import pytest
-from serve_process import Server
+from serve_process import Server, stub_catalog
 from test_disk_full import fill, small_disk
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
 MIB = 1 << 20
 UPLOAD_LIMIT = 2_000_000
-TEMPLATE = """name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, free_port, tunerun):
     root = tmp_path_factory.mktemp("serve-limits")
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text("{}")  # a catalog entry: the model is never loaded here
-    (root / "support.yaml").write_text(TEMPLATE.replace("MODEL", str(root / "model")))
-    (root / "server.yaml").write_text("storage: {uri: ./storage/runs}\nmodels:\n  support-tiny: {job: support.yaml}\n"
-                                      f"uploads: {{max_file_bytes: {UPLOAD_LIMIT}}}\n")
+    stub_catalog(root, "./storage/runs", f"uploads: {{max_file_bytes: {UPLOAD_LIMIT}}}\n")
     with small_disk(root / "storage", "24m"), small_disk(root / "tmp", "8m"):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root / "tmp")}
         keys = {}

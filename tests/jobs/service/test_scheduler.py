@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -212,3 +213,47 @@ def test_health_says_stalled_when_a_tick_hangs_and_off_for_other_targets(service
         queue._thread.join(5)
     service.jobs.config = service.jobs.config.model_copy(update={"target": "slurm"})
     assert Scheduler(service.jobs).health() == {"scheduler": "off", "last_tick_age_s": None, "last_error": None}
+
+
+@pytest.fixture
+def runs_on_a_small_disk(tmp_path):
+    """./runs (the service's storage) on a 4 MiB tmpfs, mounted before the app exists; root only, as CI runs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "runs"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_no_scheduler_and_the_job_starts_once_there_is_room(runs_on_a_small_disk, service,
+                                                                                 jobs, monkeypatch):
+    [job_id] = jobs(1)
+    launches = launched(monkeypatch)
+    ballast = runs_on_a_small_disk / "ballast"
+    with ballast.open("wb") as taking:
+        try:
+            while True:
+                taking.write(b"\0" * 65536)
+                taking.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    queue = Scheduler(service.jobs, poll_s=0.02)
+    queue.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "No space left" not in (queue.health()["last_error"] or "") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "No space left" in queue.health()["last_error"] and launches.started == []
+        claims = (runs_on_a_small_disk / job_id / "control").glob("*")
+        assert all(claim.stat().st_size > 0 for claim in claims)  # no empty claim left to hold up a restart
+        ballast.unlink()
+        while launches.started != [job_id] and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
+        assert launches.started == [job_id] and queue.health()["scheduler"] == "running"
+    finally:
+        queue.stop()

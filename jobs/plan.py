@@ -119,9 +119,8 @@ def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str
     if chosen is None:
         problems.append(Problem("method.kind", memory.explain_refusal(plan.candidates, hardware)))
         return spec, None
-    update: dict = {"kind": chosen.kind}
-    if chosen.zero is not None:  # full ZeRO, or QLoRA under ZeRO-3
-        update["zero"] = ZeroSpec(**chosen.zero)
+    # full ZeRO or QLoRA under ZeRO-3 carry the chosen zero block; any other choice none (a qlora with one is ZeRO-3)
+    update: dict = {"kind": chosen.kind, "zero": ZeroSpec(**chosen.zero) if chosen.zero is not None else None}
     method = spec.method.model_copy(update=update)
     return spec.model_copy(update={"method": method}), memory.explain_choice(chosen, plan.candidates, hardware)
 

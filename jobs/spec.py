@@ -131,20 +131,29 @@ class ZeroSpec(Strict):
 
 class MethodSpec(Strict):
     kind: Literal["full", "lora", "qlora", "auto"] = "qlora"
-    # A block that does not apply to the kind is None in the resolved job (see tunerun.jobs.plan).
-    lora: LoraSpec | None = LoraSpec()
-    quantization: QuantizationSpec | None = QuantizationSpec()
-    zero: ZeroSpec | None = ZeroSpec()
+    # Each block is there exactly when it applies: the kinds in `BLOCKS_FOR` get its defaults when the spec leaves it
+    # out, every other kind has None. So what the spec holds is what runs, and a dumped spec reads back the same: a
+    # qlora spec with a `zero` block is QLoRA under ZeRO-3, one without it is DDP QLoRA (`auto` sets it when it
+    # chooses ZeRO-3). In the resolved job a block that does not apply to the chosen kind is None too.
+    lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = None
+    zero: ZeroSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_kind(cls, data):
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "qlora")
+        missing = {block: {} for block, kinds in BLOCKS_FOR.items() if kind in kinds and block not in data}
+        return {**data, **missing}
 
     @model_validator(mode="after")
     def _settings_fit_kind(self):
-        # Defaults for every block are always present; only blocks the user *wrote* must fit the kind.
-        belongs = {"lora": {"lora", "qlora"}, "quantization": {"qlora"}, "zero": {"full", "qlora"}}
         if self.kind == "auto":
             return self
-        for block, kinds in belongs.items():
-            written = block in self.model_fields_set and getattr(self, block) is not None
-            if written and self.kind not in kinds:
+        for block, kinds in BLOCKS_USED_BY.items():
+            if getattr(self, block) is not None and self.kind not in kinds:
                 allowed = " or ".join(sorted(kinds))
                 raise field_error(
                     block,
@@ -164,9 +173,14 @@ class MethodSpec(Strict):
 
     @property
     def sharded_qlora(self) -> bool:
-        """QLoRA with a ``zero`` block the user wrote (or `auto` chose): the 4-bit base partitioned by ZeRO-3.
-        (Every spec carries a default ``zero`` block; only a written one applies to qlora.)"""
-        return self.kind == "qlora" and "zero" in self.model_fields_set and self.zero is not None
+        """QLoRA with a ``zero`` block (written by the user, or set by `auto`): the 4-bit base partitioned by ZeRO-3."""
+        return self.kind == "qlora" and self.zero is not None
+
+
+# The kinds a method block applies to, and the kinds that get its defaults when a spec leaves it out (qlora gets no
+# `zero` by default: without one it is DDP QLoRA; auto's LoRA settings size its lora and qlora candidates).
+BLOCKS_USED_BY = {"lora": ("lora", "qlora"), "quantization": ("qlora",), "zero": ("full", "qlora")}
+BLOCKS_FOR = {"lora": ("lora", "qlora", "auto"), "quantization": ("qlora", "auto"), "zero": ("full",)}
 
 
 def _check_sharded_qlora(zero: ZeroSpec, quant: QuantizationSpec) -> None:

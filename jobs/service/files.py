@@ -214,17 +214,27 @@ class Validator:
         shutil.rmtree(folder, ignore_errors=True)
 
     def recover(self) -> None:
-        """At start: remove what servers that died left behind, then validate the uploads they never finished."""
-        folders, removed = remove_dead_upload_folders(), self.files.remove_leftovers()
-        if folders or removed:
-            logger.info("removed what stopped servers left: %d upload folders, %d files in the storage",
-                        folders, len(removed))
-        # A server restarted at once (systemd's Restart=) finds its predecessor's orphans too young to tell from
-        # another server's write in progress: look again once they are old enough.
-        again = threading.Timer(ORPHAN_AFTER_S, self.files.remove_leftovers)
-        again.daemon = True
-        again.start()
-        self.revalidate_unfinished()
+        """At start: remove what servers that died left behind, then validate the uploads they never finished.
+        Runs in a thread of its own: an error (the storage unreachable) is logged, and the server serves on."""
+        try:
+            folders, removed = remove_dead_upload_folders(), self.files.remove_leftovers()
+            if folders or removed:
+                logger.info("removed what stopped servers left: %d upload folders, %d files in the storage",
+                            folders, len(removed))
+            # A server restarted at once (systemd's Restart=) finds its predecessor's orphans too young to tell
+            # from another server's write in progress: look again once they are old enough.
+            again = threading.Timer(ORPHAN_AFTER_S, self._remove_leftovers_later)
+            again.daemon = True
+            again.start()
+            self.revalidate_unfinished()
+        except Exception:  # noqa: BLE001 - the uploads left `uploaded` are validated at the next start
+            logger.exception("recovering what stopped servers left failed; the server goes on without it")
+
+    def _remove_leftovers_later(self) -> None:
+        try:
+            self.files.remove_leftovers()
+        except Exception:  # noqa: BLE001 - a timer thread: log and let the next start try again
+            logger.exception("removing what stopped servers left failed")
 
     def revalidate_unfinished(self) -> None:
         """Uploads whose validation a stopped server never finished are read again (from storage)."""

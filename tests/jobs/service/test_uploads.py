@@ -139,3 +139,14 @@ def test_a_restarted_server_removes_what_a_crashed_one_left(served, tmp_path, mo
         assert time.monotonic() < deadline, "the orphan that was young at start is still there"
         time.sleep(0.1)
     assert sorted(p.name for p in project.iterdir()) == sorted([f"{whole.id}.json", f"{whole.id}.jsonl"])
+
+
+def test_a_recovery_that_meets_a_storage_error_is_logged_and_the_server_goes_on(app, monkeypatch, caplog):
+    validator = app.state.service.validator
+
+    def unreachable(*_):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(validator.files, "remove_leftovers", unreachable)
+    validator.recover()  # a background thread's body: it must not raise
+    assert "recovering what stopped servers left failed" in caplog.text

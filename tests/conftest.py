@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +30,30 @@ def load_example(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def _mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real small disk: a tmpfs of ``size`` mounted at ``where`` (made here) for the duration; skips where this
+    machine cannot mount one (it needs root, as CI runs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # a straggler still holds a file
+
+
+@pytest.fixture
+def tmpfs():
+    """``with tmpfs(path, "1m") as disk:`` a real small disk for the duration (skips unless root, as CI runs)."""
+    return _mounted_tmpfs
 
 
 @pytest.fixture(scope="session")

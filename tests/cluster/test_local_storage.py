@@ -80,19 +80,10 @@ def test_every_file_is_0600_and_every_folder_it_makes_0700_whatever_the_umask(tm
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """A 1 MiB tmpfs, mounted for the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        yield disk
 
 def fill(disk: Path) -> Path:
     ballast = disk / "ballast"

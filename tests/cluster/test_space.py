@@ -3,7 +3,6 @@ outcome still gets recorded (the reserved file), status says `failed (disk full)
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import subprocess
 import sys
@@ -23,19 +22,10 @@ QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 
 
 @pytest.fixture
-def disk(tmp_path):
+def disk(tmp_path, tmpfs):
     """A 1 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
-
+    with tmpfs(tmp_path / "small", "1m") as where:
+        yield where
 
 @pytest.fixture
 def run(disk, tmp_path, monkeypatch):

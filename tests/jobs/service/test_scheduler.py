@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import threading
 import time
 
@@ -216,19 +215,10 @@ def test_health_says_stalled_when_a_tick_hangs_and_off_for_other_targets(service
 
 
 @pytest.fixture
-def runs_on_a_small_disk(tmp_path):
+def runs_on_a_small_disk(tmp_path, tmpfs):
     """./runs (the service's storage) on a 4 MiB tmpfs, mounted before the app exists; root only, as CI runs."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "runs"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
+    with tmpfs(tmp_path / "runs", "4m") as disk:
+        yield disk
 
 def test_a_real_full_disk_stops_no_scheduler_and_the_job_starts_once_there_is_room(runs_on_a_small_disk, service,
                                                                                  jobs, monkeypatch):

@@ -131,7 +131,8 @@ def test_a_restarted_server_removes_what_a_crashed_one_left(served, tmp_path, mo
 
     monkeypatch.setattr(files, "ORPHAN_AFTER_S", 3.0)  # a minute, shortened
     Validator(store).recover()
-    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted([live.name, unrelated.name])
+    # (the folder is the process's temp folder for now: only what this test made is asserted on)
+    assert not crashed.exists() and live.is_dir() and unrelated.is_dir()
     assert sorted(p.name for p in project.iterdir()) == sorted([f"{whole.id}.json", f"{whole.id}.jsonl", young.name])
     assert live.name.startswith(f"tunerun-upload-{os.getpid()}-")
     deadline = time.monotonic() + 10  # a young orphan may be a write in progress: it goes once a minute old

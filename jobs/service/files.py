@@ -180,6 +180,7 @@ class Validator:
         self._held: set[Path] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._sweep: threading.Timer | None = None  # recover's second look for orphans
 
     def later(self, project: str, file_id: str, local: Path) -> None:
         """Validate ``local`` in turn; its folder is the validator's from now on."""
@@ -223,9 +224,9 @@ class Validator:
                             folders, len(removed))
             # A server restarted at once (systemd's Restart=) finds its predecessor's orphans too young to tell
             # from another server's write in progress: look again once they are old enough.
-            again = threading.Timer(ORPHAN_AFTER_S, self._remove_leftovers_later)
-            again.daemon = True
-            again.start()
+            self._sweep = threading.Timer(ORPHAN_AFTER_S, self._remove_leftovers_later)
+            self._sweep.daemon = True
+            self._sweep.start()
             self.revalidate_unfinished()
         except Exception:  # noqa: BLE001 - the uploads left `uploaded` are validated at the next start
             logger.exception("recovering what stopped servers left failed; the server goes on without it")
@@ -254,6 +255,8 @@ class Validator:
         (it raises the SIGTERM again), so nothing would remove them later. The files stay ``uploaded``; the
         next start validates them."""
         self._stopping.set()
+        if self._sweep is not None:
+            self._sweep.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             held, self._held = self._held, set()

@@ -32,7 +32,13 @@ def served(tmp_path, stub_model_dir, monkeypatch):
 
 @pytest.fixture
 def app(served):
-    return create_app(served)
+    app = create_app(served)
+    yield app
+    # The storage is ./runs in the test's directory: a validation still running when the next test has changed
+    # directory would write its verdict into that test's storage.
+    validator = app.state.service.validator
+    validator.shutdown()
+    validator.pool.shutdown(wait=True)
 
 
 @pytest.fixture

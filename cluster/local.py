@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tunerun.cluster.runs import DRIVER_LOG, RunInfo, create_run, read_info, update_info
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.storage import RunFolder, process_alive
 from tunerun.cluster.targets import Observation, Target, tail_file, trainer_command, wait_until
 from tunerun.jobs.plan import ResolvedJob
 
@@ -57,7 +57,7 @@ class LocalTarget(Target):
         pid = _driver_pid(info)
         if pid is None:  # started on another host: only the run folder can tell
             return None
-        return Observation(info.local, ended=not _alive(pid),
+        return Observation(info.local, ended=not process_alive(pid),
                            error=f"the driver (pid {pid}) is gone without recording an outcome (killed: out of "
                                  f"memory, kill -9, a reboot); its log: {info.local.log}")
 
@@ -65,7 +65,7 @@ class LocalTarget(Target):
         """SIGTERM the driver's session (the driver, Ray's processes, the workers), then SIGKILL whatever is left
         of it after `CANCEL_GRACE_S`; returns once none of it runs."""
         pid = _driver_pid(info)
-        if not pid or not _alive(pid):
+        if not pid or not process_alive(pid):
             return False
         os.killpg(pid, signal.SIGTERM)
         if not wait_until(lambda: not _session_alive(pid), CANCEL_GRACE_S, 0.2):
@@ -95,7 +95,7 @@ def _session_alive(sid: int) -> bool:
     """Whether a process of session ``sid`` still runs (zombies do not count); the driver leads its session."""
     proc = Path("/proc")
     if not proc.is_dir():  # not Linux: the driver stands for its session
-        return _alive(sid)
+        return process_alive(sid)
     for stat in proc.glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -104,18 +104,3 @@ def _session_alive(sid: int) -> bool:
         if int(fields[3]) == sid and fields[0] != "Z":
             return True
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A finished child of ours that nobody reaped yet is a zombie: not alive for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True

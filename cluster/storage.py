@@ -123,14 +123,19 @@ class LocalBackend:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs on this host (it may belong to another user)."""
+    """Whether process ``pid`` still runs on this host (it may belong to another user). A finished child that
+    nobody reaped yet is a zombie: not alive for anyone asking whether its work can still finish."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # another user's process
-    return True
+        return True  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (not Linux): the signal said it exists
 
 
 def _abandoned(partial: Path, pid: int, this_host: bool) -> bool:

@@ -5,9 +5,9 @@ The run folder holds everything (job.yaml, run.json, events, metrics, checkpoint
 written once, before the run exists, so every run with a run.json that belongs to the service has one. The
 server keeps nothing else: a restarted server, or a second one on the same storage, sees every job.
 
-With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler` starts them as slots
-free, detached, so they keep training while the server is down); other targets are given the job at once and
-queue it in the cluster's own scheduler.
+With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler`
+starts them as slots free, detached, so they keep training while the server is down); other targets are given the
+job at once and queue it in the cluster's own scheduler.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def _mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], capture_output=True)  # a straggler still holds a file
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tmpfs():
     """``with tmpfs(path, "1m") as disk:`` a real small disk for the duration (skips unless root, as CI runs)."""
     return _mounted_tmpfs

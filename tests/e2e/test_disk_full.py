@@ -26,23 +26,6 @@ TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
 RUN_TIMEOUT_S = 600  # a hang fails the test; no assertion depends on how fast anything is
 
 
-@contextmanager
-def small_disk(where: Path, size: str):
-    """A tmpfs of ``size`` mounted at ``where`` for the duration; skips when this machine cannot mount one."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    where.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # a straggler still holds a file
-
-
 def free_bytes(path: Path) -> int:
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
@@ -104,11 +87,11 @@ def end_session(session: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, tiny_model_dir):
+def stopped_run(tmp_path_factory, tiny_model_dir, tmpfs):
     """A run on a 64 MiB disk that another process fills after the first checkpoint, leaving room for the logs but
     not for the second checkpoint."""
     root = tmp_path_factory.mktemp("disk-full")
-    with small_disk(root / "small", "64m") as disk:
+    with tmpfs(root / "small", "64m") as disk:
         process = start_run(root, tiny_model_dir, disk / "runs", "full", "training.max_steps=40",
                             "checkpoint.every_steps=10", "checkpoint.keep_last=3", "eval.every_steps=40")
         run = disk / "runs" / "full"
@@ -155,8 +138,8 @@ def test_the_printed_resume_command_finishes_the_run_after_the_folder_moved(stop
 
 
 @pytest.mark.slow
-def test_a_disk_filled_from_outside_mid_run_is_reported_as_disk_full(tmp_path, tiny_model_dir, tunerun):
-    with small_disk(tmp_path / "small", "64m") as disk:
+def test_a_disk_filled_from_outside_mid_run_is_reported_as_disk_full(tmp_path, tiny_model_dir, tunerun, tmpfs):
+    with tmpfs(tmp_path / "small", "64m") as disk:
         process = start_run(tmp_path, tiny_model_dir, disk / "runs", "filled", "training.max_steps=100000",
                             "checkpoint.every_steps=5", "eval.every_steps=100000")
         run = disk / "runs" / "filled"

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 from serve_process import Server, stub_catalog
-from test_disk_full import fill, small_disk
+from test_disk_full import fill
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
@@ -24,10 +24,10 @@ UPLOAD_LIMIT = 2_000_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, free_port, tunerun):
+def server(tmp_path_factory, free_port, tunerun, tmpfs):
     root = tmp_path_factory.mktemp("serve-limits")
     stub_catalog(root, "./storage/runs", f"uploads: {{max_file_bytes: {UPLOAD_LIMIT}}}\n")
-    with small_disk(root / "storage", "24m"), small_disk(root / "tmp", "8m"):
+    with tmpfs(root / "storage", "24m"), tmpfs(root / "tmp", "8m"):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root / "tmp")}
         keys = {}
         for name in ("acme", "fresh"):

@@ -58,13 +58,15 @@ def tunerun_save(run, name: str, local: Path, storage) -> None:
 
     import ray.train
 
+    from tunerun.cluster import run_folder
+
     from tunerun.trainer import checkpoint as ckpt
 
     with ThreadPoolExecutor(1) as hasher:
         hashing = hasher.submit(ckpt.file_digests, local)
         ckpt.uploader(run)(ray.train.Checkpoint.from_directory(str(local)), name)
         digests = hashing.result()
-    ckpt.write_manifest(run, name, 1, digests)
+    run_folder.write_manifest(run, name, 1, digests)
 
 
 def pyarrow_save(run, name: str, local: Path, storage) -> None:
@@ -72,13 +74,14 @@ def pyarrow_save(run, name: str, local: Path, storage) -> None:
     import pyarrow.fs
 
     from tunerun.cluster.s3 import pyarrow_filesystem, split_uri
+    from tunerun.cluster import run_folder
     from tunerun.trainer import checkpoint as ckpt
 
     digests = ckpt.file_digests(local)
     bucket, prefix = split_uri(storage.uri)
     pyarrow.fs.copy_files(str(local), f"{bucket}/{prefix}/{run.run_id}/{name}",
                           destination_filesystem=pyarrow_filesystem(storage))
-    ckpt.write_manifest(run, name, 1, digests)
+    run_folder.write_manifest(run, name, 1, digests)
 
 
 def boto3_upload(client, bucket: str, key: str, local: Path) -> None:
@@ -112,7 +115,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tunerun-bench-"))
     try:
         from tunerun.cluster.s3 import client
-        from tunerun.cluster.storage import RunFolder
+        from tunerun.cluster.run_folder import RunFolder
         from tunerun.jobs.spec import StorageSpec
         from tunerun.trainer.checkpoint import latest_complete
 

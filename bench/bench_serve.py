@@ -1,12 +1,17 @@
 """`tunerun serve` under load: request latency with many jobs in the ledger, and what polling costs a training job.
 
-    python bench/bench_serve.py [--jobs 1000] [--requests 200] [--clients 50] [--seconds 60] [--skip-training]
+    python bench/bench_serve.py [--jobs 1000] [--requests 200] [--dashboards 10] [--poll-seconds 20]
+                                [--clients 50] [--seconds 60] [--skip-s3] [--skip-training]
 
 1. Latency. A ledger of ``--jobs`` finished jobs (run folders as the service writes them: service.json, run.json,
-   events, metrics) is served by a real ``tunerun serve`` on loopback. p50/p99 of ``jobs.list`` (a page of 20)
-   and ``jobs.retrieve`` through the official `openai` client, against the baseline of reading the same run
-   folders directly in this process (the listing plus the files one job object is made of). Ratio printed.
-2. Load. One real job trains (the tiny model, 2 CPU workers) while ``--clients`` threads each poll
+   events, metrics) is served by a real ``tunerun serve`` on loopback, from a local folder and then from an S3
+   server (moto on loopback, as in the tests). p50/p99 of ``jobs.list`` (a page of 20), ``jobs.retrieve`` and the
+   dashboard's poll (the page of 50 newest jobs that static/jobs.js asks for every 2 s) through the official
+   `openai` client, against the baseline of reading the same run folders directly in this process (the listing
+   plus the files the job objects are made of; on S3 with one boto3 client). Ratio printed.
+2. Dashboards. ``--dashboards`` threads each poll as the jobs page does (every 2 s) for ``--poll-seconds``; p50/p99
+   of their polls under that load, against the same direct read.
+3. Load. One real job trains (the tiny model, 2 CPU workers) while ``--clients`` threads each poll
    ``retrieve`` and ``list_events`` once a second for ``--seconds``; every failed request is counted. The same
    job then runs unpolled; the ratio of their median step times says what the polling cost the training.
 Nothing here asserts: it prints what it measured.
@@ -114,31 +119,96 @@ def timed(call, repeats: int) -> list[float]:
     return out
 
 
-def direct_read(runs: Path, job_id: str | None) -> None:
-    """The baseline: the listing of the run folders, then the files a job object is made of."""
-    if job_id is None:
-        names = sorted((p.name for p in runs.iterdir() if (p / "run.json").exists()), reverse=True)[:20]
-    else:
-        names = [job_id]
-    for name in names:
-        for file in ("service.json", "run.json", "events.jsonl", "metrics.jsonl"):
-            (runs / name / file).read_bytes()
+FILES = ("service.json", "run.json", "events.jsonl", "metrics.jsonl")  # what a job object is made of
+DASHBOARD_PAGE = 50  # static/jobs.js: the newest jobs it shows and polls
+POLL_S = 2.0  # static/jobs.js REFRESH_MS
 
 
-def latency(root: Path, server: Server, key: str, ids: list[str], repeats: int) -> None:
+class LocalFolders:
+    """The baseline on a local folder: the listing of the run folders, then the files the job objects are made of."""
+
+    def __init__(self, runs: Path):
+        self.runs = runs
+
+    def read(self, job_id: str | None, count: int = 20) -> None:
+        if job_id is None:
+            names = sorted((p.name for p in self.runs.iterdir() if (p / "run.json").exists()), reverse=True)[:count]
+        else:
+            names = [job_id]
+        for name in names:
+            for file in FILES:
+                (self.runs / name / file).read_bytes()
+
+
+class S3Folders:
+    """The same baseline on S3, with one boto3 client: a listing of the prefix, then one GET per file."""
+
+    def __init__(self, endpoint: str, bucket: str, prefix: str):
+        import boto3
+
+        self.s3, self.bucket, self.prefix = boto3.client("s3", endpoint_url=endpoint), bucket, prefix
+
+    def read(self, job_id: str | None, count: int = 20) -> None:
+        if job_id is None:
+            names = []
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/",
+                                                                          Delimiter="/"):
+                names += [p["Prefix"][len(self.prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            names = sorted(names, reverse=True)[:count]
+        else:
+            names = [job_id]
+        for name in names:
+            for file in FILES:
+                self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}/{file}")["Body"].read()
+
+
+def latency(where: str, server: Server, key: str, ids: list[str], repeats: int, direct) -> None:
     api = server.client(key)
-    runs = root / "runs"
-    api.fine_tuning.jobs.list(limit=20)  # warm the server's record cache, as a running server has it
+    started = time.perf_counter()
+    api.with_options(timeout=900).fine_tuning.jobs.list(limit=20)  # a server just started reads every record once
+    print(f"first page after the server started ({where}): {time.perf_counter() - started:.2f} s")
+    middle = ids[len(ids) // 2]
     rows = [("jobs.list (20 of %d)" % len(ids), lambda: api.fine_tuning.jobs.list(limit=20),
-             lambda: direct_read(runs, None)),
-            ("jobs.retrieve", lambda: api.fine_tuning.jobs.retrieve(ids[len(ids) // 2]),
-             lambda: direct_read(runs, ids[len(ids) // 2]))]
-    print(f"latency, {len(ids)} jobs in the ledger, {repeats} requests each (ms)")
-    for name, served, direct in rows:
+             lambda: direct.read(None)),
+            ("jobs.retrieve", lambda: api.fine_tuning.jobs.retrieve(middle), lambda: direct.read(middle)),
+            (f"dashboard poll ({DASHBOARD_PAGE})", lambda: api.fine_tuning.jobs.list(limit=DASHBOARD_PAGE),
+             lambda: direct.read(None, DASHBOARD_PAGE))]
+    print(f"latency, {where}, {len(ids)} jobs in the ledger, {repeats} requests each (ms)")
+    for name, served, baseline in rows:
+        served()
         s50, s99 = percentiles(timed(served, repeats))
-        d50, d99 = percentiles(timed(direct, repeats))
+        d50, d99 = percentiles(timed(baseline, repeats))
         print(f"  {name:24s} served p50 {s50:7.2f} p99 {s99:7.2f} · direct read p50 {d50:6.3f} p99 {d99:6.3f} · "
-              f"ratio p50 {s50 / d50:,.0f}×")
+              f"ratio p50 {s50 / d50:,.1f}×")
+
+
+def dashboards(where: str, server: Server, key: str, count: int, seconds: float, direct) -> None:
+    """``count`` jobs pages open at once, each polling the newest jobs every 2 s as static/jobs.js does."""
+    samples, failures, stop = [], [], threading.Event()
+
+    def page():
+        api = server.client(key)
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                api.fine_tuning.jobs.list(limit=DASHBOARD_PAGE)
+                samples.append((time.perf_counter() - started) * 1000)
+            except Exception as exc:  # noqa: BLE001 - counted and reported, whatever it is
+                failures.append(repr(exc))
+            stop.wait(POLL_S)
+
+    pages = [threading.Thread(target=page, daemon=True) for _ in range(count)]
+    for thread in pages:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in pages:
+        thread.join(timeout=60)
+    s50, s99 = percentiles(samples)
+    d50, _ = percentiles(timed(lambda: direct.read(None, DASHBOARD_PAGE), 50))
+    print(f"dashboards, {where}: {count} jobs pages polling every {POLL_S:.0f} s for {seconds:.0f} s: {len(samples)} "
+          f"polls, {len(failures)} failed · p50 {s50:.2f} ms p99 {s99:.2f} ms · direct read p50 {d50:.3f} ms · "
+          f"ratio p50 {s50 / d50:,.1f}×")
 
 
 def step_times(metrics: Path) -> list[float]:
@@ -193,12 +263,72 @@ def load(root: Path, server: Server, key: str, clients: int, seconds: float) -> 
           f"({len(quiet)} steps) · ratio {p / q:.2f}")
 
 
+def moto_server(root: Path):
+    """moto's S3 server on loopback (`pip install "moto[server]"`), with test credentials for every process."""
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=(root / "moto.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            return process, endpoint
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"moto_server did not start: {(root / 'moto.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+def upload(local: Path, endpoint: str, bucket: str, prefix: str) -> None:
+    import boto3
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    files = [p for p in local.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local)}"), files))
+
+
+def serve_s3(root: Path, ids: list[str], args) -> None:
+    """The same ledger and key on an S3 server, served by a second `tunerun serve`."""
+    moto, endpoint = moto_server(root)
+    try:
+        s3_root = root / "s3"
+        s3_root.mkdir()
+        shutil.copy(root / "support.yaml", s3_root / "support.yaml")
+        (s3_root / "server.yaml").write_text(f"storage: {{uri: 's3://bench/runs', endpoint_url: '{endpoint}'}}\n"
+                                             "models:\n  support-tiny: {job: support.yaml}\n")
+        upload(root / "runs", endpoint, "bench", "runs")
+        key = make_key(s3_root)
+        server = Server(s3_root)
+        try:
+            direct = S3Folders(endpoint, "bench", "runs")
+            latency("S3 (moto on loopback)", server, key, ids, args.requests, direct)
+            dashboards("S3", server, key, args.dashboards, args.poll_seconds, direct)
+        finally:
+            server.stop()
+    finally:
+        os.killpg(moto.pid, signal.SIGTERM)
+        moto.wait(timeout=30)
+
+
+def make_key(root: Path) -> str:
+    return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", "serve", "keys", "create", "bench", "--config",
+                           "server.yaml"], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--dashboards", type=int, default=10)
+    parser.add_argument("--poll-seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--skip-s3", action="store_true", help="no S3 case")
     parser.add_argument("--skip-training", action="store_true", help="measure latency only")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tunerun-bench-serve-"))
@@ -210,12 +340,14 @@ def main() -> None:
         (root / "server.yaml").write_text("storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\n"
                                           "  support-bench: {job: support.yaml}\n")
         ids = write_ledger(root / "runs", args.jobs)
-        key = subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", "serve", "keys", "create", "bench",
-                              "--config", "server.yaml"], cwd=root, check=True, capture_output=True,
-                             text=True).stdout.strip()
+        if not args.skip_s3:  # the ledger alone, before the local server adds its key and uploads
+            serve_s3(root, ids, args)
+        key = make_key(root)
         server = Server(root)
         try:
-            latency(root, server, key, ids, args.requests)
+            direct = LocalFolders(root / "runs")
+            latency("local folder", server, key, ids, args.requests, direct)
+            dashboards("local folder", server, key, args.dashboards, args.poll_seconds, direct)
             if not args.skip_training:
                 load(root, server, key, args.clients, args.seconds)
         finally:

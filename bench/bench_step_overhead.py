@@ -74,7 +74,7 @@ def worker(config: dict) -> None:
 def build(case: str, job_json: dict, config: dict):
     import torch
 
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.plan import ResolvedJob
     from tunerun.trainer import loop
     from tunerun.trainer.batches import BatchSchedule

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from tunerun.cluster.runs import RunInfo, create_run, read_info, record_refused, update_info
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import JOB, RUN_INFO, RunFolder
+from tunerun.cluster.runs import Handle, RunInfo, create_run, read_info, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, trainer_shell_command
 from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
@@ -158,7 +158,7 @@ def _context(job: ResolvedJob) -> dict:
 
 
 def _entrypoint(job: ResolvedJob) -> str:
-    adopt = ["python", "-m", "tunerun.cluster.k8s", "adopt", f"{JOB_DIR}/job.yaml"]
+    adopt = ["python", "-m", "tunerun.cluster.k8s", "adopt", f"{JOB_DIR}/{JOB}"]
     return f"{shlex.join(adopt)} && exec {trainer_shell_command(job)}"
 
 
@@ -171,7 +171,7 @@ def _check(documents: list[dict], job: ResolvedJob) -> None:
     name = rayjob["metadata"]["name"]
     if len(name) > MAX_RAYJOB_NAME or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
         raise TargetError(f"RayJob name {name!r} is not a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters")
-    if ResolvedJob.model_validate(yaml.safe_load(configmap["data"]["job.yaml"])) != job:
+    if ResolvedJob.model_validate(yaml.safe_load(configmap["data"][JOB])) != job:
         raise TargetError("the resolved job does not read back from the rendered ConfigMap unchanged")
     if rayjob["spec"]["entrypoint"] != _entrypoint(job):
         raise TargetError("the RayJob entrypoint did not survive rendering unchanged")
@@ -285,9 +285,26 @@ class KubeApi:
 
 # ── the target surface ──────────────────────────────────────────────────────────────────────────────────────
 
+class RayJobHandle(Handle):
+    """A KubeRay ``RayJob`` and the ConfigMap holding the resolved job."""
+
+    namespace: str | None = None
+    rayjob: str | None = None
+    configmap: str | None = None
+    uid: str | None = None
+    context: str | None = None  # the kubeconfig context and API server it was created through
+    api_server: str | None = None
+    job_status: str | None = None  # observed by `status` from the RayJob's .status
+    deployment_status: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    failed: int | None = None
+    error: str | None = None
+
+
 class KubeRayTarget(Target):
     name = "k8s"
-    handle_field = "k8s"
+    Handle = RayJobHandle
 
     def render(self, job: ResolvedJob) -> str:
         return render_manifests(job)
@@ -306,16 +323,16 @@ class KubeRayTarget(Target):
             created = api.create(rayjob)
             api.own(namespace, record["configmap"], created)
         except TargetError as exc:
-            record_refused(run, str(exc), k8s=record)
+            record_refused(run, str(exc), **{self.name: record})
             raise
-        update_info(run, k8s={**record, "uid": created["metadata"].get("uid")})
+        update_info(run, **{self.name: {**record, "uid": created["metadata"].get("uid")}})
         run.event("k8s_submitted", rayjob=record["rayjob"], namespace=namespace)
         run.flush()
         return run
 
     def observe(self, info: RunInfo) -> Observation | None:
         """The RayJob's own view (jobStatus, jobDeploymentStatus) when the API server answers."""
-        handle = info.k8s
+        handle = self.handle(info)
         if not handle.rayjob:
             return None
         try:
@@ -337,16 +354,17 @@ class KubeRayTarget(Target):
     def stop(self, info: RunInfo) -> bool:
         """Delete the RayJob (its pods get SIGTERM and terminationGracePeriodSeconds to checkpoint) and the
         ConfigMap. True if the RayJob was there."""
-        handle = info.k8s
+        handle = self.handle(info)
         if not handle.rayjob:
             return False
         return KubeApi().delete(handle.namespace, handle.rayjob, handle.configmap or f"{handle.rayjob}-job")
 
     def describe(self, info: RunInfo) -> str:
-        return f"RayJob {info.k8s.namespace}/{info.k8s.rayjob}"
+        handle = self.handle(info)
+        return f"RayJob {handle.namespace}/{handle.rayjob}"
 
     def view(self, info: RunInfo) -> str | None:
-        k8s = info.k8s
+        k8s = self.handle(info)
         if k8s is None or not k8s.rayjob:
             return None
         if k8s.error:
@@ -357,7 +375,7 @@ class KubeRayTarget(Target):
 
     def logs(self, run: RunFolder, write, follow: bool = False) -> None:
         """The driver's output from the submitter pod while it exists, else the copy in the run folder."""
-        handle = read_info(run).k8s
+        handle = self.handle(read_info(run))
         chunks = KubeApi().submitter_log(handle.namespace, handle.rayjob, follow) if handle and handle.rayjob \
             else None
         if chunks is None:
@@ -378,9 +396,9 @@ def adopt(job_file: str | Path) -> RunFolder:
     job = ResolvedJob.model_validate(yaml.safe_load(Path(job_file).read_text(encoding="utf-8")))
     run = RunFolder(job.spec.storage, job.run_id)
     record = {"namespace": os.environ.get("TUNERUN_K8S_NAMESPACE"), "rayjob": os.environ.get("TUNERUN_K8S_RAYJOB")}
-    if not run.exists("run.json"):
+    if not run.exists(RUN_INFO):
         run = create_run(job, KubeRayTarget.name)
-        update_info(run, k8s={**record, "configmap": f"{record['rayjob']}-job"})
+        update_info(run, **{KubeRayTarget.name: {**record, "configmap": f"{record['rayjob']}-job"}})
     elif read_info(run).started_at:
         run.event("run_relaunched", target=KubeRayTarget.name, rayjob=record["rayjob"])
     run.flush()

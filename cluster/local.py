@@ -13,20 +13,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tunerun.cluster.runs import DRIVER_LOG, RunInfo, create_run, read_info, update_info
-from tunerun.cluster.storage import RunFolder, process_alive
+from tunerun.cluster.run_folder import DRIVER_LOG, RunFolder
+from tunerun.cluster.runs import Handle, RunInfo, create_run, read_info, update_info
+from tunerun.cluster.storage import cache_root, process_alive
 from tunerun.cluster.targets import Observation, Target, tail_file, trainer_command, wait_until
 from tunerun.jobs.plan import ResolvedJob
 
 CANCEL_GRACE_S = 20.0  # SIGTERM, then SIGKILL: the driver checkpoints and stops meanwhile
 
 
+class LocalHandle(Handle):
+    """The driver process of a `local` run, valid on the host that started it."""
+
+    pid: int
+    log: str
+    host: str
+
+
 def driver_log_path(run: RunFolder) -> Path:
     """Where the driver's output goes: in the run folder when it is local, else a local spool uploaded at the end."""
     if run.is_local:
         return run.local_path(DRIVER_LOG)
-    cache = Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
-    return cache / "logs" / run.run_id / "driver.log"
+    return cache_root() / "logs" / run.run_id / Path(DRIVER_LOG).name
 
 
 def start(job: ResolvedJob, resume: bool = False,
@@ -42,29 +50,31 @@ def start(job: ResolvedJob, resume: bool = False,
             stdin=subprocess.DEVNULL, env={**os.environ, "TUNERUN_DRIVER_LOG": str(log_path)},
             start_new_session=True,  # its own process group: cancel stops Ray workers too
         )
-    update_info(run, local={"pid": process.pid, "log": str(log_path), "host": socket.gethostname()})
+    handle = LocalHandle(pid=process.pid, log=str(log_path), host=socket.gethostname())
+    update_info(run, **{LocalTarget.name: handle.model_dump()})
     return run, process
 
 
 class LocalTarget(Target):
     name = "local"
-    handle_field = "local"
+    Handle = LocalHandle
 
     def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
         return start(job, resume)[0]
 
     def observe(self, info: RunInfo) -> Observation | None:
-        pid = _driver_pid(info)
+        handle = self.handle(info)
+        pid = _driver_pid(handle)
         if pid is None:  # started on another host: only the run folder can tell
             return None
-        return Observation(info.local, ended=not process_alive(pid),
+        return Observation(handle, ended=not process_alive(pid),
                            error=f"the driver (pid {pid}) is gone without recording an outcome (killed: out of "
-                                 f"memory, kill -9, a reboot); its log: {info.local.log}")
+                                 f"memory, kill -9, a reboot); its log: {handle.log}")
 
     def stop(self, info: RunInfo) -> bool:
         """SIGTERM the driver's session (the driver, Ray's processes, the workers), then SIGKILL whatever is left
         of it after `CANCEL_GRACE_S`; returns once none of it runs."""
-        pid = _driver_pid(info)
+        pid = _driver_pid(self.handle(info))
         if not pid or not process_alive(pid):
             return False
         os.killpg(pid, signal.SIGTERM)
@@ -74,21 +84,22 @@ class LocalTarget(Target):
         return True
 
     def describe(self, info: RunInfo) -> str:
-        return f"driver pid {info.local.pid} on {info.local.host}" if info.local else self.name
+        handle = self.handle(info)
+        return f"driver pid {handle.pid} on {handle.host}" if handle else self.name
 
     def logs(self, run: RunFolder, write, follow: bool = False) -> None:
-        log = Path(info.local.log) if (info := read_info(run)).local else None
+        log = Path(handle.log) if (handle := self.handle(read_info(run))) else None
         if log is None or not log.is_file():  # the driver ran on another host: read the copy it left
             super().logs(run, write, follow)
             return
         tail_file(log, write, follow, done=lambda: self.status(run).state.terminal)
 
 
-def _driver_pid(info: RunInfo) -> int | None:
+def _driver_pid(handle: LocalHandle | None) -> int | None:
     """The local driver's pid, if it ran on this host (a run folder on S3 is seen from many machines)."""
-    if info.local is None or info.local.host != socket.gethostname():
+    if handle is None or handle.host != socket.gethostname():
         return None
-    return info.local.pid
+    return handle.pid
 
 
 def _session_alive(sid: int) -> bool:

@@ -16,8 +16,8 @@ import time
 
 import yaml
 
-from tunerun.cluster.runs import RunInfo, RunState, create_run, read_info, record_refused, update_info
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import RunFolder
+from tunerun.cluster.runs import Handle, RunInfo, RunState, create_run, read_info, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, trainer_shell_command, wait_until
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
@@ -62,9 +62,21 @@ def _client(address: str):
                           "RAY_AUTH_TOKEN") from None
 
 
+class RaySubmission(Handle):
+    """A job on an existing Ray cluster, through its Job Submission API."""
+
+    address: str
+    submission_id: str
+    submissions: list[str] = []  # every id this run was submitted under (a resumed run gets a new one)
+    env_vars: list[str] = []  # names copied from the submitting shell (values never recorded)
+    job_status: str | None = None  # observed by `status`
+    message: str | None = None
+    error: str | None = None  # the API could not be asked
+
+
 class RayClusterTarget(Target):
     name = "ray"
-    handle_field = "ray"
+    Handle = RaySubmission
 
     def render(self, job: ResolvedJob) -> str:
         return render_request(job)
@@ -73,7 +85,7 @@ class RayClusterTarget(Target):
         address = job.spec.targets.ray.address
         client = _client(address)  # before the run folder exists: a wrong address leaves nothing behind
         run = create_run(job, self.name, resume)
-        earlier = info.ray.submissions if (info := read_info(run)).ray else []
+        earlier = handle.submissions if (handle := self.handle(read_info(run))) else []
         request = submission(job, attempt=len(earlier) + 1)
         try:
             client.submit_job(entrypoint=request["entrypoint"], submission_id=request["submission_id"],
@@ -81,15 +93,16 @@ class RayClusterTarget(Target):
         except (RuntimeError, ConnectionError, ValueError) as exc:
             record_refused(run, f"Ray refused the job: {exc}")
             raise TargetError(f"the Ray cluster at {address} refused the job: {exc}") from None
-        update_info(run, ray={"address": address, "submission_id": request["submission_id"],
-                              "submissions": [*earlier, request["submission_id"]],
-                              "env_vars": sorted(request["runtime_env"]["env_vars"])})
+        handle = RaySubmission(address=address, submission_id=request["submission_id"],
+                               submissions=[*earlier, request["submission_id"]],
+                               env_vars=sorted(request["runtime_env"]["env_vars"]))
+        update_info(run, **{self.name: handle.model_dump(exclude_none=True)})
         run.event("ray_submitted", address=address, submission_id=request["submission_id"])
         run.flush()
         return run
 
     def observe(self, info: RunInfo) -> Observation:
-        handle = info.ray
+        handle = self.handle(info)
         try:
             details = _client(handle.address).get_job_info(handle.submission_id)
         except (TargetError, RuntimeError) as exc:
@@ -103,16 +116,18 @@ class RayClusterTarget(Target):
 
     def stop(self, info: RunInfo) -> bool:
         """Ask Ray to stop the job (SIGTERM to the driver, which checkpoints); True if it was running."""
-        client, submission_id = _client(info.ray.address), info.ray.submission_id
+        handle = self.handle(info)
+        client, submission_id = _client(handle.address), handle.submission_id
         stopped = client.stop_job(submission_id)
         wait_until(lambda: client.get_job_status(submission_id).is_terminal(), STOP_WAIT_S, POLL_S)
         return bool(stopped)
 
     def describe(self, info: RunInfo) -> str:
-        return f"Ray job {info.ray.submission_id} at {info.ray.address}"
+        handle = self.handle(info)
+        return f"Ray job {handle.submission_id} at {handle.address}"
 
     def view(self, info: RunInfo) -> str | None:
-        ray = info.ray
+        ray = self.handle(info)
         if ray is None:
             return None
         if ray.error:
@@ -122,11 +137,11 @@ class RayClusterTarget(Target):
 
     def logs(self, run: RunFolder, write, follow: bool = False) -> None:
         """The driver's output as Ray keeps it; with ``follow``, until the job ends."""
-        info = read_info(run)
-        if info.ray is None:
+        handle = self.handle(read_info(run))
+        if handle is None:
             super().logs(run, write, follow)
             return
-        client, submission_id = _client(info.ray.address), info.ray.submission_id
+        client, submission_id = _client(handle.address), handle.submission_id
         printed = 0
         while True:
             terminal = client.get_job_status(submission_id).is_terminal()

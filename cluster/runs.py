@@ -32,28 +32,15 @@ import shlex
 import time
 from enum import Enum
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import (CHECKPOINT_REQUEST, RESERVED_OUTCOME, RUN_INFO, RunFolder,
+                                        last_complete_checkpoint, write_job)
 from tunerun.cluster.space import is_disk_full
 from tunerun.jobs.errors import StorageError, TargetError
 from tunerun.jobs.plan import ResolvedJob
 
-RUN_INFO = "run.json"
-DRIVER_LOG = "logs/driver.log"  # the driver's output, in the run folder (or copied there when it ends)
-# Checkpoint-and-stop, asked for through the run folder: rank 0 of the workers polls for this object, so a
-# request reaches the run on whatever target and node it trains (written by the driver on USR1/TERM, or by
-# `Target.pause`).
-CHECKPOINT_REQUEST = "control/checkpoint_requested"
-# Written by rank 0 when the next checkpoint would not fit (tunerun.cluster.space): the workers stopped, and the
-# driver records the run as failed (disk_full) with the message this holds.
-DISK_FULL = "control/disk_full"
-# Bytes set aside at the driver's start (local run folders) so the outcome can be recorded on a full disk.
-RESERVED_OUTCOME = "control/reserved_outcome"
-RESERVED_OUTCOME_BYTES = 16384
-# Checkpoints: checkpoints/step-000200/, complete once its manifest (written last) is there (tunerun.trainer.checkpoint).
-CHECKPOINTS, CHECKPOINT_PREFIX, CHECKPOINT_MANIFEST = "checkpoints", "step-", "manifest.json"
+RESERVED_OUTCOME_BYTES = 16384  # set aside at the driver's start (local run folders): see record_outcome
 
 
 class RunState(str, Enum):
@@ -74,57 +61,20 @@ class RunState(str, Enum):
         return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.PREEMPTED)
 
 
-class _Record(BaseModel):
+class Record(BaseModel):
     # Run folders outlive the tunerun that wrote them: keys this version does not know are kept, not refused.
     model_config = ConfigDict(extra="allow")
 
 
-class LocalHandle(_Record):
-    """The driver process of a `local` run, valid on the host that started it."""
-
-    pid: int
-    log: str
-    host: str
+class Handle(Record):
+    """A target's record of a run in run.json, under the target's name: each target module declares its own
+    (`tunerun.cluster.targets.Target.Handle`) and reads it with `Target.handle`."""
 
 
-class SlurmHandle(_Record):
-    job_id: str
-    script: str | None = None  # the sbatch script, relative to the run folder
-    output: str | None = None  # the job's output file where the submitting machine sees it
-    state: str | None = None  # observed by `status`: squeue / scontrol, None once Slurm forgot the job
-
-
-class RaySubmission(_Record):
-    """A job on an existing Ray cluster, through its Job Submission API."""
-
-    address: str
-    submission_id: str
-    submissions: list[str] = []  # every id this run was submitted under (a resumed run gets a new one)
-    env_vars: list[str] = []  # names copied from the submitting shell (values never recorded)
-    job_status: str | None = None  # observed by `status`
-    message: str | None = None
-    error: str | None = None  # the API could not be asked
-
-
-class RayJobHandle(_Record):
-    """A KubeRay ``RayJob`` and the ConfigMap holding the resolved job."""
-
-    namespace: str | None = None
-    rayjob: str | None = None
-    configmap: str | None = None
-    uid: str | None = None
-    context: str | None = None  # the kubeconfig context and API server it was created through
-    api_server: str | None = None
-    job_status: str | None = None  # observed by `status` from the RayJob's .status
-    deployment_status: str | None = None
-    reason: str | None = None
-    message: str | None = None
-    failed: int | None = None
-    error: str | None = None
-
-
-class RunInfo(_Record):
-    """``run.json``. Only ``state`` is always there; the rest appears as the run goes (see the module doc)."""
+class RunInfo(Record):
+    """``run.json``. Only ``state`` is always there; the rest appears as the run goes (see the module doc). The
+    target's record of the run lies under the target's name (``"slurm": {"job_id": …}``): each target module
+    declares its `Handle`, read with `Target.handle`."""
 
     run_id: str | None = None
     name: str | None = None
@@ -142,10 +92,6 @@ class RunInfo(_Record):
     gates: dict | None = None
     versions: dict | None = None
     host: str | None = None
-    local: LocalHandle | None = None
-    slurm: SlurmHandle | None = None
-    ray: RaySubmission | None = None
-    k8s: RayJobHandle | None = None
     mlflow_run_id: str | None = None  # tracking.mlflow: the MLflow run every launch of this run logs to
     launch: list[str] | None = None  # `tunerun run`'s job file and --set overrides: what a resume repeats
 
@@ -194,7 +140,7 @@ def create_run(job: ResolvedJob, target: str, resume: bool = False,
     earlier = read_info(run).state if run.exists(RUN_INFO) else None
     _check_takeover(run, job, earlier, resume)
     release_reserved_outcome(run)  # a resumed run's earlier outcome: this launch records its own
-    run.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    write_job(run, job)
     # Only the local target queues; the handle it would keep is the previous launch's driver (see the module doc).
     dropped = {"local": None} if state == RunState.QUEUED else {}
     update_info(run, run_id=job.run_id, name=job.spec.name, state=state, target=target,
@@ -290,13 +236,6 @@ def _reserved_outcome(run: RunFolder) -> dict | None:
         return RunInfo.model_validate_json(data.strip()).model_dump(exclude_unset=True)
     except ValidationError:
         return None
-
-
-def last_complete_checkpoint(run: RunFolder) -> str | None:
-    """The newest checkpoint folder with a manifest (``checkpoints/step-000200``): where a resume starts."""
-    names = [n for n in run.list_dir(CHECKPOINTS) if n.startswith(CHECKPOINT_PREFIX)
-             and run.exists(f"{CHECKPOINTS}/{n}/{CHECKPOINT_MANIFEST}")]
-    return f"{CHECKPOINTS}/{max(names)}" if names else None
 
 
 def disk_full_message(run: RunFolder, what: str) -> str:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tunerun.cluster.storage import cache_root
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import StorageSpec
 
@@ -24,6 +25,7 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 20
 APPEND_FLUSH_S = 2.0  # how stale a buffered metrics/events object may get on the store
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MAX_POOL_CONNECTIONS = 64  # botocore's 10 would be shared by the server's 40 request threads
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -39,7 +41,30 @@ def missing_credentials() -> list[str]:
     return [name for name in CREDENTIAL_VARIABLES if not os.environ.get(name)]
 
 
+# What else decides how a client authenticates and connects: a client made under other values is another client.
+CLIENT_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                      "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
+                      "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
 def client(storage: StorageSpec):
+    """The boto3 client for ``storage``, one per process and settings: making one costs milliseconds and a
+    credential lookup, and a server opens run folders by the thousand. boto3 clients are thread-safe (its
+    sessions are not: clients are made under a lock); a forked child makes its own."""
+    key = (os.getpid(), storage.endpoint_url, storage.region, storage.addressing_style, storage.checksum_mode,
+           storage.ca_bundle, storage.verify_tls, MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S,
+           *(os.environ.get(name) for name in CLIENT_ENVIRONMENT))
+    with _clients_lock:
+        if key not in _clients:
+            if len(_clients) >= 32:  # settings that change (rotated credentials) must not grow this forever
+                _clients.pop(next(iter(_clients)))
+            _clients[key] = _new_client(storage)
+        return _clients[key]
+
+
+def _new_client(storage: StorageSpec):
     import boto3
     from botocore.config import Config
 
@@ -48,6 +73,7 @@ def client(storage: StorageSpec):
         retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
+        max_pool_connections=MAX_POOL_CONNECTIONS,  # one client serves every thread of a server
         s3={"addressing_style": storage.addressing_style},
         request_checksum_calculation=storage.checksum_mode,
         response_checksum_validation=storage.checksum_mode,
@@ -58,9 +84,14 @@ def client(storage: StorageSpec):
 
 def explain(exc: Exception, storage: StorageSpec, what: str) -> StorageError:
     """One actionable message for the ways talking to an object store goes wrong."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError, SSLError
 
     where = f"{storage.uri}" + (f" at {storage.endpoint_url}" if storage.endpoint_url else "")
+    if isinstance(exc, SSLError):  # on-prem stores commonly present certificates of the company's own CA
+        trusted = f"the CA in {storage.ca_bundle}" if storage.ca_bundle else "the system's CAs"
+        return StorageError(f"{what} {where}: its TLS certificate is not signed by {trusted} ({exc}); set "
+                            "storage.ca_bundle to the PEM file of the CA that signed it (or storage.verify_tls: "
+                            "false on a network you trust)")
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{what} {where}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment that submits the job")
@@ -258,10 +289,6 @@ def sdk_environment(storage: StorageSpec) -> dict[str, str]:
     if storage.endpoint_url:
         env["AWS_ENDPOINT_URL_S3"] = storage.endpoint_url
     return env
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
 
 
 def fetch_prefix(storage: StorageSpec, uri: str, kind: str, pattern: str = "*") -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jinja2
 
-from tunerun.cluster.runs import RunInfo, RunState, create_run, record_refused, update_info
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import SBATCH_SCRIPT, RunFolder
+from tunerun.cluster.runs import Handle, RunInfo, RunState, create_run, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, tail_file, trainer_shell_command, wait_until
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob
@@ -95,9 +95,16 @@ def slurm_state(job_id: str) -> str | None:
     return None
 
 
+class SlurmHandle(Handle):
+    job_id: str
+    script: str | None = None  # the sbatch script, relative to the run folder
+    output: str | None = None  # the job's output file where the submitting machine sees it
+    state: str | None = None  # observed by `status`: squeue / scontrol, None once Slurm forgot the job
+
+
 class SlurmTarget(Target):
     name = "slurm"
-    handle_field = "slurm"
+    Handle = SlurmHandle
 
     def render(self, job: ResolvedJob) -> str:
         return render_sbatch(job)
@@ -105,7 +112,7 @@ class SlurmTarget(Target):
     def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
         script = render_sbatch(job)
         run = create_run(job, self.name, resume)
-        run.write_text("slurm/train.sbatch", script)
+        run.write_text(SBATCH_SCRIPT, script)
         log_dir = Path(job.spec.targets.slurm.log_dir).expanduser().absolute()
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -118,24 +125,25 @@ class SlurmTarget(Target):
             raise TargetError(f"sbatch refused the job: {result.stderr.strip()}")
         job_id = result.stdout.strip().split(";")[0]
         output = log_dir / f"{job.spec.name}-{job_id}.out"
-        update_info(run, slurm={"job_id": job_id, "script": "slurm/train.sbatch", "output": str(output)})
+        update_info(run, **{self.name: {"job_id": job_id, "script": SBATCH_SCRIPT, "output": str(output)}})
         run.event("slurm_submitted", job_id=job_id)
         run.flush()
         return run
 
     def observe(self, info: RunInfo) -> Observation | None:
+        handle = self.handle(info)
         try:
-            state = slurm_state(info.slurm.job_id)
+            state = slurm_state(handle.job_id)
         except TargetError:  # not on a Slurm host: the run folder is all there is
             return None
-        handle = info.slurm.model_copy(update={"state": state})
+        handle = handle.model_copy(update={"state": state})
         # A preempted run that Slurm requeued is pending or running again.
         return Observation(handle, active=SLURM_ACTIVE.get(state), ended=state is not None and state not in SLURM_ACTIVE,
-                           error=f"Slurm job {info.slurm.job_id} ended {state} without recording an outcome; "
+                           error=f"Slurm job {handle.job_id} ended {state} without recording an outcome; "
                                  "see the job's output")
 
     def stop(self, info: RunInfo) -> bool:
-        job_id = info.slurm.job_id
+        job_id = self.handle(info).job_id
         if slurm_state(job_id) not in SLURM_ACTIVE:
             return False
         subprocess.run(["scancel", job_id], check=False, capture_output=True)
@@ -143,15 +151,16 @@ class SlurmTarget(Target):
         return True
 
     def describe(self, info: RunInfo) -> str:
-        return f"Slurm job {info.slurm.job_id}"
+        return f"Slurm job {self.handle(info).job_id}"
 
     def view(self, info: RunInfo) -> str | None:
-        return f"Slurm job {info.slurm.job_id}: {info.slurm.state or 'no longer known to Slurm'}" if info.slurm else None
+        handle = self.handle(info)
+        return f"Slurm job {handle.job_id}: {handle.state or 'no longer known to Slurm'}" if handle else None
 
     def logs(self, run: RunFolder, write, follow: bool = False) -> None:
         """The job's output file where this machine sees it (a shared filesystem), else the copy in the run folder."""
-        info = self.status(run)
-        output = Path(info.slurm.output) if info.slurm and info.slurm.output else None
+        handle = self.handle(self.status(run))
+        output = Path(handle.output) if handle and handle.output else None
         if output is None or not output.is_file():
             super().logs(run, write, follow)
             return

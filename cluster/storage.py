@@ -1,9 +1,6 @@
-"""The run folder: one prefix per run that holds everything a run produces (the ledger).
-
-``status``, ``list``, ``logs``, the driver and the workers all go through `RunFolder`, so they behave the same
-whatever target ran the job and wherever the folder lives: a local path or ``s3://bucket/prefix`` on an
-S3-compatible store (see `tunerun.cluster.s3`). Names inside a run are relative keys such as
-``checkpoints/step-000020/manifest.json``. What ``run.json`` holds and who writes it: `tunerun.cluster.runs`.
+"""Where a run folder's bytes live: a local path (`LocalBackend`, here) or ``s3://bucket/prefix`` on an
+S3-compatible store (`tunerun.cluster.s3`). Both answer the same small interface of keys and bytes; what the keys
+are and what the files hold is `tunerun.cluster.run_folder`.
 
 A local storage is often a folder on a shared login node, and it holds the service's secrets (the session
 secret, key hashes) and users' training data: `LocalBackend` makes every file 0600 and every folder 0700 itself,
@@ -13,17 +10,15 @@ next start can tell it from a write still in progress and remove it (`LocalBacke
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from tunerun.jobs.errors import RunNotFound, StorageError
 from tunerun.jobs.spec import StorageSpec
 
 FILE_MODE, FOLDER_MODE = 0o600, 0o700
@@ -178,6 +173,12 @@ def _write_whole(target: Path, fill: Callable[[Path], object], place: Callable[[
         partial.unlink(missing_ok=True)  # after a rename: already gone; after a link: the second name
 
 
+def cache_root() -> Path:
+    """This node's cache (``$TUNERUN_CACHE``, default ``~/.cache/tunerun``): models and data fetched from object
+    storage, prepared data, driver logs spooled before upload, the CLI's own log."""
+    return Path(os.environ.get("TUNERUN_CACHE") or Path.home() / ".cache" / "tunerun")
+
+
 def backend_for(storage: StorageSpec | str):
     spec = StorageSpec(uri=storage) if isinstance(storage, str) else storage
     if spec.is_s3:
@@ -185,131 +186,3 @@ def backend_for(storage: StorageSpec | str):
 
         return S3Backend(spec)
     return LocalBackend(spec.uri)
-
-
-class RunFolder:
-    """Files of one run, addressed by their name relative to ``<storage>/<run-id>/``."""
-
-    def __init__(self, storage: StorageSpec | str, run_id: str):
-        self.storage = StorageSpec(uri=storage) if isinstance(storage, str) else storage
-        self.backend = backend_for(self.storage)
-        self.run_id = run_id
-
-    def __repr__(self) -> str:
-        return f"RunFolder({self.uri()!r})"
-
-    def _key(self, name: str) -> str:
-        return f"{self.run_id}/{name}" if name else self.run_id
-
-    def uri(self, name: str = "") -> str:
-        return self.backend.uri(self._key(name))
-
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.backend, LocalBackend)
-
-    def local_path(self, name: str = "") -> Path:
-        """The on-disk path of ``name``; only for run folders on a local (or shared) filesystem."""
-        if not self.is_local:
-            raise StorageError(f"{self.uri(name)} is not on a local filesystem")
-        return self.backend.local_path(self._key(name))
-
-    def exists(self, name: str = "") -> bool:
-        return self.backend.exists(self._key(name))
-
-    def read_bytes(self, name: str) -> bytes:
-        try:
-            return self.backend.get(self._key(name))
-        except FileNotFoundError:
-            raise StorageError(f"{self.uri(name)} does not exist") from None
-
-    def read_text(self, name: str) -> str:
-        return self.read_bytes(name).decode("utf-8")
-
-    def write_text(self, name: str, text: str) -> None:
-        """Atomic on every backend: readers (a following CLI, a restarted worker) never see half a file."""
-        self.backend.put(self._key(name), text.encode("utf-8"))
-
-    def claim(self, name: str, obj) -> bool:
-        """Write ``name`` only if no one has (an exclusive create on disk, a conditional write on S3): of several
-        processes claiming the same name, exactly one gets True."""
-        return self.backend.put_new(self._key(name), (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8"))
-
-    def write_json(self, name: str, obj) -> None:
-        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-    def read_json(self, name: str):
-        return json.loads(self.read_text(name))
-
-    def append_jsonl(self, name: str, record: dict) -> None:
-        self.backend.append(self._key(name), (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
-
-    def flush(self) -> None:
-        """Push buffered appends (object stores have no append; see S3Backend)."""
-        self.backend.flush()
-
-    def read_jsonl(self, name: str) -> list[dict]:
-        if not self.exists(name):
-            return []
-        records = []
-        for line in self.read_text(name).splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line still being written by another process
-        return records
-
-    def list_dir(self, name: str) -> list[str]:
-        return self.backend.children(self._key(name))
-
-    def list_files(self, name: str) -> dict[str, int]:
-        """Files below ``name`` as {path relative to name: size}."""
-        prefix = self._key(name).rstrip("/") + "/"
-        return {key[len(prefix):]: size for key, size in self.backend.list(self._key(name)).items()
-                if key.startswith(prefix)}
-
-    def upload_dir(self, local: Path, name: str) -> None:
-        for path in sorted(Path(local).rglob("*")):
-            if path.is_file():
-                self.backend.upload_file(path, self._key(f"{name}/{path.relative_to(local)}"))
-
-    def upload(self, local: Path, name: str) -> None:
-        self.backend.upload_file(Path(local), self._key(name))
-
-    def download(self, name: str, local: Path) -> Path:
-        self.backend.download_file(self._key(name), Path(local))
-        return Path(local)
-
-    def download_dir(self, name: str, local: Path) -> Path:
-        for relative in self.list_files(name):
-            self.backend.download_file(self._key(f"{name}/{relative}"), Path(local) / relative)
-        return Path(local)
-
-    def delete(self, name: str) -> None:
-        self.backend.delete_prefix(self._key(name))
-
-    def event(self, kind: str, **fields) -> None:
-        self.append_jsonl("events.jsonl", {"time": time.time(), "event": kind, **fields})
-
-
-class RunStore:
-    """All runs under one storage location."""
-
-    def __init__(self, storage: StorageSpec | str):
-        self.storage = StorageSpec(uri=storage) if isinstance(storage, str) else storage
-        self.backend = backend_for(self.storage)
-
-    def open(self, run_id: str) -> RunFolder:
-        run = RunFolder(self.storage, run_id)
-        if not run.exists("run.json"):
-            known = ", ".join(self.run_ids()[-5:]) or "none"
-            raise RunNotFound(f"no run '{run_id}' in {self.storage.uri} (recent runs: {known}); "
-                              "pass --storage if the run lives elsewhere")
-        return run
-
-    def run_ids(self) -> list[str]:
-        return [name for name in self.backend.children("") if self.backend.exists(f"{name}/run.json")]
-
-    def runs(self) -> Iterator[RunFolder]:
-        for run_id in self.run_ids():
-            yield RunFolder(self.storage, run_id)

@@ -22,12 +22,15 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from tunerun.cluster import space
-from tunerun.cluster.runs import (DRIVER_LOG, RunInfo, RunState, disk_full_message, last_complete_checkpoint,
-                                  read_info, record_cancelled, request_checkpoint_and_stop, resume_command)
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import DRIVER_LOG, RunFolder, last_complete_checkpoint, read_job
+from tunerun.cluster.runs import (Handle, RunInfo, RunState, disk_full_message, read_info, record_cancelled,
+                                  request_checkpoint_and_stop, resume_command)
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.tracking import end_mlflow_run
 
+# Ended for good: nothing the target does changes them (a preempted run may be requeued, so it is not here).
+FINISHED = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 # name → "module:class"; the order is the order `--target` lists them in.
 REGISTRY = {
     "local": "tunerun.cluster.local:LocalTarget",
@@ -38,10 +41,21 @@ REGISTRY = {
 
 
 def trainer_command(job: ResolvedJob, python: str = "python") -> list[str]:
-    """The one entrypoint every target ends in: ``python -m tunerun.trainer <run-uri> [--endpoint-url …]``."""
+    """The one entrypoint every target ends in: ``python -m tunerun.trainer <run-uri> [--endpoint-url …]``.
+
+    The trainer learns the spec's storage settings from job.yaml, which it must first read from the store: what
+    that read needs (the endpoint, a private CA, TLS verification, addressing; never credentials) comes along
+    here, only where it differs from the defaults."""
+    storage = job.spec.storage
     command = [python, "-m", "tunerun.trainer", job.run_uri]
-    if job.spec.storage.endpoint_url:
-        command += ["--endpoint-url", job.spec.storage.endpoint_url]
+    if storage.endpoint_url:
+        command += ["--endpoint-url", storage.endpoint_url]
+    if storage.ca_bundle:
+        command += ["--ca-bundle", storage.ca_bundle]
+    if not storage.verify_tls:
+        command += ["--no-verify-tls"]
+    if storage.addressing_style != "auto":
+        command += ["--addressing-style", storage.addressing_style]
     return command
 
 
@@ -64,8 +78,13 @@ class Observation:
 
 
 class Target(ABC):
-    name: ClassVar[str]
-    handle_field: ClassVar[str]  # the key of this target's record in run.json (a field of RunInfo)
+    name: ClassVar[str]  # also the key of this target's record of a run in run.json
+    Handle: ClassVar[type[Handle]]  # that record
+
+    def handle(self, info: RunInfo) -> Handle | None:
+        """This target's record of the run in ``info`` (None before the target took the run)."""
+        raw = (info.model_extra or {}).get(self.name)
+        return raw if raw is None or isinstance(raw, Handle) else self.Handle.model_validate(raw)
 
     def render(self, job: ResolvedJob) -> str:
         """What the target would be given (a script, manifests, a request), submitting nothing. Pure."""
@@ -92,15 +111,21 @@ class Target(ABC):
         """One line of the target's own view (as `status` observed it), if it has one."""
         return None
 
-    def status(self, run: RunFolder) -> RunInfo:
-        info = read_info(run)
+    def status(self, run: RunFolder, info: RunInfo | None = None, ask_finished: bool = True) -> RunInfo:
+        """run.json (or ``info``, read from it just now) reconciled with the target's own view. With
+        ``ask_finished=False`` a run that ended succeeded, failed or cancelled is what its driver (or its canceller)
+        recorded, and the target is not asked: a page of finished jobs would otherwise cost a Kubernetes API call,
+        or squeue and scontrol, per job to learn nothing new. A preempted run is asked all the same: Slurm may have
+        requeued it. `tunerun status` asks, to show the target's own last word on the run."""
+        info = read_info(run) if info is None else info
         # A queued run has no driver yet: a handle there is an earlier launch's, whose driver is gone by design.
-        if info.state == RunState.QUEUED or getattr(info, self.handle_field) is None:
+        if info.state == RunState.QUEUED or self.handle(info) is None or (
+                not ask_finished and info.state in FINISHED):
             return info
         seen = self.observe(info)
         if seen is None:
             return info
-        info = info.model_copy(update={self.handle_field: seen.handle})
+        info = info.model_copy(update={self.name: seen.handle})
         if seen.active is not None and (not info.state.terminal or info.state == RunState.PREEMPTED):
             return info.model_copy(update={"state": seen.active})
         if seen.ended and not info.state.terminal:
@@ -109,15 +134,20 @@ class Target(ABC):
             return info.model_copy(update=unrecorded_end(run, info, seen))
         return info
 
-    def cancel(self, run: RunFolder) -> bool:
-        """Stop a running run; its checkpoints stay. True if something was running."""
+    def cancel(self, run: RunFolder, warn: Callable[[str], None] = lambda message: None) -> bool:
+        """Stop a running run; its checkpoints stay. True if something was running. A tracked run's MLflow run
+        ends KILLED here, whoever cancels (the CLI, the service): the target may have stopped the driver before
+        it could close it. ``warn`` hears when that failed; the run is cancelled all the same."""
         info = read_info(run)
-        if getattr(info, self.handle_field) is None:
+        if self.handle(info) is None:
             return False
         run.event("cancel_requested", target=self.name)
         stopped = self.stop(info)
         if stopped:
             record_cancelled(run, self.name)
+            if problem := _end_cancelled_mlflow_run(run):
+                run.event("mlflow_run_not_killed", mlflow_run_id=info.mlflow_run_id, error=problem)
+                warn(f"MLflow run {info.mlflow_run_id} not marked KILLED: {problem}")
         run.flush()
         return stopped
 
@@ -209,3 +239,14 @@ def for_run(run: RunFolder) -> Target:
         raise TargetError(f"run {run.run_id} was started by target '{name}', which this tunerun does not know; "
                           f"known: {', '.join(REGISTRY)}")
     return get(name)
+
+
+def _end_cancelled_mlflow_run(run: RunFolder) -> str | None:
+    """A cancelled run's MLflow run ends KILLED: the target may have killed the driver before it closed it. The
+    problem when that failed; None when it worked, the run is not tracked, or it had succeeded before the cancel
+    reached it."""
+    info = read_info(run)
+    if not info.mlflow_run_id or info.state != RunState.CANCELLED:
+        return None
+    settings = read_job(run).spec.tracking.mlflow
+    return end_mlflow_run(settings, info.mlflow_run_id, "KILLED") if settings else None

@@ -65,6 +65,10 @@ class TargetError(TunerunError):
     """A launch target (local Ray, Ray cluster, Slurm, Kubernetes) refused or failed the job."""
 
 
+class UnreadableJob(StorageError):
+    """A run's job.yaml is there but this tunerun cannot read it (damaged, or written by another version)."""
+
+
 class RunNotFound(StorageError):
     """No run with that id exists in the storage location."""
 

@@ -28,7 +28,8 @@ Sources, term by term:
   decoders (fp32 RMSNorm, SwiGLU MLP, grouped-query attention, SDPA/flash attention that keeps no s² scores)
   and checked against the tensors autograd really saves (tests/jobs/test_memory.py). With gradient
   checkpointing only each layer's input stays, plus one layer recomputed during the backward pass
-  (Chen et al. 2016; Korthikanti et al. §4.2 "full recomputation").
+  (Chen et al. 2016; Korthikanti et al. §4.2 "full recomputation"). A micro-batch holds micro_batch_size ×
+  the training objective's sequences per example (`sequences_per_example`: 1 for supervised fine-tuning).
 
 Not counted: the CUDA context, allocator fragmentation and DeepSpeed's communication buckets. That is what
 `HEADROOM` leaves free when the planner decides whether a candidate fits.
@@ -489,9 +490,18 @@ def offload_name(base: str, offload_optimizer: bool, offload_params: bool) -> st
 
 def _activations(spec, shape, hw, kind, stream, lora, adapter_bytes: int = 4) -> tuple[Activations, Activations]:
     mask = 1 if hw.on_gpu else 4  # CPU dropout keeps a float mask
-    args = (shape, spec.data.max_seq_len, spec.training.micro_batch_size, kind, stream, lora)
+    args = (shape, spec.data.max_seq_len, spec.training.micro_batch_size * sequences_per_example(spec), kind,
+            stream, lora)
     return (activation_bytes(*args, checkpointing=False, mask_bytes=mask, adapter_bytes=adapter_bytes),
             activation_bytes(*args, checkpointing=True, mask_bytes=mask, adapter_bytes=adapter_bytes))
+
+
+def sequences_per_example(spec: "JobSpec") -> int:
+    """Sequences of one example whose activations autograd keeps, as the job's training objective says
+    (`tunerun.trainer.objectives`, torch-free to import): 1 for supervised fine-tuning."""
+    from tunerun.trainer.objectives import objective_for
+
+    return objective_for(spec).activation_sequences
 
 
 def _candidate(name, kind, zero, states: States, acts, spec, hw: Hardware) -> Candidate:

@@ -310,6 +310,9 @@ class DataSpec(Strict):
 
 
 class TrainingSpec(Strict):
+    # What the model learns from each record: its batches, loss and held-out metrics (`tunerun.trainer.objectives`,
+    # one module each, registered under these names). sft: next-token loss on the assistant's tokens.
+    objective: Literal["sft"] = "sft"
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(2, ge=1)

@@ -106,18 +106,3 @@ def end_mlflow_run(settings: MlflowSpec, mlflow_run_id: str, status: str, enviro
             return None
     except (urllib.error.URLError, OSError) as exc:
         return f"{settings.tracking_uri}: {getattr(exc, 'reason', exc)}"
-
-
-def end_cancelled_run(run) -> str | None:
-    """A cancelled run's MLflow run ends KILLED: the target may have killed the driver before it closed it. The
-    problem when that failed; None when it worked or the run is not tracked. (`tunerun cancel` and the service.)"""
-    import yaml
-
-    from tunerun.cluster.runs import read_info
-    from tunerun.jobs.plan import ResolvedJob
-
-    info = read_info(run)
-    if not info.mlflow_run_id:
-        return None
-    settings = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml"))).spec.tracking.mlflow
-    return end_mlflow_run(settings, info.mlflow_run_id, "KILLED") if settings else None

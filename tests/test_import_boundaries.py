@@ -34,6 +34,7 @@ BOUNDARIES = {
     "tunerun.cluster.ray_cluster": TRAINING_STACK,
     "tunerun.cluster.runs": TRAINING_STACK,
     "tunerun.cluster.storage": TRAINING_STACK,
+    "tunerun.cluster.run_folder": TRAINING_STACK,
     "tunerun.trainer.data.pipeline": ("torch", "transformers"),
     "tunerun.trainer.data.render": ("torch", "transformers"),
     "tunerun.trainer.entrypoint": TARGET_MODULES,

@@ -7,7 +7,6 @@ has checked that every rank's files arrived: the manifest is the last object wri
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -17,21 +16,17 @@ from pathlib import Path
 import torch
 
 from tunerun.cluster import space
-from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import (CHECKPOINT_MANIFEST, CHECKPOINTS, RunFolder, checkpoint_folders,
+                                        complete_checkpoints, complete_manifests, manifest_name, sha256_of,
+                                        step_of, stored_manifest, verify)
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import CheckpointSpec
 
-MANIFEST, PREFIX = CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX
 PROGRESS = "progress.json"  # rank 0's counters (the engines' own files: tunerun.trainer.engines)
 
 
 def _rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoints/{PREFIX}{step:06d}"
 
 
 @dataclass
@@ -44,33 +39,10 @@ class Progress:
     world_size: int = 0  # 0: not recorded
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digests(folder: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of the files one rank wrote for a checkpoint."""
     return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def write_manifest(run: RunFolder, name: str, step: int, digests: dict[str, dict],
-                   metrics: dict | None = None) -> dict:
-    """Rank 0, after every rank's files are persisted: check they all arrived, then write the manifest
-    (with the eval ``metrics`` of this step, which keep-best retention ranks checkpoints by)."""
-    stored = run.list_files(name)
-    for path, entry in digests.items():
-        if stored.get(path) != entry["size"]:
-            raise StorageError(f"checkpoint {name}: {path} is missing or incomplete on the store "
-                               f"({stored.get(path)} of {entry['size']} bytes)")
-    manifest = {"step": step, "metrics": metrics or {},
-                "files": [{"path": p, **e} for p, e in sorted(digests.items())]}
-    run.write_json(f"{name}/{MANIFEST}", manifest)
-    return manifest
 
 
 def uploader(run: RunFolder):
@@ -93,50 +65,23 @@ def uploader(run: RunFolder):
     return upload
 
 
-def verify(folder: Path, manifest: dict | None = None) -> str | None:
-    """None when the checkpoint in ``folder`` is complete, else why it is not."""
-    if manifest is None:
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except FileNotFoundError:
-            return "no manifest (incomplete save)"
-        except json.JSONDecodeError:
-            return "manifest is not valid JSON"
-    for entry in manifest["files"]:
-        path = folder / entry["path"]
-        if not path.is_file():
-            return f"{entry['path']} is missing"
-        if path.stat().st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
-            return f"{entry['path']} does not match its sha256"
-    return None
-
-
 def latest_complete(run: RunFolder, scratch: Path) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint as a local folder (downloaded into ``scratch`` from object storage),
     and a note for each newer one that was skipped and why."""
     skipped = []
-    for name in sorted(run.list_dir("checkpoints"), reverse=True):
-        if not name.startswith(PREFIX):
-            continue
-        key = f"checkpoints/{name}"
-        problem, folder = _fetch_verified(run, key, scratch / name)
+    for name in reversed(checkpoint_folders(run)):
+        problem, folder = _fetch_verified(run, name, scratch / name)
         if problem is None:
             return folder, skipped
         skipped.append(f"{name}: {problem}")
     return None, skipped
 
 
-def _fetch_verified(run: RunFolder, key: str, local: Path) -> tuple[str | None, Path]:
-    if not run.exists(f"{key}/{MANIFEST}"):
-        return "no manifest (incomplete save)", local
-    try:
-        manifest = run.read_json(f"{key}/{MANIFEST}")
-    except json.JSONDecodeError:
-        return "manifest is not valid JSON", local
-    stored = run.list_files(key)
-    for entry in manifest["files"]:  # sizes first: a cheap listing catches missing and truncated objects
-        if stored.get(entry["path"]) != entry["size"]:
-            return f"{entry['path']} is missing or has the wrong size", local
+def _fetch_verified(run: RunFolder, name: str, local: Path) -> tuple[str | None, Path]:
+    manifest, problem = stored_manifest(run, name)
+    if problem:
+        return problem, local
+    key = f"{CHECKPOINTS}/{name}"
     if run.is_local:
         return verify(run.local_path(key), manifest), run.local_path(key)
     return _download_verified(run, key, local, manifest), local
@@ -150,7 +95,7 @@ def _download_verified(run: RunFolder, key: str, local: Path, manifest: dict) ->
         for entry in manifest["files"]:
             path = run.download(f"{key}/{entry['path']}", local / entry["path"])
             hashing.append((entry, hasher.submit(sha256_of, path)))
-        (local / MANIFEST).write_text(json.dumps(manifest))
+        (local / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
         for entry, digest in hashing:
             if digest.result() != entry["sha256"]:
                 return f"{entry['path']} does not match its sha256"
@@ -164,9 +109,9 @@ def space_shortage(run: RunFolder, staging: Path) -> space.Shortage | None:
     complete = complete_checkpoints(run)
     last_bytes = 0
     if complete:
-        manifest = run.read_json(f"checkpoints/{complete[-1]}/{MANIFEST}")
+        manifest = run.read_json(manifest_name(complete[-1]))
         last_bytes = sum(entry["size"] for entry in manifest["files"])
-    paths = [staging, *([run.local_path("checkpoints")] if run.is_local else [])]
+    paths = [staging, *([run.local_path(CHECKPOINTS)] if run.is_local else [])]
     return space.shortage(paths, space.needed_for_next(last_bytes))
 
 
@@ -175,16 +120,15 @@ def saved_world_size(run: RunFolder) -> int | None:
     complete = complete_checkpoints(run)
     if not complete:
         return None
-    return json.loads(run.read_text(f"checkpoints/{complete[-1]}/{PROGRESS}")).get("world_size") or None
+    return json.loads(run.read_text(f"{CHECKPOINTS}/{complete[-1]}/{PROGRESS}")).get("world_size") or None
 
 
 def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:
     """Delete checkpoint folders older than ``before_step`` that never got a manifest (a crash mid-save)."""
     removed = []
-    for name in run.list_dir("checkpoints"):
-        if name.startswith(PREFIX) and int(name[len(PREFIX):]) < before_step \
-                and not run.exists(f"checkpoints/{name}/{MANIFEST}"):
-            run.delete(f"checkpoints/{name}")
+    for name in checkpoint_folders(run):
+        if step_of(name) < before_step and not run.exists(manifest_name(name)):
+            run.delete(f"{CHECKPOINTS}/{name}")
             removed.append(name)
     return removed
 
@@ -202,20 +146,9 @@ def apply_retention(run: RunFolder, policy: CheckpointSpec) -> tuple[list[str], 
     keep = set(sorted(manifests, reverse=True)[:policy.keep_last]) | set(ranked[:policy.keep_best])
     removed = [name for name in sorted(manifests) if name not in keep]
     for name in removed:
-        run.delete(f"checkpoints/{name}/{MANIFEST}")
-        run.delete(f"checkpoints/{name}")
+        run.delete(manifest_name(name))
+        run.delete(f"{CHECKPOINTS}/{name}")
     return removed, (ranked[0] if policy.keep_best and ranked else None)
-
-
-def complete_checkpoints(run: RunFolder) -> list[str]:
-    """Names of the checkpoint folders that have a manifest, oldest first."""
-    return [name for name in sorted(run.list_dir("checkpoints"))
-            if name.startswith(PREFIX) and run.exists(f"checkpoints/{name}/{MANIFEST}")]
-
-
-def complete_manifests(run: RunFolder) -> dict[str, dict]:
-    """{checkpoint folder name: its manifest} for every checkpoint that has one."""
-    return {name: run.read_json(f"checkpoints/{name}/{MANIFEST}") for name in complete_checkpoints(run)}
 
 
 def ranked_by_metric(manifests: dict[str, dict], policy: CheckpointSpec) -> list[str]:
@@ -232,7 +165,7 @@ def best_step(run: RunFolder, policy: CheckpointSpec) -> int:
     if not ranked:
         raise StorageError(f"{run.run_id}: no complete checkpoint holds an eval {policy.best_metric} "
                            f"({len(manifests)} complete; a checkpoint is scored when an eval ran at its step)")
-    return int(ranked[0].removeprefix(PREFIX))
+    return step_of(ranked[0])
 
 
 def save_progress(folder: Path, progress: Progress, rank: int) -> None:

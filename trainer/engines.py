@@ -3,7 +3,9 @@
 `DDPEngine` serves LoRA and QLoRA (adapters replicated, gradients all-reduced); `DeepSpeedEngine` serves full
 fine-tuning under ZeRO and QLoRA under ZeRO-3 (the frozen 4-bit base partitioned, adapters trained);
 `EvalOnlyEngine` holds a model loaded in one process for `tunerun eval`. The train loop and evaluation only see
-the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs.
+the `Engine` / `EvalEngine` Protocols below, so they never ask which method runs. What a forward computes (the
+loss, the held-out statistics) is the job's `tunerun.trainer.objectives.Objective`: an engine decides where and
+how a forward runs (device, train or eval mode, gradients, accumulation), never what it scores.
 
 Training state is written with safetensors / ``torch.save`` of plain tensors and read back with
 ``weights_only=True``: nothing from a run folder is unpickled freely. The names of the files an engine writes
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from tunerun.jobs.plan import ResolvedJob
-from tunerun.trainer.data.render import IGNORE_INDEX
+from tunerun.trainer.objectives import Objective, objective_for
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -45,9 +47,11 @@ class EvalEngine(Protocol):
     # True when every forward is a collective (ZeRO-3 gathers each layer's parameters from all ranks): then all
     # ranks must run the same number of forwards, so eval batches and generate calls run in lockstep.
     collective_forward: bool
+    objective: Objective  # what the forwards compute
 
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        """(summed token loss, scored tokens) for one batch, through the training forward."""
+    def eval_batch(self, batch: dict) -> tuple[float, ...]:
+        """The objective's held-out sums for one batch (supervised fine-tuning: summed token loss, scored
+        tokens), through the training forward."""
 
 
 @runtime_checkable
@@ -94,18 +98,12 @@ def _move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _label_tokens(batch: dict) -> int:
-    # Causal LM loss predicts token t+1 from t: the first label of each row is never scored.
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 @torch.no_grad()
-def score_batch(forward: torch.nn.Module, batch: dict, device: torch.device) -> tuple[float, int]:
-    """(summed token loss, scored tokens) of ``forward`` (a model, DDP wrapper or DeepSpeed engine) on a batch."""
+def score_batch(objective: Objective, forward: torch.nn.Module, batch: dict,
+                device: torch.device) -> tuple[float, ...]:
+    """The objective's held-out sums of ``forward`` (a model, DDP wrapper or DeepSpeed engine) on a batch."""
     forward.eval()
-    tokens = _label_tokens(batch)
-    loss = forward(**_move(batch, device)).loss
-    return float(loss) * tokens, tokens
+    return objective.score(forward, _move(batch, device))
 
 
 def load_trainable(module: torch.nn.Module, folder: Path) -> None:
@@ -145,6 +143,7 @@ class DDPEngine(_Optimizing):
 
         self.rank = _rank()
         self.device = worker_device()
+        self.objective = objective_for(job.spec)
         self.module = model
         self.model = ray.train.torch.prepare_model(model, move_to_device=self.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -162,7 +161,7 @@ class DDPEngine(_Optimizing):
             # Skip the gradient all-reduce on all but the last micro-batch of an accumulation window.
             sync = self.model.no_sync() if (not last and hasattr(self.model, "no_sync")) else nullcontext()
             with sync:
-                loss = self.model(**_move(batch, self.device)).loss
+                loss = self.objective.loss(self.model, _move(batch, self.device))
                 (loss / len(micro_batches)).backward()
             total += float(loss.detach())
         if self.max_grad_norm > 0:
@@ -172,8 +171,8 @@ class DDPEngine(_Optimizing):
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches)
 
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        return score_batch(self.model, batch, self.device)
+    def eval_batch(self, batch: dict) -> tuple[float, ...]:
+        return score_batch(self.objective, self.model, batch, self.device)
 
     def save_state(self, folder: Path) -> None:
         """Rank 0 writes adapter weights, optimizer and scheduler (identical on every DDP rank)."""
@@ -210,6 +209,7 @@ class DeepSpeedEngine(_Optimizing):
             lr_scheduler=lambda optimizer: _scheduler(optimizer, job, total_steps),
         )
         self.rank = _rank()
+        self.objective = objective_for(job.spec)
         self.module = self.engine.module
         self.device = self.engine.device
         self.zero_stage = config["zero_optimization"]["stage"]
@@ -221,14 +221,14 @@ class DeepSpeedEngine(_Optimizing):
         self.engine.train()
         total = 0.0
         for batch in micro_batches:
-            loss = self.engine(**_move(batch, self.device)).loss
+            loss = self.objective.loss(self.engine, _move(batch, self.device))
             self.engine.backward(loss)
             self.engine.step()
             total += float(loss.detach())
         return total / len(micro_batches)
 
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        return score_batch(self.engine, batch, self.device)
+    def eval_batch(self, batch: dict) -> tuple[float, ...]:
+        return score_batch(self.objective, self.engine, batch, self.device)
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its own shards (collective)."""
@@ -283,12 +283,13 @@ class EvalOnlyEngine:
 
     collective_forward = False
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, objective: Objective):
         self.module = model
         self.device = device
+        self.objective = objective
 
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        return score_batch(self.module, batch, self.device)
+    def eval_batch(self, batch: dict) -> tuple[float, ...]:
+        return score_batch(self.objective, self.module, batch, self.device)
 
 
 def _no_callables(value):

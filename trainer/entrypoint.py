@@ -15,12 +15,10 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import yaml
-
 from tunerun.cluster import space
-from tunerun.cluster.runs import (DISK_FULL, DRIVER_LOG, RunState, disk_full_message, record_outcome,
-                                  reserve_outcome_space, update_info)
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import (DATA, DATA_REPORT, DISK_FULL, DRIVER_LOG, PREPARED_FILES, STOPPED, RunFolder,
+                                        read_job)
+from tunerun.cluster.runs import RunState, disk_full_message, record_outcome, reserve_outcome_space, update_info
 from tunerun.jobs.errors import DiskFullError, TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import StorageSpec
@@ -35,17 +33,11 @@ RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"  # Ray Train's record o
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunerun.trainer", description=__doc__.splitlines()[0])
-    parser.add_argument("run_uri", help="the run folder: a local path or s3://bucket/prefix/<run-id>")
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL_S3"),
-                        help="S3-compatible endpoint (MinIO, Ceph RGW) holding the run folder")
-    args = parser.parse_args(argv)
-    storage_uri, run_id = args.run_uri.rstrip("/").rsplit("/", 1)
-    run = RunFolder(StorageSpec(uri=storage_uri or "/", endpoint_url=args.endpoint_url), run_id)
+    run = run_folder_from_argv(argv)
     tracking = None
     try:
-        job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
-        run = RunFolder(job.spec.storage, run_id)  # the spec's full settings: region, TLS, checksums
+        job = read_job(run, to_run=True)
+        run = RunFolder(job.spec.storage, run.run_id)  # the spec's full settings: region, checksums
         tracking = _open_tracking(job, run)
         run_job(run, job)
     except DiskFullError as exc:  # the next checkpoint would not fit: the workers stopped before writing it
@@ -70,6 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
     _finish(run, tracking, RunState.SUCCEEDED)
     return 0
+
+
+def run_folder_from_argv(argv: list[str] | None = None) -> RunFolder:
+    """The run folder the command line names, reached with the storage settings the target passed along
+    (`tunerun.cluster.targets.trainer_command`): the spec holds them too, but job.yaml must be read first, and an
+    on-prem store with a private CA refuses that read without them."""
+    parser = argparse.ArgumentParser(prog="python -m tunerun.trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("run_uri", help="the run folder: a local path or s3://bucket/prefix/<run-id>")
+    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL_S3"),
+                        help="S3-compatible endpoint (MinIO, Ceph RGW) holding the run folder")
+    parser.add_argument("--ca-bundle", help="PEM file of the private CA that signed the endpoint's certificate")
+    parser.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
+                        help="do not verify the endpoint's TLS certificate (storage.verify_tls: false)")
+    parser.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default="auto",
+                        help="S3 bucket addressing (storage.addressing_style)")
+    args = parser.parse_args(argv)
+    storage_uri, run_id = args.run_uri.rstrip("/").rsplit("/", 1)
+    storage = StorageSpec(uri=storage_uri or "/", endpoint_url=args.endpoint_url, ca_bundle=args.ca_bundle,
+                          verify_tls=args.verify_tls, addressing_style=args.addressing_style)
+    return RunFolder(storage, run_id)
 
 
 def _disk_full(run: RunFolder, tracking, message: str) -> int:
@@ -135,19 +147,17 @@ def check_offload_ram(job: ResolvedJob) -> None:
 def prepare(run: RunFolder, job: ResolvedJob) -> None:
     """Tokenize once on the driver (or reuse the content-hash cache of an identical preparation); workers read
     the prepared examples from the run folder."""
-    import json
+    from tunerun.trainer.data.cache import prepare_to_folder, prepared_folder, read_report
 
-    from tunerun.trainer.data.cache import PREPARED_FILES, prepare_to_folder, prepared_folder
-
-    if run.exists("data/data_report.json"):
+    if run.exists(DATA_REPORT):
         return  # a resumed run trains on exactly the data it started with
     if run.is_local:
-        report = prepare_to_folder(job, run.local_path("data"), None)
+        report = prepare_to_folder(job, run.local_path(DATA), None)
     else:
         folder, _ = prepared_folder(job, None)
         for name in PREPARED_FILES:  # data_report.json last: its presence means the data folder is complete
-            run.upload(folder / name, f"data/{name}")
-        report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+            run.upload(folder / name, f"{DATA}/{name}")
+        report = read_report(folder)
     run.event("data_prepared", **{k: report[k] for k in ("records_read", "train_records", "eval_records")})
 
 
@@ -192,8 +202,8 @@ def fit(run: RunFolder, job: ResolvedJob) -> None:
     trainer.fit()
     if run.exists(DISK_FULL):
         raise DiskFullError(run.read_json(DISK_FULL)["message"])
-    if run.exists(preemption.STOPPED):  # not when the signal came too late to stop before the last step
-        step = run.read_json(preemption.STOPPED)["step"]
+    if run.exists(STOPPED):  # not when the signal came too late to stop before the last step
+        step = run.read_json(STOPPED)["step"]
         raise preemption.Preempted(f"stopped at the checkpoint of step {step} on {', '.join(received) or 'request'}")
 
 

@@ -2,7 +2,8 @@
 
 Read it top to bottom. Method differences (how the model loads, which engine steps it, what evaluating must not
 change, what is exported) are answered by the `tunerun.trainer.methods.Method` of the job; this loop never asks
-which method it is running.
+which method it is running. What a batch holds and which loss trains on it are the job's
+`tunerun.trainer.objectives.Objective`, which the engine carries.
 """
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ import torch
 import torch.distributed as dist
 
 from tunerun.cluster import space
-from tunerun.cluster.runs import DISK_FULL, disk_full_message
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import (DISK_FULL, EVAL_DATA, FINAL, STOPPED, TRAIN_DATA, RunFolder, append_metrics,
+                                        checkpoint_name, final_weights, write_manifest)
+from tunerun.cluster.runs import disk_full_message
 from tunerun.jobs.errors import DiskFullError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.batches import BatchSchedule
-from tunerun.trainer.data.pack import collate, load_examples
+from tunerun.trainer.data.pack import load_examples
 from tunerun.trainer.inputs import localize_model
 from tunerun.trainer.methods import method_for
-from tunerun.trainer.preemption import STOPPED, StopPoll
+from tunerun.trainer.preemption import StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
 from tunerun.trainer.tracking import open_worker_trackers
 
@@ -44,8 +46,8 @@ def train_loop_per_worker(config: dict) -> None:
     _seed_everything(spec.training.seed + rank)
 
     tokenizer = load_tokenizer(job)
-    train_set = load_examples(_fetch(run, "data/train.jsonl", scratch))
-    eval_set = load_examples(_fetch(run, "data/eval.jsonl", scratch))
+    train_set = load_examples(_fetch(run, TRAIN_DATA, scratch))
+    eval_set = load_examples(_fetch(run, EVAL_DATA, scratch))
     schedule = BatchSchedule(len(train_set), world, spec.training.micro_batch_size, spec.grad_accumulation,
                              spec.training.seed)
     total_steps = spec.training.max_steps or schedule.steps_per_epoch * spec.training.epochs
@@ -55,6 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = method.load_model(job)
     model_loaded = time.time()
     engine = method.make_engine(model, job, total_steps)
+    objective = engine.objective  # what a batch holds, what it counts and what loss the engine steps on
     log = _RankZeroLog(run, rank, open_worker_trackers(job, run, rank, scratch, warn=_warn))
     log.event("worker_ready", load_started=load_started, model_loaded=model_loaded)  # cold-start breakdown
 
@@ -76,9 +79,9 @@ def train_loop_per_worker(config: dict) -> None:
     stop_poll = StopPoll(run, rank)
     while progress.step < total_steps:
         ids = schedule.micro_batches(progress.step, rank)
-        micro = [collate([train_set[i] for i in batch], tokenizer.pad_token_id) for batch in ids]
+        micro = [objective.collate([train_set[i] for i in batch], tokenizer.pad_token_id) for batch in ids]
         loss = engine.train_step(micro)
-        tokens = sum(_tokens_in(b) for b in micro)
+        tokens = sum(objective.tokens(b) for b in micro)
         loss, tokens = _all_reduce_mean_and_sum(loss, tokens)
         progress = ckpt.Progress(progress.step + 1, schedule.epoch_of(progress.step), progress.tokens_seen + tokens,
                                  world)
@@ -104,12 +107,12 @@ def train_loop_per_worker(config: dict) -> None:
             return
 
     # ── export ──────────────────────────────────────────────────────────────────────────────────────────
-    local_final = run.local_path("final") if run.is_local else scratch / "final"
+    local_final = run.local_path(FINAL) if run.is_local else scratch / FINAL
     target = method.export(engine, local_final, tokenizer)
     _barrier()
     if rank == 0 and not run.is_local:
-        run.upload_dir(local_final, "final")
-    log.event("exported", path=run.uri(f"final/{target.name}"), step=progress.step)
+        run.upload_dir(local_final, FINAL)
+    log.event("exported", path=run.uri(final_weights(target.name)), step=progress.step)
     log.close()
 
     # ── memory: the measured peak beside the planner's estimate (memory.json) ───────────────────────────
@@ -166,7 +169,7 @@ def _write_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int
                       policy, measured: dict) -> None:
     import ray.train
 
-    name = ckpt.checkpoint_dir_name(progress.step)
+    name = checkpoint_name(progress.step)
     local = Path(tempfile.mkdtemp(prefix=f"tunerun-rank{rank}-"))
     try:
         engine.save_state(local)
@@ -179,7 +182,7 @@ def _write_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int
         every_rank = _gather(digests)  # also the barrier: all ranks' files are persisted
         if rank == 0:
             merged = {path: entry for part in every_rank for path, entry in part.items()}
-            manifest = ckpt.write_manifest(run, name, progress.step, merged, measured)
+            manifest = write_manifest(run, name, progress.step, merged, measured)
             removed = ckpt.remove_incomplete(run, progress.step)
             retired, best = ckpt.apply_retention(run, policy)
             log.event("checkpoint_saved", step=progress.step, path=name, files=len(manifest["files"]),
@@ -206,12 +209,6 @@ def _gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def _tokens_in(batch: dict) -> int:
-    """Real (non-padding) tokens; packed batches carry no attention mask because they have no padding."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _all_reduce_mean_and_sum(loss: float, tokens: int) -> tuple[float, int]:
@@ -245,7 +242,7 @@ class _RankZeroLog:
 
     def metrics(self, **values) -> None:
         if self.rank == 0:
-            self.run.append_jsonl("metrics.jsonl", {"time": time.time(), **values})
+            append_metrics(self.run, {"time": time.time(), **values})
             self.trackers.log_row(values["step"], values)
 
     def event(self, kind: str, **fields) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import signal
 import time
 
-from tunerun.cluster.runs import CHECKPOINT_REQUEST as MARKER  # also written by `Target.pause`
-
-STOPPED = "control/stopped_at_checkpoint"  # written by rank 0 when it stopped early on request
+from tunerun.cluster.run_folder import CHECKPOINT_REQUEST as MARKER  # also written by `Target.pause`
+from tunerun.cluster.run_folder import STOPPED
 POLL_S = 2.0
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

@@ -9,53 +9,33 @@ import base64
 import io
 from pathlib import Path
 
-import yaml
-
+from tunerun.cluster.run_folder import (JOB, REPORT, RUN_INFO, EvalRecords, TrainRow, data_report, eval_records,
+                                        metric_rows, read_job)
+from tunerun.cluster.runs import RunInfo, read_info
 from tunerun.jobs.metrics import EVAL_SET, SCORES, format_value, lower_is_better
 
 TEMPLATE = Path(__file__).with_name("report.html.j2")
-
-
-def eval_records(run) -> dict:
-    """{"base": record | None, "steps": [records by step], "on_demand": [records]} from ``eval/``."""
-    names = run.list_dir("eval")
-    steps = sorted((run.read_json(f"eval/{n}") for n in names if n.startswith("step-") and n.endswith(".json")),
-                   key=lambda r: r["step"])
-    on_demand = [run.read_json(f"eval/on-demand/{n}") for n in run.list_dir("eval/on-demand") if n.endswith(".json")]
-    base = run.read_json("eval/base.json") if "base.json" in names else None
-    return {"base": base, "steps": steps, "on_demand": on_demand}
-
-
-def gguf_exports(run) -> list[dict]:
-    """The checks of GGUF exports (``eval/exports/*.json``): exact match of the file beside the HF model's."""
-    return [run.read_json(f"eval/exports/{n}") for n in run.list_dir("eval/exports") if n.endswith(".json")]
-
-
-def final_record(records: dict) -> dict | None:
-    finals = [r for r in records["steps"] if r.get("phase") == "final"]
-    return (finals or records["steps"] or [None])[-1]
 
 
 def build_report(run) -> tuple[str, dict[str, bytes]]:
     """(the HTML page, {chart name: PNG bytes})."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    info = run.read_json("run.json") if run.exists("run.json") else {}
-    job = yaml.safe_load(run.read_text("job.yaml")) if run.exists("job.yaml") else {}
-    metrics = run.read_jsonl("metrics.jsonl")
+    info = read_info(run) if run.exists(RUN_INFO) else RunInfo()
+    spec = read_job(run).spec.model_dump(mode="json") if run.exists(JOB) else {}
     records = eval_records(run)
-    final = final_record(records)
-    charts = _charts(metrics, records)
+    final = records.final
+    charts = _charts(metric_rows(run).train, records)
     env = Environment(loader=FileSystemLoader(TEMPLATE.parent), autoescape=select_autoescape(["j2", "html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
     page = env.get_template(TEMPLATE.name).render(
-        run_id=run.run_id, info=info, spec=job.get("spec", {}),
+        run_id=run.run_id, info=info.to_json(), spec=spec,
         charts={name: base64.b64encode(png).decode("ascii") for name, png in charts.items()},
-        comparison=_comparison(records["base"], final), general=_general(records["base"], final),
-        per_eval=_per_eval(records), examples=_side_by_side(records["base"], final),
-        gates=info.get("gates") or (final or {}).get("gates"), data=_data_report(run),
-        on_demand=records["on_demand"], final_step=(final or {}).get("step"), exports=gguf_exports(run))
+        comparison=_comparison(records.base, final), general=_general(records.base, final),
+        per_eval=_per_eval(records), examples=_side_by_side(records.base, final),
+        gates=info.gates or (final or {}).get("gates"), data=_data_report(run),
+        on_demand=records.on_demand, final_step=(final or {}).get("step"), exports=records.export_checks)
     return page, charts
 
 
@@ -69,8 +49,8 @@ def write_report(run) -> str:
             path = Path(tmp) / f"{name}.png"
             path.write_bytes(png)
             run.upload(path, f"report/{name}.png")
-    run.write_text("report.html", page)
-    return run.uri("report.html")
+    run.write_text(REPORT, page)
+    return run.uri(REPORT)
 
 
 # ── tables ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -105,8 +85,8 @@ def _general(base: dict | None, final: dict | None) -> dict | None:
             "flagged": final["metrics"].get("forgetting_flagged")}
 
 
-def _per_eval(records: dict) -> dict:
-    rows = ([records["base"]] if records["base"] else []) + records["steps"]
+def _per_eval(records: EvalRecords) -> dict:
+    rows = ([records.base] if records.base else []) + records.steps
     names = [n for n in EVAL_SET
              if any(n in r["metrics"] and r["metrics"][n] is not None for r in rows)]
     return {"names": names, "rows": [{"label": "base" if r.get("base") else f"step {r['step']}",
@@ -121,9 +101,9 @@ def _side_by_side(base: dict | None, final: dict | None) -> list[dict]:
 
 
 def _data_report(run) -> list[tuple[str, object]]:
-    if not run.exists("data/data_report.json"):
+    r = data_report(run)
+    if r is None:
         return []
-    r = run.read_json("data/data_report.json")
     rows = []
     for key, value in r.items():
         if isinstance(value, dict):
@@ -146,19 +126,18 @@ def _fmt(value) -> str:
 # ── charts ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def _charts(metrics: list[dict], records: dict) -> dict[str, bytes]:
-    train = [m for m in metrics if "loss" in m and "step" in m]
+def _charts(train: list[TrainRow], records: EvalRecords) -> dict[str, bytes]:
     # Held-out points come from the eval records: the final one exists before its metrics.jsonl row does.
-    rows = ([records["base"]] if records["base"] else []) + records["steps"]
+    rows = ([records.base] if records.base else []) + records.steps
     evals = [(r["step"], r["metrics"]["loss"]) for r in rows if r["metrics"].get("loss") is not None]
     charts = {}
     if train or evals:
         charts["loss"] = _plot("Loss", "step", [
-            ("train loss", [m["step"] for m in train], [m["loss"] for m in train], "-"),
+            ("train loss", [m.step for m in train], [m.loss for m in train], "-"),
             ("held-out loss", [e[0] for e in evals], [e[1] for e in evals], "o-")], log_y=True)
-    if any("lr" in m for m in train):
+    if any(m.lr is not None for m in train):
         charts["learning_rate"] = _plot("Learning rate", "step", [
-            ("lr", [m["step"] for m in train if "lr" in m], [m["lr"] for m in train if "lr" in m], "-")])
+            ("lr", [m.step for m in train if m.lr is not None], [m.lr for m in train if m.lr is not None], "-")])
     series = []
     for name in SCORES:
         points = [(r["step"], r["metrics"][name]) for r in rows if r["metrics"].get(name) is not None]

@@ -22,8 +22,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from tunerun.cluster.run_folder import DATA_REPORT, EVAL, REPORT, RunFolder, data_report, metric_rows
 from tunerun.cluster.runs import RunState, read_info, update_info
-from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import MlflowSpec
 
@@ -235,8 +235,8 @@ class DriverTracking:
         """Data counts, gates and artifacts, then the status; a preempted run stays RUNNING (it resumes). The
         forgetting drop came with the final eval's metrics."""
         info = read_info(self.run)
-        if self.run.exists("data/data_report.json"):
-            report = self.run.read_json("data/data_report.json")
+        report = data_report(self.run)
+        if report is not None:
             self.tracker.set_tags({f"tunerun.data.{key}": report[key] for key in DATA_COUNTS if key in report})
         if info.gates:
             self.tracker.set_tags({"tunerun.gates": "passed" if info.gates["passed"] else "failed"})
@@ -249,14 +249,10 @@ class DriverTracking:
         self.tracker.close()
 
     def _last_step(self) -> int:
-        last = 0
-        if self.run.exists("metrics.jsonl"):
-            for line in self.run.read_text("metrics.jsonl").splitlines():
-                last = max(last, json.loads(line).get("step", 0))
-        return last
+        return max((row.step for row in metric_rows(self.run).ordered), default=0)
 
     def _artifacts(self) -> list[tuple[Path, str | None]]:
-        names = ["report.html", "data/data_report.json", *(f"eval/{n}" for n in self.run.list_files("eval"))]
+        names = [REPORT, DATA_REPORT, *(f"{EVAL}/{n}" for n in self.run.list_files(EVAL))]
         found = []
         scratch = Path(tempfile.mkdtemp(prefix="tunerun-mlflow-"))
         for name in names:

@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunerun.cluster.run_folder import (CHECKPOINT_MANIFEST, FINAL, checkpoint_name, complete_checkpoints, events,
+                                        final_weights, step_of, verify)
 from tunerun.jobs.errors import StorageError
 from tunerun.trainer import checkpoint as ckpt
 
@@ -41,34 +43,33 @@ def find_weights(run, job, checkpoint: int | None, scratch: Path | None = None) 
     method = method_for(job.spec.method)
     full = not method.ADAPTER
     if checkpoint is not None:
-        name = ckpt.checkpoint_dir_name(checkpoint)
-        if not run.exists(f"{name}/{ckpt.MANIFEST}"):
+        name = checkpoint_name(checkpoint)
+        if not run.exists(f"{name}/{CHECKPOINT_MANIFEST}"):
             state = "is incomplete (no manifest: the save never finished)" if run.list_dir(name) else "does not exist"
             raise StorageError(f"{run.run_id}: checkpoint step {checkpoint} {state}; complete checkpoints: "
                                f"{_complete_steps(run) or 'none'}")
         folder = run_local_path(run, name, scratch)
-        problem = ckpt.verify(folder)
+        problem = verify(folder)
         if problem:
             raise StorageError(f"{run.run_id}: checkpoint step {checkpoint} is damaged: {problem}")
         return RunWeights(name, checkpoint, folder, full)
     final_step = _exported_step(run)
     if final_step is not None:
-        return RunWeights("final", final_step, run_local_path(run, f"final/{method.FINAL_DIR}", scratch), full)
+        return RunWeights(FINAL, final_step, run_local_path(run, final_weights(method.FINAL_DIR), scratch), full)
     folder, skipped = ckpt.latest_complete(run, Path(scratch or tempfile.mkdtemp(prefix="tunerun-fetch-")))
     if folder is None:
         notes = f" (skipped: {'; '.join(skipped)})" if skipped else ""
         raise StorageError(f"{run.run_id} has no final weights and no complete checkpoint{notes}; "
                            "nothing to evaluate or export yet")
-    step = int(folder.name.removeprefix(ckpt.PREFIX))
-    return RunWeights(ckpt.checkpoint_dir_name(step), step, folder, full)
+    step = step_of(folder.name)
+    return RunWeights(checkpoint_name(step), step, folder, full)
 
 
 def _exported_step(run) -> int | None:
     # Rank 0 records `exported` after every rank finished writing final/: before that the folder may be partial.
-    exported = [e for e in run.read_jsonl("events.jsonl") if e.get("event") == "exported"]
+    exported = [e for e in events(run) if e.get("event") == "exported"]
     return exported[-1].get("step") if exported else None
 
 
 def _complete_steps(run) -> str:
-    steps = [n.removeprefix(ckpt.PREFIX) for n in ckpt.complete_checkpoints(run)]
-    return ", ".join(str(int(s)) for s in steps if s.isdigit())
+    return ", ".join(str(step_of(name)) for name in complete_checkpoints(run))

@@ -15,6 +15,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from tunerun.cluster.run_folder import TRAIN_FILE
 from tunerun.jobs.cli.options import console, job_options, load_resolved, user_errors
 
 
@@ -63,21 +64,21 @@ def inspect(job_file, overrides, storage, examples, cache_dir):
         console.print(f"packed {report['train_records']:,} examples into {report['packed_rows']:,} rows "
                       f"({report['packing_efficiency']:.0%} real tokens); examples below are cut out of the rows")
     tokenizer = load_tokenizer(job)
-    for number, example in enumerate(itertools.islice(_examples(folder / "train.jsonl"), examples), start=1):
+    for number, example in enumerate(itertools.islice(_examples(folder / TRAIN_FILE), examples), start=1):
         _print_example(number, example, tokenizer)
     console.print(f"files  {folder}")
 
 
 def _prepared(job_file, overrides, storage, cache_dir) -> tuple:
     """(job, prepared folder, whether it came from the cache, its data report), the summary printed."""
-    from tunerun.trainer.data.cache import prepared_folder
+    from tunerun.trainer.data.cache import prepared_folder, read_report
     from tunerun.trainer.inputs import localize_data, localize_model
 
     # s3:// data and models come into the node cache first, exactly as the trainer fetches them: the content
     # hash then names the same prepared folder a run on this machine would use.
     job = localize_data(localize_model(load_resolved(job_file, overrides, storage)))
     folder, cached = prepared_folder(job, Path(cache_dir).resolve() if cache_dir else None)
-    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+    report = read_report(folder)
     _print_summary(report)
     return job, folder, cached, report
 

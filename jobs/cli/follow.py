@@ -11,7 +11,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import EvalRow, JsonlTail, RunFolder, TrainRow, events, metric_rows
 from tunerun.jobs.metrics import SCORES
 
 PLAIN_EVERY_S = 10.0
@@ -19,13 +19,13 @@ PLAIN_EVERY_S = 10.0
 
 class RunFollower:
     def __init__(self, run: RunFolder, console: Console, from_start: bool = True):
-        self.run, self.console = run, console
+        self.run, self.console, self.tail = run, console, JsonlTail()
         self.metrics_seen = self.events_seen = 0
         if not from_start:  # a resumed run: show only what happens from now on
-            self.events_seen = len(run.read_jsonl("events.jsonl"))
-            self.metrics_seen = len(run.read_jsonl("metrics.jsonl"))
-        self.last: dict = {}
-        self.first_train: dict | None = None
+            self.events_seen = len(events(run, self.tail))
+            self.metrics_seen = len(metric_rows(run, self.tail).ordered)
+        self.last: TrainRow | None = None
+        self.first_train: TrainRow | None = None
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self._last_plain = 0.0
@@ -45,49 +45,50 @@ class RunFollower:
                 time.sleep(poll_s)
 
     def _drain(self, bar: Progress, task, live: bool) -> None:
-        events = self.run.read_jsonl("events.jsonl")
-        metrics = self.run.read_jsonl("metrics.jsonl")
-        fresh = [(e["time"], 0, e) for e in events[self.events_seen:]]
-        fresh += [(m["time"], 1, m) for m in metrics[self.metrics_seen:]]
-        self.events_seen, self.metrics_seen = len(events), len(metrics)
+        seen_events, rows = events(self.run, self.tail), metric_rows(self.run, self.tail).ordered
+        fresh = [(e["time"], 0, e) for e in seen_events[self.events_seen:]]
+        fresh += [(m.time, 1, m) for m in rows[self.metrics_seen:]]
+        self.events_seen, self.metrics_seen = len(seen_events), len(rows)
         for _, is_metric, record in sorted(fresh, key=lambda item: item[:2]):
             self._take_metrics(record) if is_metric else self._show_event(record)
-        if "loss" in self.last:
-            total = self.last.get("total_steps")
-            bar.update(task, total=total, completed=self.last["step"], info=self._train_info())
-            fresh = self.last["step"] != self._last_plain_step
+        if self.last is not None:
+            total = self.last.total_steps
+            bar.update(task, total=total, completed=self.last.step, info=self._train_info())
+            fresh = self.last.step != self._last_plain_step
             if not live and fresh and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
-                self._last_plain, self._last_plain_step = time.monotonic(), self.last["step"]
-                self.console.print(f"train  step {self.last['step']}/{total}  {self._train_info()}")
+                self._last_plain, self._last_plain_step = time.monotonic(), self.last.step
+                self.console.print(f"train  step {self.last.step}/{total}  {self._train_info()}")
 
-    def _take_metrics(self, record: dict) -> None:
-        if "eval_loss" in record:
-            if self.first_eval is None:
-                self.first_eval = record["eval_loss"]
-            self.last_eval = record["eval_loss"]
-            scores = "".join(f"  {name} {record[f'eval_{name}']:.2f}" for name in SCORES
-                             if record.get(f"eval_{name}") is not None)
-            label = "base" if record.get("base") else f"step {record['step']}"
-            self.console.print(f"eval   {label}  loss {record['eval_loss']:.4f}  "
-                               f"perplexity {record['eval_perplexity']:.2f}{scores}")
-        else:
-            self.first_train = self.first_train or record
-            self.last = record
+    def _take_metrics(self, row: TrainRow | EvalRow) -> None:
+        if isinstance(row, TrainRow):
+            self.first_train = self.first_train or row
+            self.last = row
+            return
+        held_out = row.held_out
+        if "loss" not in held_out:
+            return  # only the forgetting check ran at this step
+        if self.first_eval is None:
+            self.first_eval = held_out["loss"]
+        self.last_eval = held_out["loss"]
+        scores = "".join(f"  {name} {held_out[name]:.2f}" for name in SCORES if name in held_out)
+        label = "base" if row.base else f"step {row.step}"
+        self.console.print(f"eval   {label}  loss {held_out['loss']:.4f}  "
+                           f"perplexity {held_out.get('perplexity', float('nan')):.2f}{scores}")
 
     def _train_info(self) -> str:
-        info = f"loss {self.last['loss']:.4f}  lr {self.last['lr']:.2e}  {self.last['tokens_per_s']:,.0f} tok/s"
+        info = f"loss {self.last.loss:.4f}  lr {self.last.lr or 0:.2e}  {self.last.tokens_per_s or 0:,.0f} tok/s"
         return info + (f"  eta {self._eta()}" if not self.console.is_terminal else "")
 
     def _eta(self) -> str:
         """From the pace since this follower first saw a step (a resumed run's earlier steps don't count)."""
         first = self.first_train or self.last
-        steps_done = self.last["step"] - first["step"]
-        if steps_done <= 0:
+        steps_done = self.last.step - first.step
+        if steps_done <= 0 or self.last.elapsed_s is None or first.elapsed_s is None:
             return "?"
-        pace = (self.last["elapsed_s"] - first["elapsed_s"]) / steps_done
+        pace = (self.last.elapsed_s - first.elapsed_s) / steps_done
         if pace < 0:  # the worker group restarted and its clock with it
             return "?"
-        left = int(pace * (self.last["total_steps"] - self.last["step"]))
+        left = int(pace * ((self.last.total_steps or self.last.step) - self.last.step))
         return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
     def _show_event(self, event: dict) -> None:

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -60,7 +59,9 @@ def user_errors(command):
 def note_in_cli_log(text: str) -> None:
     """Append a line to the CLI's own log (``$TUNERUN_CACHE/tunerun.log``, default ``~/.cache/tunerun``): what a
     user was told about a run whose folder could not keep it (a full disk). Best effort."""
-    cache = Path(os.environ.get("TUNERUN_CACHE", Path.home() / ".cache" / "tunerun"))
+    from tunerun.cluster.storage import cache_root
+
+    cache = cache_root()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with (cache / "tunerun.log").open("a", encoding="utf-8") as log:
@@ -120,7 +121,7 @@ def load_resolved(job_file: str, overrides: tuple[str, ...], storage: str | None
 
 def run_store(storage: str | None):
     """Runs under --storage; an S3 endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, as in the AWS CLI."""
-    from tunerun.cluster.storage import RunStore
+    from tunerun.cluster.run_folder import RunStore
     from tunerun.jobs.spec import StorageSpec
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -9,26 +9,13 @@ from __future__ import annotations
 import json
 
 import click
-import yaml
 from rich.table import Table
 
+from tunerun.cluster.run_folder import REPORT, base_record, on_demand_record_name, read_job
 from tunerun.jobs.cli.options import (checkpoint_option, console, json_option, open_run, run_argument, storage_option,
                                       user_errors)
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.metrics import format_value
-
-
-def load_run_job(run):
-    """The resolved job a run was started with (``job.yaml``)."""
-    from pydantic import ValidationError
-
-    from tunerun.jobs.plan import ResolvedJob
-
-    try:
-        return ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
-        raise StorageError(f"{run.uri('job.yaml')} no longer validates ({problems})") from None
 
 
 def checkpoint_step(run, job, checkpoint: int | str | None) -> int | None:
@@ -50,15 +37,13 @@ def eval_command(run_id, checkpoint, storage):
     from tunerun.trainer.evaluation.on_demand import evaluate_run
 
     run = open_run(run_id, storage)
-    job = load_run_job(run)
+    job = read_job(run)
     checkpoint = checkpoint_step(run, job, checkpoint)
     console.print(f"eval   {run_id} · {job.spec.method.label} · loading weights…")
     record = evaluate_run(run, job, checkpoint)
-    base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
-    console.print(metrics_table(record, base))
+    console.print(metrics_table(record, base_record(run)))
     print_gates(record.get("gates"))
-    name = record["source"].replace("checkpoints/", "")
-    console.print(f"wrote  {run.uri(f'eval/on-demand/{name}.json')}")
+    console.print(f"wrote  {run.uri(on_demand_record_name(record['source']))}")
 
 
 @click.command("export")
@@ -87,7 +72,7 @@ def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system,
     from tunerun.trainer.export.hf import export_run
 
     run = open_run(run_id, storage)
-    job = load_run_job(run)
+    job = read_job(run)
     checkpoint = checkpoint_step(run, job, checkpoint)
     if mlflow_model and job.spec.tracking.mlflow is None:
         raise StorageError(f"--mlflow-model: run {run_id} has no tracking.mlflow in its job, so no MLflow run to "
@@ -136,7 +121,7 @@ def _export_gguf(run, job, checkpoint, quant, to, system, check_prompts) -> None
                   f"{check['prompt_texts_same_ids']}/{check['prompt_texts']}")
     console.print(f"export {done.weights.name} → {done.target}/{done.gguf_name} · {done.size / 1e6:.1f} MB · "
                   f"{done.seconds:.0f}s · ollama create {job.spec.name} -f {done.target}/Modelfile")
-    if run.exists("report.html"):  # the report shows the export's exact match beside the HF model's
+    if run.exists(REPORT):  # the report shows the export's exact match beside the HF model's
         from tunerun.trainer.report import write_report
 
         console.print(f"report {write_report(run)}")
@@ -170,7 +155,7 @@ def print_gates(gates: dict | None) -> None:
 @user_errors
 def compare_command(run_ids, storage, as_json):
     """Runs side by side: held-out metrics (the best of each marked ★), gates, data counts, hyperparameters."""
-    from tunerun.jobs.compare import DATA_COUNTS, METRICS, compare
+    from tunerun.cluster.compare import DATA_COUNTS, METRICS, compare
 
     if len(run_ids) < 2:
         raise click.UsageError("name two or more runs to compare, e.g. tunerun compare RUN-A RUN-B (tunerun list shows them)")

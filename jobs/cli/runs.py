@@ -15,7 +15,8 @@ import click
 from rich.table import Table
 
 from tunerun.cluster import targets
-from tunerun.cluster.runs import DRIVER_LOG, RunInfo, RunState, disk_full_message, read_info
+from tunerun.cluster.run_folder import DRIVER_LOG, FINAL, METRICS, checkpoint_folders, final_weights, metric_rows
+from tunerun.cluster.runs import RunInfo, RunState, disk_full_message, read_info
 from tunerun.jobs.cli.options import (console, err_console, job_options, json_option, load_resolved,
                                       note_in_cli_log, open_run, run_argument, run_id_option, run_store,
                                       storage_option, user_errors)
@@ -53,7 +54,7 @@ def run(job_file, overrides, storage, run_id, resume_id):
         info = target.status(run_folder)  # a driver killed outright recorded nothing: status says so
     except KeyboardInterrupt:
         console.print("cancelling (Ctrl-C): stopping Ray workers…")
-        target.cancel(run_folder)
+        target.cancel(run_folder, warn=lambda message: err_console.print(f"warning {message}"))
         sys.exit(130)
     if process.returncode == EXIT_DISK_FULL and info.error_kind != "disk_full":
         info = info.model_copy(update={"state": RunState.FAILED, "error_kind": "disk_full", "error": disk_full_message(
@@ -67,20 +68,21 @@ def run(job_file, overrides, storage, run_id, resume_id):
 
 def _print_outcome(run_folder, info: RunInfo, follower) -> None:
     if info.state == RunState.SUCCEEDED:
-        artifact = next((f"final/{name}" for name in ("adapter", "model") if name in run_folder.list_dir("final")),
-                        "final")
+        artifact = next((final_weights(name) for name in ("adapter", "model") if name in run_folder.list_dir(FINAL)),
+                        FINAL)
         loss = ""
         if follower.first_eval is not None and follower.last_eval is not None:
             loss = f"held-out loss {follower.first_eval:.4f} → {follower.last_eval:.4f} · "
         gates = info.gates or {}
         verdict = ("gates passed · " if gates.get("passed") else "gates FAILED · ") if gates.get("results") else ""
         console.print(f"done   {loss}{verdict}weights: {run_folder.uri(artifact)} · "
-                      f"metrics: {run_folder.uri('metrics.jsonl')}")
+                      f"metrics: {run_folder.uri(METRICS)}")
         return
     if info.error_kind in USER_FIXABLE:
         err_console.print(f"[red]error[/red] {info.error}", soft_wrap=True)
     else:
-        log = info.local.log if info.local else run_folder.uri(DRIVER_LOG)
+        driver = targets.get(info.target).handle(info)
+        log = getattr(driver, "log", None) or run_folder.uri(DRIVER_LOG)  # the local driver's own log file
         err_console.print(f"[red]failed[/red] {_last_line(info.error or 'the run failed')}; full traceback in {log}",
                           soft_wrap=True)
 
@@ -128,10 +130,11 @@ def render(job_file, overrides, storage, target_name, run_id):
 @storage_option
 @user_errors
 def list_runs(storage):
-    """Runs in a storage location, newest last, each in the state its own target reports (as `status` does)."""
+    """Runs in a storage location, newest last, each in the state its own target reports (as `status` does); a run
+    that ended succeeded, failed or cancelled is as it recorded, without asking its target again."""
     table = Table("run", "state", "method", "target", "step", "last loss", box=None)
     for run_folder in run_store(storage).runs():
-        info = targets.for_run(run_folder).status(run_folder)
+        info = targets.for_run(run_folder).status(run_folder, ask_finished=False)
         last = _last_train_metrics(run_folder)
         table.add_row(run_folder.run_id, info.state_text, info.method or "?", info.target,
                       f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
@@ -150,7 +153,7 @@ def status(run_id, storage, as_json):
     target = targets.for_run(run_folder)
     info = target.status(run_folder)
     last = _last_train_metrics(run_folder)
-    checkpoints = run_folder.list_dir("checkpoints")
+    checkpoints = checkpoint_folders(run_folder)
     if as_json:
         click.echo(json.dumps({**info.to_json(), "last_metrics": last, "checkpoints": checkpoints}, indent=2))
         return
@@ -193,22 +196,15 @@ def cancel(run_id, storage):
     """Stop a running run (its checkpoints stay)."""
     run_folder = open_run(run_id, storage)
     target = targets.for_run(run_folder)
-    if target.cancel(run_folder):
+    if target.cancel(run_folder, warn=lambda message: err_console.print(f"warning {message}")):
         console.print(f"cancelled {run_id}")
-        _end_mlflow_run_killed(run_folder)
     else:
         console.print(f"{run_id} is not running (state {target.status(run_folder).state})")
 
 
-def _end_mlflow_run_killed(run_folder) -> None:
-    from tunerun.jobs.tracking import end_cancelled_run
-
-    if problem := end_cancelled_run(run_folder):
-        err_console.print(f"warning MLflow run {read_info(run_folder).mlflow_run_id} not marked KILLED: {problem}")
-
-
 def _last_train_metrics(run_folder) -> dict:
-    return next((m for m in reversed(run_folder.read_jsonl("metrics.jsonl")) if "loss" in m), {})
+    last = metric_rows(run_folder).last_train
+    return last.model_dump(exclude_none=True) if last else {}
 
 
 COMMANDS = (run, submit, render, list_runs, status, logs, cancel)

@@ -26,11 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunerun.cluster.runs import read_info
+from tunerun.cluster import compare
+from tunerun.cluster.run_folder import METRICS, REPORT
 from tunerun.cluster.space import is_disk_full
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.plan import TUNERUN_VERSION
-from tunerun.jobs import compare
 from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
@@ -126,19 +126,19 @@ def _file_routes(app: FastAPI, service: Service, project_of) -> None:
     @app.get("/v1/files")
     def list_files(project: str = Depends(project_of), purpose: str | None = None):
         found = [f.public() for f in service.files.list(project)]
-        found += [objects.result_file(run, record) for run, record in service.jobs.jobs_of(project)
-                  if run.exists("metrics.jsonl")]
+        found += [f for f in (_result_file(service, run, record) for run, record in service.jobs.jobs_of(project))
+                  if f is not None]
         found = [f for f in found if purpose is None or f["purpose"] == purpose]
         return {"object": "list", "data": found, "has_more": False}
 
     @app.get("/v1/files/{file_id}")
     def retrieve_file(file_id: str, project: str = Depends(project_of)):
-        result = _result_of(service, project, file_id)
+        result = service.jobs.result_of(project, file_id)
         return objects.result_file(*result) if result else service.files.get(project, file_id).public()
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str, project: str = Depends(project_of)):
-        result = _result_of(service, project, file_id)
+        result = service.jobs.result_of(project, file_id)
         if result:
             return Response(objects.result_csv(result[0]), media_type="text/csv")
         return Response(service.files.content(project, file_id), media_type="application/jsonl")
@@ -162,9 +162,14 @@ def _copy_limited(upload: UploadFile, target: Path, limit: int) -> int:
     return size
 
 
-def _result_of(service: Service, project: str, file_id: str):
-    return next(((run, record) for run, record in service.jobs.jobs_of(project) if record.result_file == file_id),
-                None)
+def _result_file(service: Service, run, record) -> dict | None:
+    """The job's result file once it has metrics; a finished job's is made once (its metrics no longer change)."""
+    def made() -> dict | None:
+        return objects.result_file(run, record) if run.exists(METRICS) else None
+
+    service.jobs.known_state(run)  # run.json, read unless the job is known to have finished
+    finished = service.jobs.index.finished(run.run_id)
+    return service.jobs.index.made_once(run.run_id, "result_file", finished, made) if finished else made()
 
 
 # ── fine-tuning jobs ────────────────────────────────────────────────────────────────────────────────────────
@@ -173,7 +178,10 @@ def _job_routes(app: FastAPI, service: Service, project_of) -> None:
     jobs = service.jobs
 
     def job(run, record) -> dict:
-        return objects.job_object(run, record, jobs.target_of(run).status(run))
+        """The job object, from run.json read now; a finished job's is made once from its files (they no longer
+        change while run.json reads the same)."""
+        info = jobs.status(run)
+        return jobs.index.made_once(run.run_id, "job", info, lambda: objects.job_object(run, record, info))
 
     @app.post("/v1/fine_tuning/jobs")
     def create_job(body: JobRequest, project: str = Depends(project_of)):
@@ -186,8 +194,9 @@ def _job_routes(app: FastAPI, service: Service, project_of) -> None:
                   if key.startswith("metadata[") and key.endswith("]")}
         owned = [(run, record) for run, record in jobs.jobs_of(project)
                  if all(record.metadata.get(k) == v for k, v in wanted.items())]
-        return _page([job(*item) for item in _after(owned, after, lambda item: item[1].job_id)[:_limit(limit) + 1]],
-                     limit)
+        shown = _after(owned, after, lambda item: item[1].job_id)[:_limit(limit) + 1]
+        # Only the page's jobs are read (a run.json each); the one beyond it only says there is more.
+        return {"object": "list", "data": [job(*item) for item in shown[:limit]], "has_more": len(shown) > limit}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     def retrieve_job(job_id: str, project: str = Depends(project_of)):
@@ -253,7 +262,7 @@ def _model_routes(app: FastAPI, service: Service, project_of) -> None:
         found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun"}
                  for name in service.served.config.models]
         for run, record in service.jobs.jobs_of(project):
-            if read_info(run).state == "succeeded":
+            if service.jobs.known_state(run) == "succeeded":
                 found.append({"id": objects.fine_tuned_model(record), "object": "model",
                               "created": int(record.created_at), "owned_by": project})
         return found
@@ -301,10 +310,10 @@ def _outcome_routes(app: FastAPI, service: Service, project_of) -> None:
     @app.get("/v1/fine_tuning/jobs/{job_id}/report")
     def job_report(job_id: str, project: str = Depends(project_of)):
         run, _ = jobs.owned(project, job_id)
-        if not run.exists("report.html"):
+        if not run.exists(REPORT):
             raise ApiError(404, f"Job {job_id} has no report yet: it is written when the run ends", "fine_tuning_job_id",
                            "not_ready")
-        return Response(run.read_bytes("report.html"), media_type="text/html",
+        return Response(run.read_bytes(REPORT), media_type="text/html",
                         headers={"content-security-policy": REPORT_POLICY})
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/artifacts")

@@ -25,11 +25,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from tunerun.cluster import targets
 from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
 from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, TargetsSpec
 
-TARGETS = ("local", "ray", "slurm", "k8s")  # `tunerun.cluster.targets.names()`, without importing the targets
+TARGETS = targets.names()  # the registry: reading it imports no target module
 UPLOAD_PLACEHOLDER = "uploaded-training-file.jsonl"  # stands in for data.train while a template is checked
 GIB = 1 << 30
 

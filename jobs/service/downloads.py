@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import RunFolder
 
 CHUNK = 1 << 20
 QUEUED_CHUNKS = 8

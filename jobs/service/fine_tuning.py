@@ -3,7 +3,8 @@
 The run folder holds everything (job.yaml, run.json, events, metrics, checkpoints, the export) plus
 ``service.json``: the project, the request as it came, the suffix and the id of the job's result file. It is
 written once, before the run exists, so every run with a run.json that belongs to the service has one. The
-server keeps nothing else: a restarted server, or a second one on the same storage, sees every job.
+server keeps nothing else: a restarted server, or a second one on the same storage, sees every job. What it has
+read of them it keeps in a `JobIndex` (`tunerun.jobs.service.index`), shared by the handlers and the scheduler.
 
 With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler`
 starts them as slots free, detached, so they keep training while the server is down); other targets are given the
@@ -20,20 +21,19 @@ import threading
 import time
 from dataclasses import dataclass
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tunerun.cluster import targets
-from tunerun.cluster.runs import RunState, create_run, read_info, record_cancelled
-from tunerun.cluster.storage import RunFolder, RunStore
+from tunerun.cluster.run_folder import SERVICE_RECORD, RunFolder, RunStore, read_job
+from tunerun.cluster.runs import RunInfo, RunState, create_run, read_info, record_cancelled
 from tunerun.jobs.errors import SpecError, TunerunError
 from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import ResolvedJob, resolve
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
 from tunerun.jobs.service.files import FileObject, FileStore
+from tunerun.jobs.service.index import FINISHED, JobIndex
 
-SERVICE_RECORD = "service.json"
 logger = logging.getLogger("tunerun.serve")
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -190,11 +190,20 @@ class ServiceRecord:
         return self.request.get("metadata") or {}
 
 
+class JobFolders(RunStore):
+    """The storage's run folders as the service lists them: `run_ids` names the folders that may be jobs, from one
+    listing request (not a run.json lookup per folder: the index reads a new job's record and run.json once)."""
+
+    def run_ids(self) -> list[str]:
+        return [name for name in self.backend.children("") if JOB_ID.fullmatch(name)]
+
+
 class JobService:
     def __init__(self, served: Served, files: FileStore):
         self.served, self.config, self.files = served, served.config, files
-        self.store = RunStore(self.config.storage)
-        self._records: dict[str, ServiceRecord] = {}  # service.json never changes: read each once
+        self.store = JobFolders(self.config.storage)
+        self.index = JobIndex(self.config.storage, lambda: self.store.run_ids(), lambda data: ServiceRecord(**data))
+        self._targets: dict[str, targets.Target] = {}
         self._lock = threading.Lock()
 
     # ── creating ────────────────────────────────────────────────────────────────────────────────────────────
@@ -228,6 +237,7 @@ class JobService:
             create_run(job, "local", state=RunState.QUEUED)
         else:
             targets.get(self.config.target).submit(job)
+        self.index.add(run, record)
         return run
 
     def _usable_file(self, project: str, file_id: str, param: str) -> FileObject:
@@ -310,34 +320,52 @@ class JobService:
     # ── reading ─────────────────────────────────────────────────────────────────────────────────────────────
 
     def record(self, run: RunFolder) -> ServiceRecord | None:
-        with self._lock:
-            if run.run_id not in self._records:
-                if not run.exists(SERVICE_RECORD):
-                    return None
-                self._records[run.run_id] = ServiceRecord(**run.read_json(SERVICE_RECORD))
-            return self._records[run.run_id]
+        found = self.index.find(run.run_id)
+        return found[1] if found else None
 
     def owned(self, project: str, job_id: str) -> tuple[RunFolder, ServiceRecord]:
         """The run of ``job_id`` if ``project`` owns it; 404 otherwise (also for another project's job)."""
-        run = RunFolder(self.config.storage, job_id)
-        record = self.record(run) if JOB_ID.fullmatch(job_id or "") and run.exists("run.json") else None
-        if record is None or record.project != project:
+        found = self.index.find(job_id) if JOB_ID.fullmatch(job_id or "") else None
+        if found is None or found[1].project != project:
             raise not_found("job", job_id, "fine_tuning_job_id")
-        return run, record
+        return found
 
     def jobs_of(self, project: str) -> list[tuple[RunFolder, ServiceRecord]]:
         """The project's jobs, newest first."""
-        found = []
-        for run_id in self.store.run_ids():
-            if JOB_ID.fullmatch(run_id):
-                run = RunFolder(self.config.storage, run_id)
-                record = self.record(run)
-                if record is not None and record.project == project:
-                    found.append((run, record))
-        return sorted(found, key=lambda item: item[1].created_at, reverse=True)
+        return self.index.jobs_of(project)
+
+    def result_of(self, project: str, file_id: str) -> tuple[RunFolder, ServiceRecord] | None:
+        """The project's job whose result file is ``file_id``."""
+        return self.index.by_result_file(project, file_id)
+
+    def status(self, run: RunFolder) -> RunInfo:
+        """run.json as the run's target sees it, read now; a finished run's target is not asked (it cannot
+        change what the driver recorded). The index learns whether the run has finished."""
+        info = read_info(run)
+        info = self._target(info.target, run).status(run, info, ask_finished=False)
+        self.index.note(run.run_id, info)
+        return info
+
+    def known_state(self, run: RunFolder) -> RunState:
+        """The state run.json records, read only when the index does not know the run finished (the target is not
+        asked: a list of models needs no more)."""
+        finished = self.index.finished(run.run_id)
+        if finished:
+            return finished.state
+        info = read_info(run)
+        if info.state in FINISHED:  # what status would say too: a finished run's target is not asked
+            self.index.note(run.run_id, info)
+        return info.state
 
     def target_of(self, run: RunFolder):
         return targets.for_run(run)
+
+    def _target(self, name: str, run: RunFolder) -> targets.Target:
+        """One instance per target for reading states."""
+        with self._lock:
+            if name not in self._targets:
+                self._targets[name] = targets.for_run(run)  # a name this tunerun does not know: its TargetError
+            return self._targets[name]
 
     # ── acting ──────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -345,11 +373,8 @@ class JobService:
         info = read_info(run)
         if info.state == RunState.QUEUED:
             record_cancelled(run, info.target)
-        elif not info.state.terminal and self.target_of(run).cancel(run):
-            from tunerun.jobs.tracking import end_cancelled_run
-
-            if problem := end_cancelled_run(run):  # a tracked run: its MLflow run ends KILLED, as with the CLI
-                logger.warning("job %s: MLflow run not marked KILLED: %s", run.run_id, problem)
+        elif not info.state.terminal:
+            self.target_of(run).cancel(run, warn=lambda message: logger.warning("job %s: %s", run.run_id, message))
         # cancelling a finished job changes nothing; the job object says how it ended
 
     def pause(self, run: RunFolder) -> None:
@@ -363,7 +388,7 @@ class JobService:
         if state != RunState.PREEMPTED:
             raise bad_request(f"Job {run.run_id} is {state}: only a paused job can be resumed", "fine_tuning_job_id",
                               "invalid_state")
-        job = ResolvedJob.model_validate(yaml.safe_load(run.read_text("job.yaml")))
+        job = read_job(run, to_run=True)
         if self.config.target == "local":
             create_run(job, "local", resume=True, state=RunState.QUEUED)
         else:

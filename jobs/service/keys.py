@@ -14,7 +14,9 @@ written back, which would let one writer undo another: each fact is its own obje
 - ``<key id>.used``, the last use, simply overwritten: it is a convenience, kept to the minute, and a failure
   to write it (a full disk) is logged and never fails the request it came from.
 
-A key created or revoked by the CLI works, or stops working, at the server's next request. Storage written by
+A key created or revoked by the CLI works, or stops working, at the server's next request. Records and
+revocations never change once made, so a server keeps each it has read: a request with a known key costs one
+existence check of its revocation marker (a HEAD on S3), and nothing more once the key is revoked. Storage written by
 an older tunerun keeps its records in one ``_service/keys.json``: its keys stay valid and are revoked through
 the same marker; that file is read, never written again.
 """
@@ -76,6 +78,10 @@ class KeyStore:
     def __init__(self, storage: StorageSpec):
         self.backend = backend_for(storage)
         self._last_noted: dict[str, float] = {}
+        # Both are written once and never changed (see the module doc): each is read once per server.
+        self._records: dict[str, KeyRecord] = {}
+        self._revoked: dict[str, float] = {}
+        self._legacy_records: dict[str, KeyRecord] | None = None
 
     def create(self, project: str) -> tuple[KeyRecord, str]:
         """A new key for ``project``: (its record, the key itself — the only time anyone sees it)."""
@@ -140,7 +146,10 @@ class KeyStore:
     def _record(self, key_id: str) -> KeyRecord | None:
         if not KEY_ID_PATTERN.fullmatch(key_id or ""):  # it becomes part of a path
             return None
-        return self._stored(key_id) or self._legacy().get(key_id)
+        found = self._records.get(key_id) or self._stored(key_id) or self._legacy().get(key_id)
+        if found is not None:
+            self._records[key_id] = found
+        return found
 
     def _stored(self, key_id: str) -> KeyRecord | None:
         try:
@@ -149,17 +158,25 @@ class KeyStore:
             return None
 
     def _legacy(self) -> dict[str, KeyRecord]:
-        try:
-            return {r["key_id"]: KeyRecord(**r) for r in json.loads(self.backend.get(LEGACY_KEYS))["keys"]}
-        except FileNotFoundError:
-            return {}
+        """keys.json of an older tunerun: read once when there is one (it is never written again); while there is
+        none, only a key id with no record of its own asks again."""
+        if self._legacy_records is None:
+            try:
+                self._legacy_records = {r["key_id"]: KeyRecord(**r)
+                                        for r in json.loads(self.backend.get(LEGACY_KEYS))["keys"]}
+            except FileNotFoundError:
+                return {}
+        return dict(self._legacy_records)
 
     def _with_state(self, record: KeyRecord, with_last_use: bool = False) -> KeyRecord:
         """``record`` with its revocation (and, for listing, its last use) as the storage knows them now."""
-        revoked_at = record.revoked_at  # a legacy record may carry one
+        revoked_at = record.revoked_at or self._revoked.get(record.key_id)  # a legacy record may carry one
         if revoked_at is None and self.backend.exists(_object(record.key_id, "revoked")):
             # A marker caught before its first bytes is a revocation under way: it counts from now.
-            revoked_at = self._read_moment(record.key_id, "revoked", "revoked_at") or time.time()
+            moment = self._read_moment(record.key_id, "revoked", "revoked_at")
+            revoked_at = moment or time.time()
+            if moment is not None:  # the marker's own time stands once readable: kept, never asked again
+                self._revoked[record.key_id] = moment
         last_used_at = record.last_used_at
         if with_last_use:
             last_used_at = self._read_moment(record.key_id, "used", "last_used_at") or last_used_at

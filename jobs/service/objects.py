@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import threading
 import time
-from pathlib import Path
 
-from tunerun.cluster.runs import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINTS, RunInfo, RunState
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import EvalRow, JsonlTail, RunFolder, TrainRow, complete_manifests, metric_rows, step_of
+from tunerun.cluster.run_folder import events as read_events
+from tunerun.cluster.runs import RunInfo, RunState
 from tunerun.jobs.metrics import SCORES
 from tunerun.jobs.service.errors import tenant_text
 from tunerun.jobs.service.fine_tuning import ServiceRecord
@@ -24,46 +22,7 @@ STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNIN
 RESULT_COLUMNS = ("step", "train_loss", "learning_rate", "tokens_per_s", "valid_loss", *SCORES)
 
 
-class _AppendOnlyCache:
-    """events.jsonl and metrics.jsonl only grow: on a local run folder, parse just the lines added since the last
-    request (many clients poll a training job every second; re-parsing thousands of lines each time slowed its
-    steps, bench/bench_serve.py). Object storage has no cheap size check for a growing object: read it whole."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[int, list[dict]]] = {}
-
-    def records(self, run: RunFolder, name: str) -> list[dict]:
-        if not run.is_local:
-            return run.read_jsonl(name)
-        path = run.local_path(name)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return []
-        with self._lock:
-            offset, parsed = self._seen.get(path, (0, []))
-            if size < offset:  # rewritten (not appended): start again
-                offset, parsed = 0, []
-            if size > offset:
-                with path.open("rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read(size - offset)
-                complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
-                parsed = parsed + [row for row in map(_parsed, complete.splitlines()) if row is not None]
-                offset += len(complete)
-                self._seen[path] = (offset, parsed)
-            return parsed
-
-
-def _parsed(line: bytes) -> dict | None:
-    try:
-        return json.loads(line) if line.strip() else None
-    except json.JSONDecodeError:  # as RunFolder.read_jsonl: a damaged line is skipped, not fatal
-        return None
-
-
-records = _AppendOnlyCache().records
+_tail = JsonlTail()  # one per server: the job pages of every client share what it parsed
 
 
 def fine_tuned_model(record: ServiceRecord) -> str:
@@ -72,13 +31,11 @@ def fine_tuned_model(record: ServiceRecord) -> str:
 
 
 def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
-    events, rows = records(run, "events.jsonl"), records(run, "metrics.jsonl")
-    train = [m for m in rows if "loss" in m]
+    rows = metric_rows(run, _tail)
     status = STATUS[info.state]
-    if info.state == RunState.RUNNING and not any(e["event"] == "data_prepared" for e in events):
+    if info.state == RunState.RUNNING and not any(e["event"] == "data_prepared" for e in read_events(run, _tail)):
         status = "validating_files"  # the driver is reading, cleaning and checking the data
-    last = train[-1] if train else {}
-    evaluated = [m for m in rows if "loss" not in m and not m.get("base")]
+    last = rows.last_train
     return {
         "object": "fine_tuning.job",
         "id": record.job_id,
@@ -88,33 +45,29 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "status": status,
         "fine_tuned_model": fine_tuned_model(record) if info.state == RunState.SUCCEEDED else None,
         "organization_id": record.project,
-        "result_files": [record.result_file] if train else [],
+        "result_files": [record.result_file] if rows.train else [],
         "training_file": record.request["training_file"],
         "validation_file": record.request.get("validation_file"),
         "hyperparameters": record.hyperparameters,
         "method": {"type": "supervised", "supervised": {"hyperparameters": record.hyperparameters}},
-        "trained_tokens": last.get("tokens_seen") if info.state.terminal else None,
+        "trained_tokens": last.tokens_seen if last and info.state.terminal else None,
         "error": _error(info),
         "seed": record.seed,
-        "estimated_finish": _estimated_finish(train) if info.state == RunState.RUNNING else None,
+        "estimated_finish": _estimated_finish(rows.train) if info.state == RunState.RUNNING else None,
         "metadata": record.metadata or None,
         "integrations": record.request.get("integrations") or [],
         "user_provided_suffix": record.suffix,
         # tunerun's own view, beside OpenAI's fields: the run id works with `tunerun status/logs/report/export`
-        "tunerun": {"run_id": run.run_id, "state": str(info.state), "step": last.get("step"),
-                    "total_steps": last.get("total_steps"), "last_loss": last.get("loss"),
-                    "tokens_per_s": last.get("tokens_per_s"), "last_eval": _last_eval(evaluated),
+        "tunerun": {"run_id": run.run_id, "state": str(info.state), "step": getattr(last, "step", None),
+                    "total_steps": getattr(last, "total_steps", None), "last_loss": getattr(last, "loss", None),
+                    "tokens_per_s": getattr(last, "tokens_per_s", None), "last_eval": _last_eval(rows.tuned_evals()),
                     "gates_passed": (info.gates or {}).get("passed")},
     }
 
 
-def _last_eval(evaluated: list[dict]) -> dict | None:
-    """The newest held-out metrics of the fine-tuned model (the base model's at step 0 are not its own)."""
-    if not evaluated:
-        return None
-    row = evaluated[-1]
-    return {"step": row["step"], **{k.removeprefix("eval_"): v for k, v in row.items()
-                                    if k.startswith("eval_") and v is not None}}
+def _last_eval(evaluated: list[EvalRow]) -> dict | None:
+    """The newest held-out metrics of the fine-tuned model."""
+    return {"step": evaluated[-1].step, **evaluated[-1].held_out} if evaluated else None
 
 
 def _error(info: RunInfo) -> dict | None:
@@ -126,17 +79,18 @@ def _error(info: RunInfo) -> dict | None:
     return {"code": code, "message": tenant_text(info.error or "the run failed"), "param": None}
 
 
-def _estimated_finish(train: list[dict]) -> int | None:
+def _estimated_finish(train: list[TrainRow]) -> int | None:
     """From the pace of the steps seen in this attempt (a restarted worker group restarts ``elapsed_s``)."""
     attempt = train[-1:]
     for row in reversed(train[:-1]):
-        if row["elapsed_s"] > attempt[0]["elapsed_s"]:
+        if (row.elapsed_s or 0) > (attempt[0].elapsed_s or 0):
             break
         attempt.insert(0, row)
-    if len(attempt) < 2 or attempt[-1]["step"] == attempt[0]["step"]:
+    if len(attempt) < 2 or attempt[-1].step == attempt[0].step:
         return None
-    pace = (attempt[-1]["elapsed_s"] - attempt[0]["elapsed_s"]) / (attempt[-1]["step"] - attempt[0]["step"])
-    return int(time.time() + pace * (attempt[-1]["total_steps"] - attempt[-1]["step"]))
+    first, last = attempt[0], attempt[-1]
+    pace = ((last.elapsed_s or 0) - (first.elapsed_s or 0)) / (last.step - first.step)
+    return int(time.time() + pace * ((last.total_steps or last.step) - last.step))
 
 
 # ── events ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -145,22 +99,21 @@ def events(run: RunFolder) -> list[dict]:
     """The run's lifecycle events and metrics as OpenAI job events, oldest first; ids are stable (a record's
     place in its append-only file)."""
     found = []
-    for n, event in enumerate(records(run, "events.jsonl")):
+    for n, event in enumerate(read_events(run, _tail)):
         message, level = _describe(event)
         if message:
             found.append(_event(f"ftevent-e{n}", event["time"], level, message, "message",
                                 {k: v for k, v in event.items() if k not in ("time", "event")}))
-    for n, row in enumerate(records(run, "metrics.jsonl")):
-        if "loss" in row:
-            data = {"step": row["step"], "train_loss": row["loss"], "total_steps": row["total_steps"],
-                    "learning_rate": row["lr"], "tokens_per_s": row["tokens_per_s"]}
-            message = f"Step {row['step']}/{row['total_steps']}: training loss={row['loss']:.4f}"
+    for n, row in enumerate(metric_rows(run, _tail).ordered):
+        if isinstance(row, TrainRow):
+            data = {"step": row.step, "train_loss": row.loss, "total_steps": row.total_steps,
+                    "learning_rate": row.lr, "tokens_per_s": row.tokens_per_s}
+            message = f"Step {row.step}/{row.total_steps}: training loss={row.loss:.4f}"
         else:
-            data = {"step": row["step"], **{k.removeprefix("eval_"): v for k, v in row.items()
-                                            if k.startswith("eval_") and v is not None}}
+            data = {"step": row.step, **row.held_out}
             shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
-            message = f"Step {row['step']}: {'base model' if row.get('base') else 'validation'} {shown}"
-        found.append(_event(f"ftevent-m{n}", row["time"], "info", message, "metrics", data))
+            message = f"Step {row.step}: {'base model' if row.base else 'validation'} {shown}"
+        found.append(_event(f"ftevent-m{n}", row.time, "info", message, "metrics", data))
     return sorted(found, key=lambda e: e["created_at"])
 
 
@@ -181,6 +134,8 @@ def _describe(event: dict) -> tuple[str | None, str]:
         "training_started": f"Fine-tuning started: {event.get('total_steps')} steps on {event.get('world_size')} "
                             "workers" + (f", from step {event['start_step']}" if event.get("start_step") else ""),
         "checkpoint_saved": f"Checkpoint saved at step {event.get('step')}",
+        "checkpoint_skipped": f"A damaged checkpoint was skipped: {tenant_text(str(event.get('detail', '')))}",
+        "resumed": f"Training continues from the checkpoint at step {event.get('step')}",
         "checkpoint_and_stop_requested": "Pause requested: stopping at the next checkpoint",
         "run_succeeded": "The job has successfully completed",
         "run_cancelled": "The job was cancelled",
@@ -195,19 +150,16 @@ def _describe(event: dict) -> tuple[str | None, str]:
 
 def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
     """Complete checkpoints (those with a manifest), newest first, with the metrics of their step."""
-    train = {m["step"]: m for m in records(run, "metrics.jsonl") if "loss" in m}
+    train = {m.step: m for m in metric_rows(run, _tail).train}
     found = []
-    for name in sorted(run.list_dir(CHECKPOINTS), reverse=True):
-        key = f"{CHECKPOINTS}/{name}/{CHECKPOINT_MANIFEST}"
-        if not name.startswith(CHECKPOINT_PREFIX) or not run.exists(key):
-            continue
-        manifest = run.read_json(key)
-        step, measured = manifest["step"], manifest.get("metrics") or {}
-        metrics = {"step": step, "train_loss": train.get(step, {}).get("loss"),
+    for name, manifest in sorted(complete_manifests(run).items(), reverse=True):
+        step, measured = manifest.get("step", step_of(name)), manifest.get("metrics") or {}
+        at_step = train.get(step)
+        metrics = {"step": step, "train_loss": at_step.loss if at_step else None,
                    "valid_loss": measured.get("loss"), "full_valid_loss": measured.get("loss"),
                    **{name: measured[name] for name in SCORES if measured.get(name) is not None}}
         found.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{record.job_id[6:]}-{step}",
-                      "created_at": int(train.get(step, {}).get("time", record.created_at)),
+                      "created_at": int(at_step.time if at_step else record.created_at),
                       "fine_tuned_model_checkpoint": f"{fine_tuned_model(record)}:ckpt-step-{step}",
                       "step_number": step, "metrics": metrics, "fine_tuning_job_id": record.job_id})
     return found
@@ -225,14 +177,14 @@ def result_file(run: RunFolder, record: ServiceRecord) -> dict:
 def result_csv(run: RunFolder) -> bytes:
     """One row per step: training loss, learning rate, throughput, and the held-out metrics where measured."""
     rows: dict[int, dict] = {}
-    for m in records(run, "metrics.jsonl"):
-        if m.get("base"):
+    for m in metric_rows(run, _tail).ordered:
+        if isinstance(m, EvalRow) and m.base:
             continue
-        row = rows.setdefault(m["step"], {"step": m["step"]})
-        if "loss" in m:
-            row.update(train_loss=m["loss"], learning_rate=m["lr"], tokens_per_s=m["tokens_per_s"])
+        row = rows.setdefault(m.step, {"step": m.step})
+        if isinstance(m, TrainRow):
+            row.update(train_loss=m.loss, learning_rate=m.lr, tokens_per_s=m.tokens_per_s)
         else:
-            row.update(valid_loss=m.get("eval_loss"), **{k: m.get(f"eval_{k}") for k in SCORES})
+            row.update(valid_loss=m.value("eval_loss"), **{k: m.value(f"eval_{k}") for k in SCORES})
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -6,28 +6,27 @@ like everything else the server answers.
 """
 from __future__ import annotations
 
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import ARTIFACT_FOLDERS, RUN_INFO, RunFolder, eval_records
+from tunerun.cluster.run_folder import data_report as read_data_report
+from tunerun.cluster.runs import read_info
 from tunerun.jobs.metrics import EVAL_SET, GENERATION
 from tunerun.jobs.service.errors import ApiError
 
 SHOWN_EXAMPLES = 5
-ARTIFACT_FOLDERS = ("final", "exports")  # final/adapter (every LoRA/QLoRA run), exports/* (`tunerun export`)
 
 
 def evaluation(run: RunFolder, job_id: str) -> dict:
     """Base vs fine-tuned metrics, the metrics of every evaluation, the gates, and a few held-out examples with
     the base model's and the newest model's answers side by side."""
-    names = sorted(n for n in run.list_dir("eval") if n.startswith("step-") and n.endswith(".json"))
-    steps = [run.read_json(f"eval/{name}") for name in names]
-    base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
-    tuned = steps[-1] if steps else None
-    info = run.read_json("run.json") if run.exists("run.json") else {}
+    records = eval_records(run)
+    base, tuned = records.base, records.final
+    gates = read_info(run).gates if run.exists(RUN_INFO) else None
     return {
         "object": "fine_tuning.job.evaluation", "fine_tuning_job_id": job_id,
         "metric_names": [*EVAL_SET, "forgetting_drop"], "generation_metrics": list(GENERATION),
         "base": _measured(base), "tuned": _measured(tuned),
-        "steps": [_measured(record) for record in steps],
-        "gates": info.get("gates") or (tuned or {}).get("gates"),
+        "steps": [_measured(record) for record in records.steps],
+        "gates": gates or (tuned or {}).get("gates"),
         "general": {"base": (base or {}).get("general"), "tuned": (tuned or {}).get("general")},
         "examples": _side_by_side(base, tuned),
     }
@@ -54,12 +53,12 @@ def _side_by_side(base: dict | None, tuned: dict | None) -> list[dict]:
 
 def data_report(run: RunFolder, job_id: str) -> dict:
     """data/data_report.json (counts only: PII as hits per type), once the run has prepared its data."""
-    if not run.exists("data/data_report.json"):
+    report = read_data_report(run)
+    if report is None:
         raise ApiError(404, f"Job {job_id} has not prepared its data yet; its events say when it has",
                        "fine_tuning_job_id", "not_ready")
     from tunerun.trainer.data.report import steps  # torch-free: the report's own order of cleaning steps
 
-    report = run.read_json("data/data_report.json")
     removed = [{"step": name, "records": n} for name, n in steps(report)]
     files = [name.rsplit("/", 1)[-1] for name in report.get("files", [])]  # the file ids: where is the server's
     return {"object": "fine_tuning.job.data_report", "fine_tuning_job_id": job_id, **report, "files": files,
@@ -83,7 +82,7 @@ def artifacts(run: RunFolder, job_id: str) -> list[dict]:
 def _kind(folder: str, name: str) -> str:
     if "gguf" in name:
         return "gguf"
-    if "merged" in name or name == "model":
+    if "merged" in name or name == "model" or name.endswith("-model"):  # final/model, exports/<source>-model
         return "merged"
     return "adapter" if "adapter" in name else folder
 

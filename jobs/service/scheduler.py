@@ -10,6 +10,9 @@ scheduler leaves behind when it dies must be readable as "nobody is starting thi
   file and holds no slot meanwhile: nobody is starting that job.
 - A run left ``pending`` with no driver handle for that long is a launch that stopped before its driver was
   recorded: it is queued again (`record_requeued`), under a claim of its own.
+- It reads only what can change: the index (`tunerun.jobs.service.index`) lists the jobs, and a tick reads the
+  run.json of the jobs not known to have finished; every `RECHECK_S` it reads them all again, in case another
+  tunerun took a finished run back.
 - One job's failure is that job's: a transient one (OSError, StorageError: a full disk, storage unreachable) is
   tried again on later ticks and logged once per distinct error; any other (a job.yaml another tunerun wrote, a
   launch that raised) records the job ``failed`` with the reason. The jobs behind it still start, and the thread
@@ -26,13 +29,13 @@ import subprocess
 import threading
 import time
 
-import yaml
-
+from tunerun.cluster import targets
+from tunerun.cluster.run_folder import CONTROL, RunFolder, control, read_job
 from tunerun.cluster.runs import RunInfo, RunState, record_refused, record_requeued
-from tunerun.cluster.storage import RunFolder
-from tunerun.jobs.errors import StorageError
-from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob
-from tunerun.jobs.service.fine_tuning import JOB_ID, JobService
+from tunerun.jobs.errors import StorageError, UnreadableJob
+from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.service.fine_tuning import JobService
+from tunerun.jobs.service.index import RECHECK_S
 
 logger = logging.getLogger("tunerun.serve")
 # A launch (claim → run.json pending → driver started → its pid recorded) takes well under a second, and a driver
@@ -61,6 +64,7 @@ class Scheduler:
         self._tick_errors: list[str] = []
         self._last_error: str | None = None
         self._last_tick: float | None = None
+        self._read_all_at = -math.inf
 
     def start(self) -> None:
         if self.jobs.config.target == "local":
@@ -119,17 +123,22 @@ class Scheduler:
                 slots -= 1
 
     def _service_runs(self) -> list[tuple[RunFolder, RunInfo]]:
-        """The service's runs as the local target sees them; one whose run.json cannot be read is left out."""
+        """The service's runs that have not finished, as the local target sees them (all of them every
+        `RECHECK_S`); one whose run.json cannot be read is left out."""
         from tunerun.cluster.local import LocalTarget
 
-        seen = []
-        for run_id in self.jobs.store.run_ids():
-            if JOB_ID.fullmatch(run_id):
-                run = RunFolder(self.jobs.config.storage, run_id)
-                try:
-                    seen.append((run, LocalTarget().status(run)))
-                except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
-                    self._note(run_id, f"job {run_id}: its state cannot be read, skipped: {exc}")
+        index, target, seen = self.jobs.index, LocalTarget(), []
+        read_all = time.monotonic() - self._read_all_at >= RECHECK_S
+        for run, _ in index.every_job() if read_all else index.unfinished():
+            try:
+                info = target.status(run, ask_finished=False)
+            except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
+                self._note(run.run_id, f"job {run.run_id}: its state cannot be read, skipped: {exc}")
+                continue
+            index.note(run.run_id, info)
+            seen.append((run, info))
+        if read_all:
+            self._read_all_at = time.monotonic()
         return seen
 
     def _attempt(self, run: RunFolder, action, info: RunInfo) -> bool:
@@ -175,27 +184,19 @@ class Scheduler:
 
     def _resolved_job(self, run: RunFolder) -> ResolvedJob | None:
         """The run's job.yaml, or None after recording the job failed because this tunerun cannot read it."""
-        data = run.read_text("job.yaml")  # storage errors are transient: they propagate
         try:
-            return ResolvedJob.model_validate(yaml.safe_load(data))
-        except (ValueError, yaml.YAMLError) as exc:  # pydantic's ValidationError is a ValueError
-            written = _written_by(data)
-            if written == TUNERUN_VERSION:  # the same version: the file itself is damaged
-                why = f"{run.uri('job.yaml')} cannot be read as a job ({_first_lines(exc)}); create the job again"
-            else:
-                why = (f"{run.uri('job.yaml')} was written by tunerun {written or 'of another version'} and this "
-                       f"server runs tunerun {TUNERUN_VERSION}, which cannot read it ({_first_lines(exc)}); create "
-                       "the job again, or serve this storage with the tunerun that queued it")
-            self._fail(run, why)
+            return read_job(run, to_run=True)  # storage errors are transient: they propagate
+        except UnreadableJob as exc:
+            self._fail(run, f"{exc}; create the job again, or serve this storage with the tunerun that queued it")
             return None
 
     def _claim(self, run: RunFolder, base: str) -> str:
         """Claim the newest live generation of ``control/<base>``: "won" (this server acts), "held" (another
         server's claim is live: it acts) or "abandoned" (an empty claim not yet stale: no one acts, for now)."""
-        generations = [_generation(name, base) for name in run.list_dir("control")]
+        generations = [_generation(name, base) for name in run.list_dir(CONTROL)]
         newest = max((g for g in generations if g is not None), default=None)
         if newest is not None:
-            holder, age = _claim_record(run, f"control/{_claim_name(base, newest)}")
+            holder, age = _claim_record(run, control(_claim_name(base, newest)))
             if holder.get("token") == self._claimant["token"]:
                 if age < STALE_LAUNCH_S / 2:
                     return "won"  # a transient error stopped our launch: try again under the same claim
@@ -203,7 +204,7 @@ class Scheduler:
             elif age < STALE_LAUNCH_S:
                 return "held" if holder else "abandoned"
         generation = 0 if newest is None else newest + 1
-        won = run.claim(f"control/{_claim_name(base, generation)}", {**self._claimant, "time": time.time()})
+        won = run.claim(control(_claim_name(base, generation)), {**self._claimant, "time": time.time()})
         return "won" if won else "held"
 
     def _fail(self, run: RunFolder, error: str, exc: BaseException | None = None) -> None:
@@ -225,7 +226,7 @@ class Scheduler:
 def _abandoned(info: RunInfo) -> bool:
     """A local run pending with no driver recorded for `STALE_LAUNCH_S`: the launch that left the queue never
     finished (a run another target holds is pending in that target's queue, with that target's handle)."""
-    return (info.target == "local" and info.state == RunState.PENDING and info.local is None
+    return (info.target == "local" and info.state == RunState.PENDING and targets.get("local").handle(info) is None
             and time.time() - (info.updated_at or 0) > STALE_LAUNCH_S)
 
 
@@ -256,17 +257,3 @@ def _claim_record(run: RunFolder, name: str) -> tuple[dict, float]:
         except OSError:
             pass
     return holder, math.inf
-
-
-def _written_by(data: str) -> str | None:
-    """The tunerun version a job.yaml names, if it can be told."""
-    try:
-        version = (yaml.safe_load(data) or {}).get("tunerun_version")
-    except (yaml.YAMLError, AttributeError):
-        return None
-    return str(version) if version else None
-
-
-def _first_lines(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " ".join(lines[:3]) if lines else type(exc).__name__

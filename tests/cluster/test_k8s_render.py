@@ -282,6 +282,15 @@ def test_local_files_are_refused_because_pods_cannot_read_them(tmp_path, stub_mo
     assert "storage.uri" in str(caught.value) and "model.path" in str(caught.value) and "s3://" in str(caught.value)
 
 
+def test_the_trainer_is_told_tls_verification_and_addressing_on_its_command_line():
+    """It reads job.yaml before it knows the spec's storage settings. (A private CA's file is a local path the
+    pods cannot read: refused like the others above.)"""
+    job = job_for("storage.verify_tls=false", "storage.addressing_style=path")
+    [rayjob] = [d for d in yaml.safe_load_all(k8s.render_manifests(job)) if d["kind"] == "RayJob"]
+    assert rayjob["spec"]["entrypoint"].endswith(
+        "--endpoint-url http://minio.storage:9000 --no-verify-tls --addressing-style path")
+
+
 # ── expected files ──────────────────────────────────────────────────────────────────────────────────────────
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

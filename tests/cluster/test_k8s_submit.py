@@ -21,8 +21,8 @@ import yaml
 from click.testing import CliRunner
 
 from tunerun.cluster import k8s
+from tunerun.cluster.run_folder import RunFolder
 from tunerun.cluster.runs import update_info
-from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.cli import main
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.loader import load_job
@@ -181,8 +181,8 @@ def test_status_adds_the_rayjob_view_and_a_rayjob_that_failed_alone_fails_the_ru
     run = TARGET.submit(make_job(storage))
     api.rayjob_status = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
     info = TARGET.status(run)
-    assert info.state == "pending" and info.k8s.job_status == "RUNNING"
-    assert info.k8s.deployment_status == "Running"
+    assert info.state == "pending" and TARGET.handle(info).job_status == "RUNNING"
+    assert TARGET.handle(info).deployment_status == "Running"
     assert api.requests[-1]["path"] == "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs/demo-20261123-101500"
 
     api.rayjob_status = {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
@@ -200,7 +200,7 @@ def test_cancel_deletes_the_rayjob_and_configmap_and_marks_the_run_cancelled(api
                                             "/api/v1/namespaces/ml-jobs/configmaps/demo-20261123-101500-job"]
     assert deletes[0]["body"]["propagationPolicy"] == "Background"
     assert run.read_json("run.json")["state"] == "cancelled" and not api.objects
-    assert TARGET.status(run).k8s.deployment_status == "deleted"
+    assert TARGET.handle(TARGET.status(run)).deployment_status == "deleted"
     assert TARGET.cancel(run) is False  # nothing left to delete
 
 

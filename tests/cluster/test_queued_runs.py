@@ -32,7 +32,7 @@ def test_a_queued_run_json_that_kept_a_dead_drivers_handle_reads_as_queued(pause
 
 def test_queuing_a_paused_run_again_drops_the_exited_drivers_handle(job, paused_run):
     create_run(job, "local", resume=True, state=RunState.QUEUED)
-    assert read_info(paused_run).local is None
+    assert LocalTarget().handle(read_info(paused_run)) is None
     assert LocalTarget().status(paused_run).state == RunState.QUEUED
 
 

@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from tunerun.cluster.s3 import check_access, missing_credentials
-from tunerun.cluster.storage import RunFolder, RunStore
+from tunerun.cluster.run_folder import RunFolder, RunStore
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import StorageSpec
 
@@ -163,3 +163,18 @@ def test_a_claim_is_won_exactly_once_on_s3(storage):
     assert run.claim("control/launch-1", {"by": "a"}) is True
     assert run.claim("control/launch-1", {"by": "b"}) is False
     assert run.read_json("control/launch-1") == {"by": "a"}
+
+
+def test_run_folders_share_one_client_per_storage_and_credentials(storage, s3_server, monkeypatch):
+    """A server opens run folders by the thousand: each must not build a boto3 client (milliseconds and a credential
+    lookup each); other credentials, or another process, get a client of their own."""
+    from tunerun.cluster import s3
+
+    first, second = RunFolder(storage, "a"), RunFolder(storage, "b")
+    assert first.backend.s3 is second.backend.s3 is RunStore(storage).backend.s3
+    first.write_json("run.json", {"state": "running"})
+    assert second.backend.s3 is first.backend.s3 and RunFolder(storage, "a").read_json("run.json")["state"] == "running"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    assert RunFolder(storage, "a").backend.s3 is not first.backend.s3
+    monkeypatch.setattr(s3.os, "getpid", lambda: -1)  # a forked child: the parent's connections are not its own
+    assert s3.client(storage) is not first.backend.s3

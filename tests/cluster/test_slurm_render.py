@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_shipped_examples_render_to_their_reviewed_scripts(user_project, example
     expected = EXPECTED / f"{example.stem}.sbatch"
     if os.environ.get("TUNERUN_REGENERATE"):
         expected.write_text(script)
-    assert script == expected.read_text(), f"template output changed; see the module docstring to regenerate"
+    assert script == expected.read_text(), "template output changed; see the module docstring to regenerate"
 
 
 def test_script_carries_resources_signals_and_credentials_by_name_only(user_project, monkeypatch):
@@ -93,6 +94,19 @@ def test_shell_values_are_quoted_and_never_evaluated(user_project, tmp_path):
                          check=True).stdout.splitlines()
     assert out == ["-m", "tunerun.trainer", f"{hostile}/{EXAMPLES[0].stem}-20261123-101500"]
     assert not canary.exists()
+
+
+def test_the_trainer_is_told_how_to_reach_a_store_with_a_private_ca(user_project, monkeypatch):
+    """The trainer reads job.yaml before it knows the spec's storage settings: the CA file (on the shared
+    filesystem), TLS verification and addressing come on its command line; credentials never do."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "this-must-not-appear-anywhere")
+    script = rendered(EXAMPLES[0], "storage.ca_bundle=/shared/certs/corp-ca.pem", "storage.verify_tls=false",
+                      "storage.addressing_style=path")
+    [driver] = [line for line in script.splitlines() if " -m tunerun.trainer " in line]
+    words = shlex.split(driver.removesuffix(" &"))
+    assert words[4:] == ["--endpoint-url", "https://minio.internal:9000", "--ca-bundle", "/shared/certs/corp-ca.pem",
+                         "--no-verify-tls", "--addressing-style", "path"]
+    assert "this-must-not-appear-anywhere" not in script
 
 
 def test_every_node_gets_exactly_its_workers_cpus_and_srun_passes_the_whole_environment(user_project):

@@ -12,8 +12,8 @@ import pytest
 
 from tunerun.cluster import space
 from tunerun.cluster.local import LocalTarget
-from tunerun.cluster.runs import (RESERVED_OUTCOME, RunState, create_run, read_info, record_outcome,
-                                  reserve_outcome_space, update_info)
+from tunerun.cluster.run_folder import RESERVED_OUTCOME
+from tunerun.cluster.runs import RunState, create_run, read_info, record_outcome, reserve_outcome_space, update_info
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import resolve
 

@@ -13,15 +13,17 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tunerun.cluster import targets
 from tunerun.cluster.local import LocalTarget
-from tunerun.cluster.runs import RunInfo, RunState, create_run, read_info, record_cancelled, update_info
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import RunFolder
+from tunerun.cluster.runs import Handle, RunState, create_run, read_info, record_cancelled, update_info
 from tunerun.jobs.errors import StorageError, TargetError
+from tunerun.jobs.spec import MlflowSpec
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_the_registry_serves_every_target_behind_the_same_contract():
     for name in targets.names():
         target = targets.get(name)
         assert isinstance(target, targets.Target) and target.name == name
-        assert target.handle_field in RunInfo.model_fields
+        assert issubclass(target.Handle, Handle) and target.Handle.__module__ == type(target).__module__
     assert targets.renderable() == ("ray", "slurm", "k8s")  # local starts the trainer itself: nothing to show
 
 
@@ -125,6 +127,19 @@ def test_cancel_ends_a_run_as_cancelled_unless_it_had_succeeded(job):
     assert read_info(run).state == RunState.SUCCEEDED
 
 
+def test_the_local_and_ray_targets_tell_the_trainer_how_to_reach_a_store_with_a_private_ca(job):
+    """It reads job.yaml before it knows the spec's storage settings (Slurm and Kubernetes: their render tests;
+    reading over TLS: tests/e2e/test_s3_tls.py)."""
+    from tunerun.cluster.ray_cluster import submission
+
+    storage = job.spec.storage.model_copy(update={"uri": "s3://runs/team", "endpoint_url": "https://s3.corp:9000",
+                                                  "ca_bundle": "/etc/corp-ca.pem", "addressing_style": "path"})
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"storage": storage})})
+    flags = ["--endpoint-url", "https://s3.corp:9000", "--ca-bundle", "/etc/corp-ca.pem", "--addressing-style", "path"]
+    assert targets.trainer_command(job, python="py") == ["py", "-m", "tunerun.trainer", "s3://runs/team/t-1", *flags]
+    assert submission(job, environ={})["entrypoint"].endswith(" ".join(flags))
+
+
 # ── the local target, with a real process as the driver ─────────────────────────────────────────────────────
 
 def test_local_status_of_a_live_driver_is_what_run_json_says(job, sleeper, tmp_path):
@@ -160,6 +175,69 @@ def test_local_cancel_stops_the_process_group_and_records_it(job, sleeper, tmp_p
     events = [e["event"] for e in run.read_jsonl("events.jsonl")]
     assert events[-2:] == ["cancel_requested", "run_cancelled"]
     assert LocalTarget().cancel(run) is False  # nothing left running
+
+
+@pytest.fixture
+def mlflow_api():
+    """A stand-in for an MLflow tracking server's REST API that records every ``runs/update`` it is sent: (url,
+    [bodies]). Cancelling a run against a real `mlflow server` is tests/e2e/test_tracking.py; this one is fast."""
+    updates: list[dict] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            if self.path == "/api/2.0/mlflow/runs/update":
+                updates.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", updates
+    server.shutdown()
+    server.server_close()
+
+
+def tracked(job, tracking_uri: str):
+    """``job`` tracking to the MLflow server at ``tracking_uri``."""
+    mlflow = {"tracking_uri": tracking_uri, "check_reachable": False}
+    return job.model_copy(update={"spec": job.spec.model_copy(update={
+        "tracking": job.spec.tracking.model_copy(update={"mlflow": MlflowSpec(**mlflow)})})})
+
+
+def test_cancelling_a_tracked_run_ends_its_mlflow_run_killed(job, sleeper, tmp_path, mlflow_api):
+    """Whoever cancels (`tunerun cancel`, Ctrl-C in `tunerun run`, the service) goes through `Target.cancel`: the
+    driver may be stopped before it can close its MLflow run, so the cancel closes it."""
+    tracking_uri, updates = mlflow_api
+    run = local_run(tracked(job, tracking_uri), sleeper.pid, tmp_path / "driver.log")
+    update_info(run, state=RunState.RUNNING, mlflow_run_id="mlflow-1")
+    warnings: list[str] = []
+    assert LocalTarget().cancel(run, warn=warnings.append) is True
+    assert [(u["run_id"], u["status"]) for u in updates] == [("mlflow-1", "KILLED")] and warnings == []
+    assert read_info(run).state == RunState.CANCELLED
+
+
+def test_a_tracking_server_that_cannot_be_told_is_a_warning_and_the_run_is_cancelled_all_the_same(
+        job, sleeper, tmp_path, tunerun, free_port):
+    run = local_run(tracked(job, f"http://127.0.0.1:{free_port()}"), sleeper.pid, tmp_path / "driver.log")
+    update_info(run, state=RunState.RUNNING, mlflow_run_id="mlflow-1")
+    cancelled = tunerun("cancel", "t-1", "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert cancelled.returncode == 0 and "cancelled t-1" in cancelled.stdout, cancelled.stderr
+    assert "warning MLflow run mlflow-1 not marked KILLED" in cancelled.stderr
+    assert read_info(run).state == RunState.CANCELLED
+    assert [e["event"] for e in run.read_jsonl("events.jsonl")][-2:] == ["run_cancelled", "mlflow_run_not_killed"]
+
+
+def test_a_run_that_succeeded_before_the_cancel_keeps_its_mlflow_run(job, sleeper, tmp_path, mlflow_api):
+    tracking_uri, updates = mlflow_api
+    run = local_run(tracked(job, tracking_uri), sleeper.pid, tmp_path / "driver.log")
+    update_info(run, state=RunState.SUCCEEDED, mlflow_run_id="mlflow-1")  # the driver finished as the cancel came
+    assert LocalTarget().cancel(run) is True
+    assert updates == [] and read_info(run).state == RunState.SUCCEEDED
 
 
 def test_local_logs_read_the_driver_log_and_follow_until_the_run_ends(job, sleeper, tmp_path):
@@ -225,3 +303,28 @@ def test_a_claim_is_won_exactly_once_on_a_filesystem(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         won = list(pool.map(lambda n: run.claim("control/launch-1", {"by": n}), range(8)))
     assert won.count(True) == 1 and run.read_json("control/launch-1") == {"by": won.index(True)}
+
+
+def test_a_finished_run_is_what_run_json_says_without_asking_its_target(job, tmp_path):
+    """A page of finished jobs must not cost a target query per job (squeue, a Kubernetes GET); a preempted run
+    is still asked, since Slurm may have requeued it."""
+    asked = []
+
+    class Watched(LocalTarget):
+        def observe(self, info):
+            asked.append(str(info.state))
+            return super().observe(info)
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = local_run(job, gone.pid, tmp_path / "driver.log")
+    for state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED):
+        update_info(run, state=state)
+        assert Watched().status(run, ask_finished=False).state == state
+        assert Watched().status(run, read_info(run), ask_finished=False) == read_info(run)
+    assert asked == []
+    update_info(run, state=RunState.PREEMPTED)
+    assert Watched().status(run, ask_finished=False).state == RunState.PREEMPTED
+    update_info(run, state=RunState.SUCCEEDED)
+    Watched().status(run)  # `tunerun status` asks, to show the target's own view
+    assert asked == ["preempted", "succeeded"]

@@ -36,12 +36,18 @@ SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 ReturnToService=2
 JobRequeue=1
+AuthInfo=cred_expire=10
+SchedulerParameters=bf_interval=1,sched_interval=2
 MinJobAge=600
 KillWait=60
 MpiDefault=none
 {node_lines}
 PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
+# Test-cluster timing, not what a site would run: a requeued job waits cred_expire + 1 s before it may start again
+# (Slurm's default credential lifetime, 120 s, made the requeue test wait 2 minutes), and the schedulers then
+# look for it every 1-2 s instead of every 30 s (backfill) / 60 s (main loop). Step credentials are checked
+# when a step launches, which takes well under a second here, so 10 s is ample.
 
 
 def write_slurm_conf(root: Path, cluster: str, ctld_host: str, nodes: dict[str, str | None], d_port: int,

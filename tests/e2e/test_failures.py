@@ -56,7 +56,10 @@ def test_internal_failure_exits_1_and_leaves_the_traceback_in_the_run_log(tmp_pa
     for item in tiny_model_dir.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    code, out, err = finish(start(tmp_path, broken, REPO / "examples/data/support_tickets.jsonl"))
+    # max_failures=0: Ray Train would otherwise restart the worker group 3 times (the default) on this
+    # deterministic failure, each restart loading the same broken weights again (~15 s each on 2 cores).
+    code, out, err = finish(start(tmp_path, broken, REPO / "examples/data/support_tickets.jsonl",
+                                  "resources.max_failures=0"))
     assert code == 1, (out, err)
     assert "Traceback" not in out + err
     log = tmp_path / "runs" / "bad" / "logs" / "driver.log"
@@ -111,11 +114,13 @@ def test_cancel_stops_every_ray_process_and_keeps_checkpoints(tmp_path, tiny_mod
     cancelled = subprocess.run([*cli, "cancel", "cx", "--storage", str(tmp_path / "runs")], capture_output=True,
                                text=True, timeout=60)
     assert cancelled.returncode == 0 and "cancelled cx" in cancelled.stdout
-    time.sleep(3)
+    deadline = time.monotonic() + 3  # polled: the same 3 s bound as a fixed sleep, no longer than needed
+    while session_pids(session) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert session_pids(session) == []  # raylet, GCS and the train workers are all gone
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "cancelled" and not info.get("error")
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.trainer.checkpoint import latest_complete
 
     assert latest_complete(RunFolder(str(tmp_path / "runs"), "cx"), tmp_path / "scratch")[0] is not None

@@ -89,31 +89,61 @@ def test_qlora_beats_the_base_model_and_the_results_show_it(tunerun, learned, ra
     status = tunerun("status", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
     assert "gates passed" in status.stdout, status.stdout
 
-    # on demand, in this process: the final weights score what the last in-training eval measured
+
+# What the results commands make of the learned run: each its own test over the one training run above, so a
+# failure in one (the report, say) does not hide whether the others work. Those that need another's output take
+# it through a module fixture (made once, its failure shown as each dependent test's error).
+
+@pytest.fixture(scope="module")
+def on_demand(tunerun, learned, ray_env) -> tuple[dict, str]:
+    """`tunerun eval` of the final weights, in this process: (its record, its output)."""
+    tmp_path = learned.parent.parent
     again = tunerun("eval", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env, timeout=900)
     assert again.returncode == 0, again.stderr
-    on_demand = json.loads((run / "eval" / "on-demand" / "final.json").read_text())
-    assert on_demand["metrics"]["exact_match"] == pytest.approx(final["eval_exact_match"], abs=0.03)
-    assert "exact_match" in again.stdout and "gates" in again.stdout
+    return json.loads((learned / "eval" / "on-demand" / "final.json").read_text()), again.stdout
 
-    # the merged model (into the unquantised base) loads with plain transformers and answers like the run
+
+@pytest.fixture(scope="module")
+def merged(tunerun, learned, ray_env) -> Path:
+    """`tunerun export --merge`: the adapter merged into the unquantised base, as a plain HF folder."""
+    tmp_path = learned.parent.parent
     exported = tunerun("export", "learn", "--merge", "--to", str(tmp_path / "merged"),
                        "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env, timeout=900)
     assert exported.returncode == 0, exported.stderr
-    assert_merged_model_answers(tmp_path / "merged", on_demand["examples"])
+    return tmp_path / "merged"
 
-    # the report shows the base-vs-tuned numbers
+
+@pytest.fixture(scope="module")
+def reported(tunerun, learned, ray_env) -> Path:
+    """`tunerun report`: the run's report.html (GGUF exports add their section to it once it exists)."""
+    tmp_path = learned.parent.parent
     report = tunerun("report", "learn", "--storage", str(tmp_path / "runs"), cwd=tmp_path, env=ray_env)
     assert report.returncode == 0, report.stderr
-    page = (run / "report.html").read_text()
+    return learned / "report.html"
+
+
+def test_on_demand_evaluation_scores_what_the_last_training_eval_measured(learned, on_demand):
+    record, output = on_demand
+    assert record["metrics"]["exact_match"] == pytest.approx(final_eval(learned)["eval_exact_match"], abs=0.03)
+    assert "exact_match" in output and "gates" in output
+
+
+def test_the_merged_model_loads_with_plain_transformers_and_answers_like_the_run(merged, on_demand):
+    assert_merged_model_answers(merged, on_demand[0]["examples"])
+
+
+def test_the_report_shows_the_base_vs_tuned_numbers(reported):
+    page = reported.read_text()
     table = page[page.index('id="base-vs-tuned"'):page.index("</table>", page.index('id="base-vs-tuned"'))]
     cells = re.search(r"<td>exact_match</td><td[^>]*>([\d.]+)</td><td[^>]*>([\d.]+)</td>", table)
     assert cells, table
     assert float(cells.group(1)) <= BASE_AT_MOST and float(cells.group(2)) >= TUNED_AT_LEAST
     assert page.count('src="data:image/png;base64,') == 3 and 'class="badge pass">passed' in page
 
-    # for llama.cpp and Ollama: GGUF at f16 and q8_0 (the learned model, so the quantised figure means something)
-    assert_gguf_exports_answer_like_the_merged_model(tunerun, run, tmp_path, ray_env, tmp_path / "merged")
+
+def test_gguf_exports_answer_like_the_merged_model(tunerun, learned, ray_env, merged, reported):
+    """For llama.cpp and Ollama: GGUF at f16 and q8_0 (the learned model, so the quantised figure means something)."""
+    assert_gguf_exports_answer_like_the_merged_model(tunerun, learned, learned.parent.parent, ray_env, merged)
 
 
 def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:

@@ -45,7 +45,7 @@ def assert_run_succeeded(result: subprocess.CompletedProcess, run: Path) -> dict
 
 
 def assert_complete_checkpoints(run: Path, expected_steps: list[int]) -> None:
-    from tunerun.trainer.checkpoint import verify
+    from tunerun.cluster.run_folder import verify
 
     folders = sorted((run / "checkpoints").glob("step-*"))
     assert [int(f.name.split("-")[1]) for f in folders] == expected_steps

@@ -115,7 +115,7 @@ def test_every_worker_holds_half_of_each_4bit_weight(sharded):
 
 
 def test_checkpoints_hold_the_adapters_and_their_optimizer_not_the_base(sharded):
-    from tunerun.trainer.checkpoint import verify
+    from tunerun.cluster.run_folder import verify
     from tunerun.trainer.engines import load_deepspeed_file
 
     folder = sharded.folder / "checkpoints" / f"step-{STEPS:06d}"

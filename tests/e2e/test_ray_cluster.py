@@ -164,7 +164,7 @@ class RayRuns:
     def target_status(self, run_id: str) -> dict:
         """The ray target's `status(run)`, in a process whose environment holds the cluster's token like a user's
         shell."""
-        code = ("import json, sys; from tunerun.cluster import targets; from tunerun.cluster.storage import "
+        code = ("import json, sys; from tunerun.cluster import targets; from tunerun.cluster.run_folder import "
                 "RunFolder; from tunerun.jobs.spec import StorageSpec; print(json.dumps(targets.get('ray').status("
                 "RunFolder(StorageSpec(uri=sys.argv[1], endpoint_url=sys.argv[2]), sys.argv[3])).to_json()))")
         result = subprocess.run([sys.executable, "-c", code, self.storage, self.server.endpoint, run_id],

@@ -18,6 +18,9 @@ from processes import session_pids
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
+# Evaluation still runs at every eval point (loss, generation, the forgetting sample) but on 8 examples of at most
+# 16 new tokens: these tests are about storage, checkpoints and resume; the full-size eval is test_learning's.
+LIGHT_EVAL = ["eval.max_examples=8", "eval.max_new_tokens=16"]
 
 
 class S3Run:
@@ -27,7 +30,7 @@ class S3Run:
         self.storage = f"s3://{self.bucket}/team"
         self.sets = [f"model.path={tiny_model_dir}", f"storage.uri={self.storage}",
                      f"storage.endpoint_url={s3_server.endpoint}",
-                     f"data.train={REPO / 'examples/data/support_tickets.jsonl'}"]
+                     f"data.train={REPO / 'examples/data/support_tickets.jsonl'}", *LIGHT_EVAL]
         self.env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3_server.endpoint}
 
     def command(self, verb: str, *args: str) -> list[str]:
@@ -76,6 +79,27 @@ class S3Run:
 @pytest.fixture
 def s3run(s3_server, tiny_model_dir, tmp_path) -> S3Run:
     return S3Run(s3_server, tiny_model_dir, tmp_path)
+
+
+# One quickstart job, run once per module through an outage (test_server_outage_during_training_is_ridden_out)
+# and taken, by the kill test, as the same job run without interruption of its training: a frozen store only
+# delays uploads, so its losses are the reference a killed-and-resumed run must match.
+SHARED_JOB = ["training.max_steps=30", "checkpoint.every_steps=5", "checkpoint.keep_last=10", "eval.every_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def run_through_outage(s3_server, tiny_model_dir, tmp_path_factory) -> tuple[S3Run, subprocess.CompletedProcess]:
+    """SHARED_JOB as run "outage": the object store freezes for 6 s after the first checkpoint."""
+    s3run = S3Run(s3_server, tiny_model_dir, tmp_path_factory.mktemp("outage"))
+    process = s3run.start(*SHARED_JOB, run_id="outage")
+    s3run.wait_for("outage", "checkpoints/step-000005/manifest.json", process)
+    s3run.server.freeze()
+    try:
+        time.sleep(6)
+    finally:
+        s3run.server.thaw()
+    out, err = process.communicate(timeout=600)
+    return s3run, subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -135,49 +159,42 @@ def test_zero3_checkpoints_shard_to_s3_and_resume(s3run):
     assert "ZeRO shards of 2 workers" in smaller.stderr and "this launch has 1" in smaller.stderr
 
 
-def test_killed_run_resumes_and_its_loss_matches_an_uninterrupted_run(s3run):
+def test_killed_run_resumes_and_its_loss_matches_an_uninterrupted_run(s3run, run_through_outage):
     """Kill every process of the run (a lost node) after a checkpoint; `--resume` continues from the newest
     complete checkpoint with optimizer, scheduler, RNG and data position restored: the losses after the
-    resume match those of the same job run without interruption."""
-    job = ["training.max_steps=60", "checkpoint.every_steps=10", "checkpoint.keep_last=10", "eval.every_steps=60"]
-    ok(s3run.run(*job, run_id="straight"))
-    reference = s3run.train_losses("straight")
+    resume match those of the same job run without interruption (the module's shared run)."""
+    straight, finished = run_through_outage
+    ok(finished)
+    reference = straight.train_losses("outage")
+    assert max(reference) == 30
 
-    process = s3run.start(*job, run_id="killed")
+    process = s3run.start(*SHARED_JOB, run_id="killed")
     s3run.wait_for("killed", "checkpoints/step-000010/manifest.json", process)
     session = json.loads(s3run.read("killed", "run.json"))["local"]["pid"]
     for pid in session_pids(session):
         os.kill(pid, signal.SIGKILL)
     process.communicate(timeout=60)
-    ok(s3run.run(*job, run_id="killed", resume=True))
+    ok(s3run.run(*SHARED_JOB, run_id="killed", resume=True))
     resumed = [e["step"] for e in s3run.jsonl("killed", "events.jsonl") if e["event"] == "resumed"]
-    assert len(resumed) == 1 and resumed[0] >= 10
+    assert len(resumed) == 1 and 10 <= resumed[0] < 30
     losses = s3run.train_losses("killed")
-    assert max(losses) == 60
-    for step in range(resumed[0] + 1, 61):
+    assert max(losses) == 30
+    for step in range(resumed[0] + 1, 31):
         assert losses[step] == pytest.approx(reference[step], rel=1e-3, abs=1e-4), step
 
 
-def test_server_outage_during_training_is_ridden_out(s3run):
+def test_server_outage_during_training_is_ridden_out(run_through_outage):
     """The object store freezes for 6 s mid-run: uploads wait and retry, the run finishes, every checkpoint
     it reports complete verifies."""
-    process = s3run.start("training.max_steps=40", "checkpoint.every_steps=5", "checkpoint.keep_last=10",
-                          "eval.every_steps=40", run_id="outage")
-    s3run.wait_for("outage", "checkpoints/step-000005/manifest.json", process)
-    s3run.server.freeze()
-    try:
-        time.sleep(6)
-    finally:
-        s3run.server.thaw()
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, (out, err)
-    from tunerun.cluster.storage import RunFolder
+    s3run, finished = run_through_outage
+    assert finished.returncode == 0, (finished.stdout, finished.stderr)
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.spec import StorageSpec
     from tunerun.trainer.checkpoint import latest_complete
 
     run = RunFolder(StorageSpec(uri=s3run.storage, endpoint_url=s3run.server.endpoint), "outage")
     folder, skipped = latest_complete(run, s3run.tmp_path / "verify")
-    assert folder is not None and folder.name == "step-000040" and skipped == []
+    assert folder is not None and folder.name == "step-000030" and skipped == []
 
 
 def test_missing_bucket_and_unreachable_endpoint_fail_before_training(s3run, tiny_model_dir):

@@ -26,8 +26,15 @@ def slurm_job(slurm_cluster, s3_server, tiny_model_dir, tmp_path):
     sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
             f"storage.uri={storage}", f"storage.endpoint_url={s3_server.endpoint}",
             "resources.workers_per_node=1", "training.global_batch_size=8",
-            f"targets.slurm.python={sys.executable}", f"targets.slurm.log_dir={tmp_path / 'slurm-logs'}"]
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "TUNERUN_CACHE": str(tmp_path / "cache")}
+            f"targets.slurm.python={sys.executable}", f"targets.slurm.log_dir={tmp_path / 'slurm-logs'}",
+            "targets.slurm.export=[RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S]",
+            # every eval point still evaluates (loss, generation, forgetting), on 8 examples of ≤ 16 new tokens
+            "eval.max_examples=8", "eval.max_new_tokens=16"]
+    # Exported to the job by name: no 30 s drain of the Ray head on the SIGTERM that ends the job (scancel, the
+    # requeue, the batch script's cleanup), as in test_slurm_nodes.py. Under scancel the GCS dies with the rest,
+    # so the drain only waits out its timeout: cancelling took ~50 s of CANCEL_GRACE_S's 60 on a loaded machine.
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "TUNERUN_CACHE": str(tmp_path / "cache"),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
     def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tunerun.jobs.cli", *args], env=env, cwd=tmp_path,

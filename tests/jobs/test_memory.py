@@ -329,6 +329,32 @@ def test_auto_prefers_full_zero_at_the_lowest_stage_that_fits(tmp_path, gb, kind
     assert job.method_choice.startswith("auto chose ZeRO-") and "per GPU" in job.method_choice
 
 
+def test_activations_scale_with_the_objectives_sequences_per_example(tmp_path, monkeypatch):
+    """An objective that runs three sequences per example through the model with gradients (a preference pair
+    runs two) is charged the activations of a micro-batch three times as large; model states do not change."""
+    from tunerun.trainer import objectives
+    from tunerun.trainer.objectives.sft import SupervisedFineTuning
+
+    def plan(micro_batch: int, objective: str = "sft") -> dict:
+        resources = GPUS.format(gb=80).replace("micro_batch_size: 1, global_batch_size: 8",
+                                               f"micro_batch_size: {micro_batch}, global_batch_size: {8 * micro_batch}")
+        spec = resolve_file(write_job(tmp_path, LLAMA3_8B, "method: {kind: lora}\n" + resources)).spec
+        # training.objective admits only shipped objectives: model_copy names the one registered here.
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"objective": objective})})
+        shape, hw = ModelShape.from_config(LLAMA3_8B), memory.hardware_for(spec)
+        return {c.name: c.to_json() for c in memory.candidates(spec, shape, hw)}
+
+    sft_triple = plan(3)
+    monkeypatch.setitem(objectives.OBJECTIVES, "triple", type("Triple", (SupervisedFineTuning,),
+                                                              {"activation_sequences": 3}))
+    triple = plan(1, "triple")
+    for name, candidate in triple.items():
+        for term in ("activations", "activations_checkpointing", "activations_no_checkpointing", "weights",
+                     "optimizer", "gradients"):
+            assert candidate[term] == sft_triple[name][term], (name, term)
+    assert all(plan(1)[name]["activations"] < c["activations"] for name, c in triple.items())
+
+
 def test_auto_falls_back_to_lora_then_qlora_and_keeps_the_adapter_settings(tmp_path):
     # 64 GB of node RAM rules out offloading (~180 GiB); LoRA needs ~19.4 GiB, QLoRA ~11.9 GiB per GPU.
     small_ram = GPUS.format(gb=26).replace("cpu_memory_gb: 1000", "cpu_memory_gb: 64")

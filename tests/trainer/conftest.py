@@ -1,4 +1,5 @@
-"""Finished runs as the train loop leaves them, for the evaluation and export tests."""
+"""Finished runs as the train loop leaves them, for the evaluation and export tests; one Ray Train worker's context
+for the engine tests."""
 from __future__ import annotations
 
 import json
@@ -21,9 +22,10 @@ def _make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = Tru
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.loader import load_job_text
     from tunerun.jobs.plan import resolve
+    from tunerun.cluster import run_folder
     from tunerun.trainer import checkpoint as ckpt
     from tunerun.trainer.engines import TRAINABLE
     from tunerun.trainer.methods.lora import add_adapters
@@ -51,7 +53,7 @@ def _make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = Tru
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                   str(folder / TRAINABLE))
         (folder / ckpt.PROGRESS).write_text(json.dumps({"step": 2, "epoch": 0, "tokens_seen": 10}))
-        ckpt.write_manifest(run, "checkpoints/step-000002", 2, ckpt.file_digests(folder))
+        run_folder.write_manifest(run, "checkpoints/step-000002", 2, ckpt.file_digests(folder))
     if final:
         model.save_pretrained(run.local_path("final/adapter"))
         run.event("exported", path=str(run.local_path("final/adapter")), step=2)
@@ -80,3 +82,18 @@ def make_run():
 def add_eval_set(tokenizer):
     """``add_eval_set(run)`` writes the run's data/eval.jsonl: six support tickets, tokenized as in training."""
     return lambda run: _add_eval_set(run, tokenizer)
+
+
+@pytest.fixture
+def one_worker_context(monkeypatch):
+    """`ray.train.torch.prepare_model` asks `ray.train.get_context()` for the local rank and world size, and
+    only exists inside a Ray Train worker. For one worker it then moves the model to the device and, as the world
+    size is 1, wraps nothing (Ray 2.60, ray/train/v2/torch/train_loop_utils.py): the context below is a worker's
+    as Ray Train reports it, and the real prepare_model runs. DDP across two workers runs in
+    tests/e2e/test_methods.py."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    context = SimpleNamespace(get_local_rank=lambda: 0, get_world_size=lambda: 1, get_world_rank=lambda: 0)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)

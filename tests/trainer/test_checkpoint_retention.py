@@ -5,8 +5,9 @@ import uuid
 
 import pytest
 
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import RunFolder
 from tunerun.jobs.spec import CheckpointSpec, StorageSpec
+from tunerun.cluster import run_folder
 from tunerun.trainer import checkpoint as ckpt
 
 
@@ -15,9 +16,9 @@ def _save(run: RunFolder, tmp_path, step: int, **metrics) -> str:
     local = tmp_path / f"src-{step}"
     local.mkdir()
     (local / "adapter.bin").write_bytes(bytes([step % 256]) * 64)
-    name = ckpt.checkpoint_dir_name(step)
+    name = run_folder.checkpoint_name(step)
     run.upload_dir(local, name)
-    ckpt.write_manifest(run, name, step, ckpt.file_digests(local), metrics)
+    run_folder.write_manifest(run, name, step, ckpt.file_digests(local), metrics)
     return name.split("/")[-1]
 
 

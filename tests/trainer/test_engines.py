@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,19 +40,6 @@ def job_for(model_dir, tmp_path, method: str):
         f"model: {{path: {model_dir}, dtype: float32}}\nmethod: {method}\ndata: {{train: {data}}}\n"
         "training: {learning_rate: 0.01, lr_scheduler: cosine, warmup_ratio: 0.25, micro_batch_size: 2, "
         "global_batch_size: 4}\nresources: {workers_per_node: 1}\n"), run_id="e")
-
-
-@pytest.fixture
-def one_worker_context(monkeypatch):
-    """`ray.train.torch.prepare_model` asks `ray.train.get_context()` for the local rank and world size, and
-    only exists inside a Ray Train worker. For one worker it then moves the model to the device and, as the world
-    size is 1, wraps nothing (Ray 2.60, ray/train/v2/torch/train_loop_utils.py): the context below is a worker's
-    as Ray Train reports it, and the real prepare_model runs. DDP across two workers runs in
-    tests/e2e/test_methods.py."""
-    import ray.train
-
-    context = SimpleNamespace(get_local_rank=lambda: 0, get_world_size=lambda: 1, get_world_rank=lambda: 0)
-    monkeypatch.setattr(ray.train, "get_context", lambda: context)
 
 
 def lora_engine(job, total_steps: int):
@@ -118,7 +104,7 @@ def test_eval_batch_is_the_token_weighted_loss_of_the_model(tiny_model_dir, tmp_
     with torch.no_grad():
         assert loss_sum / tokens == pytest.approx(float(engine.module(**batch).loss), rel=1e-6)
     eval_set = examples(8, 7)
-    alone = engines.EvalOnlyEngine(engine.module, engine.device)
+    alone = engines.EvalOnlyEngine(engine.module, engine.device, engine.objective)
     assert isinstance(alone, engines.EvalEngine) and not isinstance(alone, engines.Engine)
     # Token-weighted over the set: the batch size changes nothing but the arithmetic's order.
     one, three = held_out_loss(alone, eval_set, 0, 1), held_out_loss(engine, eval_set, 0, 3)

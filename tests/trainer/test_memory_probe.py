@@ -26,7 +26,7 @@ PEAK = textwrap.dedent("""
 REPORT = textwrap.dedent("""
     import sys
     import torch
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.plan import resolve
     from tunerun.jobs.spec import JobSpec
     from tunerun.trainer.memory_probe import write_memory_report

@@ -1,10 +1,11 @@
 """Prepared data, cached by content: the same inputs are never tokenized twice.
 
-The cache key is a hash of everything the prepared files depend on: the bytes (and names) of every input
-file, the ``data`` spec, the tokenizer files, the seed, the versions of transformers/tokenizers and
-`FORMAT_VERSION`. ``<cache_root>/<hash>/`` holds train.jsonl, eval.jsonl, data_report.json/.html/.png and a
-``COMPLETE`` marker; a folder is built under a temporary name and renamed into place whole, so a reader
-never sees half of one and two preparations racing for the same key both end with a complete folder.
+The cache key is a hash of everything the prepared files depend on: the bytes (and names) of every input file, the
+``data`` spec, the training objective (named only when not ``sft``), the tokenizer files, the seed, the versions of
+transformers/tokenizers and `FORMAT_VERSION`. ``<cache_root>/<hash>/`` holds train.jsonl, eval.jsonl,
+data_report.json/.html/.png and a ``COMPLETE`` marker; a folder is built under a temporary name and renamed into
+place whole, so a reader never sees half of one and two preparations racing for the same key both end with a
+complete folder.
 
 The cache root is ``$TUNERUN_CACHE/prepared`` (default ``~/.cache/tunerun/prepared``), beside the node cache
 of S3 models and data (``models/``, ``data/``). Every reuse touches the marker, so `cache_entries` knows
@@ -21,19 +22,25 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from tunerun.cluster.run_folder import DATA_REPORT_FILE, PREPARED_FILES
+from tunerun.cluster.storage import cache_root as node_cache
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.data_files import resolve_files
+from tunerun.trainer.objectives import DEFAULT as DEFAULT_OBJECTIVE
 
 FORMAT_VERSION = 2  # bump when the prepared files would come out different for the same inputs
 MARKER = "COMPLETE"
-# data_report.json last: in a run folder its presence says the data folder is complete.
-PREPARED_FILES = ("train.jsonl", "eval.jsonl", "data_report.html", "data_report.png", "data_report.json")
 TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".py", ".tiktoken")
 MAX_TOKENIZER_FILE = 64 << 20  # skips weights stored under those suffixes; tokenizer files are smaller
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("TUNERUN_CACHE") or Path.home() / ".cache" / "tunerun") / "prepared"
+    return node_cache() / "prepared"
+
+
+def read_report(folder: Path) -> dict:
+    """The data report of a prepared folder (a cache folder or a run's ``data/``)."""
+    return json.loads((Path(folder) / DATA_REPORT_FILE).read_text(encoding="utf-8"))
 
 
 def prepare_to_folder(job: ResolvedJob, out_dir: Path | None, cache_root: Path | None) -> dict:
@@ -42,7 +49,7 @@ def prepare_to_folder(job: ResolvedJob, out_dir: Path | None, cache_root: Path |
     folder, _ = prepared_folder(job, cache_root)
     if out_dir is not None and Path(out_dir).resolve() != folder.resolve():
         publish(folder, Path(out_dir))
-    return json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+    return read_report(folder)
 
 
 def prepared_folder(job: ResolvedJob, cache_root: Path | None) -> tuple[Path, bool]:
@@ -61,6 +68,8 @@ def content_hash(job: ResolvedJob) -> str:
     h = hashlib.blake2b(digest_size=16)
     _feed(h, f"format {FORMAT_VERSION} seed {spec.training.seed}")
     _feed(h, json.dumps(spec.data.model_dump(mode="json"), sort_keys=True))
+    if spec.training.objective != DEFAULT_OBJECTIVE:  # it decides what a record becomes; fed only when not the
+        _feed(h, f"objective {spec.training.objective}")  # default, so caches from before the field still serve
     packages = ["transformers", "tokenizers"]
     if spec.data.clean.ner is not None:  # another pipeline version finds other names: another preparation
         pipelines = sorted(set(spec.data.clean.ner.models().values()))
@@ -102,15 +111,17 @@ def _version(package: str) -> str:
 def _build(job: ResolvedJob, folder: Path) -> None:
     from tunerun.trainer.data.pipeline import prepare_files
     from tunerun.trainer.data.report import write_report_files
+    from tunerun.trainer.objectives import objective_for
     from tunerun.trainer.tokenizer import load_tokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        report = prepare_files(job.spec.data, load_tokenizer(job), job.spec.training.seed, tmp)
+        report = prepare_files(job.spec.data, load_tokenizer(job), job.spec.training.seed, tmp,
+                               objective_for(job.spec))
         report_dict = dataclasses.asdict(report)
         write_report_files(report_dict, tmp, f"data report · {job.spec.name}")
-        (tmp / "data_report.json").write_text(json.dumps(report_dict, indent=2, sort_keys=True) + "\n")
+        (tmp / DATA_REPORT_FILE).write_text(json.dumps(report_dict, indent=2, sort_keys=True) + "\n")
         (tmp / MARKER).write_text(f"format {FORMAT_VERSION}\n")
         _move_into_place(tmp, folder)
     finally:
@@ -175,7 +186,7 @@ def cache_entries(root: Path) -> list[CacheEntry]:
         complete = marker.is_file() and not folder.name.startswith(".")
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         records, files = None, ""
-        report_file = folder / "data_report.json"
+        report_file = folder / DATA_REPORT_FILE
         if complete and report_file.is_file():
             report = json.loads(report_file.read_text(encoding="utf-8"))
             records = report.get("train_records", 0) + report.get("eval_records", 0)

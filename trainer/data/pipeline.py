@@ -11,13 +11,15 @@ Pipeline, in order (each step counted in `DataReport`):
 3. **dedup**: exact copies (``clean.dedup``), copies up to case/punctuation/spacing (*near_duplicates*) and
    MinHash look-alikes at ``clean.near_dedup_threshold`` (*fuzzy_duplicates*), both under
    ``clean.near_dedup``. The first copy is kept.
-4. **render and tokenize** (`render`), then **length**: longer than ``data.max_seq_len`` is truncated or
-   dropped (``data.too_long``); a truncated example left without any trained token is dropped too.
+4. **render and tokenize**, then **length**: longer than ``data.max_seq_len`` is truncated or dropped
+   (``data.too_long``); a truncated example left without any trained token is dropped too. What a record
+   becomes is the training objective's choice (`tunerun.trainer.objectives`: its `render`, `encode` and `fit`);
+   supervised fine-tuning renders and masks with `render`.
 5. **split**: ``data.eval`` read and cleaned the same way, or a seeded shuffle that sets aside
    ``max(1, round(n * eval_fraction))`` examples. *contaminated_eval* counts eval examples that are near or
    fuzzy copies of a training example (reported, not removed).
-6. **pack** (``data.packing``): training examples share rows of ``max_seq_len`` tokens, each with
-   position ids from 0, which keeps attention inside each example (see `pack`).
+6. **pack** (``data.packing``, where the objective `packs`): training examples share rows of ``max_seq_len``
+   tokens, each with position ids from 0, which keeps attention inside each example (see `pack`).
 
 Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`); deduplication
 runs in this process in input order, so results do not depend on the number of workers. Examples stream to
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tunerun.cluster.run_folder import EVAL_FILE, TRAIN_FILE
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import RULE_ENTITIES
 from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, custom_rules, digest, exact_key,
@@ -50,11 +53,12 @@ from tunerun.trainer.data.formats import Conversation, detect_format, to_convers
 from tunerun.trainer.data.pack import ExampleWriter, Packer, load_examples
 from tunerun.jobs.data_files import resolve_files
 from tunerun.trainer.data.read import read_records
-from tunerun.trainer.data.render import IGNORE_INDEX, encode, render
 from tunerun.trainer.data.report import steps
+from tunerun.trainer.objectives import DEFAULT, get_objective
 
 if TYPE_CHECKING:
     from tunerun.jobs.spec import CleanSpec, DataSpec
+    from tunerun.trainer.objectives import Objective
 
 MAX_MALFORMED_EXAMPLES = 20
 CHUNK_RECORDS = 512
@@ -92,7 +96,7 @@ class DataReport:
 
 @dataclass
 class PreparedData:
-    train: list[dict]  # each {"input_ids", "labels"[, "position_ids"]}; labels -100 where no loss
+    train: list[dict]  # the objective's examples; sft: {"input_ids", "labels"[, "position_ids"]}, -100: no loss
     eval: list[dict]
     report: DataReport
 
@@ -106,6 +110,7 @@ class _Context:
     clean: CleanSpec
     tokenizer: object
     pii_rules: list = field(default_factory=list)
+    objective: Objective | None = None  # what a record becomes; None only where nothing is tokenized
 
     @property
     def rule_kinds(self) -> frozenset[str]:
@@ -135,8 +140,7 @@ class _Outcome:
     near: bytes = b""
     signature: np.ndarray | None = None
     pii: dict[str, int] = field(default_factory=dict)
-    ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    example: dict | None = None  # as the objective encodes it, before `_fit_length`
 
 
 def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
@@ -164,11 +168,11 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
         try:
             _key(conversation, ctx, outcome)
             if not outcome.empty:
-                rendered.append((outcome, render(conversation, ctx.tokenizer)))
+                rendered.append((outcome, ctx.objective.render(conversation, ctx.tokenizer)))
         except DataError as e:
             outcome.error = str(e)
-    for (outcome, _), (ids, labels) in zip(rendered, encode([r for _, r in rendered], ctx.tokenizer)):
-        outcome.ids, outcome.labels = ids, labels
+    for (outcome, _), example in zip(rendered, ctx.objective.encode([r for _, r in rendered], ctx.tokenizer)):
+        outcome.example = example
     return outcomes
 
 
@@ -309,8 +313,7 @@ class _ChunkRunner:
 
 @dataclass
 class _Kept:
-    ids: list[int]
-    labels: list[int]
+    example: dict  # a line of train.jsonl or eval.jsonl
     near: bytes
     key: int  # in the set's `_Dedup`
 
@@ -376,7 +379,7 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
                 elif o.empty:
                     report.empty += 1
                 elif (key := dedup.keep(o, report)) is not None:
-                    if (kept := _fit_length(o, key, spec, report)) is not None:
+                    if (kept := _fit_length(o, key, spec, ctx.objective, report)) is not None:
                         for kind, n in o.pii.items():  # kept records only: the report describes what trains
                             report.pii_masked[kind] = report.pii_masked.get(kind, 0) + n
                         yield kept
@@ -389,18 +392,13 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
     _check_bad_fraction(pattern, bad, report.records_read - read_before, spec.clean.max_bad_fraction)
 
 
-def _fit_length(o: _Outcome, key: int, spec: DataSpec, report: DataReport) -> _Kept | None:
-    ids, labels = o.ids, o.labels
-    if len(ids) > spec.max_seq_len:
-        ids, labels = ids[: spec.max_seq_len], labels[: spec.max_seq_len]
-        if spec.too_long == "drop" or labels.count(IGNORE_INDEX) == len(labels):
-            report.too_long_dropped += 1
-            return None
-        report.truncated += 1
-    if labels.count(IGNORE_INDEX) == len(labels):  # trainable text that rendered to no tokens
-        report.empty += 1
-        return None
-    return _Kept(ids, labels, o.near, key)
+def _fit_length(o: _Outcome, key: int, spec: DataSpec, objective: Objective, report: DataReport) -> _Kept | None:
+    """The example within data.max_seq_len as the objective fits it; None (and counted) when it is dropped."""
+    example, verdict = objective.fit(o.example, spec.max_seq_len, spec.too_long)
+    report.truncated += verdict == "truncated"
+    report.too_long_dropped += verdict == "too_long"
+    report.empty += verdict == "empty"
+    return _Kept(example, o.near, key) if example is not None else None
 
 
 def _mixed_formats(o: _Outcome, file_format: str, first_where: str) -> str:
@@ -444,10 +442,12 @@ def _nothing_left(files: list[str], spec: DataSpec, r: DataReport) -> str:
 # ---------------------------------------------------------------- the whole preparation
 
 
-def prepare_files(spec: DataSpec, tokenizer, seed: int, out_dir: Path) -> DataReport:
-    """Prepare the data the spec names into ``out_dir``/train.jsonl and eval.jsonl; `DataError` for unusable
-    data. Examples stream through a scratch file in ``out_dir``; nothing holds all tokens at once."""
-    preparation = _Preparation(spec, tokenizer, Path(out_dir))
+def prepare_files(spec: DataSpec, tokenizer, seed: int, out_dir: Path, objective: Objective | None = None
+                  ) -> DataReport:
+    """Prepare the data the spec names into ``out_dir``/train.jsonl and eval.jsonl, as ``objective`` (the job's:
+    `tunerun.trainer.objectives.objective_for`; default supervised fine-tuning) makes examples; `DataError` for
+    unusable data. Examples stream through a scratch file in ``out_dir``; nothing holds all tokens at once."""
+    preparation = _Preparation(spec, tokenizer, Path(out_dir), objective or get_objective(DEFAULT))
     try:
         return preparation.run(seed)
     except BaseException:
@@ -461,11 +461,11 @@ class _Preparation:
     """One `prepare_files` call: kept training examples go to a scratch file, then the split writes
     eval.jsonl and train.jsonl (packed or not) from it."""
 
-    def __init__(self, spec: DataSpec, tokenizer, out_dir: Path):
-        self.spec, self.out_dir = spec, out_dir
+    def __init__(self, spec: DataSpec, tokenizer, out_dir: Path, objective: Objective):
+        self.spec, self.out_dir, self.objective = spec, out_dir, objective
         self.report = DataReport(pii_masked=_pii_kinds(spec.clean))
         self.ctx = _Context(None if spec.format == "auto" else spec.format, spec.clean, tokenizer,
-                            custom_rules(spec.clean.pii_patterns) if spec.clean.pii == "mask" else [])
+                            custom_rules(spec.clean.pii_patterns) if spec.clean.pii == "mask" else [], objective)
         files = resolve_files(spec.train) + (resolve_files(spec.eval) if spec.eval else [])
         self.runner = _ChunkRunner(self.ctx, data_workers(files))
         self.writers: list[ExampleWriter] = []
@@ -495,9 +495,9 @@ class _Preparation:
         """Write the kept training examples to the scratch file; (near key, dedup key) of each."""
         dedup, kept, formats, writer = _Dedup(self.spec.clean), [], [], self._writer(self.scratch.name)
         for ex in _stream_set(self.spec.train, self.spec, self.ctx, self.runner, self.report, dedup, formats):
-            writer.write({"input_ids": ex.ids, "labels": ex.labels})
+            writer.write(ex.example)
             kept.append((ex.near, ex.key))
-            self.lengths.append(len(ex.ids))
+            self.lengths.append(self.objective.length(ex.example))
         self.report.format = ", ".join(formats)
         if not kept:
             raise DataError(_nothing_left(self.report.files, self.spec, self.report))
@@ -506,11 +506,11 @@ class _Preparation:
 
     def _write_eval_file(self, train_dedup: _Dedup, kept: list) -> int:
         """data.eval, read and cleaned like the training data; contamination checked against all of train."""
-        writer, eval_dedup = self._writer("eval.jsonl"), _Dedup(self.spec.clean)
+        writer, eval_dedup = self._writer(EVAL_FILE), _Dedup(self.spec.clean)
         train_near, train_keys = {near for near, _ in kept}, {key for _, key in kept}
         for ex in _stream_set(self.spec.eval, self.spec, self.ctx, self.runner, self.report, eval_dedup, []):
-            writer.write({"input_ids": ex.ids, "labels": ex.labels})
-            self.lengths.append(len(ex.ids))
+            writer.write(ex.example)
+            self.lengths.append(self.objective.length(ex.example))
             signature = eval_dedup.signature(ex.key)
             self.report.contaminated_eval += train_dedup.holds_copy(ex.near, signature, train_near, train_keys)
         if not writer.count:
@@ -520,7 +520,7 @@ class _Preparation:
         return writer.count
 
     def _write_held_out(self, dedup: _Dedup, kept: list, held_out: set[int], train: list[int]) -> int:
-        writer = self._writer("eval.jsonl")
+        writer = self._writer(EVAL_FILE)
         train_near, train_keys = {kept[i][0] for i in train}, {kept[i][1] for i in train}
         for i, line in _lines(self.scratch, held_out):
             writer.write_line(line)
@@ -530,8 +530,8 @@ class _Preparation:
         return writer.count
 
     def _write_train(self, train) -> None:
-        writer = self._writer("train.jsonl")
-        packer = Packer(self.spec.max_seq_len, writer) if self.spec.packing else None
+        writer = self._writer(TRAIN_FILE)
+        packer = Packer(self.spec.max_seq_len, writer) if self.spec.packing and self.objective.packs else None
         for _, line in _lines(self.scratch, train):
             if packer is None:
                 writer.write_line(line)
@@ -586,11 +586,11 @@ def _length_stats(lengths: list[int]) -> tuple[dict, dict]:
     return stats, {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}
 
 
-def prepare_data(spec: DataSpec, tokenizer, seed: int) -> PreparedData:
+def prepare_data(spec: DataSpec, tokenizer, seed: int, objective: Objective | None = None) -> PreparedData:
     """`prepare_files` into a scratch folder, read back: the whole prepared set in memory."""
     with tempfile.TemporaryDirectory(prefix="tunerun-data-") as tmp:
-        report = prepare_files(spec, tokenizer, seed, Path(tmp))
-        return PreparedData(load_examples(Path(tmp) / "train.jsonl"), load_examples(Path(tmp) / "eval.jsonl"), report)
+        report = prepare_files(spec, tokenizer, seed, Path(tmp), objective)
+        return PreparedData(load_examples(Path(tmp) / TRAIN_FILE), load_examples(Path(tmp) / EVAL_FILE), report)
 
 
 # ---------------------------------------------------------------- before a model is chosen

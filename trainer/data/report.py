@@ -27,9 +27,12 @@ def steps(report: dict) -> list[tuple[str, int]]:
 
 
 def write_report_files(report: dict, folder: Path, title: str) -> None:
-    png = render_png(report, title)
-    (Path(folder) / "data_report.png").write_bytes(png)
-    (Path(folder) / "data_report.html").write_text(render_html(report, png, title), encoding="utf-8")
+    from tunerun.cluster.run_folder import DATA_REPORT_PAGES
+
+    html, png = DATA_REPORT_PAGES
+    image = render_png(report, title)
+    (Path(folder) / png).write_bytes(image)
+    (Path(folder) / html).write_text(render_html(report, image, title), encoding="utf-8")
 
 
 def render_png(report: dict, title: str) -> bytes:

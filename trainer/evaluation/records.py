@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from tunerun.cluster.run_folder import EVAL_DATA, EvalRow, base_record, eval_record_name
 from tunerun.jobs.metrics import GENERATION
 
 _OPERATORS = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__, "==": float.__eq__}
@@ -48,7 +49,7 @@ def build_record(engine, tokenizer, eval_set: list[dict], job, *, step: int | No
 
 def judge(record: dict, run, spec) -> dict:
     """Add the forgetting drop (against ``eval/base.json``) to the record's metrics and apply the gates."""
-    base = run.read_json("eval/base.json") if run.exists("eval/base.json") else None
+    base = base_record(run)
     record["metrics"].update(forgetting(spec, base, record))
     record["gates"] = apply_gates(spec, record["metrics"])
     return record["gates"]
@@ -64,7 +65,7 @@ def evaluate_during_training(engine, tokenizer, eval_set: list[dict], job, run, 
     at final). Returns the metrics row for metrics.jsonl ({} when nothing was measured)."""
     spec = job.spec.eval
     if not eval_set:
-        require_eval_set(spec, "data/eval.jsonl holds no examples")
+        require_eval_set(spec, f"{EVAL_DATA} holds no examples")
     record = build_record(engine, tokenizer, eval_set, job, step=step, phase=phase,
                           general=phase in ("base", "final"), loss_batch_size=job.spec.training.micro_batch_size)
     if not record["metrics"] and "general" not in record:
@@ -107,10 +108,6 @@ def _write_report(run) -> None:
         run.event("report_failed", error=f"{type(exc).__name__}: {exc}"[:500])
 
 
-def eval_record_name(step: int, phase: str) -> str:
-    return "eval/base.json" if phase == "base" else f"eval/step-{step:06d}.json"
-
-
 def forgetting(spec, base: dict | None, final: dict) -> dict:
     """forgetting_drop = base − final score on the general sample; flagged beyond eval.forgetting_threshold."""
     if spec.general is None or base is None or "general" not in base or "general" not in final:
@@ -121,15 +118,7 @@ def forgetting(spec, base: dict | None, final: dict) -> dict:
 
 def metrics_row(record: dict) -> dict:
     """Flat keys for metrics.jsonl: eval_loss, eval_exact_match, general_rouge_l, forgetting_drop, base…"""
-    row = {}
-    for name, value in record["metrics"].items():
-        key = name if name.startswith("forgetting") else f"eval_{name}"
-        row[key] = value
-    for name, value in record.get("general", {}).items():
-        row[f"general_{name}"] = value
-    if record["base"]:
-        row["base"] = True
-    return row
+    return EvalRow.from_record(record).model_dump(exclude={"step", "time"}, exclude_defaults=True)
 
 
 # ── gates ───────────────────────────────────────────────────────────────────────────────────────────────────

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunerun.cluster.run_folder import RUN_INFO, data_report, eval_records
+from tunerun.cluster.runs import read_info
 from tunerun.jobs.metrics import format_value
 from tunerun.trainer.methods import method_for
 
@@ -85,9 +87,9 @@ def _describe(method, merged: bool) -> str:
 
 
 def _data_section(run) -> list[str]:
-    if not run.exists("data/data_report.json"):
+    r = data_report(run)
+    if r is None:
         return []
-    r = run.read_json("data/data_report.json")
     from tunerun.trainer.data.report import pii_label
 
     masked = ", ".join(f"{pii_label(k)} {v}" for k, v in r.get("pii_masked", {}).items() if v) or "none"
@@ -122,10 +124,8 @@ def _hyperparameter_section(job) -> list[str]:
 
 
 def _metrics_section(run) -> list[str]:
-    from tunerun.trainer.report import eval_records, final_record
-
     records = eval_records(run)
-    base, final = records.get("base"), final_record(records)
+    base, final = records.base, records.final
     if final is None:
         return ["## Evaluation", "", "No evaluation was recorded for this run.", ""]
     names = [k for k in final["metrics"] if isinstance(final["metrics"][k], (int, float))
@@ -135,7 +135,7 @@ def _metrics_section(run) -> list[str]:
     for name in names:
         before = (base or {}).get("metrics", {}).get(name)
         lines.append(f"| {name} | {format_value(before)} | {format_value(final['metrics'][name])} |")
-    gates = (run.read_json("run.json") if run.exists("run.json") else {}).get("gates") or final.get("gates")
+    gates = (read_info(run).gates if run.exists(RUN_INFO) else None) or final.get("gates")
     if gates and gates.get("results"):
         lines += ["", f"### Gates: {'passed' if gates['passed'] else 'FAILED'}", "",
                   "| metric | condition | value | |", "|---|---|---|---|"]

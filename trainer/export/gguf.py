@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunerun.cluster.run_folder import EVAL_DATA, export_check_name, export_folder
 from tunerun.jobs.errors import ExportError, StorageError
 from tunerun.trainer.export import hf
 from tunerun.trainer.export.card import model_card
@@ -80,12 +81,12 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
         weights = find_weights(run, job, checkpoint, scratch)
         tokenizer = load_tokenizer(job)
         prompts = held_out_prompts(run, job, tokenizer, check_prompts)
-        source = weights.name.replace("checkpoints/", "")
+        kind = f"gguf-{quant}"
         if remote:
-            target = scratch / "upload" / f"{source}-gguf-{quant}"
+            target = scratch / "upload" / Path(export_folder(weights.name, kind)).name
         else:
             target = (Path(to).expanduser().absolute() if to
-                      else run_local_path(run, f"exports/{source}-gguf-{quant}"))
+                      else run_local_path(run, export_folder(weights.name, kind)))
         gguf_name = f"{job.spec.name}-{quant}.gguf"
         with _disk_full_is_a_user_error(target), hf.staged(target) as staging:
             check = _write_export(llama_cpp, run, job, weights, tokenizer, prompts, quant, system, staging, gguf_name)
@@ -95,7 +96,7 @@ def export_gguf(run, job, checkpoint: int | None, quant: str, to: str | None,
         where = remote or str(target)
         record = {"source": weights.name, "step": weights.step, "quant": quant, "file": gguf_name, "to": where,
                   "size": size, "time": time.time(), **check}
-        run.write_json(f"eval/exports/{source}-gguf-{quant}.json", record)
+        run.write_json(export_check_name(weights.name, kind), record)
         return GgufExport(where, gguf_name, size, weights, check, time.monotonic() - started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -194,7 +195,7 @@ def held_out_prompts(run, job, tokenizer, limit: int | None = None) -> list[tupl
     from tunerun.trainer.evaluation.generation import decode, eval_items, load_general_set
 
     spec = job.spec.eval
-    examples = load_examples(run_local_path(run, "data/eval.jsonl"))
+    examples = load_examples(run_local_path(run, EVAL_DATA))
     if not examples and spec.general is not None:
         examples = load_general_set(spec, job.spec.data.max_seq_len, tokenizer)
     items = eval_items(examples, limit or spec.max_examples)

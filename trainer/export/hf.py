@@ -16,6 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunerun.cluster.run_folder import FINAL, export_folder
 from tunerun.jobs.errors import StorageError
 from tunerun.trainer.export.card import model_card
 from tunerun.trainer.weights import RunWeights, find_weights, run_local_path
@@ -25,8 +26,7 @@ MAX_SHARD_SIZE = "5GB"
 
 def default_target(run, weights: RunWeights, merge: bool) -> Path:
     kind = "model" if weights.full else ("merged" if merge else "adapter")
-    source = weights.name.replace("checkpoints/", "")
-    return run_local_path(run, f"exports/{source}-{kind}")
+    return run_local_path(run, export_folder(weights.name, kind))
 
 
 def export_run(run, job, checkpoint: int | None, merge: bool, to: str | None) -> tuple[Path | str, RunWeights]:
@@ -121,7 +121,7 @@ def write_merged_model(job, weights: RunWeights, out: Path) -> None:
 def _write_adapter(job, weights: RunWeights, out: Path) -> None:
     from tunerun.trainer.methods.lora import ADAPTER_FILE
 
-    if weights.name == "final":
+    if weights.name == FINAL:
         for name in ("adapter_config.json", ADAPTER_FILE):
             shutil.copy2(weights.folder / name, out / name)
         return

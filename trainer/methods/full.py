@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from tunerun.cluster.run_folder import FINAL
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DEEPSPEED_TAG, DeepSpeedEngine, load_deepspeed_file, torch_dtype, worker_device
@@ -72,7 +73,7 @@ def merged_model(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
     """The whole model: final/model as exported, or a checkpoint's ZeRO shards consolidated onto the base."""
     spec = job.spec.model
     dtype = torch_dtype(spec.dtype)
-    if weights.name == "final":
+    if weights.name == FINAL:
         return AutoModelForCausalLM.from_pretrained(weights.folder, dtype=dtype,
                                                     trust_remote_code=spec.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)

@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from tunerun.cluster.run_folder import FINAL
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DDPEngine, load_trainable, torch_dtype, worker_device
 
@@ -89,7 +90,7 @@ def load_adapter(peft_model: torch.nn.Module, weights: RunWeights) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if weights.name == "final":
+    if weights.name == FINAL:
         set_peft_model_state_dict(peft_model, load_file(str(weights.folder / ADAPTER_FILE)))
     else:  # checkpoints hold the trainable parameters under their live names (…lora_A.default.weight)
         load_trainable(peft_model, weights.folder)

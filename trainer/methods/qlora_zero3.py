@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tunerun.cluster.run_folder import FINAL
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DeepSpeedEngine, torch_dtype, worker_device
 from tunerun.trainer.methods import full, lora, qlora
@@ -83,7 +84,7 @@ def merged_model(job: ResolvedJob, weights: RunWeights) -> torch.nn.Module:
 
 def load_adapter(peft_model: torch.nn.Module, weights: RunWeights) -> None:
     """final/adapter as PEFT wrote it; a checkpoint's adapter consolidated from every rank's fp32 partitions."""
-    if weights.name == "final":
+    if weights.name == FINAL:
         lora.load_adapter(peft_model, weights)
         return
     params = dict(peft_model.named_parameters())

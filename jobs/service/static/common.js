@@ -31,19 +31,6 @@ export async function api(path, { method = "GET", json, form } = {}) {
   return payload;
 }
 
-// Every page of a cursor-paginated list.
-export async function allPages(path) {
-  const found = [];
-  let after = null;
-  for (;;) {
-    const separator = path.includes("?") ? "&" : "?";
-    const page = await api(`${path}${separator}limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`);
-    found.push(...page.data);
-    if (!page.has_more || page.data.length === 0) return found;
-    after = page.data[page.data.length - 1].id;
-  }
-}
-
 export function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attributes)) {

@@ -2,10 +2,13 @@
 that wants credentials, or half a user name / password pair is exit 2 with the field named and what to do."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -42,14 +45,83 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in result.stderr, result.stderr
 
 
-def test_reachable_server_validates(tunerun, workdir, mlflow_server):
-    result = validate(tunerun, workdir, mlflow_server.uri)
+class _RecordingProxy(http.server.BaseHTTPRequestHandler):
+    """Passes each GET on to the real MLflow server and notes (path, its status, its body): what the check asked."""
+
+    upstream: str
+    seen: list
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        request = urllib.request.Request(self.upstream + self.path, headers={
+            k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as refused:
+            status, body = refused.code, refused.read()
+        self.seen.append((self.path, status, body))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_reachable_server_is_asked_and_validates(tunerun, workdir, mlflow_server):
+    """The real server is asked for the job's experiment (which does not exist yet: MLflow's 404
+    RESOURCE_DOES_NOT_EXIST is a pass, the run's start creates it). Exit 0 alone would also pass with no check."""
+    seen = []
+    handler = type("Proxy", (_RecordingProxy,), {"upstream": mlflow_server.uri, "seen": seen})
+    with serving(handler) as uri:
+        result = validate(tunerun, workdir, uri)
     assert result.returncode == 0, result.stderr
+    asked = [(path, status) for path, status, _ in seen]
+    assert asked == [("/api/2.0/mlflow/experiments/get-by-name?experiment_name=acme-support", 404)], seen
+    assert json.loads(seen[0][2])["error_code"] == "RESOURCE_DOES_NOT_EXIST"
 
 
 def test_unreachable_uri_is_refused_before_training(tunerun, workdir, free_port):
     result = validate(tunerun, workdir, f"http://127.0.0.1:{free_port()}")
     assert_user_error(result, "tracking.mlflow.tracking_uri", "unreachable", "check_reachable: false")
+
+
+def _answering(status: int, body: bytes, content_type: str):
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Answer
+
+
+@pytest.mark.parametrize("status, body, content_type, fragment", [
+    (404, b"<html>Not Found</html>", "text/html", "answered HTTP 404 to MLflow's REST API"),  # a web server, or /#/
+    (200, b"<html>welcome</html>", "text/html", "answered, but not as an MLflow tracking server"),
+    (404, b'{"error_code": "ENDPOINT_NOT_FOUND"}', "application/json", "answered HTTP 404"),
+])
+def test_a_server_that_is_not_mlflow_is_refused(tunerun, workdir, status, body, content_type, fragment):
+    """The check reads the answer: reaching *a* server is not enough."""
+    with serving(_answering(status, body, content_type)) as uri:
+        result = validate(tunerun, workdir, uri)
+    assert_user_error(result, "tracking.mlflow.tracking_uri", fragment)
 
 
 def test_half_a_credential_pair_is_refused(tunerun, workdir, mlflow_server):

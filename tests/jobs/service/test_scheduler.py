@@ -1,6 +1,7 @@
 """The local target's queue in this process, with no training: `tunerun.cluster.local.start` is replaced by a
 launch that records the run as started (pending, as the real one does before its driver records `running`) or
-fails the way a full disk or a bug does. Checked: one job's failure fails or delays that job only, the jobs behind
+fails the way a full disk or a bug does. Checked: at most ``max_concurrent_runs`` start, longest queued first,
+and a finished run frees its slot; one job's failure fails or delays that job only, the jobs behind
 it still start, claims a crashed server left do not block the queue, and the thread keeps ticking.
 """
 from __future__ import annotations
@@ -66,6 +67,34 @@ def launched(monkeypatch, *outcomes) -> Launches:
 
 def state(service, job_id):
     return read_info(service.jobs.store.open(job_id))
+
+
+def set_run_json(service, job_id, **fields) -> None:
+    """Fields of run.json set by hand, as another server or an older launch left them."""
+    path = service.jobs.store.open(job_id).local_path("run.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def test_only_max_concurrent_runs_start_longest_queued_first_and_a_finished_one_frees_its_slot(service, jobs,
+                                                                                             monkeypatch):
+    first, second, third = jobs(3)
+    now = time.time()
+    # queued since (set by hand, not by the order of creation): the second longest, then the third, then the first
+    for job_id, waited in ((first, 10.0), (second, 30.0), (third, 20.0)):
+        set_run_json(service, job_id, updated_at=now - waited)
+    service.jobs.config = service.jobs.config.model_copy(update={"max_concurrent_runs": 2})
+    launches = launched(monkeypatch)
+    queue = Scheduler(service.jobs)
+    queue.tick()
+    assert launches.started == [second, third] and state(service, first).state == RunState.QUEUED
+    queue.tick()  # both slots are taken (pending, then running): nothing more starts
+    set_run_json(service, second, state="running")
+    queue.tick()
+    assert launches.started == [second, third] and state(service, first).state == RunState.QUEUED
+    set_run_json(service, second, state="succeeded", finished_at=time.time())
+    queue.tick()
+    assert launches.started == [second, third, first]
+    assert queue.health()["last_error"] is None
 
 
 def test_a_full_disk_at_launch_is_tried_again_on_later_ticks_and_logged_once(service, jobs, monkeypatch, caplog):

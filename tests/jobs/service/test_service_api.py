@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from service_calls import REPO, TICKETS, client, upload, validated, write_lines
 
 from tunerun.jobs.errors import SpecError
+from tunerun.jobs.service import fine_tuning
 from tunerun.jobs.service.config import load_server_config
 from tunerun.jobs.service.keys import KeyStore
 
@@ -139,17 +140,20 @@ def test_a_job_is_a_queued_run_with_the_request_applied(app, keys, served):
     assert acme.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
-def test_job_list_pages_with_after_and_limit(app, keys):
+def test_job_list_is_newest_created_first_and_pages_with_after_and_limit(app, keys, monkeypatch):
     found = upload(app, keys["acme"], "acme", TICKETS)
     acme = client(app, keys["acme"])
-    made = []
-    for _ in range(3):
-        made.append(acme.fine_tuning.jobs.create(model="support-tiny", training_file=found.id).id)
-        time.sleep(0.01)
+    # The creation times, given: not the order of the requests (a clock set back, a second server), so the list
+    # must sort by created_at itself: newest (3000) first, then 2000, then 1000.
+    clock = iter([3000.5, 1000.5, 2000.5])
+    monkeypatch.setattr(fine_tuning, "time", SimpleNamespace(time=lambda: next(clock)))
+    a, b, c = (acme.fine_tuning.jobs.create(model="support-tiny", training_file=found.id) for _ in range(3))
+    assert [a.created_at, b.created_at, c.created_at] == [3000, 1000, 2000]
     first = acme.fine_tuning.jobs.list(limit=2)
-    assert [j.id for j in first.data] == made[::-1][:2] and first.has_more
+    assert [j.id for j in first.data] == [a.id, c.id] and first.has_more
     rest = acme.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
-    assert [j.id for j in rest.data] == [made[0]] and not rest.has_more
+    assert [j.id for j in rest.data] == [b.id] and not rest.has_more
+    assert [j.id for j in acme.fine_tuning.jobs.list(after=a.id, limit=1).data] == [c.id]
 
 
 @pytest.mark.parametrize("arguments, param, fragment", [

@@ -93,11 +93,13 @@ def test_base_and_final_records_the_forgetting_check_and_the_verdict(tmp_path, t
 
     from tunerun.trainer.data.pack import load_examples
     from tunerun.trainer.engines import EvalOnlyEngine
+    from tunerun.trainer.objectives import objective_for
 
     run, job, tuned = make_run(tmp_path, tiny_model_dir, job_yaml=(
         "eval: {max_new_tokens: 4, max_examples: 8, gates: {exact_match: '>= 0.5', forgetting_drop: '<= 0.05'}}\n"))
     add_eval_set(run)
-    engine, eval_set = EvalOnlyEngine(tuned, torch.device("cpu")), load_examples(run.local_path("data/eval.jsonl"))
+    engine = EvalOnlyEngine(tuned, torch.device("cpu"), objective_for(job.spec))
+    eval_set = load_examples(run.local_path("data/eval.jsonl"))
 
     base_row = records.evaluate_during_training(engine, tokenizer, eval_set, job, run, 0, "base", rank=0)
     train_row = records.evaluate_during_training(engine, tokenizer, eval_set, job, run, 1, "train", rank=0)

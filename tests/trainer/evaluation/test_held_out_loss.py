@@ -10,6 +10,7 @@ import torch
 
 from tunerun.trainer.data.render import IGNORE_INDEX
 from tunerun.trainer.evaluation.loss import held_out_loss
+from tunerun.trainer.objectives import get_objective
 
 EXAMPLES = [{"input_ids": list(range(1, 2 + n)), "labels": [IGNORE_INDEX, *range(2, 2 + n)]} for n in (3, 1, 4, 2, 5)]
 
@@ -21,6 +22,7 @@ class SummingEngine:
     collective_forward = True
     module = None
     device = torch.device("cpu")
+    objective = get_objective("sft")  # batches the examples and turns the sums into the loss
 
     def __init__(self):
         self.calls = 0

@@ -18,6 +18,7 @@ def test_final_weights_and_the_checkpoint_holding_them_evaluate_alike(tmp_path, 
     from tunerun.trainer.data.pack import load_examples
     from tunerun.trainer.engines import EvalOnlyEngine
     from tunerun.trainer.evaluation.loss import held_out_loss
+    from tunerun.trainer.objectives import objective_for
 
     run, job, tuned = make_run(tmp_path, tiny_model_dir,
                                job_yaml="eval: {general: null, max_new_tokens: 8, gates: {exact_match: '>= 0.5'}}\n")
@@ -36,14 +37,15 @@ def test_final_weights_and_the_checkpoint_holding_them_evaluate_alike(tmp_path, 
         {"metric": "exact_match", "condition": ">= 0.5", "value": final["metrics"]["exact_match"], "passed": False}]}
     # The loss is the tuned model's own on the held-out set.
     eval_set = load_examples(run.local_path("data/eval.jsonl"))
-    direct = held_out_loss(EvalOnlyEngine(tuned, torch.device("cpu")), eval_set, 0, len(eval_set))
+    direct = held_out_loss(EvalOnlyEngine(tuned, torch.device("cpu"), objective_for(job.spec)), eval_set, 0,
+                           len(eval_set))
     assert final["metrics"]["loss"] == pytest.approx(direct["loss"], rel=1e-5)
 
 
 def test_evaluate_run_refuses_a_missing_or_empty_eval_set(tmp_path, tiny_model_dir):
     import yaml
 
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.plan import resolve
 
     data = tmp_path / "d.jsonl"

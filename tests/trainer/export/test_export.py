@@ -14,11 +14,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tunerun.cluster.run_folder import RunFolder
 from tunerun.cluster.runs import update_info
-from tunerun.cluster.storage import RunFolder
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import resolve
+from tunerun.cluster import run_folder
 from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.export import hf
 
@@ -206,8 +207,9 @@ def test_a_failure_mid_export_leaves_nothing_under_the_final_name(lora_run, tmp_
 ZERO3_RUN = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist, yaml
     from pathlib import Path
-    from tunerun.cluster.storage import RunFolder
+    from tunerun.cluster.run_folder import RunFolder
     from tunerun.jobs.plan import ResolvedJob
+    from tunerun.cluster import run_folder
     from tunerun.trainer import checkpoint as ckpt
     from tunerun.trainer.data.pack import collate
     from tunerun.trainer.methods import full
@@ -223,7 +225,7 @@ ZERO3_RUN = textwrap.dedent("""
     folder = run.local_path("checkpoints/step-000001")
     folder.mkdir(parents=True)
     engine.save_state(folder)
-    ckpt.write_manifest(run, "checkpoints/step-000001", 1, ckpt.file_digests(folder))
+    run_folder.write_manifest(run, "checkpoints/step-000001", 1, ckpt.file_digests(folder))
     full.export(engine, run.local_path("final"), load_tokenizer(job))
     run.event("exported", step=1)
 """)
@@ -274,9 +276,9 @@ def test_checkpoint_best_exports_the_checkpoint_with_the_best_eval_metric(tmp_pa
     assert unscored.returncode == 2 and "no complete checkpoint holds an eval loss" in unscored.stderr
     shutil.copytree(run.local_path("checkpoints/step-000002"), run.local_path("checkpoints/step-000004"))
     for step, loss in ((2, 0.5), (4, 0.9)):  # the newer checkpoint is the worse one
-        name = ckpt.checkpoint_dir_name(step)
+        name = run_folder.checkpoint_name(step)
         run.local_path(f"{name}/manifest.json").unlink()
-        ckpt.write_manifest(run, name, step, ckpt.file_digests(run.local_path(name)), {"loss": loss})
+        run_folder.write_manifest(run, name, step, ckpt.file_digests(run.local_path(name)), {"loss": loss})
     best = tunerun_export("--checkpoint", "best", "--to", str(tmp_path / "best"))
     assert best.returncode == 0, best.stderr
     assert f"export checkpoints/step-000002 → {tmp_path / 'best'}" in best.stdout

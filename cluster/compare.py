@@ -11,14 +11,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-import yaml
-
-from tunerun.cluster.storage import RunFolder
+from tunerun.cluster.run_folder import JOB, RUN_INFO, RunFolder, data_report, eval_records, read_job
+from tunerun.cluster.runs import read_info
 from tunerun.jobs.metrics import GENERATION, lower_is_better
 
 METRICS = ("loss", *GENERATION, "forgetting_drop")
 DATA_COUNTS = ("records_read", "malformed", "empty", "duplicates", "near_duplicates", "fuzzy_duplicates",
                "too_long_dropped", "train_records", "eval_records")
+HYPERPARAMETERS = ("epochs", "max_steps", "learning_rate", "global_batch_size", "seed")
 
 
 @dataclass
@@ -50,31 +50,24 @@ class Comparison:
 
 
 def summarize(run: RunFolder) -> RunSummary:
-    job = yaml.safe_load(run.read_text("job.yaml")) if run.exists("job.yaml") else {}
-    spec = job.get("spec", job)
-    info = run.read_json("run.json") if run.exists("run.json") else {}
-    report = run.read_json("data/data_report.json") if run.exists("data/data_report.json") else {}
-    newest = _newest_eval(run)
-    base = run.read_json("eval/base.json") if run.exists("eval/base.json") else {}
-    training = spec.get("training", {})
+    spec = read_job(run).spec if run.exists(JOB) else None
+    info = read_info(run) if run.exists(RUN_INFO) else None
+    report = data_report(run) or {}
+    records = eval_records(run)
+    newest, base = records.final or {}, records.base or {}
     data = {name: report.get(name) for name in DATA_COUNTS}
     data["pii_masked"] = sum((report.get("pii_masked") or {}).values()) if report else None
-    eval_set = _eval_set(spec.get("data", {}), training.get("seed"))
+    training = spec.training if spec else None
+    eval_set = _eval_set(spec.data.model_dump(mode="json"), training.seed) if spec else "unknown (no job.yaml)"
     return RunSummary(
-        run_id=run.run_id, name=spec.get("name"), state=info.get("state", "unknown"),
-        model=(spec.get("model") or {}).get("path"), method=info.get("method") or (spec.get("method") or {}).get("kind"),
-        hyperparameters={"epochs": training.get("epochs"), "max_steps": training.get("max_steps"),
-                         "learning_rate": training.get("learning_rate"),
-                         "global_batch_size": training.get("global_batch_size"), "seed": training.get("seed")},
+        run_id=run.run_id, name=spec.name if spec else None, state=str(info.state) if info else "unknown",
+        model=spec.model.path if spec else None,
+        method=(info.method if info else None) or (spec.method.kind if spec else None),
+        hyperparameters={name: getattr(training, name, None) for name in HYPERPARAMETERS},
         data=data, metrics=_metrics(newest), base_metrics=_metrics(base),
-        evaluated_step=newest.get("step") if newest else None,
-        gates_passed=(info.get("gates") or {}).get("passed"), eval_set=eval_set,
+        evaluated_step=newest.get("step"),
+        gates_passed=((info.gates if info else None) or {}).get("passed"), eval_set=eval_set,
         eval_set_id=hashlib.sha256(eval_set.encode("utf-8")).hexdigest()[:12])
-
-
-def _newest_eval(run: RunFolder) -> dict:
-    names = sorted(n for n in run.list_dir("eval") if n.startswith("step-") and n.endswith(".json"))
-    return run.read_json(f"eval/{names[-1]}") if names else {}
 
 
 def _metrics(record: dict) -> dict:

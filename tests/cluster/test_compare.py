@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
+from tunerun.cluster.compare import compare
+from tunerun.cluster.run_folder import RunFolder, write_job
+from tunerun.jobs.plan import resolve
+from tunerun.jobs.spec import JobSpec
 
-from tunerun.cluster.storage import RunFolder
-from tunerun.jobs.compare import compare
+LLAMA = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=128)
 
 
 def write_run(root: Path, run_id: str, *, loss: float, exact: float, train: str = "tickets.jsonl", lr=1e-3,
@@ -19,10 +22,16 @@ def write_run(root: Path, run_id: str, *, loss: float, exact: float, train: str 
     folder = root / run_id
     (folder / "eval").mkdir(parents=True)
     (folder / "data").mkdir()
-    spec = {"name": "support", "model": {"path": "/models/tiny"}, "method": {"kind": "lora"},
-            "data": {"train": train, "eval": None, "eval_fraction": 0.1},
-            "training": {"epochs": 2, "max_steps": None, "learning_rate": lr, "global_batch_size": 8, "seed": 42}}
-    (folder / "job.yaml").write_text(yaml.safe_dump({"run_id": run_id, "spec": spec}))
+    model = root / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(LLAMA))
+    (root / train).write_text('{"instruction": "hi", "output": "hello"}\n')
+    spec = JobSpec.model_validate({
+        "name": "support", "model": {"path": str(model)}, "method": {"kind": "lora"},
+        "data": {"train": str(root / train), "eval": None, "eval_fraction": 0.1},
+        "training": {"epochs": 2, "learning_rate": lr, "global_batch_size": 8, "micro_batch_size": 4,
+                     "seed": 42}})
+    write_job(RunFolder(str(root), run_id), resolve(spec, run_id=run_id))
     (folder / "run.json").write_text(json.dumps({"state": "succeeded", "method": "lora",
                                                  "gates": {"passed": passed, "results": []}}))
     (folder / "data" / "data_report.json").write_text(json.dumps({

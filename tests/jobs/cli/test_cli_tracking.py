@@ -9,6 +9,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
@@ -19,7 +20,7 @@ model:
 data:
   train: data/train.jsonl
 tracking:
-  mlflow: {{tracking_uri: "{uri}", experiment: acme-support, tags: {{team: support}}}}
+  mlflow: {{tracking_uri: "{uri}", experiment: {experiment}, tags: {{team: support}}}}
   tensorboard: true
 """
 
@@ -32,8 +33,8 @@ def workdir(tmp_path, stub_model_dir):
     return tmp_path
 
 
-def validate(tunerun, workdir, uri: str, **env: str):
-    (workdir / "job.yaml").write_text(GOOD.format(uri=uri))
+def validate(tunerun, workdir, uri: str, experiment: str = "acme-support", **env: str):
+    (workdir / "job.yaml").write_text(GOOD.format(uri=uri, experiment=experiment))
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     return tunerun("validate", "job.yaml", cwd=workdir, env={**clean, **env}, timeout=60)
 
@@ -83,13 +84,13 @@ def serving(handler):
 def test_reachable_server_is_asked_and_validates(tunerun, workdir, mlflow_server):
     """The real server is asked for the job's experiment (which does not exist yet: MLflow's 404
     RESOURCE_DOES_NOT_EXIST is a pass, the run's start creates it). Exit 0 alone would also pass with no check."""
-    seen = []
+    seen, experiment = [], f"never-created-{uuid.uuid4().hex[:8]}"  # the server is shared with runs that log
     handler = type("Proxy", (_RecordingProxy,), {"upstream": mlflow_server.uri, "seen": seen})
     with serving(handler) as uri:
-        result = validate(tunerun, workdir, uri)
+        result = validate(tunerun, workdir, uri, experiment=experiment)
     assert result.returncode == 0, result.stderr
     asked = [(path, status) for path, status, _ in seen]
-    assert asked == [("/api/2.0/mlflow/experiments/get-by-name?experiment_name=acme-support", 404)], seen
+    assert asked == [(f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", 404)], seen
     assert json.loads(seen[0][2])["error_code"] == "RESOURCE_DOES_NOT_EXIST"
 
 

@@ -106,23 +106,26 @@ def build(side: str, kind: str, job_json: dict, config: dict):
     from tunerun.jobs.plan import ResolvedJob
     from tunerun.trainer import loop
     from tunerun.trainer.methods import get_method
+    from tunerun.trainer.objectives import objective_for
+    from tunerun.trainer.tracking import WorkerTrackers
 
     job = ResolvedJob.model_validate(job_json)
+    objective = objective_for(job.spec)
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(4, MODEL["vocab_size"], (config["micro_batch"], config["seq"]), generator=generator)
     examples = [{"input_ids": row, "labels": row} for row in batch.tolist()]
     device = torch.device("cuda", 0)
     if side == "bare":
         step = bare_qlora(job) if kind == "qlora" else bare_lora(job, device="cuda")
-        return lambda: step([{k: v.to(device) for k, v in loop.collate(examples, 0).items()}])
+        return lambda: step([{k: v.to(device) for k, v in objective.collate(examples, 0).items()}])
     method = get_method(kind)
     engine = method.make_engine(method.load_model(job), job, 10_000)
-    log = loop._RankZeroLog(RunFolder(job.spec.storage, job.run_id), 0)
+    log = loop._RankZeroLog(RunFolder(job.spec.storage, job.run_id), 0, WorkerTrackers(None, None))  # tracks nothing
 
     def tunerun_step() -> None:
-        micro = [loop.collate(examples, 0)]
+        micro = [objective.collate(examples, 0)]
         loss = engine.train_step(micro)
-        loss, tokens = loop._all_reduce_mean_and_sum(loss, sum(loop._tokens_in(b) for b in micro))
+        loss, tokens = loop._all_reduce_mean_and_sum(loss, sum(objective.tokens(b) for b in micro))
         log.metrics(step=0, loss=loss, lr=engine.lr, tokens_per_s=0.0)
 
     return tunerun_step

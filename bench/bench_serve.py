@@ -197,18 +197,23 @@ def dashboards(where: str, server: Server, key: str, count: int, seconds: float,
                 failures.append(repr(exc))
             stop.wait(POLL_S)
 
-    pages = [threading.Thread(target=page, daemon=True) for _ in range(count)]
-    for thread in pages:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in pages:
-        thread.join(timeout=60)
+    run_side_by_side(page, count, seconds, stop, join_s=60)
     s50, s99 = percentiles(samples)
     d50, _ = percentiles(timed(lambda: direct.read(None, DASHBOARD_PAGE), 50))
     print(f"dashboards, {where}: {count} jobs pages polling every {POLL_S:.0f} s for {seconds:.0f} s: {len(samples)} "
           f"polls, {len(failures)} failed · p50 {s50:.2f} ms p99 {s99:.2f} ms · direct read p50 {d50:.3f} ms · "
           f"ratio p50 {s50 / d50:,.1f}×")
+
+
+def run_side_by_side(work, count: int, seconds: float, stop: threading.Event, join_s: float) -> None:
+    """``count`` threads running ``work`` for ``seconds``; then ``stop`` is set and they are waited for."""
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=join_s)
 
 
 def step_times(metrics: Path) -> list[float]:
@@ -237,13 +242,7 @@ def train_once(server: Server, key: str, file_id: str, root: Path, clients: int,
 
     while (api.fine_tuning.jobs.retrieve(job.id).tunerun or {}).get("step") is None:
         time.sleep(0.5)
-    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(clients)]
-    for thread in pollers:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in pollers:
-        thread.join(timeout=30)
+    run_side_by_side(poll, clients, seconds, stop, join_s=30)
     api.fine_tuning.jobs.cancel(job.id)
     return step_times(root / "runs" / job.id / "metrics.jsonl"), requests[0], failures
 

@@ -79,6 +79,7 @@ def build(case: str, job_json: dict, config: dict):
     from tunerun.trainer import loop
     from tunerun.trainer.batches import BatchSchedule
     from tunerun.trainer.methods import get_method
+    from tunerun.trainer.tracking import WorkerTrackers
 
     job = ResolvedJob.model_validate(job_json)
     spec = job.spec
@@ -88,15 +89,16 @@ def build(case: str, job_json: dict, config: dict):
     schedule = BatchSchedule(len(examples), 1, spec.training.micro_batch_size, spec.grad_accumulation, 0)
     method = get_method(spec.method.kind)
     engine = method.make_engine(method.load_model(job), job, 10_000)
-    log = loop._RankZeroLog(RunFolder(spec.storage, job.run_id), 0)
+    log = loop._RankZeroLog(RunFolder(spec.storage, job.run_id), 0, WorkerTrackers(None, None))  # tracks nothing
+    objective = engine.objective
     state = {"tunerun": 0, "bare": 0}
 
     def tunerun_step() -> None:
         # The loop's per-step body (trainer/loop.py), minus eval and checkpoint, which a steady step skips.
         step = state["tunerun"]
-        micro = [loop.collate([examples[i] for i in batch], 0) for batch in schedule.micro_batches(step, 0)]
+        micro = [objective.collate([examples[i] for i in batch], 0) for batch in schedule.micro_batches(step, 0)]
         loss = engine.train_step(micro)
-        loss, tokens = loop._all_reduce_mean_and_sum(loss, sum(loop._tokens_in(b) for b in micro))
+        loss, tokens = loop._all_reduce_mean_and_sum(loss, sum(objective.tokens(b) for b in micro))
         log.metrics(step=step + 1, loss=loss, lr=engine.lr, epoch=0, tokens_per_s=0.0, total_steps=10_000)
         state["tunerun"] += 1
 
@@ -104,7 +106,7 @@ def build(case: str, job_json: dict, config: dict):
 
     def bare_step() -> None:
         step = state["bare"]
-        micro = [loop.collate([examples[i] for i in batch], 0) for batch in schedule.micro_batches(step, 0)]
+        micro = [objective.collate([examples[i] for i in batch], 0) for batch in schedule.micro_batches(step, 0)]
         bare_model_step(micro)
         state["bare"] += 1
 

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,22 +258,23 @@ def _parsed(line: bytes) -> dict | None:
 class JsonlTail:
     """events.jsonl and metrics.jsonl only grow: on a local run folder, parse just the lines added since the last
     read (many clients poll a training job every second; re-parsing thousands of lines each time slowed its
-    steps, bench/bench_serve.py). Object storage has no cheap size check for a growing object: read it whole."""
+    steps, bench/bench_serve.py). Object storage has no cheap size check for a growing object: read it whole.
+    ``convert`` (a typed row from a record, None to skip it) runs once per line too, not once per read."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[int, list[dict]]] = {}
+        self._seen: dict[tuple[Path, Callable | None], tuple[int, list]] = {}
 
-    def records(self, run: RunFolder, name: str) -> list[dict]:
+    def records(self, run: RunFolder, name: str, convert: Callable[[dict], object] | None = None) -> list:
         if not run.is_local:
-            return run.read_jsonl(name)
+            return _converted(run.read_jsonl(name), convert)
         path = run.local_path(name)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return []
         with self._lock:
-            offset, parsed = self._seen.get(path, (0, []))
+            offset, parsed = self._seen.get((path, convert), (0, []))
             if size < offset:  # rewritten (not appended): start again
                 offset, parsed = 0, []
             if size > offset:
@@ -281,14 +282,19 @@ class JsonlTail:
                     handle.seek(offset)
                     chunk = handle.read(size - offset)
                 complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
-                parsed = parsed + [row for row in map(_parsed, complete.splitlines()) if row is not None]
+                added = [row for row in map(_parsed, complete.splitlines()) if row is not None]
+                parsed = parsed + _converted(added, convert)
                 offset += len(complete)
-                self._seen[path] = (offset, parsed)
+                self._seen[(path, convert)] = (offset, parsed)
             return parsed
 
 
-def _read_jsonl(run: RunFolder, name: str, tail: JsonlTail | None) -> list[dict]:
-    return tail.records(run, name) if tail else run.read_jsonl(name)
+def _converted(records: list[dict], convert: Callable[[dict], object] | None) -> list:
+    return records if convert is None else [row for row in map(convert, records) if row is not None]
+
+
+def _read_jsonl(run: RunFolder, name: str, tail: JsonlTail | None, convert=None) -> list:
+    return tail.records(run, name, convert) if tail else _converted(run.read_jsonl(name), convert)
 
 
 def events(run: RunFolder, tail: JsonlTail | None = None) -> list[dict]:
@@ -417,7 +423,7 @@ class MetricRows:
 
 def metric_rows(run: RunFolder, tail: JsonlTail | None = None) -> MetricRows:
     rows = MetricRows()
-    for row in filter(None, map(row_of, _read_jsonl(run, METRICS, tail))):
+    for row in _read_jsonl(run, METRICS, tail, row_of):  # parsed and typed once per line with a tail
         rows.ordered.append(row)
         (rows.train if isinstance(row, TrainRow) else rows.evals).append(row)
     return rows

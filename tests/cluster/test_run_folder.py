@@ -132,3 +132,17 @@ def test_the_tail_parses_only_completed_lines_and_starts_again_after_a_rewrite(r
     assert [e["event"] for e in rf.events(run, tail)] == ["a", "b"]
     path.write_text('{"event": "c"}\n')  # rewritten, shorter
     assert [e["event"] for e in rf.events(run, tail)] == ["c"]
+
+
+def test_the_tail_types_each_metrics_line_once(run, monkeypatch):
+    calls, typed = [], rf.row_of
+    counted = lambda raw: calls.append(raw["step"]) or typed(raw)  # noqa: E731
+    monkeypatch.setattr(rf, "row_of", counted)
+    tail = rf.JsonlTail()
+    for step in (1, 2):
+        rf.append_metrics(run, {"step": step, "time": 1.0, "loss": 2.0})
+    assert [r.step for r in rf.metric_rows(run, tail).train] == [1, 2]
+    rf.append_metrics(run, {"step": 3, "time": 2.0, "eval_loss": 1.5})
+    rows = rf.metric_rows(run, tail)
+    assert ([r.step for r in rows.train], [r.step for r in rows.evals]) == ([1, 2], [3])
+    assert calls == [1, 2, 3]

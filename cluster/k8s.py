@@ -24,14 +24,17 @@ import shlex
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import Field, field_validator
 
 from tunerun.cluster.run_folder import JOB, RUN_INFO, RunFolder
 from tunerun.cluster.runs import Handle, RunInfo, create_run, read_info, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, trainer_shell_command
 from tunerun.jobs.errors import TargetError, TunerunError
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.spec import Strict, suggest_name
 
 # KubeRay refuses longer RayJob names (it derives the RayCluster, its services and the submitter Job from it
 # within the 63-character label limit); the CRD schema does not check this, the operator does at reconcile time.
@@ -44,6 +47,134 @@ REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds for each API call
 
 
 # ── names ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+class KubeRaySettings(Strict):
+    """KubeRay `RayJob` settings for `tunerun render/submit --target k8s` (templates in k8s/).
+
+    Names and label values are checked here against Kubernetes' own rules, so a typo fails `tunerun validate`
+    instead of an API call; what a pod may contain (affinity terms) is checked by the API server.
+    """
+
+    namespace: str = "default"
+    image: str = "tunerun:latest"  # built from k8s/Dockerfile
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []
+    s3_secret: str | None = None  # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional)
+    # Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD (each optional)
+    mlflow_secret: str | None = None
+    service_account: str | None = None
+    priority_class: str | None = None
+    labels: dict[str, str] = {}  # on the RayJob, the ConfigMap and every pod
+    node_selector: dict[str, str] = {}  # every Ray pod (head and workers)
+    tolerations: list[dict[str, str | int]] = []  # e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+    affinity: dict[str, dict] = {}  # nodeAffinity / podAffinity / podAntiAffinity, as in a pod spec
+    head_cpus: int = Field(2, ge=1)  # the head runs the driver (data preparation), no training worker
+    head_memory: str = "8Gi"
+    worker_memory: str | None = None  # per node (one worker pod per node); None = 4Gi per CPU of the pod
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
+    shm_size: str = "8Gi"  # /dev/shm (memory-backed) for NCCL and Ray's object store
+    scratch_size: str = "100Gi"  # model and data cache (TUNERUN_CACHE)
+    scratch_storage_class: str | None = None  # None = emptyDir on the node's disk; else a generic ephemeral volume
+    backoff_limit: int = Field(2, ge=0)  # RayJob retries; each starts a new Ray cluster that resumes the run
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int = Field(3600, ge=0)  # the finished Ray cluster is deleted after this
+    termination_grace_period_seconds: int = Field(300, ge=0)  # time for the checkpoint written on SIGTERM
+    pod_security: Literal["restricted", "baseline"] = "restricted"  # Pod Security Standard the pods meet
+    run_as_user: int = Field(1000, ge=1)  # the image's non-root uid (k8s/Dockerfile: 1000)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return cls.dns_label(v)
+
+    @field_validator("s3_secret", "mlflow_secret", "service_account", "priority_class", "scratch_storage_class")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        return None if v is None else cls.dns_subdomain(v)
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        return [cls.dns_subdomain(name) for name in v]
+
+    @field_validator("image", "gpu_resource")
+    @classmethod
+    def _no_spaces(cls, v: str) -> str:
+        if not v or re.search(r"[\s\"'`$\\]", v):
+            raise ValueError(f"{v!r}: expected a single word without spaces, quotes or '$'")
+        return v
+
+    @field_validator("head_memory", "worker_memory", "shm_size", "scratch_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?", str(v)):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity; write e.g. 512Mi, 16Gi or 1Ti")
+        return v
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            cls.label_key(key)
+            if len(value) > 63 or not re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", value):
+                raise ValueError(f"{key}: {value!r} is not a valid label value (at most 63 letters, digits, '-', "
+                                 "'_' or '.', starting and ending with a letter or digit)")
+        return v
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict]) -> list[dict]:
+        allowed = {"key", "operator", "value", "effect", "tolerationSeconds"}
+        for toleration in v:
+            unknown = set(toleration) - allowed
+            if unknown:
+                raise ValueError(f"unknown toleration field {sorted(unknown)[0]!r}; allowed: "
+                                 f"{', '.join(sorted(allowed))}")
+            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"toleration operator must be Equal or Exists (got {toleration['operator']!r})")
+            if toleration.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError("toleration effect must be NoSchedule, PreferNoSchedule or NoExecute "
+                                 f"(got {toleration['effect']!r})")
+            if "key" in toleration:
+                cls.label_key(str(toleration["key"]))
+        return v
+
+    @field_validator("affinity")
+    @classmethod
+    def _affinity(cls, v: dict[str, dict]) -> dict[str, dict]:
+        unknown = set(v) - {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+        if unknown:
+            raise ValueError(f"unknown affinity kind {sorted(unknown)[0]!r}; expected nodeAffinity, podAffinity or "
+                             "podAntiAffinity")
+        return v
+
+    @staticmethod
+    def dns_label(v: str) -> str:
+        """RFC 1123 label: what Kubernetes requires of a namespace name."""
+        if len(v) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
+            raise ValueError(f"{v!r} is not a valid name: at most 63 lowercase letters, digits or '-', starting "
+                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
+        return v
+
+    @staticmethod
+    def dns_subdomain(v: str) -> str:
+        """RFC 1123 subdomain: what Kubernetes requires of Secret, ServiceAccount and PriorityClass names."""
+        part = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+        if len(v) > 253 or not re.fullmatch(rf"{part}(\.{part})*", v):
+            raise ValueError(f"{v!r} is not a valid object name: lowercase letters, digits, '-' and '.', starting "
+                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
+        return v
+
+    @classmethod
+    def label_key(cls, key: str) -> str:
+        prefix, _, name = key.rpartition("/")
+        if prefix:
+            cls.dns_subdomain(prefix)
+        if len(name) > 63 or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
+            raise ValueError(f"{key!r} is not a valid label key: an optional DNS prefix and '/', then at most 63 "
+                             "letters, digits, '-', '_' or '.'")
+        return key
+
 
 def rayjob_name(run_id: str) -> str:
     """A DNS-1035 label of at most 47 characters derived from the run id.
@@ -128,7 +259,7 @@ def _context(job: ResolvedJob) -> dict:
         raise TargetError(f"the Kubernetes pods cannot read this machine's files: {', '.join(local)}; put them on "
                           "S3-compatible storage (e.g. --set storage.uri=s3://bucket/runs, model.path: "
                           "s3://bucket/models/name/)")
-    spec, k8s, res = job.spec, job.spec.targets.k8s, job.spec.resources
+    spec, k8s, res = job.spec, KubeRayTarget.settings(job.spec), job.spec.resources
     name = rayjob_name(job.run_id)
     labels = {**k8s.labels, "app.kubernetes.io/name": "tunerun", "app.kubernetes.io/instance": name,
               "app.kubernetes.io/managed-by": "tunerun"}
@@ -305,6 +436,7 @@ class RayJobHandle(Handle):
 class KubeRayTarget(Target):
     name = "k8s"
     Handle = RayJobHandle
+    Settings = KubeRaySettings
 
     def render(self, job: ResolvedJob) -> str:
         return render_manifests(job)

@@ -12,25 +12,57 @@ submitting shell. Authentication to the cluster (``RAY_AUTH_TOKEN``) is Ray's ow
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import yaml
+from pydantic import field_validator
 
 from tunerun.cluster.run_folder import RunFolder
 from tunerun.cluster.runs import Handle, RunInfo, RunState, create_run, read_info, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, trainer_shell_command, wait_until
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.spec import ENV_NAME, HTTP_ADDRESS, Strict
 
 POLL_S = 1.0
 STOP_WAIT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S; the driver checkpoints meanwhile
 ENDED = ("FAILED", "STOPPED", "SUCCEEDED")
 
 
+class RayClusterSettings(Strict):
+    """An existing Ray cluster reached through its Job Submission API (`--target ray`)."""
+
+    address: str = "http://127.0.0.1:8265"  # the dashboard's HTTP address (or RAY_ADDRESS)
+    env_vars: list[str] = []  # names of variables copied from the submitting shell into the job's runtime_env
+    pip: list[str] = []  # packages Ray installs for the job; [] = tunerun is installed on the cluster
+
+    @field_validator("address")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not HTTP_ADDRESS.fullmatch(v):
+            raise ValueError(f"{v!r}: expected the Ray dashboard's HTTP address, e.g. http://head:8265 "
+                             "(ray:// is Ray Client, not the Job Submission API)")
+        return v
+
+    @field_validator("env_vars")
+    @classmethod
+    def _non_secret_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            # runtime_env variables are shown in the Ray dashboard to anyone who can open it
+            if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", name, re.I):
+                raise ValueError(f"{name} looks like a credential: the Ray dashboard shows a job's runtime_env to "
+                                 "anyone who can open it; give the cluster its own credentials instead (the "
+                                 "environment `ray start` ran in, an instance role, or ~/.aws on every node)")
+        return v
+
+
 def submission(job: ResolvedJob, attempt: int = 1, environ: dict | None = None) -> dict:
     """What `submit` sends to the Job Submission API (``attempt`` > 1 for a resumed run: ids are single-use)."""
     environ = os.environ if environ is None else environ
-    target = job.spec.targets.ray
+    target = RayClusterTarget.settings(job.spec)
     runtime_env: dict = {"env_vars": {name: environ[name] for name in target.env_vars if name in environ}}
     if target.pip:
         runtime_env["pip"] = list(target.pip)
@@ -46,7 +78,7 @@ def submission(job: ResolvedJob, attempt: int = 1, environ: dict | None = None) 
 def render_request(job: ResolvedJob) -> str:
     """The submission request as YAML (pure apart from reading the named variables' values)."""
     request = submission(job)
-    missing = [name for name in job.spec.targets.ray.env_vars if name not in request["runtime_env"]["env_vars"]]
+    missing = [name for name in RayClusterTarget.settings(job.spec).env_vars if name not in request["runtime_env"]["env_vars"]]
     text = yaml.safe_dump(request, sort_keys=False)
     return text + (f"# not set in this shell, so not passed: {', '.join(missing)}\n" if missing else "")
 
@@ -77,12 +109,14 @@ class RaySubmission(Handle):
 class RayClusterTarget(Target):
     name = "ray"
     Handle = RaySubmission
+    Settings = RayClusterSettings
+    address_setting = "address"
 
     def render(self, job: ResolvedJob) -> str:
         return render_request(job)
 
     def submit(self, job: ResolvedJob, resume: bool = False) -> RunFolder:
-        address = job.spec.targets.ray.address
+        address = self.settings(job.spec).address
         client = _client(address)  # before the run folder exists: a wrong address leaves nothing behind
         run = create_run(job, self.name, resume)
         earlier = handle.submissions if (handle := self.handle(read_info(run))) else []

@@ -12,12 +12,14 @@ import subprocess
 from pathlib import Path
 
 import jinja2
+from pydantic import Field, field_validator, model_validator
 
 from tunerun.cluster.run_folder import SBATCH_SCRIPT, RunFolder
 from tunerun.cluster.runs import Handle, RunInfo, RunState, create_run, record_refused, update_info
 from tunerun.cluster.targets import Observation, Target, tail_file, trainer_shell_command, wait_until
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import TUNERUN_VERSION, ResolvedJob
+from tunerun.jobs.spec import ENV_NAME, Strict, field_error, os_path
 
 # slurm/ maps to the package tunerun.slurm: a sibling of this package both in the repository and installed.
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
@@ -33,6 +35,51 @@ SLURM_ACTIVE = {"PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "R
 CANCEL_GRACE_S = 60.0
 
 
+SLURM_WORD = r"^[A-Za-z0-9_.,+-]{1,64}$"  # partition/account/qos: values sbatch reads, never a shell
+
+
+class SlurmSettings(Strict):
+    """`targets.slurm`: the sbatch script's resources and what runs before Ray starts on each node."""
+
+    partition: str | None = Field(None, pattern=SLURM_WORD)
+    account: str | None = Field(None, pattern=SLURM_WORD)
+    qos: str | None = Field(None, pattern=SLURM_WORD)
+    time: str = Field("04:00:00", pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$")
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+    exclusive: bool = False
+    requeue: bool = True
+    signal_seconds: int = Field(120, ge=0, le=3600)  # USR1 this long before the time limit: checkpoint, requeue
+    setup: list[str] = []  # shell lines run before Ray starts (module load …, source venv/bin/activate)
+    python: str = Field("python3", pattern=r"^[A-Za-z0-9_./+~-]+$")  # the interpreter on the compute nodes
+    export: list[str] = []  # extra environment variable names passed to the job (by name, never by value)
+    log_dir: str = Field("./slurm-logs", pattern=r"^[A-Za-z0-9_./~-]+$")
+    ray_port_min: int = Field(20000, ge=1024, le=65000)
+    ray_port_max: int = Field(29999, ge=1024, le=65534)
+    network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$")
+    join_timeout_s: int = Field(300, ge=10)
+
+    @field_validator("log_dir")
+    @classmethod
+    def _os_accepts(cls, v: str) -> str:
+        return os_path(v, room=len("/tunerun-job-4294967295.out") + 40)
+
+    @field_validator("export")
+    @classmethod
+    def _variable_names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not ENV_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))} "
+                             "(export passes variables by name; values never go into the script)")
+        return names
+
+    @model_validator(mode="after")
+    def _port_range(self):
+        if self.ray_port_max - self.ray_port_min < 100:
+            raise field_error("ray_port_max", "must leave at least 100 ports above ray_port_min "
+                              f"(got {self.ray_port_min}–{self.ray_port_max})")
+        return self
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
@@ -41,7 +88,7 @@ def _environment() -> jinja2.Environment:
 
 
 def render_sbatch(job: ResolvedJob) -> str:
-    spec, slurm = job.spec, job.spec.targets.slurm
+    spec, slurm = job.spec, SlurmTarget.settings(job.spec)
     resources = spec.resources
     cpus_per_task = resources.workers_per_node * resources.cpus_per_worker
     script = _environment().get_template("train.sbatch.j2").render(
@@ -105,6 +152,7 @@ class SlurmHandle(Handle):
 class SlurmTarget(Target):
     name = "slurm"
     Handle = SlurmHandle
+    Settings = SlurmSettings
 
     def render(self, job: ResolvedJob) -> str:
         return render_sbatch(job)
@@ -113,7 +161,7 @@ class SlurmTarget(Target):
         script = render_sbatch(job)
         run = create_run(job, self.name, resume)
         run.write_text(SBATCH_SCRIPT, script)
-        log_dir = Path(job.spec.targets.slurm.log_dir).expanduser().absolute()
+        log_dir = Path(self.settings(job.spec).log_dir).expanduser().absolute()
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True,

@@ -3,13 +3,16 @@
 A target is one module in ``cluster/`` with one `Target` subclass (submitit's ``Executor`` and SkyPilot's
 ``Backend`` are the model): ``render`` (pure: what the target would be given), ``submit`` (start the run,
 record the target's handle in run.json), ``status`` (run.json reconciled with the target's own view),
-``cancel`` and ``logs``. Adding a target is one module, its templates, its tests and one line in `REGISTRY`;
-nothing in the CLI changes. Modules load on demand, so ``ray`` and ``kubernetes`` are imported only when used.
+``cancel`` and ``logs``. The class names its ``Handle`` (its record of a run in run.json) and its ``Settings``
+(its block of the spec, ``targets.<name>``): the spec, run info, the server's config and the CLI find both
+here. Adding a target is one module, its templates, its tests and one line in `REGISTRY`; nothing in the CLI
+changes. Modules load on demand, so ``ray`` and ``kubernetes`` are imported only when used.
 
 Whatever the target, the process it starts is the same: `trainer_command`.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import shlex
 import time
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from tunerun.cluster import space
 from tunerun.cluster.run_folder import DRIVER_LOG, RunFolder, last_complete_checkpoint, read_job
@@ -27,6 +30,7 @@ from tunerun.cluster.runs import (Handle, RunInfo, RunState, disk_full_message, 
                                   request_checkpoint_and_stop, resume_command)
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.plan import ResolvedJob
+from tunerun.jobs.spec import JobSpec, Strict
 from tunerun.jobs.tracking import end_mlflow_run
 
 # Ended for good: nothing the target does changes them (a preempted run may be requeued, so it is not here).
@@ -80,6 +84,15 @@ class Observation:
 class Target(ABC):
     name: ClassVar[str]  # also the key of this target's record of a run in run.json
     Handle: ClassVar[type[Handle]]  # that record
+    # The target's block of the spec, `targets.<name>` (None: it has no settings). Checked when the CLI or the
+    # service loads a job (`job_model`); the job holds it as plain data, which `settings` reads.
+    Settings: ClassVar[type[Strict] | None] = None
+    address_setting: ClassVar[str | None] = None  # the setting `tunerun submit --address` fills in, if any
+
+    @classmethod
+    def settings(cls, spec: JobSpec) -> Strict:
+        """This target's settings in ``spec``, defaults filled in."""
+        return cls.Settings.model_validate(spec.targets.get(cls.name, {}))
 
     def handle(self, info: RunInfo) -> Handle | None:
         """This target's record of the run in ``info`` (None before the target took the run)."""
@@ -227,9 +240,29 @@ def get(name: str) -> Target:
     return getattr(importlib.import_module(module), cls)()
 
 
+def addresses() -> dict[str, str]:
+    """Target name → the setting `tunerun submit --address` fills in, for the targets that take one."""
+    return {name: target.address_setting for name in REGISTRY if (target := get(name)).address_setting}
+
+
 def renderable() -> tuple[str, ...]:
     """Targets with something to show before submitting (every target that overrides `Target.render`)."""
     return tuple(name for name in REGISTRY if type(get(name)).render is not Target.render)
+
+
+@functools.cache
+def settings_model() -> type[Strict]:
+    """The spec's ``targets:`` block: one field per target that declares `Target.Settings`, in registry order."""
+    declared = [(name, type(get(name)).Settings) for name in REGISTRY]
+    fields = {name: (settings, settings()) for name, settings in declared if settings is not None}
+    return create_model("TargetsSpec", __base__=Strict, **fields)
+
+
+@functools.cache
+def job_model() -> type[JobSpec]:
+    """`JobSpec` that checks each target's settings: what the CLI and the service load jobs with."""
+    targets = settings_model()
+    return create_model("JobSpec", __base__=JobSpec, targets=(targets, targets()))
 
 
 def for_run(run: RunFolder) -> Target:

@@ -160,9 +160,11 @@ def _set_nested(data: dict, parts: list[str], value: object) -> Problem | None:
     return None
 
 
-def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
-    """Read, override and validate the job spec at ``path``; raises `SpecError` with every problem."""
-    return load_job_text(read_spec_text(path), str(path), overrides)
+def load_job(path: str | Path, overrides: Sequence[str] = (), model: type[JobSpec] = JobSpec) -> JobSpec:
+    """Read, override and validate the job spec at ``path``; raises `SpecError` with every problem. ``model``:
+    `JobSpec` extended with the targets' settings (`tunerun.cluster.targets.job_model`), which checks the
+    ``targets:`` block too; the job returned is a `JobSpec` either way, its target settings plain data."""
+    return load_job_text(read_spec_text(path), str(path), overrides, model)
 
 
 def load_config(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
@@ -185,9 +187,11 @@ def read_spec_text(path: str | Path) -> str:
     raise SpecError(str(path), [Problem("", message)])
 
 
-def load_job_text(text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> JobSpec:
+def load_job_text(text: str, source: str = "<string>", overrides: Sequence[str] = (),
+                  model: type[JobSpec] = JobSpec) -> JobSpec:
     """`load_job` for a spec already in memory; ``source`` names it in messages."""
-    return load_config_text(text, source, JobSpec, overrides)
+    spec = load_config_text(text, source, model, overrides)
+    return spec if model is JobSpec else JobSpec.model_validate(spec.model_dump())
 
 
 def load_config_text(text: str, source: str, model: type[M], overrides: Sequence[str] = ()) -> M:
@@ -211,7 +215,7 @@ def load_config_text(text: str, source: str, model: type[M], overrides: Sequence
 
 def _not_a_mapping(data: object, model: type[BaseModel]) -> str:
     keys = ", ".join(list(model.model_fields)[:3])
-    if data is None and model is JobSpec:
+    if data is None and issubclass(model, JobSpec):
         return "the spec is empty: write a mapping with at least model.path and data.train"
     if data is None:
         return f"the file is empty: write a mapping of keys ({keys}, ...)"

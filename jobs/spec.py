@@ -8,7 +8,7 @@ see the same verdict. Loading YAML with line numbers and turning pydantic errors
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -64,7 +64,8 @@ def os_path_problem(value: str, room: int = 0) -> str | None:
     return None
 
 
-def _os_path(value: str | None, room: int = 0) -> str | None:
+def os_path(value: str | None, room: int = 0) -> str | None:
+    """``value`` if the OS can hold it as a path (with ``room`` bytes added below it); else a ValueError."""
     problem = os_path_problem(value, room) if value is not None else None
     if problem:
         raise ValueError(problem)
@@ -88,7 +89,7 @@ class ModelSpec(Strict):
     @field_validator("path")
     @classmethod
     def _os_accepts(cls, v: str) -> str:
-        return _os_path(v, room=len("/model.safetensors.index.json"))
+        return os_path(v, room=len("/model.safetensors.index.json"))
 
 
 class LoraSpec(Strict):
@@ -306,7 +307,7 @@ class DataSpec(Strict):
     @field_validator("train", "eval")
     @classmethod
     def _os_accepts(cls, v: str | None) -> str | None:
-        return _os_path(v)
+        return os_path(v)
 
 
 class TrainingSpec(Strict):
@@ -361,7 +362,7 @@ class EvalSpec(Strict):
         # Made absolute here, like data paths, because workers do not run in the submitter's directory.
         if v is None or v == "default" or "://" in v:
             return v
-        _os_path(v)
+        os_path(v)
         from pathlib import Path
 
         path = Path(v).expanduser().absolute()
@@ -488,12 +489,12 @@ class StorageSpec(Strict):
     @field_validator("ca_bundle")
     @classmethod
     def _os_accepts(cls, v: str | None) -> str | None:
-        return _os_path(v)
+        return os_path(v)
 
     @field_validator("uri")
     @classmethod
     def _s3_uri_has_bucket(cls, v: str) -> str:
-        _os_path(v, room=RUN_FOLDER_ROOM)
+        os_path(v, room=RUN_FOLDER_ROOM)
         if v.startswith("s3://"):
             bucket = v[5:].split("/", 1)[0]
             if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
@@ -510,206 +511,6 @@ class StorageSpec(Strict):
     @property
     def checksum_mode(self) -> str:
         return self.checksums or ("when_required" if self.endpoint_url else "when_supported")
-
-
-SLURM_WORD = r"^[A-Za-z0-9_.,+-]{1,64}$"  # partition/account/qos: values sbatch reads, never a shell
-
-
-class SlurmTargetSpec(Strict):
-    partition: str | None = Field(None, pattern=SLURM_WORD)
-    account: str | None = Field(None, pattern=SLURM_WORD)
-    qos: str | None = Field(None, pattern=SLURM_WORD)
-    time: str = Field("04:00:00", pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$")
-    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
-    exclusive: bool = False
-    requeue: bool = True
-    signal_seconds: int = Field(120, ge=0, le=3600)  # USR1 this long before the time limit: checkpoint, requeue
-    setup: list[str] = []  # shell lines run before Ray starts (module load …, source venv/bin/activate)
-    python: str = Field("python3", pattern=r"^[A-Za-z0-9_./+~-]+$")  # the interpreter on the compute nodes
-    export: list[str] = []  # extra environment variable names passed to the job (by name, never by value)
-    log_dir: str = Field("./slurm-logs", pattern=r"^[A-Za-z0-9_./~-]+$")
-    ray_port_min: int = Field(20000, ge=1024, le=65000)
-    ray_port_max: int = Field(29999, ge=1024, le=65534)
-    network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$")
-    join_timeout_s: int = Field(300, ge=10)
-
-    @field_validator("log_dir")
-    @classmethod
-    def _os_accepts(cls, v: str) -> str:
-        return _os_path(v, room=len("/tunerun-job-4294967295.out") + 40)
-
-    @field_validator("export")
-    @classmethod
-    def _variable_names(cls, names: list[str]) -> list[str]:
-        bad = [n for n in names if not ENV_NAME.fullmatch(n)]
-        if bad:
-            raise ValueError(f"not environment variable names: {', '.join(map(repr, bad))} "
-                             "(export passes variables by name; values never go into the script)")
-        return names
-
-    @model_validator(mode="after")
-    def _port_range(self):
-        if self.ray_port_max - self.ray_port_min < 100:
-            raise field_error("ray_port_max", "must leave at least 100 ports above ray_port_min "
-                              f"(got {self.ray_port_min}–{self.ray_port_max})")
-        return self
-
-
-class K8sTargetSpec(Strict):
-    """KubeRay `RayJob` settings for `tunerun render/submit --target k8s` (templates in k8s/).
-
-    Names and label values are checked here against Kubernetes' own rules, so a typo fails `tunerun validate`
-    instead of an API call; what a pod may contain (affinity terms) is checked by the API server.
-    """
-
-    namespace: str = "default"
-    image: str = "tunerun:latest"  # built from k8s/Dockerfile
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    image_pull_secrets: list[str] = []
-    s3_secret: str | None = None  # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional)
-    # Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD (each optional)
-    mlflow_secret: str | None = None
-    service_account: str | None = None
-    priority_class: str | None = None
-    labels: dict[str, str] = {}  # on the RayJob, the ConfigMap and every pod
-    node_selector: dict[str, str] = {}  # every Ray pod (head and workers)
-    tolerations: list[dict[str, str | int]] = []  # e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
-    affinity: dict[str, dict] = {}  # nodeAffinity / podAffinity / podAntiAffinity, as in a pod spec
-    head_cpus: int = Field(2, ge=1)  # the head runs the driver (data preparation), no training worker
-    head_memory: str = "8Gi"
-    worker_memory: str | None = None  # per node (one worker pod per node); None = 4Gi per CPU of the pod
-    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
-    shm_size: str = "8Gi"  # /dev/shm (memory-backed) for NCCL and Ray's object store
-    scratch_size: str = "100Gi"  # model and data cache (TUNERUN_CACHE)
-    scratch_storage_class: str | None = None  # None = emptyDir on the node's disk; else a generic ephemeral volume
-    backoff_limit: int = Field(2, ge=0)  # RayJob retries; each starts a new Ray cluster that resumes the run
-    active_deadline_seconds: int | None = Field(None, ge=1)
-    ttl_seconds_after_finished: int = Field(3600, ge=0)  # the finished Ray cluster is deleted after this
-    termination_grace_period_seconds: int = Field(300, ge=0)  # time for the checkpoint written on SIGTERM
-    pod_security: Literal["restricted", "baseline"] = "restricted"  # Pod Security Standard the pods meet
-    run_as_user: int = Field(1000, ge=1)  # the image's non-root uid (k8s/Dockerfile: 1000)
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        return cls.dns_label(v)
-
-    @field_validator("s3_secret", "mlflow_secret", "service_account", "priority_class", "scratch_storage_class")
-    @classmethod
-    def _object_name(cls, v: str | None) -> str | None:
-        return None if v is None else cls.dns_subdomain(v)
-
-    @field_validator("image_pull_secrets")
-    @classmethod
-    def _pull_secrets(cls, v: list[str]) -> list[str]:
-        return [cls.dns_subdomain(name) for name in v]
-
-    @field_validator("image", "gpu_resource")
-    @classmethod
-    def _no_spaces(cls, v: str) -> str:
-        if not v or re.search(r"[\s\"'`$\\]", v):
-            raise ValueError(f"{v!r}: expected a single word without spaces, quotes or '$'")
-        return v
-
-    @field_validator("head_memory", "worker_memory", "shm_size", "scratch_size")
-    @classmethod
-    def _quantity(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?", str(v)):
-            raise ValueError(f"{v!r} is not a Kubernetes quantity; write e.g. 512Mi, 16Gi or 1Ti")
-        return v
-
-    @field_validator("labels", "node_selector")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            cls.label_key(key)
-            if len(value) > 63 or not re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", value):
-                raise ValueError(f"{key}: {value!r} is not a valid label value (at most 63 letters, digits, '-', "
-                                 "'_' or '.', starting and ending with a letter or digit)")
-        return v
-
-    @field_validator("tolerations")
-    @classmethod
-    def _tolerations(cls, v: list[dict]) -> list[dict]:
-        allowed = {"key", "operator", "value", "effect", "tolerationSeconds"}
-        for toleration in v:
-            unknown = set(toleration) - allowed
-            if unknown:
-                raise ValueError(f"unknown toleration field {sorted(unknown)[0]!r}; allowed: "
-                                 f"{', '.join(sorted(allowed))}")
-            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
-                raise ValueError(f"toleration operator must be Equal or Exists (got {toleration['operator']!r})")
-            if toleration.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
-                raise ValueError("toleration effect must be NoSchedule, PreferNoSchedule or NoExecute "
-                                 f"(got {toleration['effect']!r})")
-            if "key" in toleration:
-                cls.label_key(str(toleration["key"]))
-        return v
-
-    @field_validator("affinity")
-    @classmethod
-    def _affinity(cls, v: dict[str, dict]) -> dict[str, dict]:
-        unknown = set(v) - {"nodeAffinity", "podAffinity", "podAntiAffinity"}
-        if unknown:
-            raise ValueError(f"unknown affinity kind {sorted(unknown)[0]!r}; expected nodeAffinity, podAffinity or "
-                             "podAntiAffinity")
-        return v
-
-    @staticmethod
-    def dns_label(v: str) -> str:
-        """RFC 1123 label: what Kubernetes requires of a namespace name."""
-        if len(v) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", v):
-            raise ValueError(f"{v!r} is not a valid name: at most 63 lowercase letters, digits or '-', starting "
-                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
-        return v
-
-    @staticmethod
-    def dns_subdomain(v: str) -> str:
-        """RFC 1123 subdomain: what Kubernetes requires of Secret, ServiceAccount and PriorityClass names."""
-        part = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-        if len(v) > 253 or not re.fullmatch(rf"{part}(\.{part})*", v):
-            raise ValueError(f"{v!r} is not a valid object name: lowercase letters, digits, '-' and '.', starting "
-                             f"and ending with a letter or digit — try '{suggest_name(v)}'")
-        return v
-
-    @classmethod
-    def label_key(cls, key: str) -> str:
-        prefix, _, name = key.rpartition("/")
-        if prefix:
-            cls.dns_subdomain(prefix)
-        if len(name) > 63 or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
-            raise ValueError(f"{key!r} is not a valid label key: an optional DNS prefix and '/', then at most 63 "
-                             "letters, digits, '-', '_' or '.'")
-        return key
-
-
-class RayTargetSpec(Strict):
-    """An existing Ray cluster reached through its Job Submission API (`--target ray`)."""
-
-    address: str = "http://127.0.0.1:8265"  # the dashboard's HTTP address (or RAY_ADDRESS)
-    env_vars: list[str] = []  # names of variables copied from the submitting shell into the job's runtime_env
-    pip: list[str] = []  # packages Ray installs for the job; [] = tunerun is installed on the cluster
-
-    @field_validator("address")
-    @classmethod
-    def _http(cls, v: str) -> str:
-        if not HTTP_ADDRESS.fullmatch(v):
-            raise ValueError(f"{v!r}: expected the Ray dashboard's HTTP address, e.g. http://head:8265 "
-                             "(ray:// is Ray Client, not the Job Submission API)")
-        return v
-
-    @field_validator("env_vars")
-    @classmethod
-    def _non_secret_names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not an environment variable name")
-            # runtime_env variables are shown in the Ray dashboard to anyone who can open it
-            if re.search(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", name, re.I):
-                raise ValueError(f"{name} looks like a credential: the Ray dashboard shows a job's runtime_env to "
-                                 "anyone who can open it; give the cluster its own credentials instead (the "
-                                 "environment `ray start` ran in, an instance role, or ~/.aws on every node)")
-        return v
 
 
 class MlflowSpec(Strict):
@@ -760,12 +561,6 @@ class TrackingSpec(Strict):
         return self.mlflow is not None or self.tensorboard
 
 
-class TargetsSpec(Strict):
-    slurm: SlurmTargetSpec = SlurmTargetSpec()
-    k8s: K8sTargetSpec = K8sTargetSpec()
-    ray: RayTargetSpec = RayTargetSpec()
-
-
 class JobSpec(Strict):
     name: str = "tunerun-job"
     model: ModelSpec
@@ -777,7 +572,9 @@ class JobSpec(Strict):
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
     tracking: TrackingSpec = TrackingSpec()
-    targets: TargetsSpec = TargetsSpec()
+    # Each target's own settings, by target name; the target module declares and checks them
+    # (`tunerun.cluster.targets.Target.Settings`), when the CLI or the service loads the job.
+    targets: dict[str, dict[str, Any]] = {}
 
     @field_validator("name")
     @classmethod

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from tunerun.cluster import targets
 from tunerun.cluster.space import describe_disk_full, is_disk_full
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.loader import load_job
@@ -115,7 +116,7 @@ def load_resolved(job_file: str, overrides: tuple[str, ...], storage: str | None
                   run_id: str | None = None) -> ResolvedJob:
     """The job spec in ``job_file`` with ``--set`` overrides and ``--storage``, every default resolved."""
     extra = [f"storage.uri={storage}"] if storage else []
-    spec = load_job(job_file, [*overrides, *extra])
+    spec = load_job(job_file, [*overrides, *extra], model=targets.job_model())
     return resolve(spec, run_id=run_id, source=job_file)
 
 

@@ -98,15 +98,16 @@ def _last_line(error: str) -> str:
 @click.option("--target", "target_name", type=click.Choice(targets.names()), default="local", show_default=True)
 @run_id_option
 @click.option("--address", default=None, metavar="URL",
-              help="--target ray: the Ray dashboard's address, e.g. http://head:8265 (sets targets.ray.address).")
+              help="The cluster to submit to, e.g. http://head:8265 for Ray's dashboard (sets " +
+                   ", ".join(f"targets.{name}.{setting}" for name, setting in targets.addresses().items()) + ").")
 @user_errors
 def submit(job_file, overrides, storage, target_name, run_id, address):
     """Start a run on a target and return; follow it with `tunerun status` / `tunerun logs -f`."""
-    if address and target_name != "ray":
-        raise click.UsageError("--address applies to --target ray only")
     target = targets.get(target_name)
     if address:
-        overrides = (*overrides, f"targets.ray.address={address}")
+        if not target.address_setting:
+            raise click.UsageError(f"--address applies to --target {' or '.join(targets.addresses())} only")
+        overrides = (*overrides, f"targets.{target.name}.{target.address_setting}={address}")
     job = load_resolved(job_file, overrides, storage, run_id)
     check_tracking(job, job_file)
     run_folder = target.submit(job)

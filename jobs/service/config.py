@@ -28,9 +28,10 @@ from pydantic import Field, field_validator
 from tunerun.cluster import targets
 from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
-from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, TargetsSpec
+from tunerun.jobs.spec import JobSpec, StorageSpec, Strict
 
-TARGETS = targets.names()  # the registry: reading it imports no target module
+TARGETS = targets.names()
+TargetsSettings = targets.settings_model()  # each target's block, declared by the target module
 UPLOAD_PLACEHOLDER = "uploaded-training-file.jsonl"  # stands in for data.train while a template is checked
 GIB = 1 << 30
 
@@ -60,7 +61,7 @@ class SessionLimits(Strict):
 class ServerConfig(Strict):
     storage: StorageSpec = StorageSpec()
     target: Literal[TARGETS] = "local"
-    targets: TargetsSpec = TargetsSpec()
+    targets: TargetsSettings = TargetsSettings()
     max_concurrent_runs: int = Field(1, ge=1)
     models: dict[str, ModelEntry]
     uploads: UploadLimits = UploadLimits()
@@ -98,7 +99,8 @@ def load_server_config(path: str | Path) -> Served:
     for name, entry in config.models.items():
         try:
             texts[name] = read_spec_text(entry.job)
-            templates[name] = load_job_text(texts[name], entry.job, [f"data.train={UPLOAD_PLACEHOLDER}"])
+            templates[name] = load_job_text(texts[name], entry.job, [f"data.train={UPLOAD_PLACEHOLDER}"],
+                                            model=targets.job_model())
         except SpecError as exc:
             problems += [Problem(f"models.{name}.job", f"{exc.source}: {p.path or '(top level)'}"
                                  + (f" (line {p.line})" if p.line else "") + f": {p.message}")

@@ -296,8 +296,10 @@ class JobService:
             overrides.append(f"training.seed={request.seed}")
         overrides += self._integration_overrides(request)
         try:
-            spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides)
-            spec = spec.model_copy(update={"storage": self.config.storage, "targets": self.config.targets})
+            spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides,
+                                 model=targets.job_model())
+            update = {"storage": self.config.storage, "targets": self.config.targets.model_dump()}
+            spec = spec.model_copy(update=update)
             return resolve(spec, run_id=job_id, source=f"model {request.model}")
         except SpecError as exc:
             first = exc.problems[0]

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tunerun.cluster import k8s
+from tunerun.cluster.targets import job_model
 from tunerun.jobs.errors import SpecError, TargetError
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import resolve
@@ -46,7 +47,7 @@ def example_sets(name: str) -> list[str]:
 
 
 def render_example(path: Path) -> str:
-    job = resolve(load_job(str(path), example_sets(path.stem)), run_id=f"{path.stem}-20261123-101500")
+    job = resolve(load_job(str(path), example_sets(path.stem), model=job_model()), run_id=f"{path.stem}-20261123-101500")
     return k8s.render_manifests(job)
 
 
@@ -58,7 +59,8 @@ def submitting_shell_credentials(monkeypatch):
 
 
 def job_for(*sets: str, example: str = "quickstart", run_id: str = RUN_ID):
-    spec = load_job(str(REPO / "jobs" / "examples" / f"{example}.yaml"), [*example_sets(example), *sets])
+    spec = load_job(str(REPO / "jobs" / "examples" / f"{example}.yaml"), [*example_sets(example), *sets],
+                    model=job_model())
     return resolve(spec, run_id=run_id)
 
 
@@ -164,7 +166,7 @@ def test_rendered_manifests_validate_against_kuberay_and_core_schemas(name):
     documents = list(yaml.safe_load_all(text))
     assert_valid(documents)
     configmap, rayjob = documents
-    res, target = job.spec.resources, job.spec.targets.k8s
+    res, target = job.spec.resources, k8s.KubeRayTarget.settings(job.spec)
 
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == res.nodes
@@ -192,7 +194,7 @@ def test_rendered_manifests_validate_against_kuberay_and_core_schemas(name):
 
 
 def _assert_pod(role: str, pod: dict, job) -> None:
-    target = job.spec.targets.k8s
+    target = k8s.KubeRayTarget.settings(job.spec)
     restricted = target.pod_security == "restricted"
     assert pod.get("serviceAccountName") == target.service_account
     assert pod.get("nodeSelector", {}) == target.node_selector
@@ -307,8 +309,8 @@ def test_shipped_examples_render_as_the_reviewed_expected_files(example):
 
 
 def test_the_container_recipe_installs_tunerun_and_runs_as_the_default_uid():
-    from tunerun.jobs.spec import K8sTargetSpec
+    from tunerun.cluster.k8s import KubeRaySettings
 
     dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
-    assert re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M).group(1) == str(K8sTargetSpec().run_as_user)
+    assert re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M).group(1) == str(KubeRaySettings().run_as_user)
     assert "pip install /src/tunerun" in dockerfile and "--index-url" in dockerfile

@@ -24,6 +24,7 @@ from tunerun.cluster import k8s
 from tunerun.cluster.run_folder import RunFolder
 from tunerun.cluster.runs import update_info
 from tunerun.jobs.cli import main
+from tunerun.cluster.targets import job_model
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import ResolvedJob, resolve
@@ -153,7 +154,7 @@ def storage(s3_server, monkeypatch) -> list[str]:
 
 
 def make_job(storage: list[str], run_id: str = "demo-20261123-101500", *sets: str) -> ResolvedJob:
-    return resolve(load_job(str(QUICKSTART), [*storage, *sets]), run_id=run_id)
+    return resolve(load_job(str(QUICKSTART), [*storage, *sets], model=job_model()), run_id=run_id)
 
 
 def test_submit_creates_configmap_then_rayjob_and_records_them_in_the_run_folder(api, storage):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tunerun.cluster.slurm import render_sbatch
+from tunerun.cluster.targets import job_model
 from tunerun.jobs.errors import SpecError
 from tunerun.jobs.loader import load_job, load_job_text
 from tunerun.jobs.plan import resolve
@@ -31,7 +32,7 @@ def user_project(tmp_path, monkeypatch):
     """A working directory holding what the example specs point at (model folders, data files)."""
     monkeypatch.chdir(tmp_path)
     for example in EXAMPLES:
-        spec = load_job(example)
+        spec = load_job(example, model=job_model())
         model = tmp_path / spec.model.path
         model.mkdir(parents=True, exist_ok=True)
         (model / "config.json").write_text("{}")
@@ -42,7 +43,7 @@ def user_project(tmp_path, monkeypatch):
 
 
 def rendered(example: Path, *overrides: str) -> str:
-    job = resolve(load_job(example, [*FIXED, *overrides]), run_id=f"{example.stem}-20261123-101500")
+    job = resolve(load_job(example, [*FIXED, *overrides], model=job_model()), run_id=f"{example.stem}-20261123-101500")
     return render_sbatch(job)
 
 
@@ -73,13 +74,14 @@ def test_script_carries_resources_signals_and_credentials_by_name_only(user_proj
 ])
 def test_hostile_values_for_sbatch_lines_are_refused(user_project, key, value):
     with pytest.raises(SpecError) as error:
-        load_job(EXAMPLES[0], [*FIXED, f"{key}={value}"])
+        load_job(EXAMPLES[0], [*FIXED, f"{key}={value}"], model=job_model())
     assert key in str(error.value)
 
 
 def test_a_newline_cannot_start_a_new_directive_or_command(user_project):
     with pytest.raises(SpecError, match="control characters"):
-        load_job_text('name: x\nmodel: {path: m}\ndata: {train: d}\ntargets: {slurm: {qos: "a\\n#SBATCH --uid=0"}}')
+        load_job_text('name: x\nmodel: {path: m}\ndata: {train: d}\ntargets: {slurm: {qos: "a\\n#SBATCH --uid=0"}}',
+                      model=job_model())
 
 
 def test_shell_values_are_quoted_and_never_evaluated(user_project, tmp_path):

@@ -17,12 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tunerun.cluster import targets
 from tunerun.cluster.local import LocalTarget
 from tunerun.cluster.run_folder import RunFolder
 from tunerun.cluster.runs import Handle, RunState, create_run, read_info, record_cancelled, update_info
-from tunerun.jobs.errors import StorageError, TargetError
+from tunerun.jobs.errors import SpecError, StorageError, TargetError
+from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.spec import MlflowSpec
 
 
@@ -52,6 +54,81 @@ def test_the_registry_serves_every_target_behind_the_same_contract():
         assert isinstance(target, targets.Target) and target.name == name
         assert issubclass(target.Handle, Handle) and target.Handle.__module__ == type(target).__module__
     assert targets.renderable() == ("ray", "slurm", "k8s")  # local starts the trainer itself: nothing to show
+
+
+NOMAD = """
+from pydantic import Field
+
+from tunerun.cluster.runs import Handle
+from tunerun.cluster.targets import Target
+from tunerun.jobs.spec import Strict
+
+
+class NomadSettings(Strict):
+    datacenter: str = "dc1"
+    priority: int = Field(50, ge=1, le=100)
+
+
+class NomadHandle(Handle):
+    eval_id: str
+
+
+class NomadTarget(Target):
+    name = "nomad"
+    Handle = NomadHandle
+    Settings = NomadSettings
+
+    def submit(self, job, resume=False):
+        raise NotImplementedError
+
+    def observe(self, info):
+        return None
+
+    def stop(self, info):
+        return False
+"""
+
+
+@pytest.fixture
+def nomad_registered(tmp_path, monkeypatch):
+    """A target added the way the README says: one module and one line in the registry."""
+    (tmp_path / "nomad_target.py").write_text(NOMAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(targets.REGISTRY, "nomad", "nomad_target:NomadTarget")
+    targets.settings_model.cache_clear()
+    targets.job_model.cache_clear()
+    yield
+    targets.settings_model.cache_clear()  # rebuilt from the restored registry on next use
+    targets.job_model.cache_clear()
+
+
+def test_a_new_target_declares_its_settings_and_the_spec_checks_them(nomad_registered):
+    minimal = "name: demo\nmodel: {path: ./m}\ndata: {train: d.jsonl}\n"
+    spec = load_job_text(minimal + "targets:\n  nomad: {datacenter: eu-west}\n", model=targets.job_model())
+    settings = targets.get("nomad").settings(spec)
+    assert (type(settings).__name__, settings.datacenter, settings.priority) == ("NomadSettings", "eu-west", 50)
+    assert targets.get("slurm").settings(spec).time == "04:00:00"  # the others keep their defaults
+    with pytest.raises(SpecError) as caught:
+        load_job_text(minimal + "targets:\n  nomad:\n    priorty: 500\n  slurm: {time: soon}\n", "job.yaml",
+                      model=targets.job_model())
+    problems = {(p.path, p.line): p.message for p in caught.value.problems}
+    assert problems[("targets.nomad.priorty", 6)] == "unknown key — did you mean 'priority'?"
+    assert "targets.slurm.time" in {path for path, _ in problems}
+
+
+def test_a_job_loaded_without_the_targets_settings_still_runs_them_checked(job):
+    """The trainer and the run folder hold a target's block as plain data; the target reads it typed."""
+    assert isinstance(job.spec.targets, dict)
+    bad = job.spec.model_copy(update={"targets": {"slurm": {"time": "soon"}}})
+    with pytest.raises(ValidationError):
+        targets.get("slurm").settings(bad)
+
+
+def test_submit_address_goes_to_the_target_that_declares_one(job, tunerun):
+    assert targets.addresses() == {"ray": "address"}
+    quickstart = Path(__file__).resolve().parents[2] / "jobs" / "examples" / "quickstart.yaml"
+    refused = tunerun("submit", str(quickstart), "--target", "slurm", "--address", "http://head:8265", cwd=Path.cwd())
+    assert refused.returncode == 2 and "--address applies to --target ray only" in refused.stderr
 
 
 def test_an_unknown_target_is_one_clear_error(job):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tunerun.cluster.targets import job_model
 from tunerun.jobs.loader import load_job
 from tunerun.jobs.plan import ResolvedJob, resolve
 from tunerun.jobs.spec import JobSpec, MethodSpec
@@ -31,7 +32,7 @@ def test_every_shipped_example_and_its_resolved_job_survive_a_dump(example, tmp_
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA))
-    spec = load_job(example, [f"model.path={model}", f"data.train={TICKETS}", "data.eval=null"])
+    spec = load_job(example, [f"model.path={model}", f"data.train={TICKETS}", "data.eval=null"], model=job_model())
     runs_the_same(spec, JobSpec.model_validate(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))))
     job = resolve(spec, run_id="round-trip")
     again = ResolvedJob.model_validate(yaml.safe_load(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)))

@@ -71,6 +71,9 @@ CHECKPOINTS, CHECKPOINT_PREFIX, CHECKPOINT_MANIFEST = "checkpoints", "step-", "m
 EVAL, EVAL_BASE, EVAL_ON_DEMAND, EVAL_EXPORTS = "eval", "eval/base.json", "eval/on-demand", "eval/exports"
 FINAL, EXPORTS = "final", "exports"
 ARTIFACT_FOLDERS = (FINAL, EXPORTS)  # weights a user downloads: final/adapter, exports/*
+# Beside any saved weights: the template prompts were rendered with in training (transformers' file name, which
+# vLLM and transformers read), and the tokenizer's settings (its special tokens)
+CHAT_TEMPLATE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
 
 
 def control(name: str) -> str:

@@ -80,9 +80,10 @@ def make_tiny_model(out_dir, corpus_files: list[Path] | None = None, vocab_size:
 
     out_dir = Path(out_dir)
     tokenizer = make_tiny_tokenizer(out_dir, corpus_files, vocab_size, seed)
+    # 2 heads of 32: vLLM's CPU attention serves head sizes from 32 (16 starts, then fails its first request)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=192, max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=192, max_position_embeddings=512,
         tie_word_embeddings=False, torch_dtype="float32",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -1,4 +1,4 @@
-"""The HTTP surface of `tunerun serve`: OpenAI's Files, Fine-tuning and Models endpoints under ``/v1``.
+"""The HTTP surface of `tunerun serve`: OpenAI's Files, Fine-tuning, Models, Chat and Completions endpoints, `/v1`.
 
 FastAPI on uvicorn; the OpenAPI page is at ``/docs``. Every request carries a project's key (``Authorization:
 Bearer tr-…``) or the dashboard's session cookie (`tunerun.jobs.service.sessions`; then a state-changing request
@@ -29,14 +29,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunerun.cluster import compare
 from tunerun.cluster.run_folder import METRICS, REPORT
 from tunerun.cluster.space import is_disk_full
+from tunerun.cluster.storage import cache_root
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.plan import TUNERUN_VERSION
 from tunerun.jobs.service import objects, outcomes
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
+from tunerun.jobs.service.engines import build_engines
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
 from tunerun.jobs.service.files import FileStore, Validator, upload_folder
 from tunerun.jobs.service.fine_tuning import JobRequest, JobService
+from tunerun.jobs.service.inference import Gateway, inference_routes
 from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.scheduler import Scheduler
 from tunerun.jobs.service.gate import RequestGate, error_response, project_of
@@ -59,6 +62,10 @@ class Service:
         self.sessions = SessionSigner(storage, served.config.sessions.hours * 3600)
         self.scheduler = Scheduler(self.jobs)
         self.validator = Validator(self.files)
+        engines = build_engines(served.config.inference.engines,
+                                {name: served.templates[name].model.path for name in served.config.inference.engines},
+                                cache_root() / "serve" / "engines")
+        self.gateway = Gateway(self, engines)
 
     def session_of(self, request: Request) -> Session | None:
         """The dashboard session of a request: a valid cookie whose key is still unrevoked."""
@@ -73,7 +80,9 @@ def create_app(served: Served) -> FastAPI:
     async def lifespan(_app):
         threading.Thread(target=service.validator.recover, daemon=True).start()
         service.scheduler.start()
+        await service.gateway.open()
         yield
+        await service.gateway.close()
         service.scheduler.stop()
         service.validator.shutdown()
 
@@ -87,12 +96,14 @@ def create_app(served: Served) -> FastAPI:
         scheduler = service.scheduler.health()
         if scheduler["scheduler"] in ("stopped", "stalled"):  # queued jobs would wait forever: restart this server
             return JSONResponse({"status": "unhealthy", **scheduler}, status_code=503)
-        return {"status": "ok"}
+        engines = service.gateway.health()  # a dead engine is restarted here, not by restarting this server
+        return {"status": "ok", **({"engines": engines} if engines else {})}
 
     _file_routes(app, service, project_of)
     _job_routes(app, service, project_of)
     _model_routes(app, service, project_of)
     _outcome_routes(app, service, project_of)
+    inference_routes(app, service.gateway, project_of)
     from tunerun.jobs.service.dashboard import dashboard_routes
 
     dashboard_routes(app, service)

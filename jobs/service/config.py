@@ -9,6 +9,10 @@ models:                       # what users may fine-tune: a name → the job spe
 uploads: {max_file_bytes: 1073741824}
 limits: {max_request_bytes: 65536, max_epochs: 50, max_steps: 100000}   # per request / per job (defaults shown)
 sessions: {hours: 8}          # how long a dashboard sign-in lasts
+inference:                    # chat/completions on the catalog models and their fine-tunes (engines.py)
+  engines:
+    support-tiny: {managed: {python: .venv-vllm/bin/python, max_loras: 4, max_model_len: 512}}
+  max_n: 4                    # choices per request
 host: 127.0.0.1
 port: 8000
 ```
@@ -19,16 +23,18 @@ and metadata; everything else is the template's.
 """
 from __future__ import annotations
 
+import difflib
 import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunerun.cluster import targets
 from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
-from tunerun.jobs.spec import JobSpec, StorageSpec, Strict
+from tunerun.jobs.service.engines import EngineEntry
+from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, field_error
 
 TARGETS = targets.names()
 TargetsSettings = targets.settings_model()  # each target's block, declared by the target module
@@ -58,6 +64,14 @@ class SessionLimits(Strict):
     hours: float = Field(8.0, gt=0, le=24 * 30, description="How long a dashboard sign-in lasts.")
 
 
+class InferenceSettings(Strict):
+    """Serving the catalog models and their fine-tunes: which engine serves each base, and what a request may ask."""
+
+    engines: dict[str, EngineEntry] = Field({}, description="Catalog model → the vLLM engine serving it.")
+    max_n: int = Field(4, ge=1, le=128, description="Choices one request may ask for.")
+    max_request_bytes: int = Field(1 << 20, ge=4096, le=64 << 20, description="A chat history's size limit.")
+
+
 class ServerConfig(Strict):
     storage: StorageSpec = StorageSpec()
     target: Literal[TARGETS] = "local"
@@ -67,6 +81,7 @@ class ServerConfig(Strict):
     uploads: UploadLimits = UploadLimits()
     limits: JobLimits = JobLimits()
     sessions: SessionLimits = SessionLimits()
+    inference: InferenceSettings = InferenceSettings()
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -80,6 +95,16 @@ class ServerConfig(Strict):
             if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
                 raise ValueError(f"model name {name!r}: use up to 64 letters, digits, '-', '_' or '.'")
         return models
+
+    @model_validator(mode="after")
+    def _engines_serve_catalog_models(self):
+        for name in self.inference.engines:
+            if name not in self.models:
+                close = difflib.get_close_matches(name, self.models, n=1)
+                raise field_error(f"inference.engines.{name}", f"'{name}' is not a model under models:"
+                                  + (f" — did you mean '{close[0]}'?" if close else
+                                     f" (they are {', '.join(self.models)})"))
+        return self
 
 
 class Served:
@@ -105,6 +130,11 @@ def load_server_config(path: str | Path) -> Served:
             problems += [Problem(f"models.{name}.job", f"{exc.source}: {p.path or '(top level)'}"
                                  + (f" (line {p.line})" if p.line else "") + f": {p.message}")
                          for p in exc.problems]
+    for name, entry in config.inference.engines.items():
+        if entry.managed and name in templates and templates[name].model.path.startswith("s3://"):
+            problems.append(Problem(f"inference.engines.{name}.managed", "a managed engine reads the base model from "
+                                    f"this host, and {name}'s model.path is on S3: download it and name the folder "
+                                    "in the model's job spec, or run the engine yourself (external: {url, adapters})"))
     if problems:
         raise SpecError(str(path), problems)
     return Served(config, templates, texts, path)

@@ -77,5 +77,9 @@ def _check_reachable_from_pods(served: Served) -> None:
     for name, spec in served.templates.items():
         if "://" not in spec.model.path:
             problems.append(f"models.{name}: model.path {spec.model.path} is on this machine; put it on S3")
+    for name, engine in config.inference.engines.items():
+        if engine.managed:
+            problems.append(f"inference.engines.{name} is managed: the server's pod has no vLLM; run the engine as "
+                            "its own Deployment and name it here as external: {url, adapters}")
     if problems:
         raise TargetError("cannot run this server on Kubernetes: " + "; ".join(problems))

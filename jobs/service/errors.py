@@ -17,6 +17,7 @@ class ApiError(Exception):
                  type_: str | None = None):
         super().__init__(status, message, param, code, type_)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers: dict[str, str] = {}  # e.g. Retry-After on a 503
         self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                               409: "invalid_request_error", 413: "invalid_request_error",
                               422: "invalid_request_error"}.get(status, "server_error")

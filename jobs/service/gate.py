@@ -21,6 +21,7 @@ from tunerun.jobs.service.errors import ApiError, bad_request
 from tunerun.jobs.service.sessions import CSRF_HEADER
 
 UPLOAD_PATH = "/v1/files"
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/chat/completions/render")  # bodies: chat histories
 MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PROJECT = "tunerun_project"  # where the gate leaves the authenticated project in the request's state
@@ -53,6 +54,7 @@ def authenticate(service, request: Request) -> str:
 
 def error_response(error: ApiError) -> JSONResponse:
     headers = {"x-should-retry": "false"} if 400 <= error.status < 500 else {}
+    headers |= error.headers
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -61,6 +63,7 @@ class RequestGate:
         self.app, self.service = app, service
         self.upload_limit = service.served.config.uploads.max_file_bytes + MULTIPART_OVERHEAD
         self.body_limit = service.served.config.limits.max_request_bytes
+        self.inference_limit = service.served.config.inference.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +71,8 @@ class RequestGate:
             return
         request = Request(scope)
         upload = scope["path"] == UPLOAD_PATH and scope["method"] == "POST"
-        limit = self.upload_limit if upload else self.body_limit
+        limit = self.upload_limit if upload else \
+            self.inference_limit if scope["path"] in INFERENCE_PATHS else self.body_limit
         try:
             if scope["path"].startswith("/v1/"):
                 project = await run_in_threadpool(authenticate, self.service, request)

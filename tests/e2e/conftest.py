@@ -229,3 +229,23 @@ def slurm_two_nodes(tmp_path_factory, free_port):
                 daemon.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+
+
+@pytest.fixture(scope="session")
+def ticket_task(tmp_path_factory, example_module) -> Path:
+    """The ticket task of the learning tests (examples/make_support_data.py, 1,100 tickets, seed 1)."""
+    return example_module("make_support_data").make_support_data(tmp_path_factory.mktemp("tickets") / "tickets.jsonl",
+                                                                 n=1100, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sharded_qlora(tmp_path_factory, tiny_model_dir, ticket_task, tunerun):
+    """The ticket task as QLoRA + ZeRO-3, killed after its first checkpoint and resumed (learning_task.py): trained
+    once for test_learning.py (does it learn as well as DDP QLoRA?) and test_qlora_zero3.py (resume, partitions,
+    checkpoints, exports)."""
+    from learning_task import train_sharded_killed_and_resumed
+
+    run = train_sharded_killed_and_resumed(tmp_path_factory.mktemp("sharded-qlora"), tiny_model_dir, ticket_task,
+                                           tunerun)
+    yield run
+    shutil.rmtree(run.env["RAY_TMPDIR"], ignore_errors=True)

@@ -71,6 +71,11 @@ def serve_models(root: Path, tiny_model: Path, steps: dict[str, int], port: int,
         (root / f"{name}.yaml").write_text(TEMPLATE.format(model=tiny_model, steps=n))
     catalog = "".join(f"  {name}: {{job: {name}.yaml}}\n" for name in steps)
     (root / "server.yaml").write_text(f"storage: {{uri: ./runs}}\nmax_concurrent_runs: 1\nmodels:\n{catalog}")
+    return start_with_keys(root, port, tunerun)
+
+
+def start_with_keys(root: Path, port: int, tunerun) -> tuple[Server, dict]:
+    """Keys for projects acme and globex, and the server of ``root``/server.yaml started on ``port``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNERUN_CACHE": str(root / "cache")}
     keys = {}
     for project in ("acme", "globex"):

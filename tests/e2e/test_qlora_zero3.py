@@ -1,89 +1,30 @@
 """QLoRA under DeepSpeed ZeRO-3, end to end as a user runs it: `tunerun run` on an embedded Ray with 2 CPU workers
 (gloo, DS_ACCELERATOR=cpu), the tiny Llama loaded 4-bit through `from_pretrained` with its packed weights
-partitioned across the workers.
+partitioned across the workers, gradient checkpointing on as a 70B job runs it (jobs/examples/qlora-70b-zero3.yaml).
 
-One run serves every test here (module fixture): it is killed after a checkpoint, resumed with `--resume`, and
-then evaluated, exported (adapter, merged, GGUF) and refused a resume on another worker count.
+One run serves every test here: the session fixture ``sharded_qlora`` (conftest.py, learning_task.py), the ticket
+task that test_learning.py also compares with DDP QLoRA. It is killed after a checkpoint, resumed with `--resume`,
+and then evaluated, exported (adapter, merged, GGUF) and refused a resume on another worker count.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from processes import session_pids
+from learning_task import QUICKSTART
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
-STEPS = 24
-# gradient checkpointing on, as a 70B job runs it (jobs/examples/qlora-70b-zero3.yaml)
-JOB = ["method={kind: qlora, zero: {stage: 3}}", f"training.max_steps={STEPS}", "training.gradient_checkpointing=true",
-       "checkpoint.every_steps=4", "checkpoint.keep_last=10", "eval.every_steps=12", "eval.max_examples=16",
-       "eval.max_new_tokens=12"]
 
-
-@dataclass
-class ShardedRun:
-    folder: Path
-    storage: Path
-    cwd: Path
-    killed_losses: dict[int, float]  # what the killed launch logged, step → loss
-    resume: subprocess.CompletedProcess
-
-    def rows(self, name: str = "metrics.jsonl") -> list[dict]:
-        return [json.loads(line) for line in (self.folder / name).read_text().splitlines()]
-
-
-def _sets(tiny_model_dir: Path, storage: Path, *extra: str) -> list[str]:
-    sets = [f"model.path={tiny_model_dir}", f"data.train={REPO / 'examples/data/support_tickets.jsonl'}",
-            f"storage.uri={storage}", *JOB, *extra]
-    return [a for s in sets for a in ("--set", s)]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tiny_model_dir, tunerun) -> ShardedRun:
-    cwd = tmp_path_factory.mktemp("zero3-qlora")
-    storage, folder = cwd / "runs", cwd / "runs" / "z3"
-    process = subprocess.Popen([sys.executable, "-m", "tunerun.jobs.cli", "run", str(QUICKSTART),
-                                *_sets(tiny_model_dir, storage), "--run-id", "z3"], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    # killed after its first checkpoint and a step or two beyond it, as a lost node would be
-    while not ((folder / "checkpoints/step-000004/manifest.json").exists() and _logged_steps(folder) >= 6):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.1)
-    for pid in session_pids(json.loads((folder / "run.json").read_text())["local"]["pid"]):
-        os.kill(pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    killed = {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").open()) if "loss" in r}
-    assert max(killed) < STEPS, "the run finished before it was killed"
-    resume = tunerun("run", str(QUICKSTART), *_sets(tiny_model_dir, storage), "--resume", "z3", cwd=cwd,
-                     timeout=900)
-    return ShardedRun(folder, storage, cwd, killed, resume)
-
-
-def _logged_steps(folder: Path) -> int:
-    path = folder / "metrics.jsonl"
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()] if path.exists() else []
-    return max(steps, default=0)
-
-
-def test_killed_run_resumes_where_its_checkpoint_left_it(sharded):
+def test_killed_run_resumes_where_its_checkpoint_left_it(sharded_qlora):
+    sharded, STEPS = sharded_qlora, sharded_qlora.steps
     log = (sharded.folder / "logs" / "driver.log").read_text()
     assert sharded.resume.returncode == 0, sharded.resume.stdout + sharded.resume.stderr + log[-4000:]
-    assert json.loads((sharded.folder / "run.json").read_text())["state"] == "succeeded"
+    assert sharded.info["state"] == "succeeded"
     resumed = [e for e in sharded.rows("events.jsonl") if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["world_size"] == 2
     start = resumed[0]["step"]
-    assert start >= 4 and start % 4 == 0 and start < max(sharded.killed_losses)
+    assert start >= sharded.every and start % sharded.every == 0 and start < max(sharded.killed_losses)
     rows = [r for r in sharded.rows() if "loss" in r]
     relaunched = {r["step"]: r["loss"] for r in rows[len(sharded.killed_losses):]}
     assert sorted(relaunched) == list(range(start + 1, STEPS + 1))  # the step count continues from the checkpoint
@@ -99,9 +40,10 @@ def test_killed_run_resumes_where_its_checkpoint_left_it(sharded):
     assert (sharded.folder / "eval" / f"step-{STEPS:06d}.json").is_file()
 
 
-def test_every_worker_holds_half_of_each_4bit_weight(sharded):
+def test_every_worker_holds_half_of_each_4bit_weight(sharded_qlora):
     """ZeRO-3 really partitioned the 4-bit base: on both ranks each packed weight's own partition is half its
     storage, and none stays gathered whole; the measured peak sits beside the planner's estimate."""
+    sharded = sharded_qlora
     memory = json.loads((sharded.folder / "memory.json").read_text())
     partitions = memory["zero3_partitions_per_worker"]
     assert len(partitions) == 2
@@ -114,7 +56,8 @@ def test_every_worker_holds_half_of_each_4bit_weight(sharded):
     assert len(memory["measured_peak_bytes_per_worker"]) == 2
 
 
-def test_checkpoints_hold_the_adapters_and_their_optimizer_not_the_base(sharded):
+def test_checkpoints_hold_the_adapters_and_their_optimizer_not_the_base(sharded_qlora):
+    sharded, STEPS = sharded_qlora, sharded_qlora.steps
     from tunerun.cluster.run_folder import verify
     from tunerun.trainer.engines import load_deepspeed_file
 
@@ -128,13 +71,14 @@ def test_checkpoints_hold_the_adapters_and_their_optimizer_not_the_base(sharded)
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 2_000_000
 
 
-def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharded, tunerun, tiny_model_dir):
+def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharded_qlora, tunerun, tiny_model_dir):
+    sharded = sharded_qlora
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     storage = ["--storage", str(sharded.storage)]
-    again = tunerun("eval", "z3", *storage, cwd=sharded.cwd, timeout=900)
+    again = tunerun("eval", sharded.run_id, *storage, cwd=sharded.cwd, env=sharded.env, timeout=900)
     assert again.returncode == 0, again.stderr
     on_demand = json.loads((sharded.folder / "eval" / "on-demand" / "final.json").read_text())["metrics"]
     final = [r for r in sharded.rows() if "eval_loss" in r][-1]
@@ -142,8 +86,8 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
 
     adapter = sharded.folder / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    merged = tunerun("export", "z3", "--merge", "--to", str(sharded.cwd / "merged"), *storage, cwd=sharded.cwd,
-                     timeout=900)
+    merged = tunerun("export", sharded.run_id, "--merge", "--to", str(sharded.cwd / "merged"), *storage,
+                     cwd=sharded.cwd, env=sharded.env, timeout=900)
     assert merged.returncode == 0, merged.stderr
     model = AutoModelForCausalLM.from_pretrained(sharded.cwd / "merged")
     assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
@@ -163,15 +107,18 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
         changed += got.tolist() != untrained.tolist()
     assert changed >= len(prompts) // 2  # the adapter changes what the model says
 
-    gguf = tunerun("export", "z3", "--format", "gguf", "--quant", "f16", *storage, cwd=sharded.cwd, timeout=900)
+    gguf = tunerun("export", sharded.run_id, "--format", "gguf", "--quant", "f16", *storage, cwd=sharded.cwd,
+                   env=sharded.env, timeout=900)
     assert gguf.returncode == 0, gguf.stdout + gguf.stderr
     check = json.loads((sharded.folder / "eval" / "exports" / "final-gguf-f16.json").read_text())
     assert check["prompts"] >= 16 and check["same_tokens"] == check["prompts"]
 
 
-def test_resume_on_another_worker_count_is_refused(sharded, tunerun, tiny_model_dir):
-    smaller = tunerun("run", str(QUICKSTART), *_sets(tiny_model_dir, sharded.storage, f"training.max_steps={STEPS + 4}",
-                      "resources.workers_per_node=1"), "--resume", "z3", cwd=sharded.cwd, timeout=300)
+def test_resume_on_another_worker_count_is_refused(sharded_qlora, tunerun):
+    sharded = sharded_qlora
+    smaller = tunerun("run", str(QUICKSTART), *sharded.sets, "--set", f"training.max_steps={sharded.steps + 4}",
+                      "--set", "resources.workers_per_node=1", "--resume", sharded.run_id, cwd=sharded.cwd,
+                      env=sharded.env, timeout=300)
     assert smaller.returncode == 2, smaller.stdout + smaller.stderr
     assert "ZeRO shards of 2 workers" in smaller.stderr and "this launch has 1" in smaller.stderr
     assert "Traceback" not in smaller.stderr

@@ -144,9 +144,9 @@ def _write_adapter(job, weights: RunWeights, out: Path) -> None:
 
 
 def write_tokenizer_and_generation_config(job, out: Path) -> None:
-    from tunerun.trainer.tokenizer import load_tokenizer
+    from tunerun.trainer.tokenizer import load_tokenizer, save_tokenizer
 
-    load_tokenizer(job).save_pretrained(out)
+    save_tokenizer(load_tokenizer(job), out)
     # tokenizer.model: the SentencePiece file llama.cpp's GGUF converter reads (save_pretrained of a fast
     # tokenizer drops it); generation_config.json: adapters get none from save_pretrained.
     for name in ("tokenizer.model", "generation_config.json"):

@@ -15,6 +15,7 @@ from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DEEPSPEED_TAG, DeepSpeedEngine, load_deepspeed_file, torch_dtype, worker_device
 from tunerun.trainer.methods.lora import load_base
+from tunerun.trainer.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
@@ -61,7 +62,7 @@ def export(engine: DeepSpeedEngine, out_dir: Path, tokenizer) -> Path:
     state_dict = engine.full_state_dict()
     if engine.rank == 0:
         engine.module.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(target)
+        save_tokenizer(tokenizer, target)
     return target
 
 

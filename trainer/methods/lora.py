@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from tunerun.cluster.run_folder import FINAL
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DDPEngine, load_trainable, torch_dtype, worker_device
+from tunerun.trainer.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
@@ -71,7 +72,7 @@ def export(engine: DDPEngine, out_dir: Path, tokenizer) -> Path:
     target = out_dir / FINAL_DIR
     if engine.rank == 0:
         engine.module.save_pretrained(target, safe_serialization=True)
-        tokenizer.save_pretrained(target)
+        save_tokenizer(tokenizer, target)
     return target
 
 

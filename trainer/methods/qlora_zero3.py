@@ -30,6 +30,7 @@ from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DeepSpeedEngine, torch_dtype, worker_device
 from tunerun.trainer.methods import full, lora, qlora
 from tunerun.trainer.methods.qlora import before_eval, keep_4bit_training_layout
+from tunerun.trainer.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
@@ -65,7 +66,7 @@ def export(engine: DeepSpeedEngine, out_dir: Path, tokenizer) -> Path:
     adapter = engine.trainable_fp32_state_dict()
     if engine.rank == 0:
         engine.module.save_pretrained(target, state_dict=adapter, safe_serialization=True)
-        tokenizer.save_pretrained(target)
+        save_tokenizer(tokenizer, target)
     return target
 
 

@@ -92,11 +92,13 @@ def test_the_pods_server_loads_the_same_configuration_from_the_configmap(project
 
 def test_a_server_that_pods_could_not_run_is_refused_with_every_reason(project):
     (project / "spec.yaml").write_text(SPEC.replace('"s3://models/llama-8b/"', "./models/llama"))
-    (project / "server.yaml").write_text("storage: {uri: ./runs}\nmodels:\n  llama-8b: {job: spec.yaml}\n")
+    (project / "server.yaml").write_text("storage: {uri: ./runs}\nmodels:\n  llama-8b: {job: spec.yaml}\n"
+                                         "inference: {engines: {llama-8b: {managed: {}}}}\n")
     with pytest.raises(TargetError) as refused:
         render_k8s(load_server_config(project / "server.yaml"))
     message = str(refused.value)
     assert "target is 'local'" in message and "storage.uri" in message and "model.path" in message
+    assert "inference.engines.llama-8b is managed" in message
 
 
 def test_the_cli_prints_them_for_kubectl(project):

@@ -61,14 +61,13 @@ def test_generation_stops_at_eos(tiny):
     model, tokenizer = tiny
     eos = tokenizer.eos_token_id
     assert generation._until_stop([5, 6, eos, 7], [eos]) == [5, 6]
-    with torch.no_grad():  # make EOS the only reachable token: the output is empty
-        saved = model.lm_head.weight.clone()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[eos] = 1.0
-        try:
-            out = generation.generate(model, tokenizer, [[1, 50, 60]], 8, torch.device("cpu"))
-        finally:
-            model.lm_head.weight.copy_(saved)
+    # make EOS the only reachable token, whatever the hidden state: the output is empty
+    only_eos = model.lm_head.register_forward_hook(
+        lambda module, inputs, logits: torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor([eos]), 1e4))
+    try:
+        out = generation.generate(model, tokenizer, [[1, 50, 60]], 8, torch.device("cpu"))
+    finally:
+        only_eos.remove()
     assert out == [[]]
 
 

@@ -1,0 +1,335 @@
+"""Inference engines: the vLLM processes that serve a catalog model's base with its fine-tuned adapters.
+
+The service never loads a model: each catalog model named under ``inference.engines`` in server.yaml has one engine,
+either **managed** — `tunerun serve` starts ``python -m vllm.entrypoints.openai.api_server`` from vLLM's own venv
+(scripts/setup-vllm), watches it, and starts it again with backoff when it dies — or **external**: a vLLM the
+platform team runs (on Kubernetes, on a GPU node), reached at its URL. Adapters are loaded at run time through
+vLLM's API (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when first asked for, and the least recently used one is unloaded
+once ``max_loras`` are in; an engine that restarted has none loaded, so they load again on next use.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from pydantic import Field, field_validator, model_validator
+
+from tunerun.jobs.spec import HTTP_ADDRESS, Strict
+
+logger = logging.getLogger("tunerun.serve.engines")
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"  # `python -m` this: vLLM's console script needs its metadata
+BACKOFF_S = (1, 2, 5, 10, 30, 60)  # waits before restarting an engine that died, by failures in a row
+HEALTHY_AFTER_S = 300.0  # an engine up this long has recovered: the next death starts the backoff again
+WATCH_S = 5.0  # how often a ready engine is asked /health (its process is watched every second)
+MISSES = 3  # /health unanswered this many times in a row (a busy engine can be slow once): restart it
+LOG_TAIL_BYTES = 4096
+
+
+class ManagedEngineSettings(Strict):
+    """A vLLM process `tunerun serve` starts for one catalog model, on this host."""
+
+    python: str = Field(".venv-vllm/bin/python", description="The interpreter of vLLM's own venv.")
+    port_min: int = Field(8100, ge=1024, le=65535)
+    port_max: int = Field(8199, ge=1024, le=65535)
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters loaded at once; more are swapped in and out.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="At least the catalog job's method.lora.r.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=16, description="The context: prompt plus completion, in tokens.")
+    kv_cache_gib: float | None = Field(None, gt=0, description="CPU engines: VLLM_CPU_KVCACHE_SPACE.")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    extra_args: list[str] = Field([], description="More `vllm serve` arguments, e.g. [--tensor-parallel-size, 2].")
+    start_timeout_s: float = Field(900, gt=0, description="Until the first request is served, else restart.")
+
+    @model_validator(mode="after")
+    def _ports(self):
+        if self.port_max < self.port_min:
+            raise ValueError(f"port_max ({self.port_max}) is below port_min ({self.port_min})")
+        return self
+
+
+class ExternalEngineSettings(Strict):
+    """A vLLM the platform runs, started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``."""
+
+    url: str = Field(description="Its OpenAI-compatible server, e.g. http://vllm-support-8b:8000.")
+    adapters: str = Field(description="This server's storage as the engine reads it (a path or s3:// prefix).")
+    max_loras: int = Field(4, ge=1, le=256)
+    max_model_len: int = Field(2048, ge=16)
+    api_key_env: str | None = Field(None, description="The variable holding the engine's --api-key, if it has one.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not HTTP_ADDRESS.fullmatch(v):
+            raise ValueError(f"{v!r}: expected the engine's HTTP address, e.g. http://vllm:8000")
+        return v.rstrip("/")
+
+
+class EngineEntry(Strict):
+    managed: ManagedEngineSettings | None = None
+    external: ExternalEngineSettings | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.managed is None) == (self.external is None):
+            raise ValueError("give either managed: {...} (tunerun serve starts vLLM) or external: {url, adapters}")
+        return self
+
+
+class Unavailable(Exception):
+    """The engine cannot take a request now; ``retry_after`` seconds is a fair wait."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Engine:
+    """What the gateway needs of an engine: where it is, whether it serves now, and its adapters."""
+
+    def __init__(self, model: str, max_loras: int, max_model_len: int, headers: dict[str, str] | None = None):
+        self.model, self.max_loras, self.max_model_len = model, max_loras, max_model_len
+        self.headers = headers or {}
+        self.generation = 0  # bumped when the engine (re)starts: adapters loaded before are gone
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._loaded_generation = 0
+        self._adapter_lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def check_ready(self) -> None:
+        """Raise `Unavailable` while the engine is starting or down."""
+
+    def health(self) -> dict:
+        return {"url": self.url}
+
+    def start(self) -> None:
+        """Managed engines start their process; an external one is already there."""
+
+    def stop(self) -> None:
+        pass
+
+    def adapter_path(self, local_path: str | None, storage_key: str) -> str:
+        """Where the engine reads an adapter: ``storage_key`` is its path below the server's storage root."""
+        raise NotImplementedError
+
+    async def ensure_adapter(self, client: httpx.AsyncClient, name: str, path: str) -> None:
+        """Load adapter ``name`` from ``path`` unless the running engine has it; evict the least recently used."""
+        async with self._adapter_lock:
+            if self._loaded_generation != self.generation:
+                self._loaded.clear()
+                self._loaded_generation = self.generation
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return
+            while len(self._loaded) >= self.max_loras:
+                evicted, _ = self._loaded.popitem(last=False)
+                await self._post(client, "/v1/unload_lora_adapter", {"lora_name": evicted})
+            answer = await self._post(client, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            if answer.status_code != 200 and "already" not in answer.text:  # loaded by an earlier server process
+                raise Unavailable(f"the engine for {self.model} could not load the adapter ({answer.status_code}: "
+                                  f"{answer.text[:300]})")
+            self._loaded[name] = None
+
+    async def _post(self, client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
+        try:
+            return await client.post(self.url + path, json=body, headers=self.headers, timeout=120)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the engine for {self.model} is unreachable ({type(exc).__name__})", 5) from None
+
+
+class ExternalEngine(Engine):
+    def __init__(self, model: str, settings: ExternalEngineSettings):
+        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        super().__init__(model, settings.max_loras, settings.max_model_len,
+                         {"Authorization": f"Bearer {key}"} if key else None)
+        self.settings = settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    def adapter_path(self, local_path: str | None, storage_key: str) -> str:
+        return f"{self.settings.adapters.rstrip('/')}/{storage_key}"
+
+    def health(self) -> dict:
+        return {"kind": "external", "url": self.url}
+
+
+class ManagedEngine(Engine):
+    """A vLLM process on this host, kept running by a supervisor thread."""
+
+    def __init__(self, model: str, settings: ManagedEngineSettings, model_path: str, log_dir: Path):
+        super().__init__(model, settings.max_loras, settings.max_model_len)
+        self.settings, self.model_path, self.log = settings, model_path, Path(log_dir) / f"{model}.log"
+        self.state: Literal["starting", "ready", "restarting", "stopped"] = "stopped"
+        self.port: int | None = None
+        self.restarts, self.error, self.started_at = 0, None, 0.0
+        self._process: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._http = httpx.Client(timeout=60)  # one client: a new one per poll costs an SSL context each time
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def adapter_path(self, local_path: str | None, storage_key: str) -> str:
+        if local_path is None:
+            raise Unavailable(f"the adapter {storage_key} is not on this host")
+        return local_path
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        command = [s.python, "-m", VLLM_SERVER, "--model", self.model_path, "--served-model-name", self.model,
+                   "--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-loras", str(s.max_loras),
+                   "--max-lora-rank", str(s.max_lora_rank), "--dtype", s.dtype, "--max-model-len",
+                   str(s.max_model_len)]
+        if s.gpu_memory_utilization is not None:
+            command += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        return command + s.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        if self.settings.kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.kv_cache_gib:g}"
+        return env
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._supervise, name=f"engine-{self.model}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._terminate()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.state = "stopped"
+
+    def check_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "starting":
+            raise Unavailable(f"the engine for {self.model} is starting; try again shortly", 10)
+        raise Unavailable(f"the engine for {self.model} is {self.state}" + (f" ({self.error})" if self.error else ""),
+                          15)
+
+    def health(self) -> dict:
+        return {"kind": "managed", "state": self.state, "url": self.url if self.port else None,
+                "pid": self._process.pid if self._process else None, "restarts": self.restarts,
+                "error": self.error, "log": str(self.log)}
+
+    def _supervise(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                healthy = self._run_once()
+            except Exception as exc:  # a supervisor that died would leave the model unserved: log it, go on
+                logger.exception("engine %s: supervisor error", self.model)
+                self.error, healthy = f"{type(exc).__name__}: {exc}", False
+            if self._stop.is_set():
+                return
+            failures = 0 if healthy else failures + 1
+            self.state, self.restarts = "restarting", self.restarts + 1
+            wait = BACKOFF_S[min(max(failures - 1, 0), len(BACKOFF_S) - 1)]
+            logger.warning("engine %s stopped (%s); starting it again in %d s", self.model, self.error, wait)
+            self._stop.wait(wait)
+
+    def _run_once(self) -> bool:
+        """Start the process and watch it until it ends; True if it had served long enough to count as healthy."""
+        self.port = free_port(self.settings.port_min, self.settings.port_max)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(self.command(self.port), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=self.environment(),
+                                             start_new_session=True)
+        self.state, self.started_at, self.error = "starting", time.monotonic(), None
+        self.generation += 1
+        logger.info("engine %s: pid %d on port %d, log %s", self.model, self._process.pid, self.port, self.log)
+        asked, misses = 0.0, 0
+        while self._process.poll() is None and not self._stop.is_set():
+            if self.state == "starting":
+                if self._serves():
+                    self.state = "ready"
+                    logger.info("engine %s ready after %.0f s", self.model, time.monotonic() - self.started_at)
+                elif time.monotonic() - self.started_at > self.settings.start_timeout_s:
+                    self.error = f"not serving after {self.settings.start_timeout_s:.0f} s"
+                    self._terminate()
+                    return False
+            elif time.monotonic() - asked > WATCH_S:
+                asked = time.monotonic()
+                misses = 0 if self._alive() else misses + 1
+                if misses >= MISSES:
+                    self.error = f"did not answer /health {MISSES} times in a row"
+                    self._terminate()
+                    return False
+            self._stop.wait(1.0)
+        up = time.monotonic() - self.started_at
+        if self._process.returncode is not None and not self._stop.is_set():
+            self.error = f"exited with {self._process.returncode}: {self._log_tail()}"
+        return up >= HEALTHY_AFTER_S
+
+    def _serves(self) -> bool:
+        """One token from the base: an engine can answer /health and still fail its first request."""
+        try:
+            answer = self._http.post(self.url + "/v1/completions",
+                                     json={"model": self.model, "prompt": "a", "max_tokens": 1})
+            return answer.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _alive(self) -> bool:
+        try:
+            return self._http.get(self.url + "/health", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)  # vLLM's engine core and workers are its children
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        except OSError:
+            return "no log"
+        return lines[-1][:300] if lines else "no output"
+
+
+def free_port(low: int, high: int) -> int:
+    for port in range(low, high + 1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise Unavailable(f"no free port in {low}–{high} for an engine", 30)
+
+
+def build_engines(entries: dict[str, EngineEntry], model_paths: dict[str, str], log_dir: Path) -> dict[str, Engine]:
+    return {model: (ManagedEngine(model, entry.managed, model_paths[model], log_dir) if entry.managed
+                    else ExternalEngine(model, entry.external)) for model, entry in entries.items()}

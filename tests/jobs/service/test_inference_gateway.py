@@ -1,0 +1,116 @@
+"""The inference gateway without an engine: server.yaml's inference block, what is refused before the engine,
+and OpenAI's chat shapes made from vLLM's completions. Against a real vLLM: tests/e2e/test_inference.py."""
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunerun.jobs.errors import SpecError
+from tunerun.jobs.service.app import create_app
+from tunerun.jobs.service.chat import ChatTemplate
+from tunerun.jobs.service.config import load_server_config
+from tunerun.jobs.service.engines import ManagedEngine, ManagedEngineSettings
+from tunerun.jobs.service.inference import ChatRequest, Route, as_chat, as_chat_chunk, completion_body
+
+MANAGED = "inference:\n  engines:\n    {name}: {{managed: {{python: /nonexistent/python, port_min: 9100, port_max: 9140}}}}\n"
+
+
+def server_yaml(tmp_path, inference: str) -> None:
+    (tmp_path / "server.yaml").write_text("storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\n"
+                                          + inference)
+
+
+def test_an_engine_for_a_model_not_in_the_catalog_is_named_with_a_suggestion(served, tmp_path):
+    server_yaml(tmp_path, MANAGED.format(name="support-tiyn"))
+    with pytest.raises(SpecError) as caught:
+        load_server_config(tmp_path / "server.yaml")
+    assert "line 6     inference.engines.support-tiyn: 'support-tiyn' is not a model under models: — did you " \
+           "mean 'support-tiny'?" in str(caught.value)
+    server_yaml(tmp_path, "inference: {engines: {support-tiny: {managed: {}, external: {url: 'http://v:8000', "
+                          "adapters: /mnt}}}}\n")
+    with pytest.raises(SpecError, match="give either managed"):
+        load_server_config(tmp_path / "server.yaml")
+    server_yaml(tmp_path, "inference: {engines: {support-tiny: {external: {url: 'vllm:8000', adapters: /mnt}}}}\n")
+    with pytest.raises(SpecError, match="expected the engine's HTTP address"):
+        load_server_config(tmp_path / "server.yaml")
+
+
+def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora():
+    settings = ManagedEngineSettings(python="/opt/vllm/bin/python", max_loras=8, max_lora_rank=64, kv_cache_gib=2,
+                                     extra_args=["--tensor-parallel-size", "2"])
+    engine = ManagedEngine("support-8b", settings, "/models/llama-8b", "/tmp/logs")
+    command = engine.command(8123)
+    assert command[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(command)
+    assert "--model /models/llama-8b --served-model-name support-8b" in joined and "--port 8123" in joined
+    assert "--enable-lora --max-loras 8 --max-lora-rank 64" in joined and command[-2:] == ["--tensor-parallel-size", "2"]
+    env = engine.environment()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
+def test_an_engine_that_cannot_start_is_a_503_with_retry_after_and_shows_in_healthz(served, keys, tmp_path):
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny"))
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        answer = app.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys['acme']}"},
+                          json={"model": "support-tiny", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0
+        assert answer.json()["error"]["code"] == "engine_unavailable"
+        engine = app.get("/healthz").json()["engines"]["support-tiny"]
+        assert engine["kind"] == "managed" and engine["state"] in ("starting", "restarting")
+
+
+def test_models_and_parameters_the_engine_would_refuse_late_are_refused_first(served, keys, tmp_path):
+    server_yaml(tmp_path, "inference:\n  max_n: 2\n" + MANAGED.format(name="support-tiny")[len("inference:\n"):])
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        def chat(**body):
+            body = {"model": "support-tiny", "messages": [{"role": "user", "content": "hi"}]} | body
+            return app.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys['acme']}"}, json=body)
+
+        assert chat(model="gpt-4o").json()["error"]["code"] == "model_not_found"
+        assert chat(model="ft:support-tiny:other::ftjob-" + "0" * 24).status_code == 404
+        assert chat(n=3).json()["error"]["param"] == "n"
+        assert chat(max_tokens=100000).json()["error"]["code"] == "context_length_exceeded"
+        assert chat(messages=[]).status_code == 400
+        assert chat(messages=[{"role": "wizard", "content": "x"}]).status_code == 400
+        no_key = app.post("/v1/chat/completions", json={"model": "support-tiny", "messages": []})
+        assert no_key.status_code == 401
+
+
+def route(template: str = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}A:") -> Route:
+    return Route("ft:support-tiny:acme::ftjob-1", None, "ftjob-1", None, ChatTemplate(template, {}))
+
+
+def test_a_chat_request_becomes_the_rendered_completion_with_its_sampling_parameters():
+    request = ChatRequest.model_validate({
+        "model": "ft:support-tiny:acme::ftjob-1", "temperature": 0, "max_completion_tokens": 12, "stop": ["\n"],
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Where is "}, {"type": "text", "text": "it?"}]}]})
+    body = completion_body(request, route())
+    assert body == {"model": "ftjob-1", "prompt": "system: Be brief.\nuser: Where is it?\nA:", "n": 1,
+                    "stream": False, "max_tokens": 12, "temperature": 0, "stop": ["\n"]}
+    for refused in ({"logprobs": True}, {"response_format": {"type": "json_object"}}, {"tool_choice": "required"}):
+        with pytest.raises(Exception, match="not supported") as caught:
+            completion_body(ChatRequest.model_validate(request.model_dump() | refused), route())
+        assert caught.value.status == 400
+    with pytest.raises(Exception, match="only text content parts"):
+        completion_body(ChatRequest.model_validate({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), route())
+
+
+def test_completions_come_back_in_chats_shape_whole_and_streamed():
+    answer = {"id": "cmpl-abc", "object": "text_completion", "created": 7, "model": "ft:x",
+              "choices": [{"index": 0, "text": "category: billing", "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}}
+    chat = as_chat(answer)
+    assert chat["id"] == "chatcmpl-abc" and chat["object"] == "chat.completion" and chat["usage"]["total_tokens"] == 24
+    assert chat["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "category: billing"},
+                                "finish_reason": "stop", "logprobs": None}]
+    opened: set[int] = set()
+    first = as_chat_chunk({"id": "cmpl-abc", "created": 7, "model": "ft:x",
+                           "choices": [{"index": 0, "text": "cat", "finish_reason": None}]}, opened)
+    second = as_chat_chunk({"id": "cmpl-abc", "created": 7, "model": "ft:x",
+                            "choices": [{"index": 0, "text": "egory", "finish_reason": "length"}]}, opened)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "cat"}
+    assert second["choices"][0]["delta"] == {"content": "egory"} and second["choices"][0]["finish_reason"] == "length"
+    usage = as_chat_chunk({"id": "cmpl-abc", "model": "ft:x", "choices": [], "usage": {"total_tokens": 9}}, opened)
+    assert usage["choices"] == [] and usage["usage"] == {"total_tokens": 9}

@@ -74,6 +74,7 @@ ARTIFACT_FOLDERS = (FINAL, EXPORTS)  # weights a user downloads: final/adapter, 
 # Beside any saved weights: the template prompts were rendered with in training (transformers' file name, which
 # vLLM and transformers read), and the tokenizer's settings (its special tokens)
 CHAT_TEMPLATE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what makes a weights folder an adapter rather than a model
 
 
 def control(name: str) -> str:

@@ -15,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import TUNERUN_VERSION
@@ -28,16 +30,33 @@ SIGNIN_MESSAGES = {"expired": "Your session has ended. Sign in again with your p
                    "signed_out": "You are signed out."}
 
 
+class HardenedHeaders:
+    """Every response says nosniff and same-origin. Plain ASGI: Starlette's ``@app.middleware`` would carry each
+    streamed chunk through a queue of its own and hide a client's disconnect from a streaming answer."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def hardened(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("x-content-type-options", "nosniff")
+                headers.setdefault("referrer-policy", "same-origin")
+            await send(message)
+
+        await self.app(scope, receive, hardened)
+
+
 def dashboard_routes(app: FastAPI, service) -> None:
     pages = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html", "j2"]))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
-    @app.middleware("http")
-    async def hardened(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("x-content-type-options", "nosniff")
-        response.headers.setdefault("referrer-policy", "same-origin")
-        return response
+    app.add_middleware(HardenedHeaders)
 
     def page(name: str, status: int = 200, **context) -> HTMLResponse:
         html = pages.get_template(f"{name}.html.j2").render(version=TUNERUN_VERSION, **context)

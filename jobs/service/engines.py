@@ -61,7 +61,7 @@ class ExternalEngineSettings(Strict):
     """A vLLM the platform runs, started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``."""
 
     url: str = Field(description="Its OpenAI-compatible server, e.g. http://vllm-support-8b:8000.")
-    adapters: str = Field(description="This server's storage as the engine reads it (a path or s3:// prefix).")
+    adapters: str = Field(description="Where the engine mounts this server's storage, e.g. /mnt/tunerun-runs.")
     max_loras: int = Field(4, ge=1, le=256)
     max_model_len: int = Field(2048, ge=16)
     api_key_env: str | None = Field(None, description="The variable holding the engine's --api-key, if it has one.")

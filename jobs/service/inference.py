@@ -9,6 +9,7 @@ as they arrive; when the client goes away the stream to the engine is closed, an
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -17,18 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tunerun.cluster.run_folder import CHAT_TEMPLATE, TOKENIZER_CONFIG, final_weights
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_CONFIG, final_weights
 from tunerun.cluster.storage import cache_root
 from tunerun.jobs.service import objects
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable
-from tunerun.jobs.service.errors import ApiError, bad_request
+from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
 
 # tunerun's default chat format, for a base or an older run that has no template of its own (trainer/data/)
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "trainer" / "data" / CHAT_TEMPLATE
@@ -85,7 +87,8 @@ class Gateway:
         self.service, self.engines = service, engines
         self.limits = service.served.config.inference
         self.client: httpx.AsyncClient | None = None
-        self._templates: dict[str, ChatTemplate] = {}
+        self._templates: dict[str, ChatTemplate] = {}  # a catalog model's
+        self._adapters: dict[str, tuple[str, ChatTemplate]] = {}  # a job's: where the engine reads it, its template
 
     async def open(self) -> None:
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
@@ -121,15 +124,26 @@ class Gateway:
             raise ApiError(409, f"{model} cannot be called yet: its fine-tuning job is {state.value}; it can be once "
                                 "the job has succeeded", "model", "model_not_ready")
         engine = self._engine(record.model, model)
+        if job_id not in self._adapters:  # a succeeded job's weights do not change: looked up once
+            self._adapters[job_id] = self._adapter(run, engine, model, job_id)
+        path, template = self._adapters[job_id]
+        return Route(model, engine, job_id, (job_id, path), template)
+
+    def _adapter(self, run, engine: Engine, model: str, job_id: str) -> tuple[str, ChatTemplate]:
+        """Where the engine reads the job's adapter, and the chat template the job trained with."""
         adapter = final_weights("adapter")
-        if not run.exists(f"{adapter}/adapter_config.json"):
+        if not run.exists(f"{adapter}/{ADAPTER_CONFIG}"):
             raise ApiError(400, f"{model} is a full fine-tune: serving full fine-tunes (an engine of their own) is "
                                 "not in this tunerun yet; call it after exporting it to your own vLLM", "model",
                            "model_not_served")
         local = run.local_path(adapter) if run.is_local else \
             self._local_copy(run, adapter, job_id) if isinstance(engine, ManagedEngine) else None
         path = engine.adapter_path(str(local) if local else None, f"{run.run_id}/{adapter}")
-        return Route(model, engine, job_id, (job_id, path), self._run_template(run, adapter, job_id))
+        config = json.loads(run.read_text(f"{adapter}/{TOKENIZER_CONFIG}")) \
+            if run.exists(f"{adapter}/{TOKENIZER_CONFIG}") else {}
+        source = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") \
+            else config.get("chat_template") or DEFAULT_TEMPLATE.read_text(encoding="utf-8")
+        return path, ChatTemplate(source, config)
 
     def _engine(self, base: str, requested: str) -> Engine:
         engine = self.engines.get(base)
@@ -141,7 +155,7 @@ class Gateway:
     def _local_copy(self, run, adapter: str, job_id: str) -> Path:
         """A managed engine reads adapters from this host: one on S3 is copied into the cache once."""
         target = cache_root() / "serve" / "adapters" / job_id
-        if not (target / "adapter_config.json").is_file():
+        if not (target / ADAPTER_CONFIG).is_file():
             run.download_dir(adapter, target)
         return target
 
@@ -153,15 +167,6 @@ class Gateway:
                 DEFAULT_TEMPLATE.read_text(encoding="utf-8")
             self._templates[model] = ChatTemplate(source, config)
         return self._templates[model]
-
-    def _run_template(self, run, adapter: str, job_id: str) -> ChatTemplate:
-        if job_id not in self._templates:
-            config = json.loads(run.read_text(f"{adapter}/{TOKENIZER_CONFIG}")) \
-                if run.exists(f"{adapter}/{TOKENIZER_CONFIG}") else {}
-            source = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") \
-                else config.get("chat_template") or DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-            self._templates[job_id] = ChatTemplate(source, config)
-        return self._templates[job_id]
 
     # ── checks the engine would make late ───────────────────────────────────────────────────────────────────
 
@@ -175,15 +180,17 @@ class Gateway:
 
     # ── forwarding ──────────────────────────────────────────────────────────────────────────────────────────
 
-    async def forward(self, route: Route, body: dict, stream: bool, to_chat: bool):
+    async def forward(self, request: Request, route: Route, body: dict, stream: bool, to_chat: bool):
         engine = route.engine
         try:
             engine.check_ready()
             if route.adapter:
                 await engine.ensure_adapter(self.client, *route.adapter)
-            upstream = await self.client.send(
+            sending = self.client.send(
                 self.client.build_request("POST", engine.url + "/v1/completions", json=body, headers=engine.headers,
                                           timeout=STREAM_TIMEOUT if stream else REQUEST_TIMEOUT), stream=True)
+            # vLLM answers a whole completion's headers only once it is generated: wait for it unless the client goes
+            upstream = await (sending if stream else _unless_gone(request, sending))
         except Unavailable as exc:
             raise _unavailable(str(exc), exc.retry_after) from None
         except httpx.HTTPError as exc:
@@ -233,7 +240,31 @@ class Gateway:
             error = {"message": message, "type": "server_error", "code": "engine_failed", "param": None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
-            await upstream.aclose()  # a client that went away lands here too: vLLM then aborts the request
+            # A client that went away lands here inside a cancelled scope, where an unshielded await would be
+            # cancelled before the connection closed, and vLLM would generate on for nobody.
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+
+
+async def _unless_gone(request: Request, reading):
+    """``await reading``, abandoned when the client disconnects first (`ClientGone`). The body was read already, so
+    the next ASGI message is the disconnect, as Starlette's streaming responses listen for it."""
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(reading), asyncio.ensure_future(disconnect())
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        gone.cancel()
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
+class ClientGone(httpx.HTTPError):
+    def __init__(self):
+        super().__init__("the client went away")
 
 
 # ── OpenAI's shapes ─────────────────────────────────────────────────────────────────────────────────────────
@@ -312,7 +343,7 @@ def _engine_error(status: int, text: str) -> ApiError:
 
 
 def _unavailable(message: str, retry_after: int | None) -> ApiError:
-    error = ApiError(503, message, None, "engine_unavailable")
+    error = ApiError(503, tenant_text(message), None, "engine_unavailable")  # an engine's log line names paths
     error.headers = {"retry-after": str(retry_after)} if retry_after else {}
     return error
 
@@ -340,17 +371,17 @@ def _text_file(path: Path) -> str | None:
 
 def inference_routes(app: FastAPI, gateway: Gateway, project_of) -> None:
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest, project: str = Depends(project_of)):
+    async def chat_completions(request: ChatRequest, http: Request, project: str = Depends(project_of)):
         route = await run_in_threadpool(gateway.route, project, request.model)
         gateway.check(route, request.n, request.max_completion_tokens or request.max_tokens)
-        return await gateway.forward(route, completion_body(request, route), request.stream, to_chat=True)
+        return await gateway.forward(http, route, completion_body(request, route), request.stream, to_chat=True)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, project: str = Depends(project_of)):
+    async def completions(request: CompletionRequest, http: Request, project: str = Depends(project_of)):
         route = await run_in_threadpool(gateway.route, project, request.model)
         gateway.check(route, request.n, request.max_tokens)
         body = request.model_dump(exclude_unset=True) | {"model": route.served, "stream": request.stream}
-        return await gateway.forward(route, body, request.stream, to_chat=False)
+        return await gateway.forward(http, route, body, request.stream, to_chat=False)
 
     @app.post("/v1/chat/completions/render", include_in_schema=False)
     async def render_chat(request: ChatRequest, project: str = Depends(project_of)):

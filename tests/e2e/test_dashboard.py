@@ -17,13 +17,14 @@ from pathlib import Path
 
 import openai
 import pytest
+from browser import launch_chromium
+from browser import sign_in as browser_sign_in
 from serve_process import WAIT_S, serve_models, stop_drivers
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STEPS = 24
 MS = 1000
 
@@ -39,13 +40,7 @@ def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
 
 @pytest.fixture(scope="module")
 def chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (scripts/install-system-deps installs it)")
-    driver = playwright.sync_playwright().start()
-    browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-    yield browser
-    browser.close()
-    driver.stop()
+    yield from launch_chromium()
 
 
 def api(service, project: str = "acme") -> openai.OpenAI:
@@ -54,12 +49,7 @@ def api(service, project: str = "acme") -> openai.OpenAI:
 
 
 def sign_in(chromium, service, key: str):
-    _, url, _ = service
-    page = chromium.new_context(base_url=url, viewport={"width": 1360, "height": 900}).new_page()
-    page.goto("/")  # no session yet: the sign-in page
-    page.fill("#api-key", key)
-    page.click("#sign-in")
-    return page
+    return browser_sign_in(chromium, service[1], key)
 
 
 def status_of(page, where: str) -> str:

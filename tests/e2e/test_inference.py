@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from browser import launch_chromium, sign_in
 from serve_process import start_with_keys, stop_drivers
 from transformers import AutoTokenizer
 
@@ -209,6 +211,36 @@ def test_a_model_still_training_is_refused_until_it_succeeds(served, tuned):
         api.fine_tuning.jobs.cancel(job.id)
 
 
+def engine_metric(served, name: str, label: str = "") -> float:
+    """A counter or gauge from vLLM's Prometheus page (summed over the lines that carry ``label``)."""
+    with urllib.request.urlopen(health(served)["engines"]["support-tiny"]["url"] + "/metrics", timeout=10) as page:
+        lines = re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+]+)$", page.read().decode(), re.M)
+    return sum(float(value) for labels, value in lines if label in labels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_goes_away_stops_its_generation_at_the_engine(served, tuned, stream):
+    root, server, keys = served
+    generated = engine_metric(served, "vllm:generation_tokens_total")
+    body = json.dumps({"model": "support-tiny", "prompt": "<|user|>\nhi\n<|assistant|>\n", "max_tokens": 480,
+                       "ignore_eos": True, "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Authorization: Bearer {keys['acme']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                           + body)
+        deadline = time.monotonic() + 30
+        while engine_metric(served, "vllm:num_requests_running") < 1:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while engine_metric(served, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine is still generating for a client that went away"
+        time.sleep(0.1)
+    time.sleep(1)  # the counters are updated after the request leaves the batch
+    assert engine_metric(served, "vllm:generation_tokens_total") - generated < 400  # aborted, not 480 tokens
+
+
 @pytest.mark.slow
 def test_an_engine_killed_mid_stream_fails_the_stream_and_serves_again(served, tuned):
     job, run, prompts = tuned
@@ -224,6 +256,45 @@ def test_an_engine_killed_mid_stream_fails_the_stream_and_serves_again(served, t
     wait_for_engine(served, after_restarts=before["restarts"] + 1)
     assert chat(api, job.fine_tuned_model, prompts[0]["messages"]) == chat(api, job.fine_tuned_model,
                                                                               prompts[0]["messages"])
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    yield from launch_chromium()
+
+
+@pytest.mark.slow
+def test_the_playground_answers_a_held_out_example_with_both_models(served, tuned, chromium, tmp_path):
+    job, run, prompts = tuned
+    root, server, keys = served
+    page = sign_in(chromium, f"http://127.0.0.1:{server.port}", keys["acme"])
+    page.goto(f"/jobs/{job.id}")
+    page.wait_for_selector("#playground:not([hidden])", timeout=30_000)
+    page.select_option("#playground-example", "0")
+    page.click("#playground-view")
+    evaluation = client(served).get(f"/fine_tuning/jobs/{job.id}/evaluation", cast_to=object)
+    example = evaluation["examples"][0]
+    assert page.inner_text("#playground-rendered") == example["prompt"]  # what the evaluation sent
+    page.click("#playground-send")
+    deadline = time.monotonic() + 60
+    while not (page.is_enabled("#playground-send") and page.inner_text("#playground-tuned").strip()):
+        assert time.monotonic() < deadline, page.inner_text("#playground")
+        page.wait_for_timeout(200)
+    assert page.inner_text("#playground-tuned").strip() == example["tuned_output"].strip()
+    assert page.inner_text("#playground-base").strip() != page.inner_text("#playground-tuned").strip()
+    page.locator("#playground").scroll_into_view_if_needed()
+    for folder in (tmp_path, os.environ.get("TUNERUN_SCREENSHOTS")):  # the README's picture, with the variable
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            page.locator("#playground").screenshot(path=str(Path(folder) / "dashboard-playground.png"))
+    page.select_option("#playground-example", "")
+    page.fill("#playground-prompt", "Hello <b>team</b>, where is my refund for order #4411?")
+    page.click("#playground-view")  # the server renders it: wait for the answer
+    deadline = time.monotonic() + 30
+    while "<|user|>\nHello <b>team</b>, where is my refund" not in page.inner_text("#playground-rendered"):
+        assert time.monotonic() < deadline, (page.inner_text("#playground-rendered"), page.inner_text("#playground"))
+        page.wait_for_timeout(200)
+    assert page.locator("#playground-rendered b").count() == 0  # the message stays text
 
 
 @pytest.mark.slow

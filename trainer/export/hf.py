@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from tunerun.cluster.run_folder import FINAL, export_folder
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, FINAL, export_folder
 from tunerun.jobs.errors import StorageError
 from tunerun.trainer.export.card import model_card
 from tunerun.trainer.weights import RunWeights, find_weights, run_local_path
@@ -122,7 +122,7 @@ def _write_adapter(job, weights: RunWeights, out: Path) -> None:
     from tunerun.trainer.methods.lora import ADAPTER_FILE
 
     if weights.name == FINAL:
-        for name in ("adapter_config.json", ADAPTER_FILE):
+        for name in (ADAPTER_CONFIG, ADAPTER_FILE):
             shutil.copy2(weights.folder / name, out / name)
         return
     # From a checkpoint: PEFT writes the config and the renamed tensors; the base is only needed for its shapes,

@@ -31,6 +31,35 @@ export async function api(path, { method = "GET", json, form } = {}) {
   return payload;
 }
 
+// A streamed completion (server-sent events, as OpenAI sends them): onText gets each piece of text as it arrives.
+export async function stream(path, json, onText) {
+  const response = await fetch(path, {
+    method: "POST", credentials: "same-origin", body: JSON.stringify({ ...json, stream: true }),
+    headers: { Accept: "text/event-stream", "Content-Type": "application/json", "X-CSRF-Token": csrf },
+  });
+  if (!response.ok) {
+    const payload = await response.json().catch(() => null);
+    throw new ApiError(response.status, payload?.error?.message ?? `${response.status}`);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new ApiError(502, "the answer ended before it was complete");
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut).replace(/^data: /, "");
+      buffer = buffer.slice(cut + 2);
+      if (event === "[DONE]") return;
+      const chunk = JSON.parse(event);
+      if (chunk.error) throw new ApiError(503, chunk.error.message);
+      const choice = chunk.choices?.[0];
+      if (choice) onText(choice.delta?.content ?? choice.text ?? "");
+    }
+  }
+}
+
 export function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attributes)) {

@@ -233,7 +233,7 @@ class Gateway:
                     chunk = json.loads(data) | {"model": route.requested}
                     yield f"data: {json.dumps(as_chat_chunk(chunk, opened))}\n\n"
                 else:
-                    yield f"data: {served.sub(renamed, data, count=1)}\n\n"
+                    yield f"data: {served.sub(lambda _: renamed, data, count=1)}\n\n"  # as is, not a template
             raise httpx.RemoteProtocolError("the stream ended without [DONE]")
         except (httpx.HTTPError, ValueError) as exc:
             message = f"the engine stopped in the middle of this response ({type(exc).__name__}); try again"

@@ -19,7 +19,8 @@ function picked() {
 function request() {
   const example = picked();
   if (example) return { path: "/v1/completions", body: { prompt: example.prompt } };
-  return { path: "/v1/chat/completions", body: { messages: [{ role: "user", content: $("playground-prompt").value }] } };
+  const message = { role: "user", content: $("playground-prompt").value };
+  return { path: "/v1/chat/completions", body: { messages: [message] } };
 }
 
 async function send() {
@@ -29,7 +30,8 @@ async function send() {
   const answers = [[models.base, $("playground-base")], [models.tuned, $("playground-tuned")]];
   for (const [, out] of answers) out.textContent = "";
   try {
-    await Promise.all(answers.map(([model, out]) => stream(path, { ...body, model, temperature: 0, max_tokens: MAX_TOKENS },
+    const options = { temperature: 0, max_tokens: MAX_TOKENS };
+    await Promise.all(answers.map(([model, out]) => stream(path, { ...body, ...options, model },
       (text) => { out.textContent += text; })));
   } catch (error) {
     showError("playground-error", `Could not get both answers: ${error.message}`);

@@ -12,7 +12,8 @@ from tunerun.jobs.service.config import load_server_config
 from tunerun.jobs.service.engines import ManagedEngine, ManagedEngineSettings
 from tunerun.jobs.service.inference import ChatRequest, Route, as_chat, as_chat_chunk, completion_body
 
-MANAGED = "inference:\n  engines:\n    {name}: {{managed: {{python: /nonexistent/python, port_min: 9100, port_max: 9140}}}}\n"
+MANAGED = ("inference:\n  engines:\n    {name}: {{managed: {{python: /nonexistent/python, port_min: 9100, "
+           "port_max: 9140}}}}\n")
 
 
 def server_yaml(tmp_path, inference: str) -> None:
@@ -43,7 +44,8 @@ def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora():
     assert command[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(command)
     assert "--model /models/llama-8b --served-model-name support-8b" in joined and "--port 8123" in joined
-    assert "--enable-lora --max-loras 8 --max-lora-rank 64" in joined and command[-2:] == ["--tensor-parallel-size", "2"]
+    assert "--enable-lora --max-loras 8 --max-lora-rank 64" in joined
+    assert command[-2:] == ["--tensor-parallel-size", "2"]
     env = engine.environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
@@ -84,7 +86,8 @@ def test_a_chat_request_becomes_the_rendered_completion_with_its_sampling_parame
     request = ChatRequest.model_validate({
         "model": "ft:support-tiny:acme::ftjob-1", "temperature": 0, "max_completion_tokens": 12, "stop": ["\n"],
         "messages": [{"role": "developer", "content": "Be brief."},
-                     {"role": "user", "content": [{"type": "text", "text": "Where is "}, {"type": "text", "text": "it?"}]}]})
+                     {"role": "user", "content": [{"type": "text", "text": "Where is "},
+                                                  {"type": "text", "text": "it?"}]}]})
     body = completion_body(request, route())
     assert body == {"model": "ftjob-1", "prompt": "system: Be brief.\nuser: Where is it?\nA:", "n": 1,
                     "stream": False, "max_tokens": 12, "temperature": 0, "stop": ["\n"]}

@@ -23,7 +23,8 @@ CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"c
 CONVERSATIONS = {
     "one turn": ([{"role": "user", "content": "Where is my refund?"}], []),
     "system and two turns": ([{"role": "system", "content": "You are Acme's support desk."},
-                              {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                              {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello! How can I help?"},
                               {"role": "user", "content": "My order #123 is late."}], []),
     "tools without a system turn": ([{"role": "user", "content": "Weather in Zürich?"}], TOOLS),
     "tools joining the system turn": ([{"role": "system", "content": "Be brief."},
@@ -49,7 +50,8 @@ def saved(tiny_model_dir, tmp_path_factory):
 
 def training_prompt(messages: list[dict], tools: list[dict], eos: str) -> str:
     """What training renders before an assistant's answer: the conversation with an empty last turn, cut there."""
-    text, _ = render_default(Conversation(messages=[*messages, {"role": "assistant", "content": "\x00"}], tools=tools), eos)
+    cut = {"role": "assistant", "content": "\x00"}
+    text, _ = render_default(Conversation(messages=[*messages, cut], tools=tools), eos)
     return text[:text.index("\x00")]
 
 

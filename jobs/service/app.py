@@ -270,12 +270,14 @@ def _page(items: list[dict], limit: int) -> dict:
 def _model_routes(app: FastAPI, service: Service, project_of) -> None:
     def models(project: str) -> list[dict]:
         created = int(service.served.loaded_at)
-        found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun"}
-                 for name in service.served.config.models]
+        callable_now = service.gateway.callable  # tunerun's own field: whether chat/completions would answer now
+        found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun",
+                  "tunerun": {"callable": callable_now(name)}} for name in service.served.config.models]
         for run, record in service.jobs.jobs_of(project):
             if service.jobs.known_state(run) == "succeeded":
                 found.append({"id": objects.fine_tuned_model(record), "object": "model",
-                              "created": int(record.created_at), "owned_by": project})
+                              "created": int(record.created_at), "owned_by": project,
+                              "tunerun": {"callable": callable_now(record.model)}})
         return found
 
     @app.get("/v1/models")

@@ -104,6 +104,14 @@ class Gateway:
     def health(self) -> dict:
         return {name: engine.health() for name, engine in self.engines.items()}
 
+    def callable(self, base: str) -> bool:
+        """Whether a request for ``base`` or one of its fine-tunes would reach an engine that serves now."""
+        engine = self.engines.get(base)
+        try:
+            return engine is not None and engine.check_ready() is None
+        except Unavailable:
+            return False
+
     # ── which model, where ──────────────────────────────────────────────────────────────────────────────────
 
     def route(self, project: str, model: str) -> Route:

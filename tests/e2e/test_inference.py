@@ -179,7 +179,8 @@ def test_streamed_chat_and_completions_give_the_same_answer(served, tuned):
                         body={"model": job.fine_tuned_model, "messages": messages})["prompt"]
     completion = api.completions.create(model=job.fine_tuned_model, prompt=rendered, temperature=0, max_tokens=8)
     assert completion.model == job.fine_tuned_model and completion.choices[0].text == streamed
-    assert job.fine_tuned_model in [m.id for m in api.models.list().data]
+    listed = {m.id: m.tunerun["callable"] for m in api.models.list().data}
+    assert listed == {"support-tiny": True, job.fine_tuned_model: True}
 
 
 @pytest.mark.slow

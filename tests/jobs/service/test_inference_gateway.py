@@ -59,6 +59,8 @@ def test_an_engine_that_cannot_start_is_a_503_with_retry_after_and_shows_in_heal
         assert answer.json()["error"]["code"] == "engine_unavailable"
         engine = app.get("/healthz").json()["engines"]["support-tiny"]
         assert engine["kind"] == "managed" and engine["state"] in ("starting", "restarting")
+        models = app.get("/v1/models", headers={"Authorization": f"Bearer {keys['acme']}"}).json()["data"]
+        assert [m["tunerun"]["callable"] for m in models] == [False]
 
 
 def test_models_and_parameters_the_engine_would_refuse_late_are_refused_first(served, keys, tmp_path):

@@ -215,6 +215,7 @@ def test_malformed_bodies_are_400_in_openais_shape(app, keys):
 def test_models_list_the_catalog(app, keys):
     models = client(app, keys["acme"]).models.list().data
     assert [(m.id, m.owned_by) for m in models] == [("support-tiny", "tunerun")]
+    assert models[0].tunerun == {"callable": False}  # no inference engine serves it
 
 
 # ── the configuration ───────────────────────────────────────────────────────────────────────────────────────

@@ -216,6 +216,7 @@ class ManagedEngine(Engine):
         self._terminate()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._terminate()  # one the supervisor started while it was being stopped
         self.state = "stopped"
 
     def check_ready(self) -> None:

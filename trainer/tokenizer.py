@@ -8,9 +8,7 @@ from transformers import AutoTokenizer
 from tunerun.cluster.run_folder import CHAT_TEMPLATE
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.plan import ResolvedJob
-
-# tunerun's default chat format (`tunerun.trainer.data.render.render_default`) written as a chat template
-DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parent / "data" / CHAT_TEMPLATE
+from tunerun.trainer.data.render import DEFAULT_CHAT_TEMPLATE
 
 
 def load_tokenizer(job: ResolvedJob):

@@ -16,6 +16,8 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tunerun.trainer.data.render import DEFAULT_CHAT_TEMPLATE  # torch-free: the default format's owner
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -46,6 +48,13 @@ class ChatTemplate:
         self.special = {name: _token_text(tokenizer_config.get(name)) or "" for name in SPECIAL_TOKENS}
         # Llama-style tokenizers add BOS themselves (add_bos_token defaults to true): one in the text would double it
         self.engine_adds_bos = tokenizer_config.get("add_bos_token", True) is not False
+
+    @classmethod
+    def of_weights(cls, template: str | None, tokenizer_config: dict) -> ChatTemplate:
+        """The template saved beside a model's weights, else its tokenizer config's, else tunerun's default (what
+        training rendered with when the tokenizer had none)."""
+        source = template or tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+        return cls(source, tokenizer_config)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt for the assistant's next turn; `TemplateRefused` when the template will not render it."""

@@ -21,7 +21,9 @@ from tunerun.jobs.service.errors import ApiError, bad_request
 from tunerun.jobs.service.sessions import CSRF_HEADER
 
 UPLOAD_PATH = "/v1/files"
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/chat/completions/render")  # bodies: chat histories
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+CHAT_RENDER_PATH = "/v1/chat/completions/render"  # tunerun's own: the prompt a chat request becomes
+INFERENCE_PATHS = (CHAT_PATH, COMPLETIONS_PATH, CHAT_RENDER_PATH)  # their bodies are chat histories: a limit of their own
 MULTIPART_OVERHEAD = 64 << 10  # boundaries and the purpose field around the file itself
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PROJECT = "tunerun_project"  # where the gate leaves the authenticated project in the request's state

@@ -31,9 +31,8 @@ from tunerun.jobs.service import objects
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
+from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
 
-# tunerun's default chat format, for a base or an older run that has no template of its own (trainer/data/)
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "trainer" / "data" / CHAT_TEMPLATE
 # What a chat request passes on to the completion it becomes (the rest of OpenAI's chat parameters are refused
 # when set, rather than silently ignored).
 SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user",
@@ -147,11 +146,8 @@ class Gateway:
         local = run.local_path(adapter) if run.is_local else \
             self._local_copy(run, adapter, job_id) if isinstance(engine, ManagedEngine) else None
         path = engine.adapter_path(str(local) if local else None, f"{run.run_id}/{adapter}")
-        config = json.loads(run.read_text(f"{adapter}/{TOKENIZER_CONFIG}")) \
-            if run.exists(f"{adapter}/{TOKENIZER_CONFIG}") else {}
-        source = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") \
-            else config.get("chat_template") or DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-        return path, ChatTemplate(source, config)
+        template = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") else None
+        return path, ChatTemplate.of_weights(template, run.read_json_if_there(f"{adapter}/{TOKENIZER_CONFIG}", {}))
 
     def _engine(self, base: str, requested: str) -> Engine:
         engine = self.engines.get(base)
@@ -170,10 +166,8 @@ class Gateway:
     def _base_template(self, model: str) -> ChatTemplate:
         if model not in self._templates:
             folder = Path(self.service.served.templates[model].model.path)
-            config = _json_file(folder / TOKENIZER_CONFIG)
-            source = _text_file(folder / CHAT_TEMPLATE) or config.get("chat_template") or \
-                DEFAULT_TEMPLATE.read_text(encoding="utf-8")
-            self._templates[model] = ChatTemplate(source, config)
+            self._templates[model] = ChatTemplate.of_weights(_text_file(folder / CHAT_TEMPLATE),
+                                                             _json_file(folder / TOKENIZER_CONFIG))
         return self._templates[model]
 
     # ── checks the engine would make late ───────────────────────────────────────────────────────────────────
@@ -378,20 +372,20 @@ def _text_file(path: Path) -> str | None:
 # ── routes ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 def inference_routes(app: FastAPI, gateway: Gateway, project_of) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(request: ChatRequest, http: Request, project: str = Depends(project_of)):
         route = await run_in_threadpool(gateway.route, project, request.model)
         gateway.check(route, request.n, request.max_completion_tokens or request.max_tokens)
         return await gateway.forward(http, route, completion_body(request, route), request.stream, to_chat=True)
 
-    @app.post("/v1/completions")
+    @app.post(COMPLETIONS_PATH)
     async def completions(request: CompletionRequest, http: Request, project: str = Depends(project_of)):
         route = await run_in_threadpool(gateway.route, project, request.model)
         gateway.check(route, request.n, request.max_tokens)
         body = request.model_dump(exclude_unset=True) | {"model": route.served, "stream": request.stream}
         return await gateway.forward(http, route, body, request.stream, to_chat=False)
 
-    @app.post("/v1/chat/completions/render", include_in_schema=False)
+    @app.post(CHAT_RENDER_PATH, include_in_schema=False)
     async def render_chat(request: ChatRequest, project: str = Depends(project_of)):
         """tunerun's own: the prompt text the model sees for these messages (the playground's template view)."""
         route = await run_in_threadpool(gateway.route, project, request.model)

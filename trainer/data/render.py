@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import bisect
 import json
+from pathlib import Path
 
+from tunerun.cluster.run_folder import CHAT_TEMPLATE
 from tunerun.jobs.errors import DataError
 from tunerun.trainer.data.formats import Conversation, trainable
 
 IGNORE_INDEX = -100  # what torch's cross-entropy (and so HF causal LMs) skip
+# `render_default` as a Jinja chat template: saved beside the weights of a run whose tokenizer has none
+DEFAULT_CHAT_TEMPLATE = Path(__file__).resolve().parent / CHAT_TEMPLATE
 Spans = list[tuple[int, int]]
 
 

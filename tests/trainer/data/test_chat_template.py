@@ -11,11 +11,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from tunerun.cluster.run_folder import CHAT_TEMPLATE as CHAT_TEMPLATE_FILE
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.trainer.data.formats import Conversation
-from tunerun.trainer.data.render import render_default
-from tunerun.cluster.run_folder import CHAT_TEMPLATE as CHAT_TEMPLATE_FILE
-from tunerun.trainer.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer
+from tunerun.trainer.data.render import DEFAULT_CHAT_TEMPLATE, render_default
+from tunerun.trainer.tokenizer import save_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter für eine Stadt",
                                             "parameters": {"type": "object", "properties": {"city": {}}}}}]

@@ -83,6 +83,8 @@ class FileStore:
     def __init__(self, storage: StorageSpec):
         self.storage = storage
         self.backend = backend_for(storage)
+        # A verdict saved while the file is being deleted would bring its object back: the two take turns.
+        self._settling = threading.Lock()
 
     def _key(self, project: str, file_id: str, suffix: str) -> str:
         return f"{ROOT}/{project}/{file_id}.{suffix}"
@@ -114,7 +116,7 @@ class FileStore:
     def validate(self, project: str, file_id: str, local: Path) -> FileObject:
         """Read every record with tunerun's data reader; the file object says how that went."""
         found = self.examine(project, file_id, local)
-        self.save(project, found)
+        self.settle(project, found)
         return found
 
     def examine(self, project: str, file_id: str, local: Path) -> FileObject:
@@ -126,10 +128,19 @@ class FileStore:
     def save(self, project: str, found: FileObject) -> None:
         self.backend.put(self._key(project, found.id, "json"), json.dumps(asdict(found)).encode("utf-8"))
 
+    def settle(self, project: str, found: FileObject) -> bool:
+        """Save a validation's verdict unless the file was deleted while it was read; whether it was saved."""
+        with self._settling:
+            if not self.backend.exists(self._key(project, found.id, "json")):
+                return False
+            self.save(project, found)
+            return True
+
     def delete(self, project: str, file_id: str) -> None:
-        self.get(project, file_id)
-        self.backend.delete_prefix(self._key(project, file_id, "json"))  # the object first: half a file never shows
-        self.backend.delete_prefix(self._key(project, file_id, "jsonl"))
+        with self._settling:
+            self.get(project, file_id)
+            self.backend.delete_prefix(self._key(project, file_id, "json"))  # the object first: no half file shows
+            self.backend.delete_prefix(self._key(project, file_id, "jsonl"))
 
     def remove_leftovers(self) -> list[str]:
         """Remove what servers that died mid-write left: interrupted writes, and bytes older than a minute with
@@ -154,11 +165,13 @@ class FileStore:
 
     # ── reading ─────────────────────────────────────────────────────────────────────────────────────────────
 
+    def exists(self, project: str, file_id: str) -> bool:
+        return bool(FILE_ID.fullmatch(file_id or "")) and self.backend.exists(self._key(project, file_id, "json"))
+
     def get(self, project: str, file_id: str) -> FileObject:
-        key = self._key(project, file_id, "json")
-        if not FILE_ID.fullmatch(file_id or "") or not self.backend.exists(key):
+        if not self.exists(project, file_id):
             raise not_found("file", file_id, "file_id")
-        return FileObject(**json.loads(self.backend.get(key)))
+        return FileObject(**json.loads(self.backend.get(self._key(project, file_id, "json"))))
 
     def content(self, project: str, file_id: str) -> bytes:
         self.get(project, file_id)
@@ -194,15 +207,18 @@ class Validator:
     def _validate(self, project: str, file_id: str, local: Path) -> None:
         try:
             found = self._examine(project, file_id, local)
-            if not self._stopping.is_set():  # shutdown removes the copy being read: no verdict on half a file
-                self.files.save(project, found)
+            if found is not None and not self._stopping.is_set():  # shutdown removes the copy being read
+                self.files.settle(project, found)
         finally:
             self._release(local.parent)
 
-    def _examine(self, project: str, file_id: str, local: Path) -> FileObject:
+    def _examine(self, project: str, file_id: str, local: Path) -> FileObject | None:
+        """The verdict on the file; None when it was deleted before one could be given."""
         try:
             return self.files.examine(project, file_id, local)
         except Exception:  # noqa: BLE001 - whatever failed is the server's: the file must not wait forever
+            if not self.files.exists(project, file_id):
+                return None
             if not self._stopping.is_set():
                 logger.exception("validating %s of project %s failed", file_id, project)
             return replace(self.files.get(project, file_id), status="error", status_details=(

@@ -151,3 +151,13 @@ def test_a_recovery_that_meets_a_storage_error_is_logged_and_the_server_goes_on(
     monkeypatch.setattr(validator.files, "remove_leftovers", unreachable)
     validator.recover()  # a background thread's body: it must not raise
     assert "recovering what stopped servers left failed" in caplog.text
+
+
+def test_a_file_deleted_while_it_is_validated_stays_deleted(app, tmp_path):
+    store = app.state.service.files
+    local = write_lines(tmp_path / "ok.jsonl", [GOOD])
+    found = store.add("acme", "ok.jsonl", "fine-tune", local)
+    verdict = store.examine("acme", found.id, local)  # read while the client deletes it
+    store.delete("acme", found.id)
+    assert store.settle("acme", verdict) is False
+    assert not store.exists("acme", found.id) and store.list("acme") == []

@@ -10,8 +10,11 @@ REQUESTABLE = ("loss", "exact_match", "f1", "rouge_l", "label_accuracy")
 # Scores of greedy generation against the reference answer (label_accuracy needs eval.label_pattern).
 GENERATION = ("exact_match", "f1", "rouge_l")
 SCORES = (*GENERATION, "label_accuracy")
+# Held-out preference pairs (training.objective dpo): how often, and by how much, the tuned model prefers the
+# chosen answer over the rejected one more than the reference did.
+PREFERENCE = ("reward_accuracy", "reward_margin")
 # Everything a run may record about its eval set; the names gates and checkpoint.best_metric may use.
-EVAL_SET = ("loss", "perplexity", *SCORES)
+EVAL_SET = ("loss", "perplexity", *SCORES, *PREFERENCE)
 GATEABLE = (*EVAL_SET, "forgetting_drop")
 LOWER_IS_BETTER = ("loss", "perplexity", "forgetting_drop")
 

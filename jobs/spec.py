@@ -296,7 +296,8 @@ class CleanSpec(Strict):
 class DataSpec(Strict):
     train: str = Field(description="Path, glob or s3:// URI of the training records.")
     eval: str | None = None
-    format: Literal["auto", "chat", "sharegpt", "alpaca", "text"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "text", "openai_preference", "trl_preference",
+                    "sharegpt_ranking", "alpaca_ranking"] = "auto"
     columns: dict[DataColumn, str] = {}  # tunerun field → the file's column, e.g. {output: answer}
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_seq_len: int = Field(1024, ge=16, le=1_048_576)
@@ -310,10 +311,23 @@ class DataSpec(Strict):
         return os_path(v)
 
 
+class DPOSpec(Strict):
+    """Direct preference optimisation (`tunerun.trainer.objectives.dpo`); the defaults are the ones measured to
+    work on a small model (README, "Preference tuning")."""
+
+    # How far the tuned model may move from the reference to honour a preference: larger keeps it closer.
+    beta: float = Field(0.1, gt=0, le=10)
+    # Weight of the preferred answer's own next-token loss beside the preference loss (TRL's rpo_alpha). Without
+    # it, DPO can lower both answers' likelihood and the text degenerates while the preference is learned.
+    nll_weight: float = Field(1.0, ge=0, le=100)
+
+
 class TrainingSpec(Strict):
     # What the model learns from each record: its batches, loss and held-out metrics (`tunerun.trainer.objectives`,
-    # one module each, registered under these names). sft: next-token loss on the assistant's tokens.
-    objective: Literal["sft"] = "sft"
+    # one module each, registered under these names). sft: next-token loss on the assistant's tokens; dpo: prefer
+    # the chosen answer of a preference pair over the rejected one.
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DPOSpec | None = None  # there exactly when objective is dpo (its defaults when the spec leaves it out)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(2, ge=1)
@@ -325,6 +339,20 @@ class TrainingSpec(Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = True
     seed: int = 42
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_defaults(cls, data):
+        if isinstance(data, dict) and data.get("objective") == "dpo" and data.get("dpo") is None:
+            return {**data, "dpo": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _dpo_block_fits(self):
+        if self.dpo is not None and self.objective != "dpo":
+            raise field_error("dpo", f"applies to objective dpo, not '{self.objective}': remove training.dpo or set "
+                              "training.objective: dpo")
+        return self
 
 
 class EvalSpec(Strict):
@@ -426,7 +454,7 @@ class EvalSpec(Strict):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" — did you mean '{close[0]}'?" if close else f"; known metrics: {', '.join(known)}"
             return f"unknown metric '{name}'{hint}"
-        if computed is not None and name not in computed:
+        if computed is not None and name not in computed and name not in metric_names.PREFERENCE:  # job's check
             needs = {"forgetting_drop": "set eval.general (the forgetting check is off)",
                      "label_accuracy": "set eval.label_pattern",
                      "perplexity": "add loss to eval.metrics"}
@@ -601,14 +629,45 @@ class JobSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _objective_fits(self):
+        """What the objective cannot do: pack its examples, or train without adapters (`tunerun.trainer.objectives`,
+        torch-free: each objective says so itself)."""
+        from tunerun.trainer.objectives import objective_for
+
+        objective = objective_for(self)
+        if self.data.packing and not objective.packs:
+            raise field_error("data.packing", f"{objective.NAME} cannot pack examples ({objective.packing_refusal}): "
+                              f"set data.packing: false for objective {self.training.objective}")
+        if objective.needs_adapters and self.method.kind == "full":
+            raise field_error("training.objective", f"{self.training.objective} {objective.needs_adapters}; use "
+                              "method.kind lora or qlora")
+        return self
+
+    @model_validator(mode="after")
+    def _gates_fit_objective(self):
+        computed = self.computed_metrics()
+        for name in self.eval.gates:
+            if name in metric_names.PREFERENCE and name not in computed:
+                raise field_error(f"eval.gates.{name}", f"metric '{name}' is measured by training.objective dpo "
+                                  "only (held-out preference pairs)")
+        return self
+
+    def computed_metrics(self) -> list[str]:
+        """Every metric name this job produces: the eval spec's, with the objective's held-out metrics."""
+        names = self.eval.computed_metrics()
+        if self.training.objective == "dpo" and "loss" in names:
+            names = [n for n in names if n != "perplexity"] + list(metric_names.PREFERENCE)
+        return names
+
+    @model_validator(mode="after")
     def _best_checkpoint_is_scored(self):
         checkpoint, evaluation = self.checkpoint, self.eval
         if not checkpoint.keep_best:
             return self
-        if checkpoint.best_metric not in evaluation.computed_metrics():
+        if checkpoint.best_metric not in self.computed_metrics():
             raise field_error("checkpoint.best_metric", f"'{checkpoint.best_metric}' is not measured by this job's "
                               f"eval.metrics ({', '.join(evaluation.metrics)}); add it there or pick one of "
-                              f"{', '.join(m for m in evaluation.computed_metrics() if m != 'forgetting_drop')}")
+                              f"{', '.join(m for m in self.computed_metrics() if m != 'forgetting_drop')}")
         if checkpoint.every_steps % evaluation.every_steps:
             nearest = evaluation.every_steps * max(1, round(checkpoint.every_steps / evaluation.every_steps))
             raise field_error("checkpoint.every_steps", f"keep_best ranks checkpoints by the eval at their step, so "

@@ -124,6 +124,9 @@ def _examples(path: Path):
         for line in handle:
             row = json.loads(line)
             starts = [i for i, p in enumerate(row.get("position_ids", [0])) if p == 0] + [len(row["input_ids"])]
+            if len(starts) == 2:  # one example in the row (a preference pair keeps its rejected answer)
+                yield row
+                continue
             for a, b in zip(starts, starts[1:]):
                 yield {"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]}
 
@@ -132,10 +135,16 @@ def _print_example(number: int, example: dict, tokenizer) -> None:
     from tunerun.trainer.data.render import IGNORE_INDEX, decode_segments
 
     trained = sum(label != IGNORE_INDEX for label in example["labels"])
-    console.print(f"\n── example {number} · {len(example['input_ids'])} tokens, {trained} trained ⟦…⟧ ──────────")
+    pair = "rejected_input_ids" in example
+    console.print(f"\n── example {number} · {len(example['input_ids'])} tokens, {trained} trained ⟦…⟧"
+                  + (" · a preference pair: prompt, ⟦chosen⟧, then ⟪rejected⟫" if pair else "") + " ──────────")
     text = "".join(f"[bold green]⟦{escape(piece)}⟧[/bold green]" if is_trained else escape(piece)
                    for piece, is_trained in decode_segments(tokenizer, example["input_ids"], example["labels"]))
     console.print(text)
+    if pair:  # the same prompt, then the answer ranked below the chosen one
+        rejected = decode_segments(tokenizer, example["rejected_input_ids"], example["rejected_labels"])
+        console.print("".join(f"[bold red]⟪{escape(piece)}⟫[/bold red]" for piece, is_trained in rejected
+                              if is_trained))
 
 
 # ---------------------------------------------------------------- the cache

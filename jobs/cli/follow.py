@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunerun.cluster.run_folder import EvalRow, JsonlTail, RunFolder, TrainRow, events, metric_rows
-from tunerun.jobs.metrics import SCORES
+from tunerun.jobs.metrics import PREFERENCE, SCORES
 
 PLAIN_EVERY_S = 10.0
 
@@ -70,10 +70,11 @@ class RunFollower:
         if self.first_eval is None:
             self.first_eval = held_out["loss"]
         self.last_eval = held_out["loss"]
-        scores = "".join(f"  {name} {held_out[name]:.2f}" for name in SCORES if name in held_out)
+        # what the objective measures (perplexity, or preference pairs' reward accuracy), then the scores
+        shown = [name for name in ("perplexity", *PREFERENCE, *SCORES) if name in held_out]
         label = "base" if row.base else f"step {row.step}"
-        self.console.print(f"eval   {label}  loss {held_out['loss']:.4f}  "
-                           f"perplexity {held_out.get('perplexity', float('nan')):.2f}{scores}")
+        self.console.print(f"eval   {label}  loss {held_out['loss']:.4f}"
+                           + "".join(f"  {name} {held_out[name]:.2f}" for name in shown))
 
     def _train_info(self) -> str:
         info = f"loss {self.last.loss:.4f}  lr {self.last.lr or 0:.2e}  {self.last.tokens_per_s or 0:,.0f} tok/s"

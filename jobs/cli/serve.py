@@ -101,7 +101,7 @@ def revoke_key(key_id, config_file):
 @user_errors
 def render_manifests(config_file):
     """Print the Kubernetes manifests that run this server (`| kubectl apply -f -`): ServiceAccount, Role,
-    RoleBinding, ConfigMap, Deployment, Service."""
+    RoleBinding, ConfigMap, Deployment, Service, and a vLLM Deployment and Service per managed inference engine."""
     from tunerun.jobs.service.config import load_server_config
     from tunerun.jobs.service.deploy import render_k8s
 

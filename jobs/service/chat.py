@@ -38,6 +38,13 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def source_of_weights(template: str | None, tokenizer_config: dict) -> str:
+    """The template a model's weights carry: the one saved beside them, else its tokenizer config's, else tunerun's
+    default (what training rendered with when the tokenizer had none). The gateway renders with it, and an engine
+    pod starts vLLM with it (`tunerun.jobs.service.engine_files`)."""
+    return template or tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+
+
 class ChatTemplate:
     def __init__(self, source: str, tokenizer_config: dict):
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -51,10 +58,7 @@ class ChatTemplate:
 
     @classmethod
     def of_weights(cls, template: str | None, tokenizer_config: dict) -> ChatTemplate:
-        """The template saved beside a model's weights, else its tokenizer config's, else tunerun's default (what
-        training rendered with when the tokenizer had none)."""
-        source = template or tokenizer_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
-        return cls(source, tokenizer_config)
+        return cls(source_of_weights(template, tokenizer_config), tokenizer_config)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt for the assistant's next turn; `TemplateRefused` when the template will not render it."""

@@ -130,11 +130,6 @@ def load_server_config(path: str | Path) -> Served:
             problems += [Problem(f"models.{name}.job", f"{exc.source}: {p.path or '(top level)'}"
                                  + (f" (line {p.line})" if p.line else "") + f": {p.message}")
                          for p in exc.problems]
-    for name, entry in config.inference.engines.items():
-        if entry.managed and name in templates and templates[name].model.path.startswith("s3://"):
-            problems.append(Problem(f"inference.engines.{name}.managed", "a managed engine reads the base model from "
-                                    f"this host, and {name}'s model.path is on S3: download it and name the folder "
-                                    "in the model's job spec, or run the engine yourself (external: {url, adapters})"))
     if problems:
         raise SpecError(str(path), problems)
     return Served(config, templates, texts, path)

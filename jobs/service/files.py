@@ -5,7 +5,9 @@ object is written after the bytes, so a file exists only once it is whole. An up
 temporary file (streamed by the multipart parser, never held in memory), gets the quick checks a client should
 hear about at once (a plain ``.jsonl`` name, not empty, JSON lines), is stored as ``uploaded``, and is then read
 record by record with tunerun's own data reader: ``processed`` (malformed records below the allowed share are
-listed in ``status_details``, as the data report lists them) or ``error``, naming the lines at fault.
+listed in ``status_details``, as the data report lists them) or ``error``, naming the lines at fault. A processed
+file records its records' format (``tunerun.format``: chat, openai_preference, …), so a job can be refused at once
+when its method trains on another kind of record.
 
 Every upload ends ``processed`` or ``error``: one left ``uploaded`` would refuse every job on it as
 ``file_not_ready``, forever. So a validation that raises (a bug, a record the reader chokes on) is logged and
@@ -30,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from tunerun.cluster.storage import LocalBackend, backend_for, process_alive
 from tunerun.jobs.errors import DataError
@@ -73,10 +76,13 @@ class FileObject:
     object: str = "file"
     records: int | None = None
     cleaning: dict | None = None  # what the default cleaning does to it (`count_cleaning`), once processed
+    # Its records' format (`tunerun.trainer.data.formats`), once processed; None in objects stored before formats
+    # were recorded (a job on such a file learns of a mismatch when its data is prepared).
+    format: str | None = None
 
     def public(self) -> dict:
-        shown = {k: v for k, v in asdict(self).items() if k not in ("records", "cleaning")}
-        return shown | {"tunerun": {"records": self.records, "cleaning": self.cleaning}}
+        shown = {k: v for k, v in asdict(self).items() if k not in ("records", "cleaning", "format")}
+        return shown | {"tunerun": {"records": self.records, "cleaning": self.cleaning, "format": self.format}}
 
 
 class FileStore:
@@ -121,9 +127,11 @@ class FileStore:
 
     def examine(self, project: str, file_id: str, local: Path) -> FileObject:
         """The file object as reading every record of ``local`` leaves it, not saved yet."""
-        status, details, records = validation_verdict(local, self.get(project, file_id).filename)
-        return replace(self.get(project, file_id), status=status, status_details=details, records=records,
-                       cleaning=cleaning_counts(local) if status == "processed" else None)
+        verdict = validation_verdict(local, self.get(project, file_id).filename)
+        processed = verdict.status == "processed"
+        return replace(self.get(project, file_id), status=verdict.status, status_details=verdict.details,
+                       records=verdict.records, cleaning=cleaning_counts(local) if processed else None,
+                       format=verdict.format if processed else None)
 
     def save(self, project: str, found: FileObject) -> None:
         self.backend.put(self._key(project, found.id, "json"), json.dumps(asdict(found)).encode("utf-8"))
@@ -324,31 +332,48 @@ def cleaning_counts(path: Path) -> dict:
     return counts | {"kept": report.train_records, "pii_masked": report.pii_masked}
 
 
-def validation_verdict(path: Path, filename: str) -> tuple[str, str | None, int]:
-    """(status, status_details, records read) of a JSONL file read as a training run reads it."""
+class Verdict(NamedTuple):
+    status: str  # processed | error
+    details: str | None  # status_details
+    records: int  # records read
+    format: str | None = None  # the records' format, when one was recognised
+
+
+def validation_verdict(path: Path, filename: str) -> Verdict:
+    """How a JSONL file reads as a training run reads it: status, details, records and their format."""
     from tunerun.trainer.data.formats import detect_format, to_conversation
     from tunerun.trainer.data.read import read_records
 
-    total, bad = 0, []
+    total, bad, found, first = 0, [], None, ""
     try:
         for where, record, error in read_records([path]):
             total += 1
+            line = f"line {where.rsplit(':', 1)[-1]}"
             if error is None:
                 try:
-                    to_conversation(record, detect_format(record))
+                    fmt = detect_format(record)
+                    to_conversation(record, fmt)
                 except DataError as exc:
                     error = str(exc)
+                else:
+                    found, first = found or fmt, first or line
+                    if fmt != found:  # a run refuses the whole file (one file, one format), so the upload does too
+                        return Verdict("error", f"{line}: this record is {fmt} but the first one ({first}) is "
+                                                f"{found}; one file holds one format: upload one file per format",
+                                       total)
             if error is not None:
-                bad.append(f"line {where.rsplit(':', 1)[-1]}: {error}")
+                bad.append(f"{line}: {error}")
     except DataError as exc:
-        return "error", str(exc).replace(str(path), filename), total
+        return Verdict("error", str(exc).replace(str(path), filename), total)
     if total == 0:
-        return "error", f"{filename} holds no records", 0
+        return Verdict("error", f"{filename} holds no records", 0)
     allowed = CleanSpec().max_bad_fraction
     listed = "; ".join(bad[:LISTED_PROBLEMS]) + (f"; … {len(bad) - LISTED_PROBLEMS} more" if len(bad) > LISTED_PROBLEMS
                                                  else "")
     if bad and len(bad) / total > allowed:
-        return "error", (f"{len(bad)} of {total} records cannot be used (more than {allowed:.0%}): {listed}"), total
+        return Verdict("error", f"{len(bad)} of {total} records cannot be used (more than {allowed:.0%}): {listed}",
+                       total, found)
     if bad:
-        return "processed", f"{total} records; {len(bad)} malformed ones will be skipped: {listed}", total
-    return "processed", None, total
+        return Verdict("processed", f"{total} records; {len(bad)} malformed ones will be skipped: {listed}", total,
+                       found)
+    return Verdict("processed", None, total, found)

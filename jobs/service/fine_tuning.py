@@ -6,6 +6,10 @@ written once, before the run exists, so every run with a run.json that belongs t
 server keeps nothing else: a restarted server, or a second one on the same storage, sees every job. What it has
 read of them it keeps in a `JobIndex` (`tunerun.jobs.service.index`), shared by the handlers and the scheduler.
 
+A request's ``method`` picks the template's objective: ``supervised`` trains ``sft`` on conversations, ``dpo``
+trains ``dpo`` on preference pairs (OpenAI's method types; `METHODS`). The training and validation files must hold
+the records that objective reads, which their file objects record at upload, so a mismatch is refused at creation.
+
 With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler`
 starts them as slots free, detached, so they keep training while the server is down); other targets are given the
 job at once and queue it in the cluster's own scheduler.
@@ -33,17 +37,24 @@ from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
 from tunerun.jobs.service.files import FileObject, FileStore
 from tunerun.jobs.service.index import FINISHED, JobIndex
+from tunerun.jobs.spec import JobSpec
+from tunerun.trainer.data.formats import PREFERENCE_FORMATS
+from tunerun.trainer.objectives import OBJECTIVES
 
 logger = logging.getLogger("tunerun.serve")
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 INTEGRATIONS = ("mlflow",)  # tracking tunerun feeds itself (tracking.mlflow in the job spec)
 MAX_PAIRS, MAX_KEY, MAX_VALUE = 16, 64, 512  # OpenAI's bounds for metadata; tags take the same
-# Where a spec problem shows in the request: the field the request filled in.
-PARAMS = {"training.epochs": "hyperparameters.n_epochs", "training.global_batch_size": "hyperparameters.batch_size",
-          "training.learning_rate": "hyperparameters.learning_rate_multiplier", "training.seed": "seed",
-          "data.train": "training_file", "data.eval": "validation_file",
+METHODS = {"supervised": "sft", "dpo": "dpo"}  # OpenAI's method.type → the training.objective it runs
+# Where a spec problem shows in the request: the field the request filled in. Hyperparameters are named where the
+# request gives them (`JobRequest.hyperparameters_at`): `HYPERPARAMETERS` names them there.
+PARAMS = {"training.seed": "seed", "data.train": "training_file", "data.eval": "validation_file",
+          "training.objective": "method.type",
           **{f"tracking.mlflow.{name}": "integrations" for name in ("experiment", "run_name", "tags")}}
+OPENAI_PAIR = '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
+HYPERPARAMETERS = {"training.epochs": "n_epochs", "training.global_batch_size": "batch_size",
+                   "training.learning_rate": "learning_rate_multiplier", "training.dpo.beta": "beta"}
 
 
 class Hyperparameters(BaseModel):
@@ -56,15 +67,31 @@ class Hyperparameters(BaseModel):
     @field_validator("n_epochs", "batch_size", "learning_rate_multiplier", mode="before")
     @classmethod
     def _auto_or_positive(cls, value, info):
-        if value == "auto":
-            return value
-        # bool is an int to Python (true would train 1 epoch); inf/nan are floats JSON can carry (1e999)
-        if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value <= 0:
-            raise ValueError(f"{info.field_name} must be 'auto' or a number above 0 (got {value!r})")
-        if info.field_name != "learning_rate_multiplier" and not float(value).is_integer():
-            raise ValueError(f"{info.field_name} must be 'auto' or a whole number (got {value!r})")
+        return auto_or_positive(value, info.field_name, whole=info.field_name != "learning_rate_multiplier")
+
+
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and ``beta`` (training.dpo.beta; its upper bound is the
+    spec's, and a beta it refuses is named here by the spec's problem mapped back, `HYPERPARAMETERS`)."""
+
+    beta: float | str = "auto"
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta_auto_or_positive(cls, value, info):
+        return auto_or_positive(value, info.field_name, whole=False)
+
+
+def auto_or_positive(value, name: str, whole: bool):
+    """A hyperparameter's value as OpenAI takes it: "auto", or a number above 0 (a whole one when ``whole``)."""
+    if value == "auto":
         return value
+    # bool is an int to Python (true would train 1 epoch); inf/nan are floats JSON can carry (1e999)
+    if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be 'auto' or a number above 0 (got {value!r})")
+    if whole and not float(value).is_integer():
+        raise ValueError(f"{name} must be 'auto' or a whole number (got {value!r})")
+    return value
 
 
 class SupervisedMethod(BaseModel):
@@ -72,10 +99,16 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters = Hyperparameters()
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
 class MethodRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # dpo / reinforcement blocks are refused by type, with a message
+    model_config = ConfigDict(extra="allow")  # other methods' blocks (reinforcement) are refused by type, by name
     type: str
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class MlflowIntegration(BaseModel):
@@ -155,17 +188,41 @@ class JobRequest(BaseModel):
                                  "\"support\"}}")
         return integrations
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"  # OpenAI's default
+
+    def hyperparameters_at(self) -> str:
+        """Where the request's hyperparameters are: under its method, or at the top level (deprecated, supervised
+        only) when a supervised request gives no method block."""
+        if self.method_type == "supervised" and (self.method is None or self.method.supervised is None):
+            return "hyperparameters"
+        return f"method.{self.method_type}.hyperparameters"
+
     def chosen_hyperparameters(self) -> Hyperparameters:
-        if self.method is not None:
-            if self.method.type != "supervised":
-                raise bad_request(f"method type {self.method.type!r} is not available here; tunerun fine-tunes with "
-                                  "'supervised'", "method.type", "unsupported_method")
-            if self.method.supervised is not None:
-                if self.hyperparameters is not None:  # OpenAI refuses the pair too: which one would win is a guess
-                    raise bad_request("give hyperparameters either at the top level (deprecated) or under "
-                                      "method.supervised.hyperparameters, not both", "hyperparameters")
-                return self.method.supervised.hyperparameters
-        return self.hyperparameters or Hyperparameters()
+        """The hyperparameters asked for (`DpoHyperparameters` for dpo); 400 for a method not served here, a
+        method block beside another type, or hyperparameters given in two places."""
+        if self.method is None:
+            return self.hyperparameters or Hyperparameters()
+        kind = self.method.type
+        if kind not in METHODS:
+            raise bad_request(f"method type {kind[:40]!r} is not available here; tunerun fine-tunes with "
+                              f"{' or '.join(repr(m) for m in METHODS)}", "method.type", "unsupported_method")
+        given = [name for name in METHODS if getattr(self.method, name) is not None]  # a field per method served
+        stray = [name[:40] for name in given + list(self.method.model_extra or {}) if name != kind]
+        if stray:
+            raise bad_request(f"method.type is {kind!r}: its settings go under method.{kind}, not method.{stray[0]}",
+                              f"method.{stray[0]}")
+        block = getattr(self.method, kind)
+        if kind == "dpo" and self.hyperparameters is not None:  # OpenAI's top-level field is supervised's only
+            raise bad_request("hyperparameters at the top level apply to supervised jobs (and are deprecated); give "
+                              "a dpo job's under method.dpo.hyperparameters", "hyperparameters")
+        if block is not None and self.hyperparameters is not None:  # which one would win is a guess: OpenAI refuses
+            raise bad_request("give hyperparameters either at the top level (deprecated) or under "
+                              "method.supervised.hyperparameters, not both", "hyperparameters")
+        if block is not None:
+            return block.hyperparameters
+        return DpoHyperparameters() if kind == "dpo" else self.hyperparameters or Hyperparameters()
 
 
 @dataclass(frozen=True)
@@ -178,8 +235,10 @@ class ServiceRecord:
     created_at: float
     request: dict
     result_file: str
-    hyperparameters: dict
+    hyperparameters: dict  # n_epochs, batch_size, learning_rate_multiplier as the job trains
     seed: int  # the seed the job trains with (the request's, else the spec's)
+    method: str = "supervised"  # OpenAI's method.type (records written before dpo was served have none)
+    beta: float | None = None  # dpo: the training.dpo.beta the job trains with
 
     @property
     def suffix(self) -> str | None:
@@ -188,6 +247,28 @@ class ServiceRecord:
     @property
     def metadata(self) -> dict:
         return self.request.get("metadata") or {}
+
+
+def method_overrides(template: JobSpec, method: str, hyper: Hyperparameters) -> list[str]:
+    """The ``--set`` items that turn the catalog template into a job of ``method`` (`METHODS`)."""
+    objective, overrides = METHODS[method], []
+    if template.training.objective != objective:
+        overrides.append(f"training.objective={objective}")
+        if objective != "dpo" and template.training.dpo is not None:
+            overrides.append("training.dpo=null")  # the block belongs to objective dpo; the spec refuses it elsewhere
+    if objective == "dpo":
+        if hyper.beta != "auto":  # else the template's beta, or DPOSpec's default
+            overrides.append(f"training.dpo.beta={float(hyper.beta)!r}")
+        # A template written for supervised jobs may pack them (packing only saves padding there). A preference
+        # pair's two answers are compared with each other and cannot share a row with other pairs, so a dpo job on
+        # that template trains unpacked instead of being refused for the admin's choice.
+        if template.data.packing:
+            overrides.append("data.packing=false")
+    # A template may fix data.format for the records its admin had in mind; the request's file was read at upload,
+    # and its format checked against the method, so a format of the other kind gives way to detection.
+    if template.data.format != "auto" and template.data.format not in OBJECTIVES[objective].formats:
+        overrides.append("data.format=auto")
+    return overrides
 
 
 class JobFolders(RunStore):
@@ -212,16 +293,16 @@ class JobService:
         if request.model not in self.served.templates:
             raise ApiError(404, f"The model {request.model!r} is not in this server's catalog; models: "
                                 f"{', '.join(self.served.templates)}", "model", "model_not_found")
-        hyper = request.chosen_hyperparameters()
-        self._check_hyperparameters(request.model, hyper)
-        train = self._usable_file(project, request.training_file, "training_file")
+        hyper, at = request.chosen_hyperparameters(), request.hyperparameters_at()
+        self._check_hyperparameters(request.model, hyper, at)
+        train = self._usable_file(project, request.training_file, "training_file", request.method_type)
         data = {"train": self.files.data_uri(project, train.id),
                 "eval": self.files.data_uri(project, self._usable_file(project, request.validation_file,
-                                                                       "validation_file").id)
+                                                                       "validation_file", request.method_type).id)
                 if request.validation_file else None}
         job_id = f"ftjob-{secrets.token_hex(12)}"
         job = self._resolved_job(job_id, request, hyper, data)
-        self._check_budget(job, train, hyper)
+        self._check_budget(job, train, hyper, at)
         run = RunFolder(self.config.storage, job_id)
         template = self.served.templates[request.model].training
         record = ServiceRecord(job_id=job_id, project=project, model=request.model, created_at=time.time(),
@@ -231,7 +312,8 @@ class JobService:
                                                 "batch_size": job.spec.training.global_batch_size,
                                                 "learning_rate_multiplier": job.spec.training.learning_rate
                                                 / template.learning_rate},
-                               seed=job.spec.training.seed)
+                               seed=job.spec.training.seed, method=request.method_type,
+                               beta=job.spec.training.dpo.beta if job.spec.training.dpo else None)
         run.write_json(SERVICE_RECORD, vars(record))  # before run.json: a listed run always has its record
         if self.config.target == "local":
             create_run(job, "local", state=RunState.QUEUED)
@@ -240,7 +322,7 @@ class JobService:
         self.index.add(run, record)
         return run
 
-    def _usable_file(self, project: str, file_id: str, param: str) -> FileObject:
+    def _usable_file(self, project: str, file_id: str, param: str, method: str) -> FileObject:
         try:
             found = self.files.get(project, file_id)
         except ApiError:
@@ -250,33 +332,39 @@ class JobService:
                               "'processed'", param, "file_not_ready")
         if found.status == "error":
             raise bad_request(f"File {file_id} failed validation: {found.status_details}", param, "invalid_file")
+        reads = OBJECTIVES[METHODS[method]].formats
+        if found.format is not None and found.format not in reads:  # None: stored before formats were recorded
+            pairs = found.format in PREFERENCE_FORMATS
+            raise bad_request(f"File {file_id} holds {found.format} records"
+                              + (" (preference pairs), which train with method {\"type\": \"dpo\"}" if pairs else "")
+                              + f"; method {method} trains on {', '.join(reads)} records"
+                              + (f" (OpenAI's: {OPENAI_PAIR})" if method == "dpo" else ""), param, "invalid_file")
         return found
 
-    def _check_hyperparameters(self, model: str, hyper: Hyperparameters) -> None:
+    def _check_hyperparameters(self, model: str, hyper: Hyperparameters, at: str) -> None:
         """What the catalog and this server's limits allow, checked on the values the request sent (the job spec
-        would name the derived ones: a learning rate, not the multiplier)."""
+        would name the derived ones: a learning rate, not the multiplier). ``at``: where the request gave them."""
         limits = self.config.limits
         if hyper.n_epochs != "auto" and hyper.n_epochs > limits.max_epochs:
-            raise bad_request(f"hyperparameters.n_epochs: at most {limits.max_epochs} on this server (got "
-                              f"{hyper.n_epochs:g})", "hyperparameters.n_epochs")
+            raise bad_request(f"{at}.n_epochs: at most {limits.max_epochs} on this server (got "
+                              f"{hyper.n_epochs:g})", f"{at}.n_epochs")
         base = self.served.templates[model].training.learning_rate
         if hyper.learning_rate_multiplier != "auto" and hyper.learning_rate_multiplier * base >= 1:
-            raise bad_request(f"hyperparameters.learning_rate_multiplier: must be below {1 / base:g} for model "
-                              f"{model} (got {hyper.learning_rate_multiplier:g})",
-                              "hyperparameters.learning_rate_multiplier")
+            raise bad_request(f"{at}.learning_rate_multiplier: must be below {1 / base:g} for model "
+                              f"{model} (got {hyper.learning_rate_multiplier:g})", f"{at}.learning_rate_multiplier")
 
-    def _check_budget(self, job: ResolvedJob, train: FileObject, hyper: Hyperparameters) -> None:
+    def _check_budget(self, job: ResolvedJob, train: FileObject, hyper: Hyperparameters, at: str) -> None:
         """A batch the training file can fill, and no more optimizer steps than this server allows a job."""
         training, data = job.spec.training, job.spec.data
         records = (train.cleaning or {}).get("kept", train.records) or 0
         examples = records if data.eval else records - math.ceil(records * data.eval_fraction)
         if training.global_batch_size > examples:
-            raise bad_request(f"hyperparameters.batch_size: {training.global_batch_size:,} is more than the "
+            raise bad_request(f"{at}.batch_size: {training.global_batch_size:,} is more than the "
                               f"{examples:,} training examples of {train.id}; use a batch of at most {examples:,}",
-                              "hyperparameters.batch_size")
+                              f"{at}.batch_size")
         steps = training.max_steps or math.ceil(examples / training.global_batch_size) * training.epochs
         if steps > self.config.limits.max_steps:
-            param = "hyperparameters.n_epochs" if hyper.n_epochs != "auto" else "hyperparameters.batch_size"
+            param = f"{at}.n_epochs" if hyper.n_epochs != "auto" else f"{at}.batch_size"
             raise bad_request(f"{param}: this job would train {steps:,} steps; this server allows at most "
                               f"{self.config.limits.max_steps:,} per job (fewer epochs or a larger batch)", param)
 
@@ -294,6 +382,7 @@ class JobService:
             overrides.append(f"training.learning_rate={rate!r}")
         if request.seed is not None:
             overrides.append(f"training.seed={request.seed}")
+        overrides += method_overrides(template, request.method_type, hyper)
         overrides += self._integration_overrides(request)
         try:
             spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides,
@@ -303,8 +392,12 @@ class JobService:
             return resolve(spec, run_id=job_id, source=f"model {request.model}")
         except SpecError as exc:
             first = exc.problems[0]
-            raise bad_request(f"{PARAMS.get(first.path, first.path)}: {first.message.replace(' (from --set)', '')}",
-                              PARAMS.get(first.path, first.path)) from None
+            param = (f"{request.hyperparameters_at()}.{HYPERPARAMETERS[first.path]}" if first.path in HYPERPARAMETERS
+                     else PARAMS.get(first.path, first.path))
+            message = first.message.replace(" (from --set)", "")
+            if first.path == "training.objective":  # the template's method cannot train this objective (dpo on full)
+                message = f"model {request.model} cannot train {request.method_type}: {message}"
+            raise bad_request(f"{param}: {message}", param) from None
         except TunerunError as exc:
             logger.warning("job request for model %s refused: %s", request.model, exc)  # the admin's view, whole
             raise bad_request(f"model {request.model} cannot train this request: {tenant_text(str(exc))}") from None

@@ -29,7 +29,7 @@ from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_
 from tunerun.cluster.storage import cache_root
 from tunerun.jobs.service import objects
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
-from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable
+from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
 from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
 
@@ -145,7 +145,7 @@ class Gateway:
                            "model_not_served")
         local = run.local_path(adapter) if run.is_local else \
             self._local_copy(run, adapter, job_id) if isinstance(engine, ManagedEngine) else None
-        path = engine.adapter_path(str(local) if local else None, f"{run.run_id}/{adapter}")
+        path = engine.adapter_path(str(local) if local else None, adapter_key(run.run_id))
         template = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") else None
         return path, ChatTemplate.of_weights(template, run.read_json_if_there(f"{adapter}/{TOKENIZER_CONFIG}", {}))
 

@@ -49,7 +49,7 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
         "training_file": record.request["training_file"],
         "validation_file": record.request.get("validation_file"),
         "hyperparameters": record.hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": record.hyperparameters}},
+        "method": _method(record),
         "trained_tokens": last.tokens_seen if last and info.state.terminal else None,
         "error": _error(info),
         "seed": record.seed,
@@ -63,6 +63,13 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
                     "tokens_per_s": getattr(last, "tokens_per_s", None), "last_eval": _last_eval(rows.tuned_evals()),
                     "gates_passed": (info.gates or {}).get("passed")},
     }
+
+
+def _method(record: ServiceRecord) -> dict:
+    """OpenAI's ``method``: its type and the hyperparameters the job trains with (a dpo job's with its beta)."""
+    if record.method == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {"beta": record.beta, **record.hyperparameters}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": record.hyperparameters}}
 
 
 def _last_eval(evaluated: list[EvalRow]) -> dict | None:

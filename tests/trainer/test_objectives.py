@@ -24,7 +24,7 @@ from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import resolve
 from tunerun.jobs.spec import CleanSpec, DataSpec, JobSpec, TrainingSpec
 from tunerun.trainer.data.cache import content_hash, prepare_to_folder
-from tunerun.trainer.data.formats import to_conversation
+from tunerun.trainer.data.formats import FORMATS, to_conversation
 from tunerun.trainer.data.pack import ExampleWriter, Packer
 from tunerun.trainer.data.render import IGNORE_INDEX, encode, render
 from tunerun.trainer.evaluation.loss import held_out_loss
@@ -44,6 +44,9 @@ class SummedNextToken:
     cross-entropy of the trained tokens as the loss, and a held-out metric supervised fine-tuning has not."""
 
     NAME = "summed next-token loss"
+    KEY = "summed"
+    formats = FORMATS
+    packing_refusal = needs_adapters = ""
     activation_sequences = 3
 
     @classmethod
@@ -82,6 +85,9 @@ class PromptAndReply:
     whatever data.too_long says."""
 
     NAME = "prompt and reply"
+    KEY = "prompt_reply"
+    formats = FORMATS
+    packing_refusal, needs_adapters = "a prompt and a reply kept apart", ""
     activation_sequences = 1
     packs = False
 
@@ -156,13 +162,13 @@ def token_mean_cross_entropy(model, batch: dict) -> float:
 
 
 def test_a_job_trains_with_supervised_fine_tuning_and_unknown_names_are_refused():
-    assert list(OBJECTIVES) == ["sft"]
+    assert list(OBJECTIVES) == ["sft", "dpo"]
     chosen = objective_for(None)
     assert isinstance(chosen, SupervisedFineTuning) and isinstance(chosen, Objective)
     assert chosen.activation_sequences == 1 and chosen.packs
     assert pickle.loads(pickle.dumps(chosen)).packs  # data preparation sends it to its worker processes
-    with pytest.raises(ValueError, match="unknown objective 'dpo'; known: sft"):
-        get_objective("dpo")
+    with pytest.raises(ValueError, match="unknown objective 'ppo'; known: sft, dpo"):
+        get_objective("ppo")
 
 
 def test_the_spec_names_the_objective_sft_by_default(stub_model_dir, tmp_path):
@@ -179,8 +185,8 @@ def test_the_spec_names_the_objective_sft_by_default(stub_model_dir, tmp_path):
 
 def test_an_unknown_objective_is_refused_naming_the_field_and_the_choices(stub_model_dir, tmp_path):
     text = f"model: {{path: {stub_model_dir}}}\ndata: {{train: {tmp_path / 't.jsonl'}}}\ntraining:\n  objective: %s\n"
-    for written, message in [("dpo", "expected sft (got 'dpo')"),
-                             ("sfft", "expected sft (got 'sfft') — did you mean 'sft'?")]:
+    for written, message in [("rlhf", "expected one of sft, dpo (got 'rlhf')"),
+                             ("sfft", "expected one of sft, dpo (got 'sfft') — did you mean 'sft'?")]:
         with pytest.raises(SpecError) as caught:
             load_job_text(text % written, "job.yaml")
         assert caught.value.problems == [Problem("training.objective", message, 4)]
@@ -196,7 +202,7 @@ def test_objectives_and_the_planner_that_reads_them_load_no_training_stack():
             "('torch', 'transformers', 'ray', 'deepspeed', 'peft'))]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [{"sft": 1}, []]
+    assert json.loads(done.stdout) == [{"sft": 1, "dpo": 2}, []]
 
 
 # ── supervised fine-tuning ──────────────────────────────────────────────────────────────────────────────────

@@ -13,6 +13,16 @@ function schemas the conversation may call, each ``{"type": "function", "functio
   instruction and input joined by a blank line.
 - text: ``{"text"}`` → one ``"text"`` message: continued pre-training, loss on every token.
 
+Preference pairs (the ``dpo`` objective): a prompt, the answer people preferred and the one they ranked below it.
+The conversation's ``messages`` are the prompt followed by the preferred answer (from ``answer_start``), and
+``rejected`` is the other answer, said after the same prompt.
+
+- openai_preference: ``{"input": {"messages", "tools"?}, "preferred_output": [...], "non_preferred_output":
+  [...]}`` (OpenAI's DPO fine-tuning JSONL; the outputs are assistant messages).
+- trl_preference: ``{"prompt", "chosen", "rejected"}`` (TRL), each a string or a list of messages.
+- sharegpt_ranking: ``{"conversations": [...], "chosen": {"from", "value"}, "rejected": {...}}`` (LLaMA-Factory).
+- alpaca_ranking: ``{"instruction", "input"?, "chosen", "rejected"}`` (LLaMA-Factory).
+
 Conversations must read in order: an optional system message first, then a user turn, then replies that
 alternate (tool results follow an assistant turn), and at least one assistant turn.
 """
@@ -24,12 +34,18 @@ from dataclasses import dataclass, field
 from tunerun.jobs.errors import DataError
 
 FORMATS = ("chat", "sharegpt", "alpaca", "text")
+PREFERENCE_FORMATS = ("openai_preference", "trl_preference", "sharegpt_ranking", "alpaca_ranking")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant",
                   "observation": "tool", "system": "system"}
 FORMAT_SHAPES = ('chat {"messages": [...]}, sharegpt {"conversations": [...]}, '
                  'alpaca {"instruction", "output"}, text {"text"}')
-_KEY_FIELD = {"chat": "messages", "sharegpt": "conversations", "alpaca": "instruction", "text": "text"}
+PREFERENCE_SHAPES = ('openai_preference {"input", "preferred_output", "non_preferred_output"}, trl_preference '
+                     '{"prompt", "chosen", "rejected"}, sharegpt_ranking {"conversations", "chosen", "rejected"}, '
+                     'alpaca_ranking {"instruction", "chosen", "rejected"}')
+_KEY_FIELD = {"chat": "messages", "sharegpt": "conversations", "alpaca": "instruction", "text": "text",
+              "openai_preference": "preferred_output", "trl_preference": "prompt", "sharegpt_ranking": "chosen",
+              "alpaca_ranking": "chosen"}
 # What may follow each role; "start" is before the first non-system message.
 _NEXT = {"start": {"user"}, "user": {"assistant"}, "assistant": {"user", "tool"}, "tool": {"tool", "assistant"}}
 
@@ -38,10 +54,35 @@ _NEXT = {"start": {"user"}, "user": {"assistant"}, "assistant": {"user", "tool"}
 class Conversation:
     messages: list[dict]
     tools: list[dict] = field(default_factory=list)
+    # A preference pair: ``messages[answer_start:]`` is the preferred answer, ``rejected`` the other one.
+    rejected: list[dict] | None = None
+    answer_start: int = 0
+
+    @property
+    def is_pair(self) -> bool:
+        return self.rejected is not None
+
+    def rejected_conversation(self) -> "Conversation":
+        """The prompt followed by the rejected answer."""
+        return Conversation(self.messages[:self.answer_start] + self.rejected, self.tools)
+
+    def all_messages(self) -> list[dict]:
+        """Every message whose text cleaning visits: the rejected answer's too."""
+        return self.messages + (self.rejected or [])
 
 
 def detect_format(record: dict) -> str:
-    """'chat' | 'sharegpt' | 'alpaca' | 'text' from the record's keys; `DataError` naming the keys if none fits."""
+    """The record's format from its keys (`FORMATS`, `PREFERENCE_FORMATS`); `DataError` naming the keys if none
+    fits."""
+    if "preferred_output" in record and "non_preferred_output" in record:
+        return "openai_preference"
+    if "chosen" in record and "rejected" in record:
+        if "prompt" in record:
+            return "trl_preference"
+        if "conversations" in record:
+            return "sharegpt_ranking"
+        if "instruction" in record:
+            return "alpaca_ranking"
     if isinstance(record.get("messages"), list):
         return "chat"
     if isinstance(record.get("conversations"), list):
@@ -50,18 +91,20 @@ def detect_format(record: dict) -> str:
         return "alpaca"
     if isinstance(record.get("text"), str):
         return "text"
-    raise DataError(f"unknown record format: found keys {sorted(record)}; expected one of {FORMAT_SHAPES}. "
-                    "Set data.format, or map your field names with data.columns "
-                    "(e.g. columns: {instruction: question, output: answer})")
+    raise DataError(f"unknown record format: found keys {sorted(record)}; expected one of {FORMAT_SHAPES}; or "
+                    f"for preference tuning one of {PREFERENCE_SHAPES}. Set data.format, or map your field names "
+                    "with data.columns (e.g. columns: {instruction: question, output: answer})")
 
 
 def to_conversation(record: dict, fmt: str) -> Conversation:
     """Normalise a record of format ``fmt``; `DataError` when it does not have that format's shape or its
     turns are out of order."""
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS + PREFERENCE_FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS + PREFERENCE_FORMATS)}")
     if _KEY_FIELD[fmt] not in record:
         raise DataError(f"expected {fmt} format but found keys {sorted(record)}")
+    if fmt in PREFERENCE_FORMATS:
+        return _preference_pair(record, fmt)
     if fmt == "text":
         return Conversation([_message("text", record["text"], "text")])
     parse = {"chat": _chat, "sharegpt": _sharegpt, "alpaca": _alpaca}[fmt]
@@ -231,3 +274,72 @@ def _optional_str(record: dict, key: str) -> str:
     if value is not None and not isinstance(value, str):
         raise DataError(f"{key} must be a string, got {type(value).__name__}")
     return value or ""
+
+
+# ── preference pairs ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _preference_pair(record: dict, fmt: str) -> Conversation:
+    """A pair as one conversation (prompt + preferred answer) and the rejected answer; both answers must be
+    assistant turns that may follow the prompt."""
+    prompt, chosen, rejected = {"openai_preference": _openai_pair, "trl_preference": _trl_pair,
+                                "sharegpt_ranking": _sharegpt_pair, "alpaca_ranking": _alpaca_pair}[fmt](record)
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise DataError(f"the {name} answer must be one or more assistant messages")
+    if not any(m["role"] == "user" for m in prompt.messages):
+        raise DataError("the prompt of a preference pair needs a user turn")
+    # Earlier assistant turns of the prompt are context: only the two answers are compared.
+    context = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt.messages]
+    pair = Conversation(context + chosen, prompt.tools, rejected=rejected, answer_start=len(context))
+    check_order(pair.messages, "prompt and chosen answer")
+    check_order(pair.rejected_conversation().messages, "prompt and rejected answer")
+    return pair
+
+
+def _openai_pair(record: dict) -> tuple[Conversation, list[dict], list[dict]]:
+    source = record.get("input")
+    if not isinstance(source, dict) or not isinstance(source.get("messages"), list):
+        raise DataError('input must be an object with messages: {"input": {"messages": [...]}, ...}')
+    prompt = _chat(source)
+    return prompt, _answer(record["preferred_output"], "preferred_output"), \
+        _answer(record["non_preferred_output"], "non_preferred_output")
+
+
+def _answer(value, where: str) -> list[dict]:
+    """An answer given as a string or as a list of messages (OpenAI chat shape)."""
+    if isinstance(value, str):
+        return [_message("assistant", value, where)]
+    if isinstance(value, dict):  # one message, not in a list
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{where} must be a string or a list of assistant messages, got {type(value).__name__}")
+    return _chat({"messages": value}).messages
+
+
+def _trl_pair(record: dict) -> tuple[Conversation, list[dict], list[dict]]:
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        conversation = Conversation([_message("user", prompt, "prompt")], _tools(record.get("tools")))
+    elif isinstance(prompt, list):
+        conversation = _chat({"messages": prompt, "tools": record.get("tools")})
+    else:
+        raise DataError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    return conversation, _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+
+
+def _sharegpt_pair(record: dict) -> tuple[Conversation, list[dict], list[dict]]:
+    prompt = _sharegpt(record)
+
+    def turn(value, where: str) -> list[dict]:
+        if not isinstance(value, dict) or value.get("from") not in ("gpt", "function_call"):
+            raise DataError(f'{where} must be one turn {{"from": "gpt", "value": ...}}')
+        return _sharegpt({"conversations": [value]}).messages
+
+    return prompt, turn(record["chosen"], "chosen"), turn(record["rejected"], "rejected")
+
+
+def _alpaca_pair(record: dict) -> tuple[Conversation, list[dict], list[dict]]:
+    prompt = _alpaca(record | {"output": ""})
+    prompt.messages.pop()  # the empty output stood in for the answers
+    return prompt, _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")

@@ -49,7 +49,8 @@ from tunerun.jobs.spec import RULE_ENTITIES
 from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, custom_rules, digest, exact_key,
                                       mask_custom, mask_pii, minhash_signature, near_key, normalize_text)
 from tunerun.trainer.data.names import mask_names
-from tunerun.trainer.data.formats import Conversation, detect_format, to_conversation, trainable
+from tunerun.trainer.data.formats import (PREFERENCE_FORMATS, Conversation, detect_format, to_conversation,
+                                          trainable)
 from tunerun.trainer.data.pack import ExampleWriter, Packer, load_examples
 from tunerun.jobs.data_files import resolve_files
 from tunerun.trainer.data.read import read_records
@@ -75,6 +76,7 @@ class DataReport:
     malformed: int = 0
     malformed_examples: list[str] = field(default_factory=list)  # "file:line: why", the first 20
     empty: int = 0
+    equal_answers: int = 0  # preference pairs whose answers are the same after cleaning
     duplicates: int = 0
     near_duplicates: int = 0
     fuzzy_duplicates: int = 0
@@ -136,6 +138,7 @@ class _Outcome:
     unknown: bool = False  # the record's shape matched no format
     format: str = ""
     empty: bool = False
+    equal_answers: bool = False  # a preference pair whose two answers are the same after cleaning
     exact: bytes = b""
     near: bytes = b""
     signature: np.ndarray | None = None
@@ -156,6 +159,8 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
         except DataError as e:
             outcome.error, outcome.unknown = str(e), True
             continue
+        if ctx.objective is not None and outcome.format not in ctx.objective.formats:
+            continue  # the whole file is refused by name (`_check_objective_reads`)
         try:
             conversation = to_conversation(record, outcome.format)
             _visit_texts(conversation, lambda text, counts=outcome.pii: _clean_text(text, ctx, counts))
@@ -167,7 +172,7 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
     for outcome, conversation in cleaned:
         try:
             _key(conversation, ctx, outcome)
-            if not outcome.empty:
+            if not (outcome.empty or outcome.equal_answers):
                 rendered.append((outcome, ctx.objective.render(conversation, ctx.tokenizer)))
         except DataError as e:
             outcome.error = str(e)
@@ -179,7 +184,7 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
 def _visit_texts(conversation: Conversation, change) -> None:
     """Replace every text of ``conversation`` that PII can hide in by ``change(text)``: message contents and
     tool-call arguments (text the model learns to write, PII included)."""
-    for m in conversation.messages:
+    for m in conversation.all_messages():
         m["content"] = change(m["content"])
         for call in m.get("tool_calls", []):
             call["function"]["arguments"] = _visit_value(call["function"]["arguments"], change)
@@ -218,6 +223,11 @@ def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
     if not any(trainable(m) and (m["content"] or m.get("tool_calls")) for m in messages):
         outcome.empty = True
         return
+    if conversation.is_pair and _said(messages[conversation.answer_start:]) == _said(conversation.rejected):
+        outcome.equal_answers = True  # nothing to prefer (often two answers that differed only in masked PII)
+        return
+    # A pair is a copy of another when prompt and both answers are: the rejected answer is part of its key.
+    messages = conversation.all_messages()
     parts = [f"{m['role']}: {m['content']}" + json.dumps(m.get("tool_calls", ""), sort_keys=True) for m in messages]
     outcome.exact = digest(exact_key(parts) + json.dumps(conversation.tools, sort_keys=True))
     outcome.near = digest(near_key(parts))
@@ -225,6 +235,10 @@ def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
         # System prompts repeat by design (often longer than the reply): they would make every record alike.
         said = [p for m, p in zip(messages, parts) if m["role"] != "system"]
         outcome.signature = minhash_signature(near_key(said).replace("\x1f", " "))
+
+
+def _said(answer: list[dict]) -> list:
+    return [(m["content"], m.get("tool_calls")) for m in answer]
 
 
 def _clean_text(text: str, ctx: _Context, counts: dict[str, int]) -> str:
@@ -371,6 +385,7 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
                 report.records_read += 1
                 if o.error is None and file_format is None:
                     file_format, first_where = o.format, o.where
+                    _check_objective_reads(ctx.objective, path, o)
                 elif o.error is None and o.format != file_format:
                     raise DataError(_mixed_formats(o, file_format, first_where))
                 if o.error is not None:
@@ -378,6 +393,8 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
                     bad.append(f"{o.where}: {o.error}")
                 elif o.empty:
                     report.empty += 1
+                elif o.equal_answers:
+                    report.equal_answers += 1
                 elif (key := dedup.keep(o, report)) is not None:
                     if (kept := _fit_length(o, key, spec, ctx.objective, report)) is not None:
                         for kind, n in o.pii.items():  # kept records only: the report describes what trains
@@ -390,6 +407,17 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
     report.malformed += len(bad)
     report.malformed_examples += bad[: MAX_MALFORMED_EXAMPLES - len(report.malformed_examples)]
     _check_bad_fraction(pattern, bad, report.records_read - read_before, spec.clean.max_bad_fraction)
+
+
+def _check_objective_reads(objective: Objective | None, path: Path, o: _Outcome) -> None:
+    """A preference file given to a supervised job, or the reverse, is refused by name, not read as malformed."""
+    if objective is None or o.format in objective.formats:
+        return
+    pairs = o.format in PREFERENCE_FORMATS
+    raise DataError(f"{path} holds {o.format} records ({o.where}): "
+                    + ("preference pairs train with training.objective: dpo" if pairs else
+                       f"training.objective {objective.KEY} reads preference pairs ({', '.join(objective.formats)})")
+                    + ("" if pairs else "; give a preference file, or set training.objective: sft"))
 
 
 def _fit_length(o: _Outcome, key: int, spec: DataSpec, objective: Objective, report: DataReport) -> _Kept | None:
@@ -620,6 +648,8 @@ def count_cleaning(path: Path, clean: CleanSpec) -> DataReport:
             report.malformed += 1
         elif outcome.empty:
             report.empty += 1
+        elif outcome.equal_answers:
+            report.equal_answers += 1
         elif dedup.keep(outcome, report) is not None:
             report.train_records += 1
             for kind, n in outcome.pii.items():

@@ -21,7 +21,9 @@ def pii_label(kind: str) -> str:
 
 def steps(report: dict) -> list[tuple[str, int]]:
     """(cleaning step, records it removed), in pipeline order (mirrors `DataReport.steps`)."""
-    return [("malformed", report["malformed"]), ("empty", report["empty"]), ("duplicates", report["duplicates"]),
+    # Only preference pairs can have equal answers (and reports written before them have no count): shown when some
+    pairs = [("equal answers", report["equal_answers"])] if report.get("equal_answers") else []
+    return [("malformed", report["malformed"]), ("empty", report["empty"]), *pairs, ("duplicates", report["duplicates"]),
             ("near-duplicates", report["near_duplicates"]), ("fuzzy duplicates", report["fuzzy_duplicates"]),
             ("too long", report["too_long_dropped"])]
 

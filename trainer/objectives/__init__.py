@@ -16,13 +16,15 @@ an objective module loads no torch: each imports torch inside the functions that
 about an objective in its one module, its memory factor included, instead of a torch-free table somewhere else
 that has to be kept in step. Data preparation sends the objective to its worker processes: it must pickle.
 
-Supervised fine-tuning (``sft``) is the only objective today. A new one registers its class in `OBJECTIVES` and
-adds its name to ``TrainingSpec.objective`` (a ``Literal``, so `validate` lists the choices).
+Supervised fine-tuning (``sft``, `sft`) and direct preference optimisation (``dpo``, `dpo`) are the objectives. A
+new one registers its class in `OBJECTIVES` and adds its name to ``TrainingSpec.objective`` (a ``Literal``, so
+`validate` lists the choices).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from tunerun.trainer.objectives.dpo import DirectPreference
 from tunerun.trainer.objectives.sft import SupervisedFineTuning
 
 if TYPE_CHECKING:
@@ -38,12 +40,18 @@ class Objective(Protocol):
     ``from_spec(spec)``."""
 
     NAME: str  # what people call it: "supervised fine-tuning"
+    KEY: str  # its name in training.objective
+    formats: tuple[str, ...]  # the record formats it reads (`tunerun.trainer.data.formats`); others are refused
     # Sequences per example whose activations autograd keeps: the planner charges micro_batch_size × this many
     # sequences of max_seq_len (a preference pair runs a chosen and a rejected answer through the policy: 2).
     activation_sequences: int
     # Whether data.packing may put several training examples in one row; `pack.Packer` packs examples of
     # ``input_ids`` and ``labels``, so an objective that packs prepares examples of that shape.
     packs: bool
+    packing_refusal: str  # why it does not pack, in words (where ``packs`` is False): the spec says it
+    # Why the objective trains adapters only, in words; empty when a full fine-tune can train it too. The spec
+    # refuses method.kind full and `method: auto` leaves full fine-tuning out when it is set.
+    needs_adapters: str
 
     def render(self, conversation: Conversation, tokenizer) -> object:
         """A cleaned record → what `encode` tokenizes; a `DataError` marks the record malformed. Runs once per
@@ -82,7 +90,7 @@ class Objective(Protocol):
 
 
 DEFAULT = "sft"
-OBJECTIVES: dict[str, type] = {"sft": SupervisedFineTuning}  # name → class; the class builds from the spec
+OBJECTIVES: dict[str, type] = {"sft": SupervisedFineTuning, "dpo": DirectPreference}  # name → class; the class builds from the spec
 
 
 def get_objective(name: str, spec: JobSpec | None = None) -> Objective:

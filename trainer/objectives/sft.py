@@ -16,6 +16,7 @@ import math
 from typing import TYPE_CHECKING
 
 from tunerun.trainer.data import pack, render
+from tunerun.trainer.data.formats import FORMATS
 from tunerun.trainer.data.render import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -29,8 +30,12 @@ LOSS_CAP = 50.0  # exp(50) ≈ 5e21: past this perplexity says nothing, and exp 
 
 class SupervisedFineTuning:
     NAME = "supervised fine-tuning"
+    KEY = "sft"
+    formats = FORMATS
     activation_sequences = 1  # one sequence (a record, or a packed row) per example
     packs = True  # position ids restarting at 0 keep packed examples apart (see `pack`)
+    packing_refusal = ""
+    needs_adapters = ""  # full fine-tuning and adapters alike
 
     @classmethod
     def from_spec(cls, spec: JobSpec | None) -> "SupervisedFineTuning":

@@ -2,14 +2,20 @@
 and OpenAI's chat shapes made from vLLM's completions. Against a real vLLM: tests/e2e/test_inference.py."""
 from __future__ import annotations
 
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 from fastapi.testclient import TestClient
 
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, RUN_INFO, SERVICE_RECORD, RunFolder, final_weights
 from tunerun.jobs.errors import SpecError
 from tunerun.jobs.service.app import create_app
 from tunerun.jobs.service.chat import ChatTemplate
 from tunerun.jobs.service.config import load_server_config
-from tunerun.jobs.service.engines import ManagedEngine, ManagedEngineSettings
+from tunerun.jobs.service.engines import ADAPTER_RETRY_S, ManagedEngine, ManagedEngineSettings
 from tunerun.jobs.service.inference import ChatRequest, Route, as_chat, as_chat_chunk, completion_body
 
 MANAGED = ("inference:\n  engines:\n    {name}: {{managed: {{python: /nonexistent/python, port_min: 9100, "
@@ -61,6 +67,57 @@ def test_an_engine_that_cannot_start_is_a_503_with_retry_after_and_shows_in_heal
         assert engine["kind"] == "managed" and engine["state"] in ("starting", "restarting")
         models = app.get("/v1/models", headers={"Authorization": f"Bearer {keys['acme']}"}).json()["data"]
         assert [m["tunerun"]["callable"] for m in models] == [False]
+
+
+def test_a_managed_engine_of_a_model_on_s3_is_refused_when_the_server_starts_not_when_it_renders(served, tmp_path):
+    """`tunerun serve render` runs such an engine in a pod that copies the model; `tunerun serve` here cannot."""
+    (tmp_path / "support.yaml").write_text((tmp_path / "support.yaml").read_text().replace(
+        str(served.templates["support-tiny"].model.path), "s3://models/tiny"))
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny"))
+    config = load_server_config(tmp_path / "server.yaml")
+    with pytest.raises(SpecError, match="model.path is on S3.*tunerun serve render"):
+        create_app(config)
+
+
+class RefusingEngine(BaseHTTPRequestHandler):
+    """A vLLM that cannot find the adapter it is asked to load (as when its copy of the storage lags behind)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        body = json.dumps({"object": "error", "message": "No adapter found for /adapters/x", "code": 404}).encode()
+        self.send_response(404 if self.path == "/v1/load_lora_adapter" else 500)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_adapter_the_engine_cannot_load_yet_is_a_503_with_retry_after(served, keys, tmp_path):
+    engine = ThreadingHTTPServer(("127.0.0.1", 0), RefusingEngine)
+    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    server_yaml(tmp_path, "inference: {engines: {support-tiny: {external: {url: 'http://127.0.0.1:"
+                          f"{engine.server_port}', adapters: /adapters}}}}}}}}\n")
+    job = "ftjob-" + "a" * 24
+    run = RunFolder(served.config.storage, job)
+    run.write_json(SERVICE_RECORD, {"job_id": job, "project": "acme", "model": "support-tiny",
+                                    "created_at": time.time(), "request": {"training_file": "file-1"},
+                                    "result_file": "file-2", "hyperparameters": {}, "seed": 0})
+    run.write_json(RUN_INFO, {"run_id": job, "state": "succeeded", "target": "local"})
+    run.write_text(f"{final_weights('adapter')}/{ADAPTER_CONFIG}", "{}")
+    try:
+        with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+            answer = app.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys['acme']}"},
+                              json={"model": f"ft:support-tiny:acme::{job}",
+                                    "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        engine.shutdown()
+    assert answer.status_code == 503 and answer.headers["retry-after"] == str(ADAPTER_RETRY_S)
+    error = answer.json()["error"]
+    assert error["code"] == "engine_unavailable" and "could not load the adapter (404" in error["message"]
+    assert "/adapters/" not in error["message"]  # the engine's paths are the server's, not the tenant's
 
 
 def test_models_and_parameters_the_engine_would_refuse_late_are_refused_first(served, keys, tmp_path):

@@ -162,7 +162,7 @@ def test_job_list_is_newest_created_first_and_pages_with_after_and_limit(app, ke
     ({"hyperparameters": {"batch_size": 3}}, "hyperparameters.batch_size", "multiple"),
     ({"suffix": "x" * 65}, "suffix", "1 to 64"),
     ({"suffix": "a;rm -rf /"}, "suffix", "letters, digits"),
-    ({"method": {"type": "dpo"}}, "method.type", "'dpo' is not available"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "'reinforcement' is not available"),
     ({"seed": "seven"}, "seed", "integer"),
 ])
 def test_bad_job_requests_are_400_naming_the_parameter(app, keys, arguments, param, fragment):

@@ -1,4 +1,4 @@
-"""Preference tuning end to end, as a user runs it: `tunerun run jobs/examples/preference.yaml` (DPO with the
+"""Preference tuning end to end, as a user runs it: `tunerun run jobs/examples/dpo.yaml` (DPO with the
 preferred answer's own loss, LoRA, 2 Ray workers) on OpenAI-format preference pairs, then the results commands.
 
 The pairs (examples/make_preference_data.py) prefer a house-style answer naming the ticket's team over a curt one
@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-SPEC = REPO / "jobs" / "examples" / "preference.yaml"
+SPEC = REPO / "jobs" / "examples" / "dpo.yaml"
 HOUSE_STYLE = "Thank you for writing. Our "
 
 

@@ -70,6 +70,7 @@ def resolve(spec: JobSpec, run_id: str | None = None, source: str = "job") -> Re
     if spec.method.kind == "auto":
         spec, choice = _choose_method(spec, problems)
     spec = _absolute_paths(spec, problems)
+    spec = _starting_adapter(spec, problems)
     _check_ner_setup(spec, problems)
     _check_offload_ram(spec, problems)
     if run_id is not None and (problem := _run_id_problem(run_id)):
@@ -128,6 +129,33 @@ def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str
     return spec.model_copy(update={"method": method}), memory.explain_choice(chosen, plan.candidates, hardware)
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name for an adapter's settings
+
+
+def _starting_adapter(spec: JobSpec, problems: list[Problem]) -> JobSpec:
+    """``model.adapter``: a local one must be a PEFT LoRA adapter, and the job trains its shape (rank, alpha, target
+    modules), so the resolved job says what runs. One on S3 is read when the trainer fetches it."""
+    adapter = spec.model.adapter
+    if adapter is None or _is_remote(adapter) or spec.method.lora is None:
+        return spec
+    config_file = Path(adapter) / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(Problem("model.adapter", f"{adapter} is not a PEFT adapter folder ({ADAPTER_CONFIG}: "
+                                f"{getattr(exc, 'strerror', None) or exc}); name one, e.g. runs/<run id>/final/adapter"))
+        return spec
+    if config.get("peft_type") != "LORA":
+        problems.append(Problem("model.adapter", f"{adapter} holds a {config.get('peft_type')} adapter; tunerun "
+                                "continues LoRA adapters"))
+        return spec
+    targets = config.get("target_modules")
+    lora = spec.method.lora.model_copy(update={
+        "r": config.get("r", spec.method.lora.r), "alpha": config.get("lora_alpha", spec.method.lora.alpha),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets or "all-linear"})
+    return spec.model_copy(update={"method": spec.method.model_copy(update={"lora": lora})})
+
+
 def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
     """Relative paths are relative to the directory the command runs in (as in Axolotl and LLaMA-Factory)."""
     model_path = Path(spec.model.path).expanduser()
@@ -152,7 +180,9 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
         if count_records(value) == 0:
             problems.append(Problem(field, f"{value} holds no records; expected one JSON object per line"))
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
-    model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path})
+    adapter = spec.model.adapter
+    model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path,
+                                          "adapter": _absolute(adapter) if adapter else None})
     return spec.model_copy(update={"model": model, "data": data, "storage": storage, "method": _method_blocks(spec)})
 
 

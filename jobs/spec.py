@@ -83,6 +83,9 @@ def suggest_name(name: str) -> str:
 
 class ModelSpec(Strict):
     path: str = Field(description="Local Hugging Face folder (or s3:// prefix) holding config, weights and tokenizer.")
+    # Where training starts: a PEFT adapter of this base (a finished run's final/adapter, say) that the method's
+    # adapters continue from, and the reference preference tuning compares with. None: fresh adapters.
+    adapter: str | None = Field(None, description="PEFT adapter folder (or s3:// prefix) to start from.")
     dtype: Dtype = "bfloat16"
     trust_remote_code: bool = False
 
@@ -90,6 +93,11 @@ class ModelSpec(Strict):
     @classmethod
     def _os_accepts(cls, v: str) -> str:
         return os_path(v, room=len("/model.safetensors.index.json"))
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_os_accepts(cls, v: str | None) -> str | None:
+        return None if v is None else os_path(v, room=len("/adapter_model.safetensors"))
 
 
 class LoraSpec(Strict):
@@ -638,6 +646,10 @@ class JobSpec(Strict):
         if self.data.packing and not objective.packs:
             raise field_error("data.packing", f"{objective.NAME} cannot pack examples ({objective.packing_refusal}): "
                               f"set data.packing: false for objective {self.training.objective}")
+        if self.model.adapter is not None and self.method.kind == "full":
+            raise field_error("model.adapter", "a full fine-tune trains every weight, not adapters: start it from "
+                              "merged weights as model.path (tunerun export RUN --merge), or use method.kind lora "
+                              "or qlora to continue the adapter")
         if objective.needs_adapters and self.method.kind == "full":
             raise field_error("training.objective", f"{self.training.objective} {objective.needs_adapters}; use "
                               "method.kind lora or qlora")

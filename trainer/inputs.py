@@ -14,11 +14,13 @@ def _is_s3(uri: str | None) -> bool:
 
 
 def localize_model(job: ResolvedJob) -> ResolvedJob:
+    """The base model and the adapter to start from (model.adapter), each fetched when it is on S3."""
     spec = job.spec
-    if not _is_s3(spec.model.path):
+    updates = {field: str(fetch_prefix(spec.storage, uri, "models")) for field in ("path", "adapter")
+               if _is_s3(uri := getattr(spec.model, field))}
+    if not updates:
         return job
-    local = fetch_prefix(spec.storage, spec.model.path, "models")
-    model = spec.model.model_copy(update={"path": str(local)})
+    model = spec.model.model_copy(update=updates)
     return job.model_copy(update={"spec": spec.model_copy(update={"model": model})})
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tunerun.cluster import targets
-from tunerun.cluster.run_folder import SERVICE_RECORD, RunFolder, RunStore, read_job
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, SERVICE_RECORD, RunFolder, RunStore, final_weights, read_job
 from tunerun.cluster.runs import RunInfo, RunState, create_run, read_info, record_cancelled
 from tunerun.jobs.errors import SpecError, TunerunError
 from tunerun.jobs.loader import load_job_text
@@ -249,6 +249,11 @@ class ServiceRecord:
         return self.request.get("metadata") or {}
 
 
+def fine_tuned_model(record: ServiceRecord) -> str:
+    """OpenAI's naming: ``ft:<base model>:<project>:<suffix>:<job id>``."""
+    return f"ft:{record.model}:{record.project}:{record.suffix or ''}:{record.job_id}"
+
+
 def method_overrides(template: JobSpec, method: str, hyper: Hyperparameters) -> list[str]:
     """The ``--set`` items that turn the catalog template into a job of ``method`` (`METHODS`)."""
     objective, overrides = METHODS[method], []
@@ -290,22 +295,20 @@ class JobService:
     # ── creating ────────────────────────────────────────────────────────────────────────────────────────────
 
     def create(self, project: str, request: JobRequest) -> RunFolder:
-        if request.model not in self.served.templates:
-            raise ApiError(404, f"The model {request.model!r} is not in this server's catalog; models: "
-                                f"{', '.join(self.served.templates)}", "model", "model_not_found")
+        base, start = self._starting_point(project, request.model)
         hyper, at = request.chosen_hyperparameters(), request.hyperparameters_at()
-        self._check_hyperparameters(request.model, hyper, at)
+        self._check_hyperparameters(base, hyper, at)
         train = self._usable_file(project, request.training_file, "training_file", request.method_type)
         data = {"train": self.files.data_uri(project, train.id),
                 "eval": self.files.data_uri(project, self._usable_file(project, request.validation_file,
                                                                        "validation_file", request.method_type).id)
                 if request.validation_file else None}
         job_id = f"ftjob-{secrets.token_hex(12)}"
-        job = self._resolved_job(job_id, request, hyper, data)
+        job = self._resolved_job(job_id, request, base, hyper, data, start)
         self._check_budget(job, train, hyper, at)
         run = RunFolder(self.config.storage, job_id)
-        template = self.served.templates[request.model].training
-        record = ServiceRecord(job_id=job_id, project=project, model=request.model, created_at=time.time(),
+        template = self.served.templates[base].training
+        record = ServiceRecord(job_id=job_id, project=project, model=base, created_at=time.time(),
                                request=request.model_dump(mode="json", exclude_none=True),
                                result_file=f"file-{secrets.token_hex(12)}",
                                hyperparameters={"n_epochs": job.spec.training.epochs,
@@ -321,6 +324,29 @@ class JobService:
             targets.get(self.config.target).submit(job)
         self.index.add(run, record)
         return run
+
+    def _starting_point(self, project: str, model: str) -> tuple[str, list[str]]:
+        """(catalog model, --set items): a catalog model as it is, or a fine-tuned model of this project (OpenAI's
+        ``ft:`` name, e.g. supervised first, then dpo on it), whose job's weights the new job starts from — its
+        adapter as model.adapter, or a full fine-tune's model as model.path — on the catalog model's spec."""
+        if model in self.served.templates:
+            return model, []
+        job_id = model.rsplit(":", 1)[-1] if model.startswith("ft:") else ""
+        try:
+            run, record = self.owned(project, job_id)
+        except ApiError:
+            run = record = None
+        if record is None or fine_tuned_model(record) != model or record.model not in self.served.templates:
+            raise ApiError(404, f"The model {model!r} is not in this server's catalog or among your fine-tuned "
+                                f"models; catalog: {', '.join(self.served.templates)}", "model", "model_not_found")
+        state = self.known_state(run)
+        if state != RunState.SUCCEEDED:
+            raise bad_request(f"{model} cannot be trained on yet: its fine-tuning job is {state.value}; start from "
+                              "it once it has succeeded", "model", "model_not_ready")
+        adapter, full = final_weights("adapter"), final_weights("model")
+        if run.exists(f"{adapter}/{ADAPTER_CONFIG}"):
+            return record.model, [f"model.adapter={json.dumps(run.uri(adapter))}"]
+        return record.model, [f"model.path={json.dumps(run.uri(full))}"]
 
     def _usable_file(self, project: str, file_id: str, param: str, method: str) -> FileObject:
         try:
@@ -368,9 +394,11 @@ class JobService:
             raise bad_request(f"{param}: this job would train {steps:,} steps; this server allows at most "
                               f"{self.config.limits.max_steps:,} per job (fewer epochs or a larger batch)", param)
 
-    def _resolved_job(self, job_id: str, request: JobRequest, hyper: Hyperparameters, data: dict) -> ResolvedJob:
-        template = self.served.templates[request.model]
-        overrides = [f"data.train={json.dumps(data['train'])}"]
+    def _resolved_job(self, job_id: str, request: JobRequest, model: str, hyper: Hyperparameters, data: dict,
+                      start: list[str]) -> ResolvedJob:
+        """The catalog ``model``'s spec with the request's settings, starting from ``start`` (`_starting_point`)."""
+        template = self.served.templates[model]
+        overrides = [*start, f"data.train={json.dumps(data['train'])}"]
         if data["eval"]:
             overrides.append(f"data.eval={json.dumps(data['eval'])}")
         if hyper.n_epochs != "auto":
@@ -383,31 +411,31 @@ class JobService:
         if request.seed is not None:
             overrides.append(f"training.seed={request.seed}")
         overrides += method_overrides(template, request.method_type, hyper)
-        overrides += self._integration_overrides(request)
+        overrides += self._integration_overrides(request, model)
         try:
-            spec = load_job_text(self.served.texts[request.model], f"model {request.model}", overrides,
+            spec = load_job_text(self.served.texts[model], f"model {model}", overrides,
                                  model=targets.job_model())
             update = {"storage": self.config.storage, "targets": self.config.targets.model_dump()}
             spec = spec.model_copy(update=update)
-            return resolve(spec, run_id=job_id, source=f"model {request.model}")
+            return resolve(spec, run_id=job_id, source=f"model {model}")
         except SpecError as exc:
             first = exc.problems[0]
             param = (f"{request.hyperparameters_at()}.{HYPERPARAMETERS[first.path]}" if first.path in HYPERPARAMETERS
                      else PARAMS.get(first.path, first.path))
             message = first.message.replace(" (from --set)", "")
             if first.path == "training.objective":  # the template's method cannot train this objective (dpo on full)
-                message = f"model {request.model} cannot train {request.method_type}: {message}"
+                message = f"model {model} cannot train {request.method_type}: {message}"
             raise bad_request(f"{param}: {message}", param) from None
         except TunerunError as exc:
-            logger.warning("job request for model %s refused: %s", request.model, exc)  # the admin's view, whole
-            raise bad_request(f"model {request.model} cannot train this request: {tenant_text(str(exc))}") from None
+            logger.warning("job request for model %s refused: %s", model, exc)  # the admin's view, whole
+            raise bad_request(f"model {model} cannot train this request: {tenant_text(str(exc))}") from None
 
-    def _integration_overrides(self, request: JobRequest) -> list[str]:
+    def _integration_overrides(self, request: JobRequest, model: str) -> list[str]:
         wanted = next((i.mlflow for i in request.integrations or [] if i.type == "mlflow"), None)
         if wanted is None:
             return []
-        if self.served.templates[request.model].tracking.mlflow is None:
-            raise bad_request(f"model {request.model} has no MLflow tracking server on this server; ask your "
+        if self.served.templates[model].tracking.mlflow is None:
+            raise bad_request(f"model {model} has no MLflow tracking server on this server; ask your "
                               "platform team to set tracking.mlflow in its job spec", "integrations")
         chosen = wanted.model_dump(exclude_none=True)
         return [f"tracking.mlflow.{name}={json.dumps(value)}" for name, value in chosen.items()]

@@ -14,7 +14,7 @@ from tunerun.cluster.run_folder import events as read_events
 from tunerun.cluster.runs import RunInfo, RunState
 from tunerun.jobs.metrics import SCORES
 from tunerun.jobs.service.errors import tenant_text
-from tunerun.jobs.service.fine_tuning import ServiceRecord
+from tunerun.jobs.service.fine_tuning import ServiceRecord, fine_tuned_model
 
 STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNING: "running",
           RunState.SUCCEEDED: "succeeded", RunState.FAILED: "failed", RunState.CANCELLED: "cancelled",
@@ -23,11 +23,6 @@ RESULT_COLUMNS = ("step", "train_loss", "learning_rate", "tokens_per_s", "valid_
 
 
 _tail = JsonlTail()  # one per server: the job pages of every client share what it parsed
-
-
-def fine_tuned_model(record: ServiceRecord) -> str:
-    """OpenAI's naming: ``ft:<base model>:<project>:<suffix>:<job id>``."""
-    return f"ft:{record.model}:{record.project}:{record.suffix or ''}:{record.job_id}"
 
 
 def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
@@ -39,7 +34,7 @@ def job_object(run: RunFolder, record: ServiceRecord, info: RunInfo) -> dict:
     return {
         "object": "fine_tuning.job",
         "id": record.job_id,
-        "model": record.model,
+        "model": record.request.get("model", record.model),  # a ft: model the job started from, as OpenAI shows it
         "created_at": int(record.created_at),
         "finished_at": int(info.finished_at) if info.finished_at and info.state.terminal else None,
         "status": status,

@@ -199,3 +199,73 @@ def test_the_reference_needs_adapters():
         with reference_of(torch.nn.Linear(2, 2)):
             pass
     assert get_objective("dpo").activation_sequences == 2 and not get_objective("dpo").packs
+
+
+# ── starting from a supervised fine-tune ────────────────────────────────────────────────────────────────────
+
+
+def sft_adapter(tiny_model_dir, folder, r: int = 8):
+    """A LoRA adapter that changes the model (PEFT initialises B to 0: these are random), as an SFT run leaves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_dpo_from_an_adapter_trains_a_copy_and_compares_with_the_frozen_original(tiny_model_dir, tmp_path, tokenizer,
+                                                                                 one_worker_context):
+    sft = sft_adapter(tiny_model_dir, tmp_path / "sft")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [openai_pair(i) for i in range(8)])
+    job = resolve(load_job_text(
+        f"model: {{path: {tiny_model_dir}, adapter: {tmp_path / 'sft'}, dtype: float32}}\n"
+        f"method: {{kind: lora, lora: {{dropout: 0.0}}}}\ndata: {{train: {data}, eval_fraction: 0.0}}\n"
+        "training: {objective: dpo, learning_rate: 0.01, warmup_ratio: 0.0, micro_batch_size: 4, "
+        "global_batch_size: 4}\nresources: {workers_per_node: 1}\n"), run_id="dpo")
+    lora = job.spec.method.lora  # the adapter's shape, not the spec's defaults
+    assert (lora.r, lora.alpha, lora.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    examples = prepare_data(job.spec.data, tokenizer, seed=0, objective=objective_for(job.spec)).train
+    engine = lora_engine(job, total_steps=4)
+    objective, batch = engine.objective, engine.objective.collate(examples[:4], tokenizer.pad_token_id)
+    trained = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    assert trained and all(".default." in n for n in trained)
+
+    def logps(model):
+        with torch.no_grad():
+            return answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                batch["labels"])[0]
+
+    with reference_of(engine.model) as reference:
+        at_start = logps(reference)
+    assert torch.allclose(at_start, logps(sft.eval()), atol=1e-4)  # the reference is the SFT model, not the base
+    with engine.model.disable_adapter():
+        assert not torch.allclose(at_start, logps(engine.model), atol=1e-2)
+    loss, pairs, right, margin = engine.eval_batch(batch)
+    assert margin == pytest.approx(0.0, abs=1e-4)  # the trained copy starts where the reference is
+    for i in (0, 4, 0, 4):
+        engine.train_step([objective.collate(examples[i:i + 4], tokenizer.pad_token_id)])
+    with reference_of(engine.model) as reference:
+        assert torch.equal(logps(reference), at_start)
+    assert objective.held_out_metrics(engine.eval_batch(batch))["reward_accuracy"] == 1.0
+    assert {n for n, p in engine.module.named_parameters() if p.requires_grad} == trained
+    from tunerun.trainer.methods import get_method
+
+    out = get_method("lora").export(engine, tmp_path / "final", tokenizer)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "reference").exists()
+
+
+def test_a_starting_adapter_must_be_a_lora_adapter_and_not_for_a_full_fine_tune(stub_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "t.jsonl", [openai_pair(1)])
+    text = f"model: {{path: {stub_model_dir}, adapter: {tmp_path / 'nope'}}}\nmethod: {{kind: %s}}\ndata: {{train: {data}}}\n"
+    with pytest.raises(SpecError) as caught:
+        resolve(load_job_text(text % "lora"))
+    assert caught.value.problems[0].path == "model.adapter" and "is not a PEFT adapter folder" in str(caught.value)
+    with pytest.raises(SpecError, match="a full fine-tune trains every weight"):
+        load_job_text(text % "full")

@@ -23,8 +23,24 @@ SHARDED_STATE = False  # adapters and their optimizer are the same on every DDP 
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's name, in final/adapter and in adapter exports
 
 
+
+
 def load_model(job: ResolvedJob) -> torch.nn.Module:
-    return add_adapters(load_base(job), job)
+    return with_reference(add_adapters(load_base(job), job), job)
+
+
+def with_reference(model: torch.nn.Module, job: ResolvedJob) -> torch.nn.Module:
+    """For an objective that compares with the model before training (dpo) started from ``model.adapter``: that
+    adapter again, frozen, beside the trained one (TRL's ``ref_adapter_name``), so no second base sits in memory.
+    From fresh adapters the reference is the base alone: the adapters switched off."""
+    from tunerun.trainer.objectives import objective_for
+    from tunerun.trainer.objectives.dpo import REFERENCE
+
+    if job.spec.model.adapter is None or not objective_for(job.spec).needs_adapters:
+        return model
+    model.load_adapter(job.spec.model.adapter, adapter_name=REFERENCE, is_trainable=False)
+    model.set_adapter("default")  # the trained adapter stays the active one (and the only one with gradients)
+    return model
 
 
 def load_base(job: ResolvedJob) -> torch.nn.Module:
@@ -48,6 +64,11 @@ def no_kv_cache(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def add_adapters(base: torch.nn.Module, job: ResolvedJob) -> torch.nn.Module:
+    """Fresh LoRA adapters on ``base``, or those of ``model.adapter`` to continue (trainable, PEFT's "default")."""
+    if job.spec.model.adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, job.spec.model.adapter, is_trainable=True)
     lora = job.spec.method.lora
     config = LoraConfig(
         r=lora.r,
@@ -71,7 +92,8 @@ def export(engine: DDPEngine, out_dir: Path, tokenizer) -> Path:
     """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors); rank 0 writes it."""
     target = out_dir / FINAL_DIR
     if engine.rank == 0:
-        engine.module.save_pretrained(target, safe_serialization=True)
+        # the trained adapter only: a preference run's frozen reference is its starting point, not its result
+        engine.module.save_pretrained(target, safe_serialization=True, selected_adapters=["default"])
         save_tokenizer(tokenizer, target)
     return target
 

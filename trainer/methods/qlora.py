@@ -70,7 +70,7 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
         use_gradient_checkpointing=spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    return add_adapters(base, job)
+    return lora.with_reference(add_adapters(base, job), job)
 
 
 def before_eval(model: torch.nn.Module) -> None:

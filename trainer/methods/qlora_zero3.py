@@ -52,7 +52,7 @@ def load_model(job: ResolvedJob) -> torch.nn.Module:
     if spec.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_4bit_training_layout(base)
-    return _adapters_in_compute_dtype(lora.add_adapters(base, job), job)
+    return _adapters_in_compute_dtype(lora.with_reference(lora.add_adapters(base, job), job), job)
 
 
 def make_engine(model: torch.nn.Module, job: ResolvedJob, total_steps: int) -> DeepSpeedEngine:
@@ -65,7 +65,8 @@ def export(engine: DeepSpeedEngine, out_dir: Path, tokenizer) -> Path:
     target = out_dir / FINAL_DIR
     adapter = engine.trainable_fp32_state_dict()
     if engine.rank == 0:
-        engine.module.save_pretrained(target, state_dict=adapter, safe_serialization=True)
+        engine.module.save_pretrained(target, state_dict=adapter, safe_serialization=True,
+                                      selected_adapters=["default"])  # not a preference run's frozen reference
         save_tokenizer(tokenizer, target)
     return target
 

@@ -5,9 +5,10 @@ supervised fine-tuning uses, so the held-out generation is scored against the ch
 the rejected answer (``rejected_input_ids``, ``rejected_labels``). A batch holds the chosen sequences, then the
 rejected ones, so the policy sees both in one forward.
 
-The reference is the model before this training: the same network with its adapters switched off (PEFT's
-``disable_adapter``), run without gradients. So the reference costs no memory beyond its activations, and it is why
-DPO needs an adapter method (`tunerun.jobs.spec.JobSpec` refuses a full fine-tune). For the memory planner the
+The reference is the model before this training, run without gradients: the same network with its adapters switched
+off (PEFT's ``disable_adapter``), or, for a run started from an adapter (``model.adapter``: a supervised fine-tune),
+that adapter loaded a second time and frozen (TRL's ``ref_adapter_name``). So the reference costs no second base in
+memory, and it is why DPO needs an adapter method (`tunerun.jobs.spec.JobSpec` refuses a full fine-tune). For the memory planner the
 reference adds no term of its own: it runs after the policy's logits were reduced to log-probabilities, and its
 working set (a layer at a time, then its logits) is the transient the planner already counts for the policy; the
 policy's two sequences per example are `activation_sequences`.
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from tunerun.trainer.data.formats import Conversation
 
 REJECTED = "rejected_"  # prefix of the rejected sequence's fields in a prepared example
+REFERENCE = "reference"  # the frozen adapter of a run started from model.adapter (`tunerun.trainer.methods.lora`)
 
 
 class DirectPreference:
@@ -149,15 +151,45 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 @contextmanager
 def reference_of(forward):
-    """The model before this training: ``forward``'s PEFT model (under DDP or DeepSpeed: its ``module``) with its
-    adapters switched off. Calling the inner module skips DDP's gradient bookkeeping; ZeRO-3 still gathers each
-    layer through the hooks it put on the layers themselves, so every rank must run it (they all do)."""
+    """The model before this training: ``forward``'s PEFT model (under DDP or DeepSpeed: its ``module``) with the
+    frozen ``reference`` adapter active where the job started from an adapter (`tunerun.trainer.methods.lora`), else
+    with its adapters switched off. Calling the inner
+    module skips DDP's gradient bookkeeping; ZeRO-3 still gathers each layer through the hooks it put on the layers
+    themselves, so every rank must run it (they all do)."""
     model = getattr(forward, "module", forward)
     if not hasattr(model, "disable_adapter"):
         raise RuntimeError("training.objective dpo needs the adapters of method lora or qlora (PEFT) to reach its "
                            f"reference model; got {type(model).__name__}")
-    with model.disable_adapter():
-        yield model
+    if REFERENCE in getattr(model, "peft_config", {}):
+        with _active_adapter(model, REFERENCE):
+            yield model
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+@contextmanager
+def _active_adapter(model, name: str):
+    """``name`` active in every LoRA layer for the duration. Not PEFT's ``set_adapter``: that also flips which
+    parameters require grad, under DDP and DeepSpeed hooks that were set up for the trained adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer.active_adapters for layer in layers]
+    # The frozen adapter's LoRA dropout would make the reference noisy; the model itself stays in training mode
+    # (eval mode makes bitsandbytes repack 4-bit weights on some CPUs: `qlora.keep_4bit_training_layout`).
+    dropouts = [layer.lora_dropout[name] for layer in layers if name in getattr(layer, "lora_dropout", {})]
+    for layer in layers:
+        layer._active_adapter = [name]
+    for dropout in dropouts:
+        dropout.train(False)
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, before):
+            layer._active_adapter = active
+        for dropout in dropouts:
+            dropout.train(True)
 
 
 def _sequence(example: dict, prefix: str) -> tuple[list[int], list[int]]:

@@ -184,3 +184,39 @@ def test_a_full_fine_tune_model_cannot_train_dpo(app, keys, served, pairs):
     body = refusal(app, keys, training_file=pairs.id, method={"type": "dpo"})
     assert body["param"] == "method.type", body
     assert "model support-tiny cannot train dpo:" in body["message"] and "lora or qlora" in body["message"]
+
+
+# ── starting from a fine-tuned model (OpenAI's supervised-then-dpo flow) ────────────────────────────────────
+
+
+def succeed_with_adapter(job_id: str, served) -> None:
+    """What the trainer leaves when the job succeeds: run.json and a PEFT adapter (rank 8) in final/adapter."""
+    from tunerun.cluster.run_folder import ADAPTER_CONFIG, RunFolder, final_weights
+    from tunerun.cluster.runs import RunState, record_outcome
+
+    run = RunFolder(served.config.storage, job_id)
+    run.write_text(f"{final_weights('adapter')}/{ADAPTER_CONFIG}", json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+    record_outcome(run, RunState.SUCCEEDED)
+
+
+def test_dpo_on_a_fine_tuned_model_starts_from_its_adapter_and_other_projects_cannot(app, keys, served, pairs,
+                                                                                   tickets):
+    acme = client(app, keys["acme"])
+    sft = acme.fine_tuning.jobs.create(model=MODEL, training_file=tickets.id, suffix="tickets")
+    name = f"ft:{MODEL}:acme:tickets:{sft.id}"
+    with pytest.raises(openai.BadRequestError) as refused:  # still queued: nothing to start from yet
+        acme.fine_tuning.jobs.create(model=name, training_file=pairs.id, method={"type": "dpo"})
+    assert refused.value.body["code"] == "model_not_ready" and refused.value.body["param"] == "model"
+    succeed_with_adapter(sft.id, served)
+    assert acme.fine_tuning.jobs.retrieve(sft.id).fine_tuned_model == name
+    dpo = acme.fine_tuning.jobs.create(model=name, training_file=pairs.id, method={"type": "dpo"})
+    assert dpo.model == name and dpo.method.type == "dpo"  # as OpenAI shows a job started from a fine-tune
+    spec = spec_of(dpo)
+    assert spec["model"]["adapter"] == str((Path("runs") / sft.id / "final" / "adapter").absolute())
+    assert spec["method"]["lora"]["r"] == 8 and spec["training"]["objective"] == "dpo"
+    # another project's key cannot start from acme's model, exactly as if it did not exist
+    with pytest.raises(openai.NotFoundError) as hidden:
+        client(app, keys["other"]).fine_tuning.jobs.create(model=name, training_file=pairs.id,
+                                                           method={"type": "dpo"})
+    assert hidden.value.body["code"] == "model_not_found"

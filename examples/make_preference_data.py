@@ -2,6 +2,7 @@
 answer and over a house-style answer naming the wrong team.
 
     python examples/make_preference_data.py OUT.jsonl --pairs 900 --seed 0
+    python examples/make_preference_data.py OUT.jsonl --history 1200   # the support history, for SFT first
 
 Each line is one pair in OpenAI's preference fine-tuning format (what `method: dpo` jobs upload there)::
 
@@ -11,8 +12,10 @@ Each line is one pair in OpenAI's preference fine-tuning format (what `method: d
      "non_preferred_output": [{"role": "assistant", "content": "billing."}]}
 
 The tickets are make_support_data.py's (unique, with its fake contact details for PII masking). Half the rejected
-answers are curt (what the support history also holds, so supervised tuning alone writes either style), half are
-in house style but name another category's team. The output is byte-identical for the same seed.
+answers are curt, half are in house style but name another category's team. ``--history`` writes instead the
+support history a company has (chat format): every ticket answered with its team, in house style or curtly, so
+supervised tuning on it writes either style (mostly the curt one) — what preference tuning then settles. The output is
+byte-identical for the same seed.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def house_style(label: str) -> str:
 
 
 def curt(label: str) -> str:
-    return f"{label}."
+    return f"Team: {label}."
 
 
 def _support_data():
@@ -57,11 +60,27 @@ def generate_pairs(n: int = 900, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def make_preference_data(out_path: Path, n: int = 900, seed: int = 0) -> Path:
+def generate_history(n: int = 1200, seed: int = 1) -> list[dict]:
+    """The support history: each ticket answered with its team, 40% in house style, 60% curtly — so a model tuned
+    on it answers curtly when it decodes greedily (each answer's first word is the same: "Thank" or "Team")."""
+    rng = random.Random(seed)
+    tickets = _support_data().generate_records(n + 8, seed)[:n]
+    history = []
+    for ticket in tickets:
+        label = ticket["messages"][2]["content"].removeprefix("category: ")
+        answer = house_style(label) if rng.random() < 0.4 else curt(label)
+        history.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                     {"role": "user", "content": ticket["messages"][1]["content"]},
+                                     {"role": "assistant", "content": answer}]})
+    return history
+
+
+def make_preference_data(out_path: Path, n: int = 900, seed: int = 0, history: bool = False) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in generate_pairs(n, seed)),
-                        encoding="utf-8", newline="\n")
+    records = generate_history(n, seed) if history else generate_pairs(n, seed)
+    out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8",
+                        newline="\n")
     return out_path
 
 
@@ -69,9 +88,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--pairs", type=int, default=900)
+    parser.add_argument("--history", type=int, metavar="N", help="write N records of support history instead")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(make_preference_data(args.out, args.pairs, args.seed))
+    if args.history:
+        print(make_preference_data(args.out, args.history, args.seed, history=True))
+    else:
+        print(make_preference_data(args.out, args.pairs, args.seed))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def engine_metric(served, name: str, label: str = "") -> float:
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_client_that_goes_away_stops_its_generation_at_the_engine(served, tuned, stream):
     root, server, keys = served
+    wait_for_engine(served)  # a test before may have left it restarting: the request must reach a serving engine
     generated = engine_metric(served, "vllm:generation_tokens_total")
     body = json.dumps({"model": "support-tiny", "prompt": "<|user|>\nhi\n<|assistant|>\n", "max_tokens": 480,
                        "ignore_eos": True, "stream": stream}).encode()
@@ -230,10 +231,19 @@ def test_a_client_that_goes_away_stops_its_generation_at_the_engine(served, tune
         connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            + f"Authorization: Bearer {keys['acme']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                            + body)
-        deadline = time.monotonic() + 30
-        while engine_metric(served, "vllm:num_requests_running") < 1:
-            assert time.monotonic() < deadline, "the request never reached the engine"
-            time.sleep(0.05)
+        if stream:  # the first generated token has come back: the engine is generating
+            connection.settimeout(60)
+            received = b""
+            while b"data:" not in received:
+                chunk = connection.recv(4096)
+                assert chunk, f"the server closed the stream before a token: {received[-500:]!r}"
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200"), received[:500]
+        else:  # nothing comes back before the whole answer: watch the engine take the request
+            deadline = time.monotonic() + 60
+            while engine_metric(served, "vllm:num_requests_running") < 1:
+                assert time.monotonic() < deadline, "the request never reached the engine"
+                time.sleep(0.05)
     deadline = time.monotonic() + 30
     while engine_metric(served, "vllm:num_requests_running") > 0:
         assert time.monotonic() < deadline, "the engine is still generating for a client that went away"

@@ -74,6 +74,7 @@ ARTIFACT_FOLDERS = (FINAL, EXPORTS)  # weights a user downloads: final/adapter, 
 # Beside any saved weights: the template prompts were rendered with in training (transformers' file name, which
 # vLLM and transformers read), and the tokenizer's settings (its special tokens)
 CHAT_TEMPLATE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
+PROGRESS = "progress.json"  # a checkpoint's counters, written by rank 0 (tunerun.trainer.checkpoint)
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what makes a weights folder an adapter rather than a model
 
 
@@ -499,6 +500,14 @@ def manifest_name(folder: str) -> str:
 def complete_checkpoints(run: RunFolder) -> list[str]:
     """Names of the checkpoint folders that have a manifest, oldest first."""
     return [name for name in checkpoint_folders(run) if run.exists(manifest_name(name))]
+
+
+def saved_world_size(run: RunFolder) -> int | None:
+    """World size recorded by the newest checkpoint that has a manifest (None when there is none)."""
+    complete = complete_checkpoints(run)
+    if not complete:
+        return None
+    return json.loads(run.read_text(f"{CHECKPOINTS}/{complete[-1]}/{PROGRESS}")).get("world_size") or None
 
 
 def complete_manifests(run: RunFolder) -> dict[str, dict]:

@@ -37,7 +37,8 @@ BOUNDARIES = {
     "tunerun.cluster.run_folder": TRAINING_STACK,
     "tunerun.trainer.data.pipeline": ("torch", "transformers"),
     "tunerun.trainer.data.render": ("torch", "transformers"),
-    "tunerun.trainer.entrypoint": TARGET_MODULES,
+    # the driver loads the training stack while Ray starts (`run_job`), not before
+    "tunerun.trainer.entrypoint": TARGET_MODULES + TRAINING_STACK,
     "tunerun.trainer.loop": TARGET_MODULES,
 }
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from tunerun.cluster import space
-from tunerun.cluster.run_folder import (CHECKPOINT_MANIFEST, CHECKPOINTS, RunFolder, checkpoint_folders,
+from tunerun.cluster.run_folder import (CHECKPOINT_MANIFEST, CHECKPOINTS, PROGRESS, RunFolder, checkpoint_folders,
                                         complete_checkpoints, complete_manifests, manifest_name, sha256_of,
                                         step_of, stored_manifest, verify)
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import CheckpointSpec
 
-PROGRESS = "progress.json"  # rank 0's counters (the engines' own files: tunerun.trainer.engines)
 
 
 def _rng_file(rank: int) -> str:
@@ -113,14 +112,6 @@ def space_shortage(run: RunFolder, staging: Path) -> space.Shortage | None:
         last_bytes = sum(entry["size"] for entry in manifest["files"])
     paths = [staging, *([run.local_path(CHECKPOINTS)] if run.is_local else [])]
     return space.shortage(paths, space.needed_for_next(last_bytes))
-
-
-def saved_world_size(run: RunFolder) -> int | None:
-    """World size recorded by the newest checkpoint that has a manifest (None when there is none)."""
-    complete = complete_checkpoints(run)
-    if not complete:
-        return None
-    return json.loads(run.read_text(f"{CHECKPOINTS}/{complete[-1]}/{PROGRESS}")).get("world_size") or None
 
 
 def remove_incomplete(run: RunFolder, before_step: int) -> list[str]:

@@ -11,8 +11,9 @@ REQUESTABLE = ("loss", "exact_match", "f1", "rouge_l", "label_accuracy")
 GENERATION = ("exact_match", "f1", "rouge_l")
 SCORES = (*GENERATION, "label_accuracy")
 # Held-out preference pairs (training.objective dpo): how often, and by how much, the tuned model prefers the
-# chosen answer over the rejected one more than the reference did.
-PREFERENCE = ("reward_accuracy", "reward_margin")
+# chosen answer over the rejected one more than the reference did, and the answers' log-probabilities (summed over
+# an answer's tokens, averaged over pairs).
+PREFERENCE = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
 # Everything a run may record about its eval set; the names gates and checkpoint.best_metric may use.
 EVAL_SET = ("loss", "perplexity", *SCORES, *PREFERENCE)
 GATEABLE = (*EVAL_SET, "forgetting_drop")

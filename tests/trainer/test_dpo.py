@@ -159,6 +159,62 @@ def test_the_spec_chooses_dpo_with_its_settings_and_refuses_what_it_cannot_do(st
         load_job_text(full)
 
 
+# ── the loss ────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+class FixedLogits(torch.nn.Module):
+    """A "model" whose logits are given, with PEFT's ``disable_adapter`` switching to the reference's logits."""
+
+    def __init__(self, policy: torch.Tensor, reference: torch.Tensor):
+        super().__init__()
+        self.policy, self.reference, self.adapters_on = policy, reference, True
+
+    def forward(self, input_ids, attention_mask):
+        return type("Output", (), {"logits": self.policy if self.adapters_on else self.reference})()
+
+    def disable_adapter(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def off():
+            self.adapters_on = False
+            yield
+            self.adapters_on = True
+        return off()
+
+
+def test_the_loss_is_the_dpo_paper_s_plus_the_chosen_answer_s_token_mean_nll():
+    """On fixed logits, against the formulas written out as TRL computes them (sigmoid loss, rpo_alpha NLL)."""
+    torch.manual_seed(0)
+    pairs, length, vocab, beta, alpha = 3, 7, 11, 0.3, 0.5
+    policy, reference = torch.randn(2 * pairs, length, vocab), torch.randn(2 * pairs, length, vocab)
+    labels = torch.randint(0, vocab, (2 * pairs, length))
+    labels[:, :3] = IGNORE_INDEX  # the prompt
+    labels[1, 5:] = IGNORE_INDEX  # a shorter answer
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones_like(labels), "labels": labels}
+
+    def logps(logits):  # per row: sum of log p(label) over the answer's tokens, predicted one position earlier
+        logprobs = logits[:, :-1].log_softmax(-1)
+        target = labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        return (logprobs.gather(2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1), mask
+
+    pi, mask = logps(policy)
+    ref, _ = logps(reference)
+    logits = beta * ((pi[:pairs] - ref[:pairs]) - (pi[pairs:] - ref[pairs:]))
+    dpo = -torch.nn.functional.logsigmoid(logits).mean()
+    nll = torch.nn.functional.cross_entropy(policy[:pairs, :-1].reshape(-1, vocab), labels[:pairs, 1:].reshape(-1),
+                                            ignore_index=IGNORE_INDEX)  # token mean over the chosen answers
+    model = FixedLogits(policy, reference)
+    assert float(DirectPreference(beta, alpha).loss(model, batch)) == pytest.approx(float(dpo + alpha * nll), rel=1e-5)
+    assert float(DirectPreference(beta, 0.0).loss(model, batch)) == pytest.approx(float(dpo), rel=1e-5)
+    metrics = DirectPreference(beta, alpha).held_out_metrics(DirectPreference(beta, alpha).score(model, batch))
+    assert metrics["reward_accuracy"] == pytest.approx(float((logits > 0).float().mean()))
+    assert metrics["reward_margin"] == pytest.approx(float(logits.mean()), rel=1e-5)
+    assert metrics["chosen_logp"] == pytest.approx(float(pi[:pairs].mean()), rel=1e-5)
+    assert metrics["rejected_logp"] == pytest.approx(float(pi[pairs:].mean()), rel=1e-5)
+
+
 # ── the loss on a real model ────────────────────────────────────────────────────────────────────────────────
 
 
@@ -247,7 +303,7 @@ def test_dpo_from_an_adapter_trains_a_copy_and_compares_with_the_frozen_original
     assert torch.allclose(at_start, logps(sft.eval()), atol=1e-4)  # the reference is the SFT model, not the base
     with engine.model.disable_adapter():
         assert not torch.allclose(at_start, logps(engine.model), atol=1e-2)
-    loss, pairs, right, margin = engine.eval_batch(batch)
+    loss, pairs, right, margin, *_ = engine.eval_batch(batch)
     assert margin == pytest.approx(0.0, abs=1e-4)  # the trained copy starts where the reference is
     for i in (0, 4, 0, 4):
         engine.train_step([objective.collate(examples[i:i + 4], tokenizer.pad_token_id)])

@@ -109,19 +109,25 @@ class DirectPreference:
         return self._terms(forward, batch)[0]
 
     def score(self, forward, batch: dict) -> tuple[float, ...]:
-        """(summed loss × pairs, pairs, pairs the tuned model prefers rightly, summed reward margin)."""
-        loss, chosen_reward, rejected_reward = self._terms(forward, batch)
+        """(summed loss × pairs, pairs, pairs the tuned model prefers rightly, summed reward margin, summed
+        log-probability of the chosen answers, of the rejected ones)."""
+        loss, chosen_reward, rejected_reward, policy = self._terms(forward, batch)
         pairs = chosen_reward.shape[0]
         margin = chosen_reward - rejected_reward
-        return float(loss) * pairs, pairs, float((margin > 0).sum()), float(margin.sum())
+        return (float(loss) * pairs, pairs, float((margin > 0).sum()), float(margin.sum()),
+                float(policy[:pairs].sum()), float(policy[pairs:].sum()))
 
     def held_out_metrics(self, sums: tuple[float, ...]) -> dict[str, float]:
-        loss_sum, pairs, right, margin = sums
+        loss_sum, pairs, right, margin, chosen, rejected = sums
         pairs = max(int(pairs), 1)
-        return {"loss": loss_sum / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs}
+        # The log-probabilities show what the rewards hide: whether the chosen answer became likelier, or only the
+        # rejected one unlikelier (the degenerate case `nll_weight` guards against).
+        return {"loss": loss_sum / pairs, "reward_accuracy": right / pairs, "reward_margin": margin / pairs,
+                "chosen_logp": chosen / pairs, "rejected_logp": rejected / pairs}
 
-    def _terms(self, forward, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss and each pair's implicit rewards β·(log π − log π_ref) of the chosen and rejected answers."""
+    def _terms(self, forward, batch: dict) -> tuple[torch.Tensor, ...]:
+        """The loss, each pair's implicit rewards β·(log π − log π_ref) of the chosen and rejected answers, and the
+        policy's log-probability of every answer (chosen, then rejected; detached)."""
         import torch
         import torch.nn.functional as F
 
@@ -135,7 +141,7 @@ class DirectPreference:
         loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
         if self.nll_weight:
             loss = loss - self.nll_weight * policy[:pairs].sum() / tokens[:pairs].sum().clamp(min=1)
-        return loss, chosen_reward.detach(), rejected_reward.detach()
+        return loss, chosen_reward.detach(), rejected_reward.detach(), policy.detach()
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,8 @@ def test_evaluation_is_base_vs_tuned_every_step_the_gates_and_examples_side_by_s
     found = evaluation(run, JOB_ID)
     assert found["object"] == "fine_tuning.job.evaluation" and found["fine_tuning_job_id"] == JOB_ID
     assert found["metric_names"] == ["loss", "perplexity", "exact_match", "f1", "rouge_l", "label_accuracy",
-                                     "reward_accuracy", "reward_margin", "forgetting_drop"]
+                                     "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp",
+                                     "forgetting_drop"]
     assert found["generation_metrics"] == ["exact_match", "f1", "rouge_l"]
     # unmeasured metrics (None) are left out
     assert found["base"] == {"step": 0, "metrics": {"loss": 2.5, "perplexity": 12.18, "exact_match": 0.0}}

@@ -76,6 +76,8 @@ ARTIFACT_FOLDERS = (FINAL, EXPORTS)  # weights a user downloads: final/adapter, 
 CHAT_TEMPLATE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
 PROGRESS = "progress.json"  # a checkpoint's counters, written by rank 0 (tunerun.trainer.checkpoint)
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what makes a weights folder an adapter rather than a model
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's, in final/adapter and in adapter exports
+TRAINABLE = "trainable.safetensors"  # a DDP checkpoint's trained (adapter) tensors under their live parameter names
 
 
 def control(name: str) -> str:
@@ -159,7 +161,10 @@ class RunFolder:
 
     def write_text(self, name: str, text: str) -> None:
         """Atomic on every backend: readers (a following CLI, a restarted worker) never see half a file."""
-        self.backend.put(self._key(name), text.encode("utf-8"))
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.backend.put(self._key(name), data)
 
     def claim(self, name: str, obj) -> bool:
         """Write ``name`` only if no one has (an exclusive create on disk, a conditional write on S3): of several

@@ -24,13 +24,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
+from tunerun.cluster.run_folder import TRAINABLE
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.objectives import Objective, objective_for
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
-# What an engine writes into a checkpoint folder (beside checkpoint.py's PROGRESS and per-rank RNG files).
-TRAINABLE = "trainable.safetensors"  # DDPEngine: the trainable (adapter) tensors under their live parameter names
+# What an engine writes into a checkpoint folder (beside the run folder's PROGRESS and TRAINABLE, and per-rank RNG
+# files).
 OPTIMIZER = "optimizer.pt"  # DDPEngine: the AdamW state dict, plain tensors
 SCHEDULER = "scheduler.json"  # DDPEngine: the LR scheduler state
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeedEngine: the tag (subfolder) of DeepSpeed's own ZeRO shards

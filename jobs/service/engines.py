@@ -163,10 +163,11 @@ def vllm_environment(settings: ManagedEngineSettings) -> dict[str, str]:
     return env
 
 
-def adapter_key(run_id: str) -> str:
-    """A run's adapter folder below the storage root: where the gateway tells an external engine to read it
-    (``<adapters>/<key>``), and where an engine pod's copy of the storage puts it."""
-    return f"{run_id}/{final_weights('adapter')}"
+def adapter_key(run_id: str, weights: str = final_weights("adapter")) -> str:
+    """A run's adapter folder (``weights``: final/adapter, or a checkpoint's export) below the storage root: where
+    the gateway tells an external engine to read it (``<adapters>/<key>``), and where an engine pod's copy of the
+    storage puts it."""
+    return f"{run_id}/{weights}"
 
 
 class Unavailable(Exception):

@@ -29,6 +29,7 @@ from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_
 from tunerun.cluster.storage import cache_root
 from tunerun.jobs.service import objects
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
+from tunerun.jobs.service.checkpoint_adapters import NoCheckpoint, NotAnAdapter, checkpoint_adapter
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
 from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
@@ -39,6 +40,7 @@ SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequen
             "top_k", "min_p", "repetition_penalty", "min_tokens", "stream_options")
 UNSUPPORTED_CHAT = ("logprobs", "top_logprobs", "tool_choice", "response_format", "parallel_tool_calls",
                     "audio", "modalities", "prediction")
+CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})")  # OpenAI's checkpoint models
 STREAM_TIMEOUT = httpx.Timeout(None, connect=10.0)  # a long generation is not a timeout; a dead engine is seen
 REQUEST_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
@@ -117,37 +119,51 @@ class Gateway:
         if model in self.service.served.config.models:
             engine = self._engine(model, model)
             return Route(model, engine, model, None, self._base_template(model))
-        if not model.startswith("ft:"):
+        checkpoint = CHECKPOINT_MODEL.fullmatch(model)
+        fine_tuned = checkpoint["model"] if checkpoint else model
+        if not fine_tuned.startswith("ft:"):
             raise _model_not_found(model)
-        job_id = model.rsplit(":", 1)[-1]
+        job_id = fine_tuned.rsplit(":", 1)[-1]
         try:
             run, record = self.service.jobs.owned(project, job_id)
         except ApiError:
             raise _model_not_found(model) from None
-        if objects.fine_tuned_model(record) != model:
-            raise _model_not_found(model)  # a checkpoint's model, or a name that only ends in this job's id
+        if objects.fine_tuned_model(record) != fine_tuned:
+            raise _model_not_found(model)  # a name that only ends in this job's id
         state = self.service.jobs.known_state(run)
         if state != "succeeded":
             raise ApiError(409, f"{model} cannot be called yet: its fine-tuning job is {state.value}; it can be once "
                                 "the job has succeeded", "model", "model_not_ready")
         engine = self._engine(record.model, model)
-        if job_id not in self._adapters:  # a succeeded job's weights do not change: looked up once
-            self._adapters[job_id] = self._adapter(run, engine, model, job_id)
-        path, template = self._adapters[job_id]
-        return Route(model, engine, job_id, (job_id, path), template)
+        # A succeeded job's weights do not change: where the engine reads them is looked up once; so is a checkpoint's.
+        served = f"{job_id}-step-{int(checkpoint['step'])}" if checkpoint else job_id
+        if served not in self._adapters:
+            self._adapters[served] = self._adapter(run, engine, model, served, int(checkpoint["step"]) if checkpoint
+                                                   else None)
+        path, template = self._adapters[served]
+        return Route(model, engine, served, (served, path), template)
 
-    def _adapter(self, run, engine: Engine, model: str, job_id: str) -> tuple[str, ChatTemplate]:
-        """Where the engine reads the job's adapter, and the chat template the job trained with."""
-        adapter = final_weights("adapter")
-        if not run.exists(f"{adapter}/{ADAPTER_CONFIG}"):
+    def _adapter(self, run, engine: Engine, model: str, served: str, step: int | None) -> tuple[str, ChatTemplate]:
+        """Where the engine reads the job's adapter (a checkpoint's at ``step``), and the chat template the job
+        trained with."""
+        final = final_weights("adapter")
+        if not run.exists(f"{final}/{ADAPTER_CONFIG}"):
             raise ApiError(400, f"{model} is a full fine-tune: serving full fine-tunes (an engine of their own) is "
                                 "not in this tunerun yet; call it after exporting it to your own vLLM", "model",
                            "model_not_served")
+        adapter = final
+        if step is not None:
+            try:
+                adapter = checkpoint_adapter(run, step)
+            except NoCheckpoint:
+                raise _model_not_found(model) from None
+            except NotAnAdapter as exc:
+                raise ApiError(400, f"{model}: {tenant_text(str(exc))}", "model", "model_not_served") from None
         local = run.local_path(adapter) if run.is_local else \
-            self._local_copy(run, adapter, job_id) if isinstance(engine, ManagedEngine) else None
-        path = engine.adapter_path(str(local) if local else None, adapter_key(run.run_id))
-        template = run.read_text(f"{adapter}/{CHAT_TEMPLATE}") if run.exists(f"{adapter}/{CHAT_TEMPLATE}") else None
-        return path, ChatTemplate.of_weights(template, run.read_json_if_there(f"{adapter}/{TOKENIZER_CONFIG}", {}))
+            self._local_copy(run, adapter, served) if isinstance(engine, ManagedEngine) else None
+        path = engine.adapter_path(str(local) if local else None, adapter_key(run.run_id, adapter))
+        template = run.read_text(f"{final}/{CHAT_TEMPLATE}") if run.exists(f"{final}/{CHAT_TEMPLATE}") else None
+        return path, ChatTemplate.of_weights(template, run.read_json_if_there(f"{final}/{TOKENIZER_CONFIG}", {}))
 
     def _engine(self, base: str, requested: str) -> Engine:
         engine = self.engines.get(base)
@@ -156,9 +172,9 @@ class Gateway:
                                 "inference engine (server.yaml inference.engines)", "model", "model_not_found")
         return engine
 
-    def _local_copy(self, run, adapter: str, job_id: str) -> Path:
+    def _local_copy(self, run, adapter: str, served: str) -> Path:
         """A managed engine reads adapters from this host: one on S3 is copied into the cache once."""
-        target = cache_root() / "serve" / "adapters" / job_id
+        target = cache_root() / "serve" / "adapters" / served
         if not (target / ADAPTER_CONFIG).is_file():
             run.download_dir(adapter, target)
         return target

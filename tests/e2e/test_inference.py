@@ -148,6 +148,10 @@ def test_the_fine_tuned_model_answers_as_tunerun_evaluated_it(served, tuned):
     assert abs(served_em - final["metrics"]["exact_match"]) <= 0.02 + 1e-9, (served_em, final["metrics"])
     base = [chat(api, "support-tiny", p["messages"]) for p in prompts[:6]]
     assert all(b != a for b, a in zip(base, answers[:6])), base
+    # the checkpoint of the last step holds the final weights: its checkpoint model answers alike
+    last = max(api.fine_tuning.jobs.checkpoints.list(job.id).data, key=lambda c: c.step_number)
+    assert last.step_number == 48 and last.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-48"
+    assert [chat(api, last.fine_tuned_model_checkpoint, p["messages"]) for p in prompts[:6]] == answers[:6]
 
 
 @pytest.mark.slow

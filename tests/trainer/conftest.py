@@ -27,7 +27,7 @@ def _make_run(root: Path, model_dir: Path, kind: str = "lora", final: bool = Tru
     from tunerun.jobs.plan import resolve
     from tunerun.cluster import run_folder
     from tunerun.trainer import checkpoint as ckpt
-    from tunerun.trainer.engines import TRAINABLE
+    from tunerun.cluster.run_folder import TRAINABLE
     from tunerun.trainer.methods.lora import add_adapters
 
     data = root / "train.jsonl"

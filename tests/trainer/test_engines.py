@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from tunerun.cluster.run_folder import TRAINABLE
 from tunerun.jobs.loader import load_job_text
 from tunerun.jobs.plan import resolve
 from tunerun.trainer import engines
@@ -77,7 +78,7 @@ def test_ddp_engine_state_round_trip_continues_training_identically(tiny_model_d
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     first.save_state(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([engines.TRAINABLE, engines.OPTIMIZER,
+    assert sorted(p.name for p in folder.iterdir()) == sorted([TRAINABLE, engines.OPTIMIZER,
                                                                engines.SCHEDULER])
     saved = state_of(first)
     continued = [first.train_step(w) for w in steps[2:]]

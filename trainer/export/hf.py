@@ -119,7 +119,7 @@ def write_merged_model(job, weights: RunWeights, out: Path) -> None:
 
 
 def _write_adapter(job, weights: RunWeights, out: Path) -> None:
-    from tunerun.trainer.methods.lora import ADAPTER_FILE
+    from tunerun.cluster.run_folder import ADAPTER_FILE
 
     if weights.name == FINAL:
         for name in (ADAPTER_CONFIG, ADAPTER_FILE):
@@ -131,7 +131,7 @@ def _write_adapter(job, weights: RunWeights, out: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunerun.trainer.engines import TRAINABLE
+    from tunerun.cluster.run_folder import TRAINABLE
     from tunerun.trainer.methods.lora import add_adapters
 
     config = AutoConfig.from_pretrained(job.spec.model.path, trust_remote_code=job.spec.model.trust_remote_code)

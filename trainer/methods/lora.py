@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tunerun.cluster.run_folder import FINAL
+from tunerun.cluster.run_folder import ADAPTER_FILE, FINAL
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.trainer.engines import DDPEngine, load_trainable, torch_dtype, worker_device
 from tunerun.trainer.tokenizer import save_tokenizer
@@ -20,7 +20,6 @@ NAME = "LoRA"
 ADAPTER = True
 FINAL_DIR = "adapter"
 SHARDED_STATE = False  # adapters and their optimizer are the same on every DDP rank
-ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's name, in final/adapter and in adapter exports
 
 
 

@@ -17,7 +17,7 @@ PREFERENCE = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp"
 # Everything a run may record about its eval set; the names gates and checkpoint.best_metric may use.
 EVAL_SET = ("loss", "perplexity", *SCORES, *PREFERENCE)
 GATEABLE = (*EVAL_SET, "forgetting_drop")
-LOWER_IS_BETTER = ("loss", "perplexity", "forgetting_drop")
+LOWER_IS_BETTER = ("loss", "perplexity", "forgetting_drop", "rejected_logp")
 
 
 def lower_is_better(metric: str) -> bool:

@@ -319,6 +319,9 @@ class DataSpec(Strict):
         return os_path(v)
 
 
+HELD_OUT_SFT = ("loss", "perplexity")  # what eval.metrics' "loss" stands for in the eval spec alone
+
+
 class DPOSpec(Strict):
     """Direct preference optimisation (`tunerun.trainer.objectives.dpo`); the defaults are the ones measured to
     work on a small model (README, "Preference tuning")."""
@@ -446,7 +449,7 @@ class EvalSpec(Strict):
     def _computed(metrics: list[str], label_pattern: str | None, general: str | None) -> list[str]:
         names = [m for m in metric_names.GENERATION if m in metrics]
         if "loss" in metrics:
-            names += ["loss", "perplexity"]
+            names += list(HELD_OUT_SFT)
         if label_pattern is not None:
             names.append("label_accuracy")
         if general is not None:
@@ -484,7 +487,7 @@ class EvalSpec(Strict):
 
 class CheckpointSpec(Strict):
     """Retention: a checkpoint survives when it is among the ``keep_last`` newest complete ones or the
-    ``keep_best`` best by ``best_metric`` (lower is better for loss and perplexity, higher for the rest)."""
+    ``keep_best`` best by ``best_metric`` (lower is better for loss, perplexity and rejected_logp: `tunerun.jobs.metrics`)."""
 
     every_steps: int = Field(50, ge=1)
     keep_last: int = Field(3, ge=1)
@@ -660,16 +663,20 @@ class JobSpec(Strict):
         computed = self.computed_metrics()
         for name in self.eval.gates:
             if name in metric_names.PREFERENCE and name not in computed:
-                raise field_error(f"eval.gates.{name}", f"metric '{name}' is measured by training.objective dpo "
-                                  "only (held-out preference pairs)")
+                raise field_error(f"eval.gates.{name}", f"metric '{name}' is measured on held-out preference pairs, "
+                                  f"not by training.objective {self.training.objective}; set training.objective: dpo")
         return self
 
     def computed_metrics(self) -> list[str]:
-        """Every metric name this job produces: the eval spec's, with the objective's held-out metrics."""
+        """Every metric name this job produces: the eval spec's, the held-out ones as its objective names them
+        (sft: loss and perplexity; dpo: loss and the preference metrics)."""
+        from tunerun.trainer.objectives import objective_for
+
         names = self.eval.computed_metrics()
-        if self.training.objective == "dpo" and "loss" in names:
-            names = [n for n in names if n != "perplexity"] + list(metric_names.PREFERENCE)
-        return names
+        if "loss" not in names:
+            return names
+        at = names.index("loss")
+        return names[:at] + list(objective_for(self).held_out) + [n for n in names[at:] if n not in HELD_OUT_SFT]
 
     @model_validator(mode="after")
     def _best_checkpoint_is_scored(self):

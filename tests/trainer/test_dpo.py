@@ -133,6 +133,10 @@ def test_the_spec_chooses_dpo_with_its_settings_and_refuses_what_it_cannot_do(st
     chosen = objective_for(job)
     assert isinstance(chosen, DirectPreference) and (chosen.beta, chosen.nll_weight) == (0.1, 1.0)
     assert "reward_accuracy" in job.computed_metrics() and "perplexity" not in job.computed_metrics()
+    best = load_job_text(spec_text(stub_model_dir, data, "{objective: dpo}",
+                                   "checkpoint: {keep_best: 1, best_metric: reward_accuracy, every_steps: 100}\n"
+                                   "eval: {every_steps: 100}\n"))
+    assert best.checkpoint.best_metric == "reward_accuracy"
     tuned = load_job_text(spec_text(stub_model_dir, data, "{objective: dpo, dpo: {beta: 0.5, nll_weight: 0}}"))
     assert (objective_for(tuned).beta, objective_for(tuned).nll_weight) == (0.5, 0.0)
     assert load_job_text(spec_text(stub_model_dir, data, "{objective: sft}")).training.dpo is None
@@ -142,7 +146,7 @@ def test_the_spec_chooses_dpo_with_its_settings_and_refuses_what_it_cannot_do(st
         ("{objective: dpo, dpo: {beta: 0}}", "", "training.dpo.beta", "must be > 0"),
         ("{objective: dpo}", "eval: {gates: {reward_accuracy: '>= 0.9'}}", None, None),
         ("{objective: sft}", "eval: {gates: {reward_accuracy: '>= 0.9'}}", "eval.gates.reward_accuracy",
-         "measured by training.objective dpo only"),
+         "measured on held-out preference pairs, not by training.objective sft"),
     ]:
         text = spec_text(stub_model_dir, data, training, extra)
         if path is None:
@@ -209,6 +213,7 @@ def test_the_loss_is_the_dpo_paper_s_plus_the_chosen_answer_s_token_mean_nll():
     assert float(DirectPreference(beta, alpha).loss(model, batch)) == pytest.approx(float(dpo + alpha * nll), rel=1e-5)
     assert float(DirectPreference(beta, 0.0).loss(model, batch)) == pytest.approx(float(dpo), rel=1e-5)
     metrics = DirectPreference(beta, alpha).held_out_metrics(DirectPreference(beta, alpha).score(model, batch))
+    assert tuple(metrics) == DirectPreference.held_out  # the names the spec's gates and best_metric accept
     assert metrics["reward_accuracy"] == pytest.approx(float((logits > 0).float().mean()))
     assert metrics["reward_margin"] == pytest.approx(float(logits.mean()), rel=1e-5)
     assert metrics["chosen_logp"] == pytest.approx(float(pi[:pairs].mean()), rel=1e-5)

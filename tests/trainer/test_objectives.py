@@ -47,6 +47,7 @@ class SummedNextToken:
     KEY = "summed"
     formats = FORMATS
     packing_refusal = needs_adapters = ""
+    held_out = ("loss", "loss_per_batch")
     activation_sequences = 3
 
     @classmethod
@@ -88,6 +89,7 @@ class PromptAndReply:
     KEY = "prompt_reply"
     formats = FORMATS
     packing_refusal, needs_adapters = "a prompt and a reply kept apart", ""
+    held_out = ("loss", "perplexity")
     activation_sequences = 1
     packs = False
 

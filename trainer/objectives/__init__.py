@@ -49,6 +49,7 @@ class Objective(Protocol):
     # ``input_ids`` and ``labels``, so an objective that packs prepares examples of that shape.
     packs: bool
     packing_refusal: str  # why it does not pack, in words (where ``packs`` is False): the spec says it
+    held_out: tuple[str, ...]  # the metric names `held_out_metrics` returns (`tunerun.jobs.metrics`), loss first
     # Why the objective trains adapters only, in words; empty when a full fine-tune can train it too. The spec
     # refuses method.kind full and `method: auto` leaves full fine-tuning out when it is set.
     needs_adapters: str

@@ -27,6 +27,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from tunerun.jobs.metrics import PREFERENCE
 from tunerun.trainer.data import pack, render
 from tunerun.trainer.data.formats import PREFERENCE_FORMATS
 from tunerun.trainer.data.render import IGNORE_INDEX
@@ -47,6 +48,7 @@ class DirectPreference:
     formats = PREFERENCE_FORMATS
     activation_sequences = 2  # the chosen and the rejected answer run through the policy with gradients
     packs = False
+    held_out = ("loss", *PREFERENCE)  # the names `held_out_metrics` returns
     packing_refusal = "a preference pair is two sequences compared with each other, not rows shared with other pairs"
     # Why this objective trains adapters only (empty: it does not); the spec and `method: auto` read it.
     needs_adapters = ("compares the model with its reference, the model before this training, which tunerun keeps "

@@ -35,6 +35,7 @@ class SupervisedFineTuning:
     activation_sequences = 1  # one sequence (a record, or a packed row) per example
     packs = True  # position ids restarting at 0 keep packed examples apart (see `pack`)
     packing_refusal = ""
+    held_out = ("loss", "perplexity")  # the names `held_out_metrics` returns
     needs_adapters = ""  # full fine-tuning and adapters alike
 
     @classmethod

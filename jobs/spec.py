@@ -487,7 +487,8 @@ class EvalSpec(Strict):
 
 class CheckpointSpec(Strict):
     """Retention: a checkpoint survives when it is among the ``keep_last`` newest complete ones or the
-    ``keep_best`` best by ``best_metric`` (lower is better for loss, perplexity and rejected_logp: `tunerun.jobs.metrics`)."""
+    ``keep_best`` best by ``best_metric`` (lower is better for loss, perplexity and rejected_logp:
+    `tunerun.jobs.metrics`)."""
 
     every_steps: int = Field(50, ge=1)
     keep_last: int = Field(3, ge=1)

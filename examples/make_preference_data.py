@@ -46,7 +46,8 @@ def _support_data():
 
 def generate_pairs(n: int = 900, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    tickets = _support_data().generate_records(n + 8, seed)[:n]  # the few exact copies make_support_data adds stay copies here
+    # the few exact copies make_support_data adds stay copies here
+    tickets = _support_data().generate_records(n + 8, seed)[:n]
     labels = sorted({t["messages"][2]["content"].removeprefix("category: ") for t in tickets})
     pairs = []
     for ticket in tickets:

@@ -142,8 +142,9 @@ def _starting_adapter(spec: JobSpec, problems: list[Problem]) -> JobSpec:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        problems.append(Problem("model.adapter", f"{adapter} is not a PEFT adapter folder ({ADAPTER_CONFIG}: "
-                                f"{getattr(exc, 'strerror', None) or exc}); name one, e.g. runs/<run id>/final/adapter"))
+        why = getattr(exc, "strerror", None) or exc
+        problems.append(Problem("model.adapter", f"{adapter} is not a PEFT adapter folder ({ADAPTER_CONFIG}: {why}); "
+                                "name one, e.g. runs/<run id>/final/adapter"))
         return spec
     if config.get("peft_type") != "LORA":
         problems.append(Problem("model.adapter", f"{adapter} holds a {config.get('peft_type')} adapter; tunerun "
@@ -181,8 +182,8 @@ def _absolute_paths(spec: JobSpec, problems: list[Problem]) -> JobSpec:
             problems.append(Problem(field, f"{value} holds no records; expected one JSON object per line"))
     storage = spec.storage.model_copy(update={"uri": _absolute(spec.storage.uri)})
     adapter = spec.model.adapter
-    model = spec.model.model_copy(update={"path": str(model_path) if not _is_remote(spec.model.path) else spec.model.path,
-                                          "adapter": _absolute(adapter) if adapter else None})
+    path = str(model_path) if not _is_remote(spec.model.path) else spec.model.path
+    model = spec.model.model_copy(update={"path": path, "adapter": _absolute(adapter) if adapter else None})
     return spec.model_copy(update={"model": model, "data": data, "storage": storage, "method": _method_blocks(spec)})
 
 

@@ -48,7 +48,8 @@ def preferred(tmp_path_factory, tunerun, tiny_model_dir, example_module) -> Path
     sft = run(tunerun, SFT_SPEC, cwd, "sft", *sets(tiny_model_dir, cwd / "runs", f"data.train={history}"))
     return run(tunerun, DPO_SPEC, cwd, "dpo", *sets(
         tiny_model_dir, cwd / "runs", f"model.adapter={sft / 'final' / 'adapter'}", "training.epochs=3",
-        f"data.train={REPO / 'examples/data/support_preferences.jsonl'}", "eval.label_pattern='^(Thank you for writing)'"))
+        f"data.train={REPO / 'examples/data/support_preferences.jsonl'}",
+        "eval.label_pattern='^(Thank you for writing)'"))
 
 
 def test_dpo_after_sft_makes_the_preferred_style_the_rule(preferred):

@@ -155,7 +155,8 @@ def test_the_spec_chooses_dpo_with_its_settings_and_refuses_what_it_cannot_do(st
         with pytest.raises(SpecError) as caught:
             load_job_text(text)
         assert caught.value.problems[0].path == path and message in caught.value.problems[0].message
-    packing = spec_text(stub_model_dir, data, "{objective: dpo}").replace("data: {train:", "data: {packing: true, train:")
+    packing = spec_text(stub_model_dir, data, "{objective: dpo}").replace("data: {train:",
+                                                                        "data: {packing: true, train:")
     with pytest.raises(SpecError, match="cannot pack examples .*set data.packing: false"):
         load_job_text(packing)
     full = spec_text(stub_model_dir, data, "{objective: dpo}").replace("{kind: lora}", "{kind: full}")
@@ -324,7 +325,8 @@ def test_dpo_from_an_adapter_trains_a_copy_and_compares_with_the_frozen_original
 
 def test_a_starting_adapter_must_be_a_lora_adapter_and_not_for_a_full_fine_tune(stub_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "t.jsonl", [openai_pair(1)])
-    text = f"model: {{path: {stub_model_dir}, adapter: {tmp_path / 'nope'}}}\nmethod: {{kind: %s}}\ndata: {{train: {data}}}\n"
+    text = (f"model: {{path: {stub_model_dir}, adapter: {tmp_path / 'nope'}}}\nmethod: {{kind: %s}}\n"
+            f"data: {{train: {data}}}\n")
     with pytest.raises(SpecError) as caught:
         resolve(load_job_text(text % "lora"))
     assert caught.value.problems[0].path == "model.adapter" and "is not a PEFT adapter folder" in str(caught.value)

@@ -23,7 +23,8 @@ def steps(report: dict) -> list[tuple[str, int]]:
     """(cleaning step, records it removed), in pipeline order (mirrors `DataReport.steps`)."""
     # Only preference pairs can have equal answers (and reports written before them have no count): shown when some
     pairs = [("equal answers", report["equal_answers"])] if report.get("equal_answers") else []
-    return [("malformed", report["malformed"]), ("empty", report["empty"]), *pairs, ("duplicates", report["duplicates"]),
+    return [("malformed", report["malformed"]), ("empty", report["empty"]), *pairs,
+            ("duplicates", report["duplicates"]),
             ("near-duplicates", report["near_duplicates"]), ("fuzzy duplicates", report["fuzzy_duplicates"]),
             ("too long", report["too_long_dropped"])]
 

@@ -91,7 +91,8 @@ class Objective(Protocol):
 
 
 DEFAULT = "sft"
-OBJECTIVES: dict[str, type] = {"sft": SupervisedFineTuning, "dpo": DirectPreference}  # name → class; the class builds from the spec
+# name → class; the class builds from the spec
+OBJECTIVES: dict[str, type] = {"sft": SupervisedFineTuning, "dpo": DirectPreference}
 
 
 def get_objective(name: str, spec: JobSpec | None = None) -> Objective:

@@ -8,10 +8,11 @@ rejected ones, so the policy sees both in one forward.
 The reference is the model before this training, run without gradients: the same network with its adapters switched
 off (PEFT's ``disable_adapter``), or, for a run started from an adapter (``model.adapter``: a supervised fine-tune),
 that adapter loaded a second time and frozen (TRL's ``ref_adapter_name``). So the reference costs no second base in
-memory, and it is why DPO needs an adapter method (`tunerun.jobs.spec.JobSpec` refuses a full fine-tune). For the memory planner the
-reference adds no term of its own: it runs after the policy's logits were reduced to log-probabilities, and its
-working set (a layer at a time, then its logits) is the transient the planner already counts for the policy; the
-policy's two sequences per example are `activation_sequences`.
+memory, and it is why DPO needs an adapter method (`tunerun.jobs.spec.JobSpec` refuses a full fine-tune, and
+`method: auto` leaves it out). For the memory planner the reference adds no term of its own: it runs after the
+policy's logits were reduced to log-probabilities, and its working set (a layer at a time, then its logits) is the
+transient the planner already counts for the policy; the policy's two sequences per example are
+`activation_sequences`.
 
 loss = −log σ(β · ((log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected))))
        + nll_weight · (the chosen answer's next-token loss, averaged over its tokens)

@@ -13,7 +13,6 @@ endpoints, so it shows what the `openai` client sees.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 from contextlib import asynccontextmanager
@@ -38,7 +37,7 @@ from tunerun.jobs.service.downloads import stream_tar
 from tunerun.jobs.service.engines import build_engines
 from tunerun.jobs.service.errors import ApiError, bad_request, not_found, tenant_text
 from tunerun.jobs.service.files import FileStore, Validator, upload_folder
-from tunerun.jobs.service.fine_tuning import JobRequest, JobService
+from tunerun.jobs.service.fine_tuning import CHECKPOINT_MODEL, JobRequest, JobService
 from tunerun.jobs.service.inference import Gateway, inference_routes
 from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.scheduler import Scheduler
@@ -47,7 +46,6 @@ from tunerun.jobs.service.sessions import SESSION_COOKIE, Session, SessionSigner
 
 COPY_CHUNK = 1 << 20
 logger = logging.getLogger("tunerun.serve")
-CHECKPOINT_MODEL = re.compile(r"ft:.+:(?P<job>ftjob-[0-9a-f]{24}):ckpt-step-\d+")
 # tunerun's own report page is served in a sandbox: its inline styles apply, nothing in it can run.
 REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox; frame-ancestors 'self'"
 

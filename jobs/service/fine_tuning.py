@@ -43,6 +43,7 @@ from tunerun.trainer.objectives import OBJECTIVES
 
 logger = logging.getLogger("tunerun.serve")
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+:(?P<job>ftjob-[0-9a-f]{24})):ckpt-step-(?P<step>[0-9]{1,9})")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 INTEGRATIONS = ("mlflow",)  # tracking tunerun feeds itself (tracking.mlflow in the job spec)
 MAX_PAIRS, MAX_KEY, MAX_VALUE = 16, 64, 512  # OpenAI's bounds for metadata; tags take the same
@@ -252,6 +253,12 @@ class ServiceRecord:
 def fine_tuned_model(record: ServiceRecord) -> str:
     """OpenAI's naming: ``ft:<base model>:<project>:<suffix>:<job id>``."""
     return f"ft:{record.model}:{record.project}:{record.suffix or ''}:{record.job_id}"
+
+
+def checkpoint_model(record: ServiceRecord, step: int) -> str:
+    """OpenAI's name of a job's checkpoint (``fine_tuned_model_checkpoint``): the model's, then ``:ckpt-step-N``;
+    `CHECKPOINT_MODEL` reads it back."""
+    return f"{fine_tuned_model(record)}:ckpt-step-{step}"
 
 
 def method_overrides(template: JobSpec, method: str, hyper: Hyperparameters) -> list[str]:

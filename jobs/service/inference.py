@@ -32,6 +32,7 @@ from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.checkpoint_adapters import NoCheckpoint, NotAnAdapter, checkpoint_adapter
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
+from tunerun.jobs.service.fine_tuning import CHECKPOINT_MODEL
 from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
 
 # What a chat request passes on to the completion it becomes (the rest of OpenAI's chat parameters are refused
@@ -40,7 +41,6 @@ SAMPLING = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequen
             "top_k", "min_p", "repetition_penalty", "min_tokens", "stream_options")
 UNSUPPORTED_CHAT = ("logprobs", "top_logprobs", "tool_choice", "response_format", "parallel_tool_calls",
                     "audio", "modalities", "prediction")
-CHECKPOINT_MODEL = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>[0-9]{1,9})")  # OpenAI's checkpoint models
 STREAM_TIMEOUT = httpx.Timeout(None, connect=10.0)  # a long generation is not a timeout; a dead engine is seen
 REQUEST_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 

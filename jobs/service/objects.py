@@ -14,7 +14,7 @@ from tunerun.cluster.run_folder import events as read_events
 from tunerun.cluster.runs import RunInfo, RunState
 from tunerun.jobs.metrics import SCORES
 from tunerun.jobs.service.errors import tenant_text
-from tunerun.jobs.service.fine_tuning import ServiceRecord, fine_tuned_model
+from tunerun.jobs.service.fine_tuning import ServiceRecord, checkpoint_model, fine_tuned_model
 
 STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNING: "running",
           RunState.SUCCEEDED: "succeeded", RunState.FAILED: "failed", RunState.CANCELLED: "cancelled",
@@ -162,7 +162,7 @@ def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
                    **{name: measured[name] for name in SCORES if measured.get(name) is not None}}
         found.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{record.job_id[6:]}-{step}",
                       "created_at": int(at_step.time if at_step else record.created_at),
-                      "fine_tuned_model_checkpoint": f"{fine_tuned_model(record)}:ckpt-step-{step}",
+                      "fine_tuned_model_checkpoint": checkpoint_model(record, step),
                       "step_number": step, "metrics": metrics, "fine_tuning_job_id": record.job_id})
     return found
 

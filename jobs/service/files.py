@@ -38,6 +38,7 @@ from tunerun.cluster.storage import LocalBackend, backend_for, process_alive
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.service.errors import bad_request, not_found
 from tunerun.jobs.spec import CleanSpec, StorageSpec
+from tunerun.trainer.data.formats import PREFERENCE_FORMATS
 from tunerun.trainer.data.read import TOO_DEEP, too_deep
 
 ROOT = "_service/files"
@@ -82,7 +83,10 @@ class FileObject:
 
     def public(self) -> dict:
         shown = {k: v for k, v in asdict(self).items() if k not in ("records", "cleaning", "format")}
-        return shown | {"tunerun": {"records": self.records, "cleaning": self.cleaning, "format": self.format}}
+        # preference_pairs: which method the file is for (the dashboard picks dpo for pairs); None: not known
+        pairs = self.format in PREFERENCE_FORMATS if self.format else None
+        return shown | {"tunerun": {"records": self.records, "cleaning": self.cleaning, "format": self.format,
+                                    "preference_pairs": pairs}}
 
 
 class FileStore:

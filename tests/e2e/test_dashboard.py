@@ -229,6 +229,32 @@ def test_a_file_that_is_not_jsonl_is_refused_on_the_page(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_file_of_preference_pairs_starts_a_dpo_job_from_the_form(trained, service):
+    """The method follows the uploaded file; β goes where OpenAI's API puts it. The job is cancelled at once: DPO
+    training itself is tests/e2e/test_preference.py."""
+    page, *_ = trained
+    page.goto("/new")
+    page.set_input_files("#file", str(REPO / "examples" / "data" / "support_preferences.jsonl"))
+    page.click("#upload")
+    page.wait_for_selector("#file-status", timeout=120 * MS)
+    assert page.inner_text("#file-status") == "processed"
+    assert page.input_value("#method") == "dpo" and page.is_visible("#beta")
+    page.select_option("#model", "support-tiny")
+    page.fill("#beta", "0.2")
+    page.click("#start")
+    page.wait_for_url("**/jobs/ftjob-*", timeout=60 * MS)
+    client = api(service)
+    job = client.fine_tuning.jobs.retrieve(page.url.rsplit("/", 1)[-1])
+    client.fine_tuning.jobs.cancel(job.id)
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    page.goto("/new")  # a chat file goes back to supervised fine-tuning
+    page.set_input_files("#file", str(TICKETS))
+    page.click("#upload")
+    page.wait_for_selector("#file-status", timeout=120 * MS)
+    assert page.input_value("#method") == "supervised" and not page.is_visible("#beta")
+
+
+@pytest.mark.slow
 def test_html_in_metadata_is_shown_as_text_and_never_runs(trained, service):
     page, first_id, _, _ = trained
     client = api(service)

@@ -6,7 +6,9 @@ let fileId = null;
 const start = document.getElementById("start");
 
 async function loadModels() {
-  const models = (await api("/v1/models")).data.filter((m) => m.owned_by === "tunerun");
+  // The catalog first, then the project's own fine-tuned models: a job may start from one (SFT, then DPO on it).
+  const all = (await api("/v1/models")).data;
+  const models = [...all.filter((m) => m.owned_by === "tunerun"), ...all.filter((m) => m.owned_by !== "tunerun")];
   document.getElementById("model").replaceChildren(...models.map((m) => el("option", { value: m.id }, m.id)));
 }
 
@@ -25,6 +27,14 @@ function showValidation(file) {
   replaceRows(document.getElementById("validation-counts"), rows.map(([k, v]) =>
     el("tr", {}, el("th", {}, k), el("td", { class: "num" }, v))));
   start.disabled = !ok;
+  // A file of preference pairs trains with DPO, any other with supervised fine-tuning (the server says which).
+  const pairs = file.tunerun?.preference_pairs;
+  if (ok && pairs != null) chooseMethod(pairs ? "dpo" : "supervised");
+}
+
+function chooseMethod(method) {
+  document.getElementById("method").value = method;
+  document.getElementById("dpo-settings").hidden = method !== "dpo";
 }
 
 async function waitForValidation(id) {
@@ -64,14 +74,17 @@ document.getElementById("job-form").addEventListener("submit", async (event) => 
   if (epochs) hyperparameters.n_epochs = Number(epochs);
   if (lr) hyperparameters.learning_rate_multiplier = Number(lr);
   const suffix = document.getElementById("suffix").value.trim();
+  const type = document.getElementById("method").value, beta = document.getElementById("beta").value;
+  if (type === "dpo" && beta) hyperparameters.beta = Number(beta);
   try {
     const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: {
       model: document.getElementById("model").value, training_file: fileId,
-      method: { type: "supervised", supervised: { hyperparameters } }, ...(suffix ? { suffix } : {}) } });
+      method: { type, [type]: { hyperparameters } }, ...(suffix ? { suffix } : {}) } });
     window.location.assign(`/jobs/${encodeURIComponent(job.id)}`);
   } catch (error) {
     showError("start-error", `The job was not started: ${error.message}`);
   }
 });
 
+document.getElementById("method").addEventListener("change", (event) => chooseMethod(event.target.value));
 loadModels().catch((error) => showError("start-error", `Could not load the models: ${error.message}`));

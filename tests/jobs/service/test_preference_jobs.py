@@ -58,6 +58,7 @@ def refusal(app, keys, **arguments) -> dict:
 
 def test_a_dpo_job_runs_the_template_with_objective_dpo_and_shows_its_method(app, keys, pairs):
     assert pairs.status == "processed" and pairs.model_extra["tunerun"]["format"] == "openai_preference"
+    assert pairs.model_extra["tunerun"]["preference_pairs"] is True  # what the dashboard chooses the method by
     acme = client(app, keys["acme"])
     job = acme.fine_tuning.jobs.create(model=MODEL, training_file=pairs.id,
                                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}})
@@ -88,6 +89,7 @@ def test_auto_beta_keeps_the_default_and_the_other_hyperparameters_map_as_for_su
 
 def test_a_supervised_job_keeps_its_shape_and_objective(app, keys, tickets):
     assert tickets.model_extra["tunerun"]["format"] == "chat"
+    assert tickets.model_extra["tunerun"]["preference_pairs"] is False
     job = client(app, keys["acme"]).fine_tuning.jobs.create(
         model=MODEL, training_file=tickets.id, method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 2}}})

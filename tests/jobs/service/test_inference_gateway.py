@@ -3,6 +3,7 @@ and OpenAI's chat shapes made from vLLM's completions. Against a real vLLM: test
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,7 +43,7 @@ def test_an_engine_for_a_model_not_in_the_catalog_is_named_with_a_suggestion(ser
         load_server_config(tmp_path / "server.yaml")
 
 
-def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora():
+def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora(monkeypatch):
     settings = ManagedEngineSettings(python="/opt/vllm/bin/python", max_loras=8, max_lora_rank=64, kv_cache_gib=2,
                                      extra_args=["--tensor-parallel-size", "2"])
     engine = ManagedEngine("support-8b", settings, "/models/llama-8b", "/tmp/logs")
@@ -52,8 +53,16 @@ def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora():
     assert "--model /models/llama-8b --served-model-name support-8b" in joined and "--port 8123" in joined
     assert "--enable-lora --max-loras 8 --max-lora-rank 64" in joined
     assert command[-2:] == ["--tensor-parallel-size", "2"]
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "GITHUB_TOKEN",
+                 "DB_PASSWORD", "OPENAI_API_KEY"):
+        monkeypatch.setenv(name, "secret")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     env = engine.environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "secret" not in env.values()  # the engine gets no credential of the server's
+    assert env["OMP_NUM_THREADS"] == "4" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert env["PATH"] == os.environ["PATH"]
 
 
 def test_an_engine_that_cannot_start_is_a_503_with_retry_after_and_shows_in_healthz(served, keys, tmp_path):

@@ -24,11 +24,14 @@ from serve_process import WAIT_S, serve_models, stop_drivers
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
+# support-long's steps: enough that a job is still training after the server was killed and started again (24 were
+# done before the restarted server could pause it once a launch took 10 s less)
+LONG = 48
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
     root = tmp_path_factory.mktemp("serve")
     # the catalog names are the template files: support-tiny.yaml, support-long.yaml
-    server, keys = serve_models(root, tiny_model_dir, {"support-tiny": 8, "support-long": 24}, free_port(), tunerun)
+    server, keys = serve_models(root, tiny_model_dir, {"support-tiny": 8, "support-long": LONG}, free_port(), tunerun)
     yield root, server, keys
     server.stop()
     stop_drivers(root / "runs")
@@ -62,14 +65,14 @@ def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
 
 
 def assert_continued_to_the_end(api: openai.OpenAI, run: Path, job_id: str, stopped_at: int) -> None:
-    """A resumed job of support-long trains on from its checkpoint to step 24: no step twice, none skipped."""
+    """A resumed job of support-long trains on from its checkpoint to its last step: no step twice, none skipped."""
     done = wait_for(api, job_id, lambda j: j.status == "succeeded", "succeeded")
-    assert done.tunerun["step"] == 24
+    assert done.tunerun["step"] == LONG
     messages = [e.message for e in api.fine_tuning.jobs.list_events(job_id, limit=100).data]
-    assert f"Fine-tuning started: 24 steps on 2 workers, from step {stopped_at}" in messages
+    assert f"Fine-tuning started: {LONG} steps on 2 workers, from step {stopped_at}" in messages
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, LONG + 1))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,7 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     assert paused.status in ("running", "paused")
     paused = wait_for(api, job.id, lambda j: j.status == "paused", "paused")
     stopped_at = paused.tunerun["step"]
-    assert 2 <= stopped_at < 24 and stopped_at in [c.step_number for c in
+    assert 2 <= stopped_at < LONG and stopped_at in [c.step_number for c in
                                                     api.fine_tuning.jobs.checkpoints.list(job.id).data]
     api.fine_tuning.jobs.resume(job.id)
     assert_continued_to_the_end(api, root / "runs" / job.id, job.id, stopped_at)

@@ -8,7 +8,6 @@ The run folder is a local folder on the filesystem the "nodes" share, as compute
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -104,8 +104,8 @@ def events(run: RunFolder) -> list[dict]:
     for n, event in enumerate(read_events(run, _tail)):
         message, level = _describe(event)
         if message:
-            found.append(_event(f"ftevent-e{n}", event["time"], level, message, "message",
-                                {k: v for k, v in event.items() if k not in ("time", "event")}))
+            found.append((event["time"], _event(f"ftevent-e{n}", event["time"], level, message, "message",
+                                                {k: v for k, v in event.items() if k not in ("time", "event")})))
     for n, row in enumerate(metric_rows(run, _tail).ordered):
         if isinstance(row, TrainRow):
             data = {"step": row.step, "train_loss": row.loss, "total_steps": row.total_steps,
@@ -115,8 +115,9 @@ def events(run: RunFolder) -> list[dict]:
             data = {"step": row.step, **row.held_out}
             shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if k != "step" and isinstance(v, float))
             message = f"Step {row.step}: {'base model' if row.base else 'validation'} {shown}"
-        found.append(_event(f"ftevent-m{n}", row.time, "info", message, "metrics", data))
-    return sorted(found, key=lambda e: e["created_at"])
+        found.append((row.time, _event(f"ftevent-m{n}", row.time, "info", message, "metrics", data)))
+    # By the exact time: created_at has whole seconds, and a run's last eval and its end now fall in the same one
+    return [event for _, event in sorted(found, key=lambda pair: pair[0])]
 
 
 def _event(event_id: str, at: float, level: str, message: str, kind: str, data: dict) -> dict:

@@ -208,6 +208,17 @@ def test_events_are_lifecycle_messages_and_metrics_oldest_first_with_stable_ids(
     assert data["ftevent-m3"] == {"step": 2, "exact_match": 0.5, "generated": 3, "loss": 1.25}  # None left out
 
 
+def test_events_within_one_second_keep_the_order_they_happened_in(tmp_path):
+    """created_at has whole seconds; a run's last eval and its end often share one (CI saw the end listed first)."""
+    second = int(CREATED) + 3
+    happened = [event("training_started", second - 2, total_steps=2, world_size=2),
+                event("run_succeeded", second + 0.9)]
+    rows = [train(2, 1.5, at=second + 0.2), evaluated(2, at=second + 0.6, loss=1.25)]
+    found = events(make_run(tmp_path, "succeeded", events_=happened, metrics=rows))
+    assert [e["message"] for e in found][-2:] == ["Step 2: validation loss=1.2500", "The job has successfully completed"]
+    assert [e["created_at"] for e in found][-3:] == [second] * 3
+
+
 @pytest.mark.parametrize("kind, fields, message", [
     ("run_created", {}, "Job created"),
     ("run_resumed", {}, "Job resumed from its newest checkpoint"),

@@ -338,12 +338,8 @@ class JobService:
         adapter as model.adapter, or a full fine-tune's model as model.path — on the catalog model's spec."""
         if model in self.served.templates:
             return model, []
-        job_id = model.rsplit(":", 1)[-1] if model.startswith("ft:") else ""
-        try:
-            run, record = self.owned(project, job_id)
-        except ApiError:
-            run = record = None
-        if record is None or fine_tuned_model(record) != model or record.model not in self.served.templates:
+        run, record = self.fine_tuned(project, model) or (None, None)
+        if record is None or record.model not in self.served.templates:
             raise ApiError(404, f"The model {model!r} is not in this server's catalog or among your fine-tuned "
                                 f"models; catalog: {', '.join(self.served.templates)}", "model", "model_not_found")
         state = self.known_state(run)
@@ -452,6 +448,16 @@ class JobService:
     def record(self, run: RunFolder) -> ServiceRecord | None:
         found = self.index.find(run.run_id)
         return found[1] if found else None
+
+    def fine_tuned(self, project: str, model: str) -> tuple[RunFolder, ServiceRecord] | None:
+        """The job whose ``fine_tuned_model`` is ``model`` (an ``ft:`` name), if ``project`` owns it; None otherwise,
+        whatever the job's state (callers say what a job not yet succeeded means for them)."""
+        job_id = model.rsplit(":", 1)[-1] if model.startswith("ft:") else ""
+        try:
+            run, record = self.owned(project, job_id)
+        except ApiError:
+            return None
+        return (run, record) if fine_tuned_model(record) == model else None  # not a name that only ends in the id
 
     def owned(self, project: str, job_id: str) -> tuple[RunFolder, ServiceRecord]:
         """The run of ``job_id`` if ``project`` owns it; 404 otherwise (also for another project's job)."""

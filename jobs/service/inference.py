@@ -27,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 
 from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_CONFIG, final_weights
 from tunerun.cluster.storage import cache_root
-from tunerun.jobs.service import objects
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.checkpoint_adapters import NoCheckpoint, NotAnAdapter, checkpoint_adapter
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
@@ -120,26 +119,21 @@ class Gateway:
             engine = self._engine(model, model)
             return Route(model, engine, model, None, self._base_template(model))
         checkpoint = CHECKPOINT_MODEL.fullmatch(model)
-        fine_tuned = checkpoint["model"] if checkpoint else model
-        if not fine_tuned.startswith("ft:"):
+        step = int(checkpoint["step"]) if checkpoint else None
+        found = self.service.jobs.fine_tuned(project, checkpoint["model"] if checkpoint else model)
+        if found is None:
             raise _model_not_found(model)
-        job_id = fine_tuned.rsplit(":", 1)[-1]
-        try:
-            run, record = self.service.jobs.owned(project, job_id)
-        except ApiError:
-            raise _model_not_found(model) from None
-        if objects.fine_tuned_model(record) != fine_tuned:
-            raise _model_not_found(model)  # a name that only ends in this job's id
+        run, record = found
+        job_id = record.job_id
         state = self.service.jobs.known_state(run)
         if state != "succeeded":
             raise ApiError(409, f"{model} cannot be called yet: its fine-tuning job is {state.value}; it can be once "
                                 "the job has succeeded", "model", "model_not_ready")
         engine = self._engine(record.model, model)
         # A succeeded job's weights do not change: where the engine reads them is looked up once; so is a checkpoint's.
-        served = f"{job_id}-step-{int(checkpoint['step'])}" if checkpoint else job_id
+        served = f"{job_id}-step-{step}" if step is not None else job_id
         if served not in self._adapters:
-            self._adapters[served] = self._adapter(run, engine, model, served, int(checkpoint["step"]) if checkpoint
-                                                   else None)
+            self._adapters[served] = self._adapter(run, engine, model, served, step)
         path, template = self._adapters[served]
         return Route(model, engine, served, (served, path), template)
 

@@ -67,6 +67,8 @@ TRAIN_FILE, EVAL_FILE, DATA_REPORT_FILE = "train.jsonl", "eval.jsonl", "data_rep
 DATA_REPORT_PAGES = ("data_report.html", "data_report.png")
 PREPARED_FILES = (TRAIN_FILE, EVAL_FILE, *DATA_REPORT_PAGES, DATA_REPORT_FILE)
 TRAIN_DATA, EVAL_DATA, DATA_REPORT = f"{DATA}/{TRAIN_FILE}", f"{DATA}/{EVAL_FILE}", f"{DATA}/{DATA_REPORT_FILE}"
+# A full-fine-tune DPO run's reference log-probabilities of every prepared pair (tunerun.trainer.objectives.dpo)
+REFERENCE_LOGPS = f"{DATA}/reference_logps.json"
 CHECKPOINTS, CHECKPOINT_PREFIX, CHECKPOINT_MANIFEST = "checkpoints", "step-", "manifest.json"
 EVAL, EVAL_BASE, EVAL_ON_DEMAND, EVAL_EXPORTS = "eval", "eval/base.json", "eval/on-demand", "eval/exports"
 FINAL, EXPORTS = "final", "exports"

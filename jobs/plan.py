@@ -116,10 +116,7 @@ def _choose_method(spec: JobSpec, problems: list[Problem]) -> tuple[JobSpec, str
     except memory.MemoryPlanError as exc:
         problems.append(Problem("method.kind", f"'auto' cannot size this model: {exc}; choose full, lora or qlora"))
         return spec, None
-    from tunerun.trainer.objectives import objective_for
-
-    adapters_only = bool(objective_for(spec).needs_adapters)  # e.g. dpo keeps its reference by switching them off
-    chosen = memory.choose([c for c in plan.candidates if not (adapters_only and c.kind == "full")])
+    chosen = memory.choose(plan.candidates)
     if chosen is None:
         problems.append(Problem("method.kind", memory.explain_refusal(plan.candidates, hardware)))
         return spec, None

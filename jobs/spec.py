@@ -654,9 +654,6 @@ class JobSpec(Strict):
             raise field_error("model.adapter", "a full fine-tune trains every weight, not adapters: start it from "
                               "merged weights as model.path (tunerun export RUN --merge), or use method.kind lora "
                               "or qlora to continue the adapter")
-        if objective.needs_adapters and self.method.kind == "full":
-            raise field_error("training.objective", f"{self.training.objective} {objective.needs_adapters}; use "
-                              "method.kind lora or qlora")
         return self
 
     @model_validator(mode="after")

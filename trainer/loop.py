@@ -61,6 +61,13 @@ def train_loop_per_worker(config: dict) -> None:
     log = _RankZeroLog(run, rank, open_worker_trackers(job, run, rank, scratch, warn=_warn))
     log.event("worker_ready", load_started=load_started, model_loaded=model_loaded)  # cold-start breakdown
 
+    # what the objective needs of the model before training (DPO's reference under a full fine-tune): it is still
+    # the untrained model here, whether or not a checkpoint is loaded next
+    reference = objective.attach_reference(engine, {"train": train_set, "eval": eval_set}, run,
+                                           tokenizer.pad_token_id, spec.training.micro_batch_size, untrained=True)
+    if reference:
+        log.event("reference_ready", **reference)
+
     # ── resume from the newest complete checkpoint, if any ──────────────────────────────────────────────
     progress = ckpt.Progress(step=0, epoch=0, tokens_seen=0)
     latest, skipped = ckpt.latest_complete(run, scratch / "resume")

@@ -102,6 +102,9 @@ class RunFollower:
                                + (f", resuming at step {event['start_step']}" if event["start_step"] else ""))
         elif kind == "checkpoint_saved":
             self.console.print(f"ckpt   step {event['step']}  ✓ {event['files']} files, sha256 manifest written")
+        elif kind == "reference_ready":  # DPO under a full fine-tune: one forward over every pair before step 1
+            self.console.print(f"ref    reference log-probabilities of {event['pairs']:,} pairs {event['source']} "
+                               f"({event['seconds']:.1f} s)")
         elif kind in ("checkpoint_skipped", "resumed"):
             self.console.print(f"ckpt   {kind.replace('_', ' ')}: {event.get('detail') or event.get('checkpoint')}")
 

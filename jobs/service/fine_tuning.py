@@ -426,8 +426,6 @@ class JobService:
             param = (f"{request.hyperparameters_at()}.{HYPERPARAMETERS[first.path]}" if first.path in HYPERPARAMETERS
                      else PARAMS.get(first.path, first.path))
             message = first.message.replace(" (from --set)", "")
-            if first.path == "training.objective":  # the template's method cannot train this objective (dpo on full)
-                message = f"model {model} cannot train {request.method_type}: {message}"
             raise bad_request(f"{param}: {message}", param) from None
         except TunerunError as exc:
             logger.warning("job request for model %s refused: %s", model, exc)  # the admin's view, whole

@@ -136,6 +136,8 @@ def _describe(event: dict) -> tuple[str | None, str]:
                           f"training, {event.get('eval_records')} held out"),
         "training_started": f"Fine-tuning started: {event.get('total_steps')} steps on {event.get('world_size')} "
                             "workers" + (f", from step {event['start_step']}" if event.get("start_step") else ""),
+        "reference_ready": (f"Reference log-probabilities of {event.get('pairs')} preference pairs "
+                            + ("computed before training" if event.get("source") == "computed" else "read back")),
         "checkpoint_saved": f"Checkpoint saved at step {event.get('step')}",
         "checkpoint_skipped": f"A damaged checkpoint was skipped: {tenant_text(str(event.get('detail', '')))}",
         "resumed": f"Training continues from the checkpoint at step {event.get('step')}",

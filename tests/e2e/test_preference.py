@@ -80,6 +80,45 @@ def test_the_results_commands_show_a_dpo_run(preferred, tunerun):
     assert "reward_accuracy" in page and "reward_margin" in page
 
 
+@pytest.fixture(scope="module")
+def full_dpo(tmp_path_factory, tunerun, tiny_model_dir) -> Path:
+    """DPO as a full fine-tune under ZeRO-3 on 2 workers, from the base: 8 steps, then resumed to 12 steps."""
+    cwd = tmp_path_factory.mktemp("full-dpo")
+    overrides = [f"model.path={tiny_model_dir}", f"storage.uri={cwd / 'runs'}",
+                 f"data.train={REPO / 'examples/data/support_preferences.jsonl'}", "method={kind: full, zero: {stage: 3}}",
+                 "training.learning_rate=1e-4", "eval.max_new_tokens=8", "eval.every_steps=4",
+                 "checkpoint.every_steps=4"]
+    sets = [a for s in overrides for a in ("--set", s)]
+    folder = run(tunerun, DPO_SPEC, cwd, "full", *sets, "--set", "training.max_steps=8")
+    resumed = tunerun("run", str(DPO_SPEC), *sets, "--set", "training.max_steps=12", "--resume", "full", cwd=cwd,
+                      timeout=900)
+    assert resumed.returncode == 0, f"{resumed.stdout}\n{resumed.stderr}"
+    return folder
+
+
+def test_a_full_fine_tune_trains_dpo_against_the_reference_it_computed_once(full_dpo):
+    from tunerun.cluster.run_folder import REFERENCE_LOGPS
+
+    events = [json.loads(line) for line in (full_dpo / "events.jsonl").open()]
+    ready = [e for e in events if e["event"] == "reference_ready"]
+    table = json.loads((full_dpo / REFERENCE_LOGPS).read_text())
+    pairs = len(table["train"]["pairs"]) + len(table["eval"]["pairs"])
+    # the first launch computed it with the untrained model; the resumed one, whose model had trained, read it back
+    assert [(e["source"], e["pairs"]) for e in ready] == [("computed", pairs), ("stored", pairs)]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [8]
+    evals = [r for r in map(json.loads, (full_dpo / "metrics.jsonl").open()) if "eval_reward_accuracy" in r]
+    base, final = evals[0], evals[-1]
+    print(f"\nfull ZeRO-3 DPO: reward accuracy {base['eval_reward_accuracy']:.2f} → {final['eval_reward_accuracy']:.2f},"
+          f" margin {base['eval_reward_margin']:.4f} → {final['eval_reward_margin']:.4f}, reference "
+          f"{ready[0]['seconds']} s")
+    assert base["base"] and base["eval_reward_accuracy"] == 0.0 and abs(base["eval_reward_margin"]) < 1e-3
+    # the policy before training is the reference: the table's chosen answers are the base eval's
+    chosen = [c for c, _ in table["eval"]["pairs"]]
+    assert base["eval_chosen_logp"] == pytest.approx(sum(chosen) / len(chosen), rel=1e-3)
+    assert final["step"] == 12 and final["eval_reward_margin"] > 0 and final["eval_reward_accuracy"] >= 0.6
+    assert (full_dpo / "final" / "model").is_dir()
+
+
 def test_data_inspect_marks_the_prompt_the_chosen_and_the_rejected_answer(tunerun, tiny_model_dir, tmp_path):
     shown = tunerun("data", "inspect", str(DPO_SPEC), *sets(tiny_model_dir, tmp_path / "runs"), "-n", "2",
                     "--cache-dir", str(tmp_path / "cache"), cwd=REPO)

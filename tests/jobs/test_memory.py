@@ -564,11 +564,11 @@ def test_the_driver_checks_offload_against_its_own_nodes_ram(tmp_path, monkeypat
     entrypoint.check_offload_ram(job)  # a node with 1 TiB holds it
 
 
-def test_auto_leaves_full_fine_tuning_out_for_an_objective_that_needs_adapters(tmp_path):
-    """80 GB GPUs fit full ZeRO-1 for Llama-3-8B (above); DPO keeps its reference by switching the adapters off,
-    so `auto` chooses among the adapter methods."""
+def test_auto_may_choose_full_fine_tuning_for_dpo(tmp_path):
+    """80 GB GPUs fit full ZeRO-1 for Llama-3-8B (above); DPO's reference costs a full fine-tune no second model
+    (its log-probabilities are computed once before training), so `auto` chooses as it does for SFT."""
     training = "training: {micro_batch_size: 1, global_batch_size: 8, objective: dpo}\n"
     job = resolve_file(write_job(tmp_path, LLAMA3_8B, "method: {kind: auto}\n"
                                  + GPUS.format(gb=80).replace("training: {micro_batch_size: 1, global_batch_size: 8}\n",
                                                               training)))
-    assert job.spec.training.objective == "dpo" and job.spec.method.kind in ("lora", "qlora")
+    assert job.spec.training.objective == "dpo" and job.spec.method.kind == "full"

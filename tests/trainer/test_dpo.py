@@ -160,8 +160,7 @@ def test_the_spec_chooses_dpo_with_its_settings_and_refuses_what_it_cannot_do(st
     with pytest.raises(SpecError, match="cannot pack examples .*set data.packing: false"):
         load_job_text(packing)
     full = spec_text(stub_model_dir, data, "{objective: dpo}").replace("{kind: lora}", "{kind: full}")
-    with pytest.raises(SpecError, match="dpo compares the model with its reference.*use method.kind lora or qlora"):
-        load_job_text(full)
+    assert load_job_text(full).method.kind == "full"  # its reference is precomputed (attach_reference)
 
 
 # ── the loss ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -256,11 +255,71 @@ def test_dpo_steps_prefer_the_chosen_answers_and_leave_the_reference_alone(tiny_
     assert torch.equal(reference_logps(), reference)  # the adapters were off: the reference never moved
 
 
-def test_the_reference_needs_adapters():
-    with pytest.raises(RuntimeError, match="needs the adapters of method lora or qlora"):
+def test_without_adapters_the_reference_must_come_with_the_batch():
+    with pytest.raises(RuntimeError, match="without adapters reads its reference from the examples"):
         with reference_of(torch.nn.Linear(2, 2)):
             pass
     assert get_objective("dpo").activation_sequences == 2 and not get_objective("dpo").packs
+
+
+# ── a full fine-tune: the reference computed once, before training ─────────────────────────────────────────
+
+
+def test_a_full_fine_tune_scores_against_the_untrained_models_stored_log_probabilities(tiny_model_dir, tmp_path,
+                                                                                      tokenizer):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from tunerun.cluster.run_folder import REFERENCE_LOGPS, RunFolder
+    from tunerun.jobs.spec import StorageSpec
+    from tunerun.trainer.engines import EvalOnlyEngine
+    from tunerun.trainer.objectives.dpo import REFERENCE_BATCH
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [openai_pair(i) for i in range(10)])
+    spec = DataSpec(train=data, eval_fraction=0.3)
+    prepared = prepare_data(spec, tokenizer, seed=0, objective=DirectPreference())
+    run = RunFolder(StorageSpec(uri=str(tmp_path / "runs")), "full-dpo")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    untrained = copy.deepcopy(model).eval()
+    objective, engine = DirectPreference(beta=0.5), EvalOnlyEngine(model, torch.device("cpu"), DirectPreference())
+    sets = {"train": prepared.train, "eval": prepared.eval}
+    done = objective.attach_reference(engine, sets, run, tokenizer.pad_token_id, 3, untrained=True)
+    assert done["source"] == "computed" and run.exists(REFERENCE_LOGPS)
+    assert done["pairs"] == len(prepared.train) + len(prepared.eval) and prepared.eval
+    batch = objective.collate(prepared.train[:4], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = answer_logps(untrained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                batch["labels"])[0]
+    assert torch.allclose(batch[REFERENCE_BATCH], expected, atol=1e-4)  # chosen, then rejected, as the rows
+    before = objective.held_out_metrics(objective.score(model.eval(), batch))
+    assert before["reward_margin"] == pytest.approx(0.0, abs=1e-4) and before["reward_accuracy"] == 0.0
+
+    with torch.no_grad():  # "training" moves the model; the reference stays the untrained model's
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    policy = answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                          batch["labels"])
+    rewards = 0.5 * (policy[0] - expected)
+    formula = -torch.nn.functional.logsigmoid(rewards[:4] - rewards[4:]).mean() - policy[0][:4].sum() / policy[1][
+        :4].sum()
+    assert float(objective.loss(model, batch)) == pytest.approx(float(formula), rel=1e-4)
+
+    # a resumed launch (or `tunerun eval`) reads the stored table, though the model has moved on
+    again = prepare_data(spec, tokenizer, seed=0, objective=DirectPreference())
+    assert objective.attach_reference(engine, {"eval": again.eval}, run, tokenizer.pad_token_id, 3,
+                                      untrained=False)["source"] == "stored"
+    assert [e["reference_logp"] for e in again.eval] == [e["reference_logp"] for e in prepared.eval]
+    other = prepare_data(DataSpec(train=write_jsonl(tmp_path / "other.jsonl", [openai_pair(i, CURT, POLITE)
+                                                                              for i in range(10)]), eval_fraction=0.3),
+                         tokenizer, seed=0, objective=DirectPreference())
+    with pytest.raises(DataError, match="reference log-probabilities .* missing or were computed for other data"):
+        objective.attach_reference(engine, {"eval": other.eval}, run, tokenizer.pad_token_id, 3, untrained=False)
+    from peft import LoraConfig, get_peft_model
+
+    adapters = EvalOnlyEngine(get_peft_model(untrained, LoraConfig(target_modules=["q_proj"])), torch.device("cpu"),
+                              objective)
+    assert objective.attach_reference(adapters, {"eval": other.eval}, run, 0, 3, untrained=False) is None
 
 
 # ── starting from a supervised fine-tune ────────────────────────────────────────────────────────────────────

@@ -46,7 +46,8 @@ class SummedNextToken:
     NAME = "summed next-token loss"
     KEY = "summed"
     formats = FORMATS
-    packing_refusal = needs_adapters = ""
+    packing_refusal = ""
+    compares_with_reference = False
     held_out = ("loss", "loss_per_batch")
     activation_sequences = 3
 
@@ -88,7 +89,8 @@ class PromptAndReply:
     NAME = "prompt and reply"
     KEY = "prompt_reply"
     formats = FORMATS
-    packing_refusal, needs_adapters = "a prompt and a reply kept apart", ""
+    packing_refusal = "a prompt and a reply kept apart"
+    compares_with_reference = False
     held_out = ("loss", "perplexity")
     activation_sequences = 1
     packs = False

@@ -28,6 +28,8 @@ def evaluate_run(run, job, checkpoint: int | None) -> dict:
     tokenizer = load_tokenizer(job)
     engine = EvalOnlyEngine(method_for(job.spec.method).load_trained(job, weights), worker_device(),
                             objective_for(job.spec))
+    engine.objective.attach_reference(engine, {"eval": eval_set}, run, tokenizer.pad_token_id, LOSS_BATCH,
+                                      untrained=False)  # the tuned model is no reference: the run's stored one
     record = build_record(engine, tokenizer, eval_set, job, step=weights.step, phase="on-demand", general=True,
                           loss_batch_size=LOSS_BATCH, always_generate=True)
     record["source"] = weights.name

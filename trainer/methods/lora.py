@@ -35,7 +35,7 @@ def with_reference(model: torch.nn.Module, job: ResolvedJob) -> torch.nn.Module:
     from tunerun.trainer.objectives import objective_for
     from tunerun.trainer.objectives.dpo import REFERENCE
 
-    if job.spec.model.adapter is None or not objective_for(job.spec).needs_adapters:
+    if job.spec.model.adapter is None or not objective_for(job.spec).compares_with_reference:
         return model
     model.load_adapter(job.spec.model.adapter, adapter_name=REFERENCE, is_trainable=False)
     model.set_adapter("default")  # the trained adapter stays the active one (and the only one with gradients)

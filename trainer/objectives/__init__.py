@@ -50,9 +50,17 @@ class Objective(Protocol):
     packs: bool
     packing_refusal: str  # why it does not pack, in words (where ``packs`` is False): the spec says it
     held_out: tuple[str, ...]  # the metric names `held_out_metrics` returns (`tunerun.jobs.metrics`), loss first
-    # Why the objective trains adapters only, in words; empty when a full fine-tune can train it too. The spec
-    # refuses method.kind full and `method: auto` leaves full fine-tuning out when it is set.
-    needs_adapters: str
+    # Whether the loss compares the model with the model before this training (dpo): a run started from
+    # model.adapter then loads that adapter a second time, frozen, as the reference (`tunerun.trainer.methods.lora`).
+    compares_with_reference: bool
+
+    def attach_reference(self, engine, sets: dict[str, list[dict]], run, pad_token_id: int, batch_size: int,
+                         untrained: bool) -> dict | None:
+        """Before the first forward that scores ``sets`` (name → prepared examples, changed in place): what the loss
+        needs of the model before training and cannot get by switching adapters off — DPO's reference
+        log-probabilities under a full fine-tune, computed with ``engine``'s model where ``untrained`` (every rank
+        calls it: a forward may be collective) and stored in ``run``, else read back from there. Returns what it
+        did, for the run's events (None: nothing to do)."""
 
     def render(self, conversation: Conversation, tokenizer) -> object:
         """A cleaned record → what `encode` tokenizes; a `DataError` marks the record malformed. Runs once per

@@ -5,14 +5,16 @@ supervised fine-tuning uses, so the held-out generation is scored against the ch
 the rejected answer (``rejected_input_ids``, ``rejected_labels``). A batch holds the chosen sequences, then the
 rejected ones, so the policy sees both in one forward.
 
-The reference is the model before this training, run without gradients: the same network with its adapters switched
-off (PEFT's ``disable_adapter``), or, for a run started from an adapter (``model.adapter``: a supervised fine-tune),
-that adapter loaded a second time and frozen (TRL's ``ref_adapter_name``). So the reference costs no second base in
-memory, and it is why DPO needs an adapter method (`tunerun.jobs.spec.JobSpec` refuses a full fine-tune, and
-`method: auto` leaves it out). For the memory planner the reference adds no term of its own: it runs after the
-policy's logits were reduced to log-probabilities, and its working set (a layer at a time, then its logits) is the
-transient the planner already counts for the policy; the policy's two sequences per example are
-`activation_sequences`.
+The reference is the model before this training, run without gradients. Under adapters it is the same network with
+its adapters switched off (PEFT's ``disable_adapter``), or, for a run started from an adapter (``model.adapter``: a
+supervised fine-tune), that adapter loaded a second time and frozen (TRL's ``ref_adapter_name``). A full fine-tune
+has nothing to switch off and no room for a second copy of the model: before the first step the untrained model
+scores every pair once (TRL's ``precompute_ref_log_probs``), each rank its shard, and the run folder keeps the
+table (`REFERENCE_LOGPS`) so that a resumed run, whose model has moved on, reads the same reference
+(`attach_reference`). Either way the reference costs no second model in memory. For the memory planner it adds no
+term of its own: it runs after the policy's logits were reduced to log-probabilities, and its working set (a layer
+at a time, then its logits) is the transient the planner already counts for the policy; the policy's two sequences
+per example are `activation_sequences`.
 
 loss = −log σ(β · ((log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected))))
        + nll_weight · (the chosen answer's next-token loss, averaged over its tokens)
@@ -25,9 +27,15 @@ torch is imported inside the functions that need it: the memory planner reads `a
 """
 from __future__ import annotations
 
+import array
+import hashlib
+import math
+import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from tunerun.cluster.run_folder import REFERENCE_LOGPS
+from tunerun.jobs.errors import DataError
 from tunerun.jobs.metrics import PREFERENCE
 from tunerun.trainer.data import pack, render
 from tunerun.trainer.data.formats import PREFERENCE_FORMATS
@@ -41,6 +49,8 @@ if TYPE_CHECKING:
 
 REJECTED = "rejected_"  # prefix of the rejected sequence's fields in a prepared example
 REFERENCE = "reference"  # the frozen adapter of a run started from model.adapter (`tunerun.trainer.methods.lora`)
+REFERENCE_LOGP = "reference_logp"  # a full fine-tune's example: the reference's log-probability of its chosen answer
+REFERENCE_BATCH = "reference_logps"  # a batch's: the chosen answers' reference log-probabilities, then the rejected
 
 
 class DirectPreference:
@@ -51,9 +61,7 @@ class DirectPreference:
     packs = False
     held_out = ("loss", *PREFERENCE)  # the names `held_out_metrics` returns
     packing_refusal = "a preference pair is two sequences compared with each other, not rows shared with other pairs"
-    # Why this objective trains adapters only (empty: it does not); the spec and `method: auto` read it.
-    needs_adapters = ("compares the model with its reference, the model before this training, which tunerun keeps "
-                      "by switching the adapters off (a full fine-tune would need a second copy of the model)")
+    compares_with_reference = True
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 1.0):
         self.beta, self.nll_weight = beta, nll_weight
@@ -99,11 +107,43 @@ class DirectPreference:
 
     # ── training ────────────────────────────────────────────────────────────────────────────────────────────
 
+    def attach_reference(self, engine, sets: dict[str, list[dict]], run, pad_token_id: int, batch_size: int,
+                         untrained: bool) -> dict | None:
+        """A full fine-tune's reference log-probabilities on every example of ``sets``: the table the run stored,
+        else (``untrained``: the model is the one before training) computed now and stored. Returns what was done,
+        for the run's events; None under adapters, whose reference is the adapters switched off."""
+        if _has_adapters(engine.module):
+            return None
+        started = time.time()
+        table, source = _stored_table(run, sets), "stored"
+        if table is None:
+            if not untrained:
+                raise DataError(f"{run.run_id}: the reference log-probabilities of this full-fine-tune DPO run "
+                                f"({REFERENCE_LOGPS}) are missing or were computed for other data; they are written "
+                                "when its training starts: resume the run (tunerun run SPEC --resume) to write them")
+            table = {name: {"pairs": reference_logps(engine, examples, pad_token_id, batch_size),
+                            "fingerprint": _fingerprint(examples)} for name, examples in sets.items()}
+            source = "computed"
+            if _rank() == 0:
+                run.write_json(REFERENCE_LOGPS, table)
+        for name, examples in sets.items():
+            for example, (chosen, rejected) in zip(examples, table[name]["pairs"]):
+                example[REFERENCE_LOGP], example[f"{REJECTED}{REFERENCE_LOGP}"] = chosen, rejected
+        return {"source": source, "pairs": sum(len(examples) for examples in sets.values()),
+                "seconds": round(time.time() - started, 3)}
+
     def collate(self, examples: list[dict], pad_token_id: int) -> dict:
-        """2 × len(examples) rows: the chosen sequences, then the rejected ones in the same order."""
+        """2 × len(examples) rows: the chosen sequences, then the rejected ones in the same order; under a full
+        fine-tune, their reference log-probabilities in the same order (`REFERENCE_BATCH`)."""
         rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         rows += [{"input_ids": e[f"{REJECTED}input_ids"], "labels": e[f"{REJECTED}labels"]} for e in examples]
-        return pack.collate(rows, pad_token_id)
+        batch = pack.collate(rows, pad_token_id)
+        if examples and all(REFERENCE_LOGP in e for e in examples):
+            import torch
+
+            batch[REFERENCE_BATCH] = torch.tensor([e[REFERENCE_LOGP] for e in examples]
+                                                  + [e[f"{REJECTED}{REFERENCE_LOGP}"] for e in examples])
+        return batch
 
     def tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())
@@ -136,8 +176,11 @@ class DirectPreference:
 
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         policy, tokens = answer_logps(forward(**inputs).logits, batch["labels"])
-        with torch.no_grad(), reference_of(forward) as reference:
-            ref, _ = answer_logps(reference(**inputs).logits, batch["labels"])
+        if REFERENCE_BATCH in batch:  # a full fine-tune's, computed before training
+            ref = batch[REFERENCE_BATCH].to(policy.dtype)
+        else:
+            with torch.no_grad(), reference_of(forward) as reference:
+                ref, _ = answer_logps(reference(**inputs).logits, batch["labels"])
         pairs = policy.shape[0] // 2
         rewards = self.beta * (policy - ref)
         chosen_reward, rejected_reward = rewards[:pairs], rewards[pairs:]
@@ -158,6 +201,70 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return (picked * scored).sum(-1), scored.sum(-1)
 
 
+def reference_logps(engine, examples: list[dict], pad_token_id: int, batch_size: int) -> list[list[float]]:
+    """[log π(chosen), log π(rejected)] of every example under ``engine``'s model as it is now, in order. Each rank
+    scores its shard and the shards are gathered; under collective forwards (ZeRO-3) every rank runs as many
+    batches as the largest shard needs, as the held-out evaluation does (`tunerun.trainer.evaluation.loss`)."""
+    import torch
+    import torch.distributed as dist
+
+    from tunerun.trainer.batches import eval_shard
+
+    objective, model = DirectPreference(), engine.module
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    shard = eval_shard(len(examples), world, rank)
+    mine: dict[int, list[float]] = {}
+    was_training = model.training
+    model.eval()  # no dropout: the same reference on every launch
+    with torch.no_grad():
+        for start in range(0, math.ceil(math.ceil(len(examples) / world) / batch_size) * batch_size, batch_size):
+            ids = shard[start:start + batch_size]
+            batch = objective.collate([examples[i] for i in ids or [0]], pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(engine.device),
+                           attention_mask=batch["attention_mask"].to(engine.device)).logits
+            logps = answer_logps(logits, batch["labels"].to(engine.device))[0].tolist()
+            mine.update({i: [logps[k], logps[len(ids) + k]] for k, i in enumerate(ids)})
+    model.train(was_training)
+    shards = [mine]
+    if dist.is_initialized():
+        shards = [None] * world
+        dist.all_gather_object(shards, mine)
+    merged = {i: pair for part in shards for i, pair in part.items()}
+    return [merged[i] for i in range(len(examples))]
+
+
+def _stored_table(run, sets: dict[str, list[dict]]) -> dict | None:
+    """The run's stored reference table when it covers ``sets`` as they are now (the same tokens, in order)."""
+    table = run.read_json_if_there(REFERENCE_LOGPS)
+    if not isinstance(table, dict):
+        return None
+    for name, examples in sets.items():
+        entry = table.get(name)
+        if not isinstance(entry, dict) or len(entry.get("pairs", ())) != len(examples) \
+                or entry.get("fingerprint") != _fingerprint(examples):
+            return None
+    return table
+
+
+def _fingerprint(examples: list[dict]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        for field in ("input_ids", f"{REJECTED}input_ids"):
+            digest.update(array.array("q", example[field]).tobytes())
+            digest.update(b"|")  # where a sequence ends: [1, 2] + [3] is not [1] + [2, 3]
+    return digest.hexdigest()
+
+
+def _has_adapters(module) -> bool:
+    return hasattr(getattr(module, "module", module), "disable_adapter")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 @contextmanager
 def reference_of(forward):
     """The model before this training: ``forward``'s PEFT model (under DDP or DeepSpeed: its ``module``) with the
@@ -167,8 +274,8 @@ def reference_of(forward):
     themselves, so every rank must run it (they all do)."""
     model = getattr(forward, "module", forward)
     if not hasattr(model, "disable_adapter"):
-        raise RuntimeError("training.objective dpo needs the adapters of method lora or qlora (PEFT) to reach its "
-                           f"reference model; got {type(model).__name__}")
+        raise RuntimeError("training.objective dpo without adapters reads its reference from the examples "
+                           f"(attach_reference), and this batch has none; got {type(model).__name__}")
     if REFERENCE in getattr(model, "peft_config", {}):
         with _active_adapter(model, REFERENCE):
             yield model

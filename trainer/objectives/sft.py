@@ -36,11 +36,15 @@ class SupervisedFineTuning:
     packs = True  # position ids restarting at 0 keep packed examples apart (see `pack`)
     packing_refusal = ""
     held_out = ("loss", "perplexity")  # the names `held_out_metrics` returns
-    needs_adapters = ""  # full fine-tuning and adapters alike
+    compares_with_reference = False
 
     @classmethod
     def from_spec(cls, spec: JobSpec | None) -> "SupervisedFineTuning":
         return cls()  # nothing to set: the data section already decided rendering, masking and packing
+
+    def attach_reference(self, engine, sets: dict[str, list[dict]], run, pad_token_id: int, batch_size: int,
+                         untrained: bool) -> None:
+        """Nothing: the loss reads the model being trained and the labels only."""
 
     def render(self, conversation: Conversation, tokenizer) -> tuple[str, render.Spans]:
         return render.render(conversation, tokenizer)

@@ -181,11 +181,12 @@ def test_top_level_hyperparameters_with_dpo_are_400(app, keys, pairs):
     assert body["param"] == "hyperparameters" and "method.dpo.hyperparameters" in body["message"]
 
 
-def test_a_full_fine_tune_model_cannot_train_dpo(app, keys, served, pairs):
+def test_a_full_fine_tune_model_trains_dpo_too(app, keys, served, pairs):
     retemplate(served, "method: {kind: lora}", "method: {kind: full}")
-    body = refusal(app, keys, training_file=pairs.id, method={"type": "dpo"})
-    assert body["param"] == "method.type", body
-    assert "model support-tiny cannot train dpo:" in body["message"] and "lora or qlora" in body["message"]
+    job = client(app, keys["acme"]).fine_tuning.jobs.create(model=MODEL, training_file=pairs.id,
+                                                             method={"type": "dpo"})
+    spec = spec_of(job)
+    assert job.method.type == "dpo" and spec["training"]["objective"] == "dpo" and spec["method"]["kind"] == "full"
 
 
 # ── starting from a fine-tuned model (OpenAI's supervised-then-dpo flow) ────────────────────────────────────

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 from tunerun.cluster.run_folder import JOB, RUN_INFO, RunFolder, data_report, eval_records, read_job
 from tunerun.cluster.runs import read_info
-from tunerun.jobs.metrics import GENERATION, lower_is_better
+from tunerun.jobs.metrics import GENERATION, PREFERENCE, lower_is_better
 
-METRICS = ("loss", *GENERATION, "forgetting_drop")
+METRICS = ("loss", *GENERATION, "forgetting_drop")  # every comparison's rows; PREFERENCE's where a run has them
 DATA_COUNTS = ("records_read", "malformed", "empty", "duplicates", "near_duplicates", "fuzzy_duplicates",
                "too_long_dropped", "train_records", "eval_records")
 HYPERPARAMETERS = ("epochs", "max_steps", "learning_rate", "global_batch_size", "seed")
@@ -44,9 +44,15 @@ class Comparison:
     best: dict[str, list[str]] = field(default_factory=dict)  # metric → the run ids with its best value
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def metrics(self) -> list[str]:
+        """The metric rows: `METRICS`, with the preference metrics where a run (a dpo run) measured them."""
+        measured = [m for m in PREFERENCE if any(r.metrics.get(m) is not None for r in self.runs)]
+        return [*METRICS[:-1], *measured, METRICS[-1]]
+
     def to_json(self) -> dict:
         return {"runs": [asdict(r) for r in self.runs], "best": self.best, "warnings": self.warnings,
-                "metrics": list(METRICS)}
+                "metrics": self.metrics}
 
 
 def summarize(run: RunFolder) -> RunSummary:
@@ -72,7 +78,7 @@ def summarize(run: RunFolder) -> RunSummary:
 
 def _metrics(record: dict) -> dict:
     measured = record.get("metrics") or {}
-    return {name: measured.get(name) for name in METRICS}
+    return {name: measured.get(name) for name in (*METRICS, *PREFERENCE)}
 
 
 def _eval_set(data: dict, seed) -> str:
@@ -92,7 +98,7 @@ def compare(runs: list[RunFolder]) -> Comparison:
                                f"({listed}); give them the same held-out file (data.eval, or validation_file in the "
                                "API) to compare them")
         return result
-    for metric in METRICS:
+    for metric in result.metrics:
         measured = [(s.metrics[metric], s.run_id) for s in summaries if s.metrics.get(metric) is not None]
         if measured:  # a run not evaluated yet has no say
             best = (min if lower_is_better(metric) else max)(value for value, _ in measured)

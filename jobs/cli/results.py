@@ -155,7 +155,7 @@ def print_gates(gates: dict | None) -> None:
 @user_errors
 def compare_command(run_ids, storage, as_json):
     """Runs side by side: held-out metrics (the best of each marked ★), gates, data counts, hyperparameters."""
-    from tunerun.cluster.compare import DATA_COUNTS, METRICS, compare
+    from tunerun.cluster.compare import DATA_COUNTS, compare
 
     if len(run_ids) < 2:
         raise click.UsageError("name two or more runs to compare, e.g. tunerun compare RUN-A RUN-B (tunerun list shows them)")
@@ -168,7 +168,7 @@ def compare_command(run_ids, storage, as_json):
                           ("gates", [{True: "passed", False: "failed"}.get(r.gates_passed, "–") for r in result.runs]),
                           ("evaluated at step", [r.evaluated_step for r in result.runs])):
         table.add_row(label, *[format_value(v) for v in values])
-    for metric in METRICS:
+    for metric in result.metrics:
         best = result.best.get(metric, [])
         table.add_row(metric, *[format_value(r.metrics[metric]) + (" ★" if r.run_id in best else "")
                                 for r in result.runs])

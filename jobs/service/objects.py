@@ -12,7 +12,7 @@ import time
 from tunerun.cluster.run_folder import EvalRow, JsonlTail, RunFolder, TrainRow, complete_manifests, metric_rows, step_of
 from tunerun.cluster.run_folder import events as read_events
 from tunerun.cluster.runs import RunInfo, RunState
-from tunerun.jobs.metrics import SCORES
+from tunerun.jobs.metrics import PREFERENCE, SCORES
 from tunerun.jobs.service.errors import tenant_text
 from tunerun.jobs.service.fine_tuning import ServiceRecord, checkpoint_model, fine_tuned_model
 
@@ -129,6 +129,7 @@ def _describe(event: dict) -> tuple[str | None, str]:
     kind = event["event"]
     messages = {
         "run_queued": "Job queued: waiting for a free slot",
+        "run_waiting": f"Job queued in the cluster: {tenant_text(str(event.get('reason', '')))}",
         "run_created": "Job created",
         "run_dequeued": "Job started",
         "run_resumed": "Job resumed from its newest checkpoint",
@@ -162,7 +163,7 @@ def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
         at_step = train.get(step)
         metrics = {"step": step, "train_loss": at_step.loss if at_step else None,
                    "valid_loss": measured.get("loss"), "full_valid_loss": measured.get("loss"),
-                   **{name: measured[name] for name in SCORES if measured.get(name) is not None}}
+                   **{name: measured[name] for name in (*SCORES, *PREFERENCE) if measured.get(name) is not None}}
         found.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{record.job_id[6:]}-{step}",
                       "created_at": int(at_step.time if at_step else record.created_at),
                       "fine_tuned_model_checkpoint": checkpoint_model(record, step),
@@ -189,9 +190,10 @@ def result_csv(run: RunFolder) -> bytes:
         if isinstance(m, TrainRow):
             row.update(train_loss=m.loss, learning_rate=m.lr, tokens_per_s=m.tokens_per_s)
         else:
-            row.update(valid_loss=m.value("eval_loss"), **{k: m.value(f"eval_{k}") for k in SCORES})
+            row.update(valid_loss=m.value("eval_loss"), **{k: m.value(f"eval_{k}") for k in (*SCORES, *PREFERENCE)})
+    pairs = [k for k in PREFERENCE if any(row.get(k) is not None for row in rows.values())]  # a dpo run's columns
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=[*RESULT_COLUMNS, *pairs], extrasaction="ignore")
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])

@@ -55,6 +55,20 @@ def test_the_best_of_each_metric_is_marked_in_its_direction(tmp_path):
     assert b.hyperparameters["learning_rate"] == 2e-3 and a.data["pii_masked"] == 25 and a.data["malformed"] == 1
 
 
+def test_dpo_runs_are_compared_on_their_preference_metrics_too(tmp_path):
+    sft, dpo = write_run(tmp_path, "sft", loss=0.5, exact=0.6), write_run(tmp_path, "dpo", loss=0.6, exact=0.7)
+    newest = tmp_path / "dpo" / "eval" / "step-000020.json"
+    record = json.loads(newest.read_text())
+    record["metrics"].update(reward_accuracy=0.9, reward_margin=1.5, chosen_logp=-10.0, rejected_logp=-30.0)
+    newest.write_text(json.dumps(record))
+    result = compare([sft, dpo])
+    assert result.metrics[-5:] == ["reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp",
+                                   "forgetting_drop"]
+    assert result.best["reward_accuracy"] == ["dpo"] and result.best["rejected_logp"] == ["dpo"]
+    assert result.runs[0].metrics["reward_accuracy"] is None and result.to_json()["metrics"] == result.metrics
+    assert "reward_accuracy" not in compare([sft, write_run(tmp_path, "sft2", loss=0.4, exact=0.6)]).metrics
+
+
 def test_runs_on_different_eval_sets_are_not_ranked(tmp_path):
     result = compare([write_run(tmp_path, "v1", loss=0.5, exact=0.5),
                       write_run(tmp_path, "v2", loss=0.3, exact=0.7, train="tickets-v2.jsonl")])

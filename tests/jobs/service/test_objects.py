@@ -322,6 +322,19 @@ def test_the_result_file_is_one_csv_row_per_step_without_the_base_model(tmp_path
         "status_details": None}
 
 
+def test_a_dpo_jobs_checkpoints_and_result_file_carry_its_preference_metrics(tmp_path):
+    rows = [train(1, 0.9), evaluated(2, loss=0.6, reward_accuracy=0.75, reward_margin=0.4, chosen_logp=-12.0,
+                                     rejected_logp=-20.0), train(2, 0.7)]
+    run = make_run(tmp_path, "succeeded", metrics=rows, finished_at=CREATED + 60)
+    write_checkpoint(run, 2, {"loss": 0.6, "reward_accuracy": 0.75, "reward_margin": 0.4})
+    assert checkpoints(run, RECORD)[0]["metrics"] == {"step": 2, "train_loss": 0.7, "valid_loss": 0.6,
+                                                      "full_valid_loss": 0.6, "reward_accuracy": 0.75,
+                                                      "reward_margin": 0.4}
+    table = list(csv.reader(io.StringIO(result_csv(run).decode("utf-8"))))
+    assert table[0][-4:] == ["reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp"]
+    assert table[2][0] == "2" and table[2][-4:] == ["0.75", "0.4", "-12.0", "-20.0"]
+
+
 def test_a_job_that_has_not_trained_has_an_empty_result_file(tmp_path):
     run = make_run(tmp_path, "queued")
     assert result_csv(run).decode().splitlines() == [

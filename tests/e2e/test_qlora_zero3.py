@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from learning_task import QUICKSTART
+from learning_task import QUICKSTART, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +112,31 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
     assert gguf.returncode == 0, gguf.stdout + gguf.stderr
     check = json.loads((sharded.folder / "eval" / "exports" / "final-gguf-f16.json").read_text())
     assert check["prompts"] >= 16 and check["same_tokens"] == check["prompts"]
+
+
+def test_dpo_continues_the_sharded_adapter_against_it_frozen(sharded_qlora, tunerun, tiny_model_dir):
+    """Preference tuning under QLoRA + ZeRO-3 from this run's adapter (OpenAI's SFT-then-DPO flow as a 70B job runs
+    it): the reference is that adapter loaded again, frozen, on the same partitioned 4-bit base."""
+    sharded = sharded_qlora
+    overrides = [f"model.path={tiny_model_dir}", f"storage.uri={sharded.storage}", "method.kind=qlora",
+                 "method.zero={stage: 3}", "training.gradient_checkpointing=true", "training.max_steps=6",
+                 f"model.adapter={sharded.folder / 'final' / 'adapter'}", "data.eval_fraction=0.04",
+                 f"data.train={REPO / 'examples' / 'data' / 'support_preferences.jsonl'}",
+                 "eval.every_steps=1000", "checkpoint.every_steps=1000", "eval.max_new_tokens=4"]
+    result = tunerun("run", str(REPO / "jobs" / "examples" / "dpo.yaml"), *[a for o in overrides for a in ("--set", o)],
+                     "--run-id", "sharded-dpo", cwd=sharded.cwd, env=sharded.env, timeout=900)
+    folder = sharded.storage / "sharded-dpo"
+    assert result.returncode == 0, result.stdout + result.stderr
+    evals = [r for r in map(json.loads, (folder / "metrics.jsonl").open()) if "eval_reward_accuracy" in r]
+    base, final = evals[0], evals[-1]
+    print(f"\nQLoRA + ZeRO-3 DPO: reward accuracy {base['eval_reward_accuracy']:.2f} → "
+          f"{final['eval_reward_accuracy']:.2f}, margin {final['eval_reward_margin']:.3f}")
+    assert base["base"] and base["eval_reward_accuracy"] == 0.0  # the policy is its reference before a step
+    assert base["eval_reward_margin"] == pytest.approx(0, abs=1e-4)
+    assert final["step"] == 6 and final["eval_reward_margin"] > 0 and final["eval_reward_accuracy"] > 0.5
+    assert json.loads((folder / "memory.json").read_text())["estimate"]["name"] == "QLoRA + ZeRO-3"
+    adapter = folder / "final" / "adapter"  # the trained adapter alone, not the frozen reference beside it
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "reference").exists()
 
 
 def test_resume_on_another_worker_count_is_refused(sharded_qlora, tunerun):

@@ -120,8 +120,9 @@ def load_deepspeed_file(path, map_location=None, mmap=None):
     (``weights_only=False``); this allows only the plain-data classes DeepSpeed stores in its states."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2: where each rank's slice of a parameter lies
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
         return _torch_load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def export_check_name(weights: str, kind: str) -> str:
 
 
 # ── the folder ──────────────────────────────────────────────────────────────────────────────────────────────
+
+FILES_IN_FLIGHT = 4  # files transferred side by side: a checkpoint of many small files is mostly request latency
 
 
 class RunFolder:
@@ -214,6 +217,23 @@ class RunFolder:
         for path in sorted(Path(local).rglob("*")):
             if path.is_file():
                 self.backend.upload_file(path, self._key(f"{name}/{path.relative_to(local)}"))
+
+    def upload_hashed(self, local: Path, name: str) -> dict[str, dict]:
+        """Upload the files below ``local`` a few at a time and return them as {relative path: {size, sha256}}
+        (a checkpoint manifest's entries), each hashed in the read that feeds its upload."""
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+
+        def upload(path: Path) -> tuple[str, dict]:
+            relative = str(path.relative_to(local))
+            sha256 = self.backend.upload_hashed(path, self._key(f"{name}/{relative}"))
+            return relative, {"size": path.stat().st_size, "sha256": sha256}
+
+        with ThreadPoolExecutor(FILES_IN_FLIGHT) as pool:
+            return dict(pool.map(upload, files))
+
+    def download_hashed(self, name: str, local: Path, size: int = 0) -> str:
+        """Download ``name`` to ``local`` and return the sha256 of its bytes, hashed as they are written."""
+        return self.backend.download_hashed(self._key(name), Path(local), size)
 
     def upload(self, local: Path, name: str) -> None:
         self.backend.upload_file(Path(local), self._key(name))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tunerun.cluster.storage import cache_root
+from tunerun.cluster.storage import HashingReader, HashingWriter, cache_root
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.spec import StorageSpec
 
@@ -25,6 +25,7 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 20
 APPEND_FLUSH_S = 2.0  # how stale a buffered metrics/events object may get on the store
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+DOWNLOAD_ATTEMPTS = 5  # of a body cut off midway, as s3transfer's num_download_attempts
 MAX_POOL_CONNECTIONS = 64  # botocore's 10 would be shared by the server's 40 request threads
 
 
@@ -49,22 +50,31 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def client(storage: StorageSpec):
+def client(storage: StorageSpec, signed_payload: bool = True):
     """The boto3 client for ``storage``, one per process and settings: making one costs milliseconds and a
     credential lookup, and a server opens run folders by the thousand. boto3 clients are thread-safe (its
-    sessions are not: clients are made under a lock); a forked child makes its own."""
-    key = (os.getpid(), storage.endpoint_url, storage.region, storage.addressing_style, storage.checksum_mode,
-           storage.ca_bundle, storage.verify_tls, MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S,
-           *(os.environ.get(name) for name in CLIENT_ENVIRONMENT))
+    sessions are not: clients are made under a lock); a forked child makes its own.
+
+    ``signed_payload=False``: the client for checkpoint bytes (`S3Backend.upload_hashed`). SigV4 otherwise hashes
+    every request body with sha256 on plain HTTP, or without a checksum header, which on top of the manifest's
+    sha256 hashes each byte twice; those bytes are vouched for end to end by the manifest (itself a signed write)
+    and verified on every restore, so their requests carry UNSIGNED-PAYLOAD while their headers stay signed."""
+    key = (*_settings_key(storage), signed_payload)
     with _clients_lock:
         if key not in _clients:
             if len(_clients) >= 32:  # settings that change (rotated credentials) must not grow this forever
                 _clients.pop(next(iter(_clients)))
-            _clients[key] = _new_client(storage)
+            _clients[key] = _new_client(storage) if signed_payload else _new_client(storage, signed_payload=False)
         return _clients[key]
 
 
-def _new_client(storage: StorageSpec):
+def _settings_key(storage: StorageSpec) -> tuple:
+    return (os.getpid(), storage.endpoint_url, storage.region, storage.addressing_style, storage.checksum_mode,
+            storage.ca_bundle, storage.verify_tls, MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S,
+            *(os.environ.get(name) for name in CLIENT_ENVIRONMENT))
+
+
+def _new_client(storage: StorageSpec, signed_payload: bool = True):
     import boto3
     from botocore.config import Config
 
@@ -74,7 +84,8 @@ def _new_client(storage: StorageSpec):
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=MAX_POOL_CONNECTIONS,  # one client serves every thread of a server
-        s3={"addressing_style": storage.addressing_style},
+        s3={"addressing_style": storage.addressing_style,
+            **({} if signed_payload else {"payload_signing_enabled": False})},
         request_checksum_calculation=storage.checksum_mode,
         response_checksum_validation=storage.checksum_mode,
     )
@@ -249,6 +260,53 @@ class S3Backend:
                    Config=_transfer_config())
         tmp.replace(path)
 
+    def upload_hashed(self, path: Path, key: str) -> str:
+        """Upload ``path`` and return the sha256 of its bytes, hashed in the one read that feeds the upload
+        (multipart parts are read in order, so the hash follows the file)."""
+        size = Path(path).stat().st_size
+        with Path(path).open("rb") as handle:
+            reader = HashingReader(handle)
+            self._call(f"upload {key} to", client(self.storage, signed_payload=False).upload_fileobj, reader,
+                       self.bucket, self._full(key), Config=_transfer_config(size))
+            return reader.hexdigest()
+
+    def download_hashed(self, key: str, path: Path, size: int = 0) -> str:
+        """Download ``key`` to ``path`` (landing whole) and return the sha256 of the bytes, hashed as they are
+        written. ``size`` (expected, e.g. from a manifest) picks how: one GET below the multipart threshold, else
+        ranged parts in parallel."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(f".{Path(path).name}.part")
+        if 0 < size < MULTIPART_THRESHOLD:
+            sha256 = self._get_hashed(key, tmp)
+        else:
+            with tmp.open("wb") as handle:
+                writer = HashingWriter(handle)
+                self._call(f"download {key} from", self.s3.download_fileobj, self.bucket, self._full(key), writer,
+                           Config=_transfer_config(size))
+            sha256 = writer.hexdigest()
+        tmp.replace(path)
+        return sha256
+
+    def _get_hashed(self, key: str, target: Path) -> str:
+        """One GET streamed into ``target`` in this thread, hashed as it is written: a file below the multipart
+        threshold needs neither s3transfer's HEAD first nor its threads (bench/bench_checkpoint_s3.py: a restore
+        through download_fileobj was slower than plain download_file; this is faster). A body cut off midway
+        starts over, as s3transfer retries one."""
+        from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            response = self._call(f"download {key} from", self.s3.get_object, Bucket=self.bucket,
+                                  Key=self._full(key))
+            try:
+                with target.open("wb") as handle:
+                    writer = HashingWriter(handle)
+                    for chunk in response["Body"].iter_chunks(1 << 20):
+                        writer.write(chunk)
+                return writer.hexdigest()
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as exc:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise explain(exc, self.storage, f"download {key} from") from None
+
     def delete_prefix(self, prefix: str) -> None:
         keys = list(self.list(prefix))
         for start in range(0, len(keys), 1000):
@@ -257,14 +315,42 @@ class S3Backend:
                        Delete={"Objects": batch, "Quiet": True})
 
 
-def _transfer_config():
+MULTIPART_THRESHOLD = 64 * 1024**2  # below: one request per file; files go several at a time (RunFolder)
+MIN_PART = 16 * 1024**2
+MAX_PARTS = 9_000  # S3 allows 10,000 parts per upload; the rest is margin
+
+
+def _transfer_config(size: int = 0):
+    """Parts of at least 16 MiB (fewer requests, while a part still retries cheaply), grown so that a file of any
+    size fits the part limit; more parts in flight for bigger files. An upload from a file object holds its parts
+    in memory: at most concurrency + 2 of them."""
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2, max_concurrency=4)
+    mib = 1024**2
+    part = max(MIN_PART, -(-size // MAX_PARTS // mib) * mib)
+    concurrency = 8 if size >= 8 * part else 4
+    config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=part,
+                            max_concurrency=concurrency)
+    config.max_in_memory_upload_chunks = concurrency + 2  # s3transfer's setting; boto3's constructor lacks it
+    return config
+
+
+_filesystems: dict[tuple, object] = {}
 
 
 def pyarrow_filesystem(storage: StorageSpec):
-    """The filesystem Ray Train persists checkpoints through, configured like our boto3 client."""
+    """The filesystem Ray Train reads checkpoints through, configured like our boto3 client; one per process and
+    settings, like `client` (making one costs about 0.1 s, once per checkpoint otherwise)."""
+    key = _settings_key(storage)
+    with _clients_lock:
+        if key not in _filesystems:
+            if len(_filesystems) >= 32:
+                _filesystems.pop(next(iter(_filesystems)))
+            _filesystems[key] = _new_pyarrow_filesystem(storage)
+        return _filesystems[key]
+
+
+def _new_pyarrow_filesystem(storage: StorageSpec):
     from pyarrow.fs import AwsStandardS3RetryStrategy, S3FileSystem
 
     options = {

@@ -10,6 +10,7 @@ next start can tell it from a write still in progress and remove it (`LocalBacke
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -97,6 +98,14 @@ class LocalBackend:
     def download_file(self, key: str, path: Path) -> None:
         _write_whole(Path(path), lambda partial: shutil.copyfile(self.root / key, partial), os.replace)
 
+    def upload_hashed(self, path: Path, key: str) -> str:
+        """`upload_file` that also returns the sha256 of the bytes, taken from the read that copies them."""
+        return _copy_hashed(Path(path), self.root / key)
+
+    def download_hashed(self, key: str, path: Path, size: int = 0) -> str:
+        """`download_file` that also returns the sha256 of the bytes (``size`` chooses nothing on a disk)."""
+        return _copy_hashed(self.root / key, Path(path))
+
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / prefix
         if target.is_dir():
@@ -171,6 +180,73 @@ def _write_whole(target: Path, fill: Callable[[Path], object], place: Callable[[
         place(partial, target)
     finally:
         partial.unlink(missing_ok=True)  # after a rename: already gone; after a link: the second name
+
+
+class HashingReader:
+    """A binary file for an upload to read, hashing its bytes (sha256) as they go by, so one read of the file both
+    feeds the upload and hashes it. A retry seeks back and reads again: only bytes past those already hashed
+    count; bytes the upload skipped (it never does, reading in order) are read again by `hexdigest`."""
+
+    def __init__(self, handle):
+        self._handle, self._digest, self._hashed = handle, hashlib.sha256(), 0
+
+    def read(self, amount: int = -1) -> bytes:
+        start = self._handle.tell()
+        data = self._handle.read(amount)
+        if start <= self._hashed < start + len(data):
+            self._digest.update(memoryview(data)[self._hashed - start:])
+            self._hashed = start + len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """s3transfer closes what a one-request upload read; the handle stays open for `hexdigest` (its owner
+        closes it)."""
+
+    def hexdigest(self) -> str:
+        """The sha256 of the whole file (call once the upload is done)."""
+        self._handle.seek(self._hashed)
+        while chunk := self._handle.read(1 << 20):
+            self._digest.update(chunk)
+            self._hashed += len(chunk)
+        return self._digest.hexdigest()
+
+
+class HashingWriter:
+    """A write-only binary file for a download to stream into, hashing (sha256) what it writes. It cannot seek, so
+    a ranged download writes its parts here in order (s3transfer buffers parts that arrive early)."""
+
+    def __init__(self, handle):
+        self._handle, self._digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._handle.write(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _copy_hashed(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` (landing whole, like every write here) and return the sha256 of its bytes."""
+    digest = hashlib.sha256()
+
+    def fill(partial: Path) -> None:
+        with source.open("rb") as reading, partial.open("wb") as writing:
+            while chunk := reading.read(1 << 20):
+                digest.update(chunk)
+                writing.write(chunk)
+
+    _write_whole(target, fill, os.replace)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:

@@ -181,11 +181,12 @@ def _write_checkpoint(engine, progress: ckpt.Progress, run: RunFolder, rank: int
     try:
         engine.save_state(local)
         ckpt.save_progress(local, progress, rank)
-        with ThreadPoolExecutor(1) as hasher:  # hashed from the local files, beside the upload (hashlib frees the GIL)
-            hashing = hasher.submit(ckpt.file_digests, local)
+        upload = ckpt.uploader(run)  # object storage: hashes each file in the read that uploads it
+        with ThreadPoolExecutor(1) as hasher:  # a filesystem: from the local files, beside Ray's copy
+            hashing = None if upload else hasher.submit(ckpt.file_digests, local)
             ray.train.report({"step": progress.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                             checkpoint_dir_name=name, checkpoint_upload_fn=ckpt.uploader(run))
-            digests = hashing.result()
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+            digests = upload.digests if upload else hashing.result()
         every_rank = _gather(digests)  # also the barrier: all ranks' files are persisted
         if rank == 0:
             merged = {path: entry for part in every_rank for path, entry in part.items()}

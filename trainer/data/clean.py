@@ -12,6 +12,7 @@ country code and exactly that country's length (a typo, a test account): counted
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -234,6 +235,22 @@ def minhash_signature(text: str) -> np.ndarray:
     return m.hashvalues
 
 
+@functools.lru_cache(maxsize=8)
+def band_layout(threshold: float) -> tuple[tuple[int, int], ...]:
+    """[start, end) of each band of a signature, for `FuzzyIndex` at ``threshold`` (see there why lower)."""
+    from datasketch import MinHashLSH
+
+    layout = MinHashLSH(threshold=max(0.5, threshold - 0.15), num_perm=MINHASH_PERMUTATIONS)
+    return tuple((i * layout.r, (i + 1) * layout.r) for i in range(layout.b))
+
+
+def band_keys(signature: np.ndarray, threshold: float) -> tuple[int, ...]:
+    """One 64-bit key per band of ``signature``. A keyed hash, not Python's `hash`, which differs per process:
+    worker processes compute these and the process that deduplicates looks them up."""
+    return tuple(int.from_bytes(hashlib.blake2b(signature[start:end].tobytes(), digest_size=8).digest(), "little")
+                 for start, end in band_layout(threshold))
+
+
 class FuzzyIndex:
     """Kept records' MinHash signatures, banded for locality-sensitive lookup: is a new record a fuzzy copy?
 
@@ -248,11 +265,7 @@ class FuzzyIndex:
     BLOCK = 4096
 
     def __init__(self, threshold: float):
-        from datasketch import MinHashLSH
-
-        layout = MinHashLSH(threshold=max(0.5, threshold - 0.15), num_perm=MINHASH_PERMUTATIONS)
-        self.bands = [(i * layout.r, (i + 1) * layout.r) for i in range(layout.b)]
-        self.buckets: list[dict[int, int | list[int]]] = [{} for _ in self.bands]  # band hash → key(s)
+        self.buckets: list[dict[int, int | list[int]]] = [{} for _ in band_layout(threshold)]  # band key → key(s)
         self.threshold = threshold
         self.blocks: list[np.ndarray] = []
         self.count = 0
@@ -260,23 +273,24 @@ class FuzzyIndex:
     def signature(self, key: int) -> np.ndarray:
         return self.blocks[key // self.BLOCK][key % self.BLOCK]
 
-    def matches(self, signature: np.ndarray) -> list[int]:
-        """Keys of the kept records at least ``threshold`` similar to ``signature`` (estimated Jaccard)."""
+    def matches(self, signature: np.ndarray, bands: tuple[int, ...] | None = None) -> list[int]:
+        """Keys of the kept records at least ``threshold`` similar to ``signature`` (estimated Jaccard); ``bands``:
+        its `band_keys`, where already computed."""
         candidates: set[int] = set()
-        for (start, end), buckets in zip(self.bands, self.buckets):
-            hit = buckets.get(hash(signature[start:end].tobytes()))
+        for band, buckets in zip(bands or band_keys(signature, self.threshold), self.buckets):
+            hit = buckets.get(band)
             if hit is not None:
                 candidates.update(hit if isinstance(hit, list) else (hit,))
         return sorted(k for k in candidates if float(np.mean(self.signature(k) == signature)) >= self.threshold)
 
-    def add(self, signature: np.ndarray) -> int:
-        """Index a kept record's signature; returns its key (0, 1, 2, … in the order added)."""
+    def add(self, signature: np.ndarray, bands: tuple[int, ...] | None = None) -> int:
+        """Index a kept record's signature (``bands``: its `band_keys`, where already computed); returns its key
+        (0, 1, 2, … in the order added)."""
         key = self.count
         if key % self.BLOCK == 0:
             self.blocks.append(np.empty((self.BLOCK, MINHASH_PERMUTATIONS), dtype=signature.dtype))
         self.blocks[-1][key % self.BLOCK] = signature
-        for (start, end), buckets in zip(self.bands, self.buckets):
-            band = hash(signature[start:end].tobytes())
+        for band, buckets in zip(bands or band_keys(signature, self.threshold), self.buckets):
             found = buckets.get(band)
             if found is None:
                 buckets[band] = key

@@ -30,11 +30,10 @@ class ExampleWriter:
         self.count = 0
 
     def write(self, example: dict) -> None:
-        self.handle.write(json.dumps(example, separators=(",", ":")) + "\n")
-        self.count += 1
+        self.write_line(example_line(example))
 
     def write_line(self, line: str) -> None:
-        """An example already serialised by `write` (a line of another `ExampleWriter`'s file)."""
+        """An example already serialised by `example_line` (e.g. a line of another `ExampleWriter`'s file)."""
         self.handle.write(line if line.endswith("\n") else line + "\n")
         self.count += 1
 
@@ -45,6 +44,12 @@ class ExampleWriter:
     def discard(self) -> None:
         self.handle.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def example_line(example: dict) -> str:
+    """An example as a line of a prepared file; data preparation's worker processes serialise with it, so only
+    text crosses back to the process that writes."""
+    return json.dumps(example, separators=(",", ":")) + "\n"
 
 
 def load_examples(path: Path) -> list[dict]:

@@ -21,16 +21,19 @@ Pipeline, in order (each step counted in `DataReport`):
 6. **pack** (``data.packing``, where the objective `packs`): training examples share rows of ``max_seq_len``
    tokens, each with position ids from 0, which keeps attention inside each example (see `pack`).
 
-Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`); deduplication
-runs in this process in input order, so results do not depend on the number of workers. Examples stream to
-disk as they are made: memory holds the dedup keys, not the tokens (measured on 100k chat records: +60 MB
-with MinHash off, +170 MB with it, whatever the token count).
+Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`): everything per
+record happens there, MinHash signatures, the length fit and the example's JSON line included. This process
+only decides, in input order, which records are copies of earlier ones, and writes the lines it keeps; so
+the prepared files and the report do not depend on the number of workers. Examples stream to disk as they are
+made: memory holds the dedup keys, not the tokens (measured on 100k chat records: +60 MB with MinHash off,
++170 MB with it, whatever the token count), plus at most two chunks per worker in flight.
 
 torch is imported only by `collate`: preparing data does not need it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -46,12 +49,12 @@ import numpy as np
 from tunerun.cluster.run_folder import EVAL_FILE, TRAIN_FILE
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import RULE_ENTITIES
-from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, custom_rules, digest, exact_key,
-                                      mask_custom, mask_pii, minhash_signature, near_key, normalize_text)
+from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, band_keys, custom_rules, digest,
+                                      exact_key, mask_custom, mask_pii, minhash_signature, near_key, normalize_text)
 from tunerun.trainer.data.names import mask_names
 from tunerun.trainer.data.formats import (PREFERENCE_FORMATS, Conversation, detect_format, to_conversation,
                                           trainable)
-from tunerun.trainer.data.pack import ExampleWriter, Packer, load_examples
+from tunerun.trainer.data.pack import ExampleWriter, Packer, example_line, load_examples
 from tunerun.jobs.data_files import resolve_files
 from tunerun.trainer.data.read import read_records
 from tunerun.trainer.data.report import steps
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
 MAX_MALFORMED_EXAMPLES = 20
 CHUNK_RECORDS = 512
 PARALLEL_MIN_BYTES = 16 << 20  # below this, starting worker processes costs more than it saves
+MAX_DATA_WORKERS = 32  # each holds its own tokenizer (and spaCy pipeline under data.clean.ner)
 
 
 @dataclass
@@ -113,8 +117,10 @@ class _Context:
     tokenizer: object
     pii_rules: list = field(default_factory=list)
     objective: Objective | None = None  # what a record becomes; None only where nothing is tokenized
+    max_seq_len: int | None = None  # data.max_seq_len and data.too_long: where examples are fitted to length
+    too_long: str = "drop"
 
-    @property
+    @functools.cached_property  # asked for every text: not worth recomputing
     def rule_kinds(self) -> frozenset[str]:
         """The report kinds (lower case) of data.clean.pii_entities that tunerun's rule-based passes find."""
         return frozenset(e.lower() for e in self.clean.pii_entities if e in RULE_ENTITIES)
@@ -142,8 +148,12 @@ class _Outcome:
     exact: bytes = b""
     near: bytes = b""
     signature: np.ndarray | None = None
+    bands: tuple[int, ...] = ()  # the signature's `band_keys`: the index lookups, computed where the signature is
     pii: dict[str, int] = field(default_factory=dict)
     example: dict | None = None  # as the objective encodes it, before `_fit_length`
+    verdict: str = ""  # what `_fit_length` did: kept, truncated, too_long or empty
+    line: str | None = None  # the fitted example as a line of the prepared file; None when dropped
+    length: int = 0  # the fitted example's tokens (the objective's `length`)
 
 
 def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
@@ -179,6 +189,25 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
     for (outcome, _), example in zip(rendered, ctx.objective.encode([r for _, r in rendered], ctx.tokenizer)):
         outcome.example = example
     return outcomes
+
+
+def _prepare_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
+    """`_process_chunk`, then each example fitted to data.max_seq_len and serialised: what crosses back from a
+    worker is a line of text per record, not lists of token ids for this process to pickle and encode again."""
+    outcomes = _process_chunk(rows, ctx)
+    for o in outcomes:
+        if o.example is not None:
+            _fit_length(o, ctx)
+    return outcomes
+
+
+def _fit_length(o: _Outcome, ctx: _Context) -> None:
+    """The example within data.max_seq_len as the objective fits it, as a line; the verdict is counted later,
+    and only if the record is no copy of an earlier one."""
+    example, o.verdict = ctx.objective.fit(o.example, ctx.max_seq_len, ctx.too_long)
+    if example is not None:
+        o.line, o.length = example_line(example), ctx.objective.length(example)
+    o.example = None
 
 
 def _visit_texts(conversation: Conversation, change) -> None:
@@ -235,6 +264,7 @@ def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
         # System prompts repeat by design (often longer than the reply): they would make every record alike.
         said = [p for m, p in zip(messages, parts) if m["role"] != "system"]
         outcome.signature = minhash_signature(near_key(said).replace("\x1f", " "))
+        outcome.bands = band_keys(outcome.signature, ctx.clean.near_dedup_threshold)
 
 
 def _said(answer: list[dict]) -> list:
@@ -255,16 +285,16 @@ def _clean_text(text: str, ctx: _Context, counts: dict[str, int]) -> str:
 
 
 def data_workers(files: list[Path]) -> int:
-    """Worker processes for parsing, cleaning and tokenizing. In-process below 4 cores or 16 MB of input:
-    there this process is busy with dedup and writing, the Rust tokenizer already spreads over the cores, and
-    workers only add pickling (measured on 2 cores: 100k records took 39 s in-process, 53 s with 2 workers).
-    ``TUNERUN_DATA_WORKERS`` overrides (0 or 1: in this process)."""
+    """Worker processes for cleaning, keying and tokenizing: one per core from 16 MB of input, in this
+    process below (starting workers costs a few CPU-seconds each). This process keeps a small share (dedup
+    decisions and writing lines), so it needs no core of its own. ``TUNERUN_DATA_WORKERS`` overrides (0 or 1:
+    in this process)."""
     if "TUNERUN_DATA_WORKERS" in os.environ:
         return int(os.environ["TUNERUN_DATA_WORKERS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores < 4 or sum(f.stat().st_size for f in files) < PARALLEL_MIN_BYTES:
+    if cores < 2 or sum(f.stat().st_size for f in files) < PARALLEL_MIN_BYTES:
         return 0
-    return min(cores - 1, 16)  # one core stays with this process: dedup and writing are sequential
+    return min(cores, MAX_DATA_WORKERS)
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
@@ -284,10 +314,25 @@ _WORKER_CONTEXT: _Context | None = None
 def _init_worker(ctx: _Context) -> None:
     global _WORKER_CONTEXT
     _WORKER_CONTEXT = ctx
+    # The workers are the parallelism: the Rust tokenizer's own threads in each would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _process_in_worker(rows: list) -> list[_Outcome]:
-    return _process_chunk(rows, _WORKER_CONTEXT)
+    return _prepare_chunk(rows, _WORKER_CONTEXT)
+
+
+def _worker_processes(tokenizer):
+    """How workers start: from a fork server that imported this module and the tokenizer's once (transformers,
+    datasketch with scipy: seconds of CPU that a spawned worker would pay each), where the platform has one.
+    Never a plain fork: this process may already run tokenizer threads, which a fork would copy mid-work."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__] + ([type(tokenizer).__module__] if tokenizer is not None else []))
+    return context
 
 
 class _ChunkRunner:
@@ -297,17 +342,15 @@ class _ChunkRunner:
     def __init__(self, ctx: _Context, workers: int):
         self.ctx, self.pool, self.window = ctx, None, 2 * workers
         if workers > 1:
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn, not fork: the parent may already run tokenizer threads, which a fork would copy mid-work.
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+            self.pool = ProcessPoolExecutor(workers, mp_context=_worker_processes(ctx.tokenizer),
                                             initializer=_init_worker, initargs=(ctx,))
 
     def map(self, rows: Iterator) -> Iterator[list[_Outcome]]:
         if self.pool is None:
             for chunk in _chunks(rows, CHUNK_RECORDS):
-                yield _process_chunk(chunk, self.ctx)
+                yield _prepare_chunk(chunk, self.ctx)
             return
         pending: deque = deque()
         for chunk in _chunks(rows, CHUNK_RECORDS):
@@ -327,7 +370,8 @@ class _ChunkRunner:
 
 @dataclass
 class _Kept:
-    example: dict  # a line of train.jsonl or eval.jsonl
+    line: str  # of train.jsonl or eval.jsonl
+    length: int  # tokens
     near: bytes
     key: int  # in the set's `_Dedup`
 
@@ -349,13 +393,13 @@ class _Dedup:
             report.duplicates += 1
         elif self.clean.near_dedup and o.near in self.near:
             report.near_duplicates += 1
-        elif self.fuzzy is not None and self.fuzzy.matches(o.signature):
+        elif self.fuzzy is not None and self.fuzzy.matches(o.signature, o.bands):
             report.fuzzy_duplicates += 1
         else:
             self.exact.add(o.exact)
             self.near.add(o.near)
             if self.fuzzy is not None:
-                self.fuzzy.add(o.signature)  # same key: both count the records kept
+                self.fuzzy.add(o.signature, o.bands)  # same key: both count the records kept
             self.count += 1
             return self.count - 1
         return None
@@ -396,7 +440,7 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
                 elif o.equal_answers:
                     report.equal_answers += 1
                 elif (key := dedup.keep(o, report)) is not None:
-                    if (kept := _fit_length(o, key, spec, ctx.objective, report)) is not None:
+                    if (kept := _fitted(o, key, report)) is not None:
                         for kind, n in o.pii.items():  # kept records only: the report describes what trains
                             report.pii_masked[kind] = report.pii_masked.get(kind, 0) + n
                         yield kept
@@ -420,13 +464,12 @@ def _check_objective_reads(objective: Objective | None, path: Path, o: _Outcome)
                     + ("" if pairs else "; give a preference file, or set training.objective: sft"))
 
 
-def _fit_length(o: _Outcome, key: int, spec: DataSpec, objective: Objective, report: DataReport) -> _Kept | None:
-    """The example within data.max_seq_len as the objective fits it; None (and counted) when it is dropped."""
-    example, verdict = objective.fit(o.example, spec.max_seq_len, spec.too_long)
-    report.truncated += verdict == "truncated"
-    report.too_long_dropped += verdict == "too_long"
-    report.empty += verdict == "empty"
-    return _Kept(example, o.near, key) if example is not None else None
+def _fitted(o: _Outcome, key: int, report: DataReport) -> _Kept | None:
+    """The record as `_fit_length` left it; None (and counted) when it was dropped."""
+    report.truncated += o.verdict == "truncated"
+    report.too_long_dropped += o.verdict == "too_long"
+    report.empty += o.verdict == "empty"
+    return _Kept(o.line, o.length, o.near, key) if o.line is not None else None
 
 
 def _mixed_formats(o: _Outcome, file_format: str, first_where: str) -> str:
@@ -493,7 +536,8 @@ class _Preparation:
         self.spec, self.out_dir, self.objective = spec, out_dir, objective
         self.report = DataReport(pii_masked=_pii_kinds(spec.clean))
         self.ctx = _Context(None if spec.format == "auto" else spec.format, spec.clean, tokenizer,
-                            custom_rules(spec.clean.pii_patterns) if spec.clean.pii == "mask" else [], objective)
+                            custom_rules(spec.clean.pii_patterns) if spec.clean.pii == "mask" else [], objective,
+                            spec.max_seq_len, spec.too_long)
         files = resolve_files(spec.train) + (resolve_files(spec.eval) if spec.eval else [])
         self.runner = _ChunkRunner(self.ctx, data_workers(files))
         self.writers: list[ExampleWriter] = []
@@ -523,9 +567,9 @@ class _Preparation:
         """Write the kept training examples to the scratch file; (near key, dedup key) of each."""
         dedup, kept, formats, writer = _Dedup(self.spec.clean), [], [], self._writer(self.scratch.name)
         for ex in _stream_set(self.spec.train, self.spec, self.ctx, self.runner, self.report, dedup, formats):
-            writer.write(ex.example)
+            writer.write_line(ex.line)
             kept.append((ex.near, ex.key))
-            self.lengths.append(self.objective.length(ex.example))
+            self.lengths.append(ex.length)
         self.report.format = ", ".join(formats)
         if not kept:
             raise DataError(_nothing_left(self.report.files, self.spec, self.report))
@@ -537,8 +581,8 @@ class _Preparation:
         writer, eval_dedup = self._writer(EVAL_FILE), _Dedup(self.spec.clean)
         train_near, train_keys = {near for near, _ in kept}, {key for _, key in kept}
         for ex in _stream_set(self.spec.eval, self.spec, self.ctx, self.runner, self.report, eval_dedup, []):
-            writer.write(ex.example)
-            self.lengths.append(self.objective.length(ex.example))
+            writer.write_line(ex.line)
+            self.lengths.append(ex.length)
             signature = eval_dedup.signature(ex.key)
             self.report.contaminated_eval += train_dedup.holds_copy(ex.near, signature, train_near, train_keys)
         if not writer.count:

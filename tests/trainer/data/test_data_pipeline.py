@@ -1,8 +1,10 @@
 """Preparation as a whole: the content-hash cache, the report files, custom PII patterns, MinHash near-dup,
-sequence packing (attention stays inside each example), and worker processes giving the same result."""
+sequence packing (attention stays inside each example), and worker processes preparing the same bytes."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tunerun.jobs.plan import resolve
 from tunerun.jobs.spec import CleanSpec, DataSpec, JobSpec
 from tunerun.trainer.data.clean import custom_rules, mask_custom
 from tunerun.trainer.data.pack import collate
-from tunerun.trainer.data.pipeline import prepare_data
+from tunerun.trainer.data.pipeline import prepare_data, prepare_files
 from tunerun.trainer.data.cache import PREPARED_FILES, content_hash, prepare_to_folder, prepared_folder
 
 REPO = Path(__file__).resolve().parents[3]
@@ -182,11 +184,48 @@ def test_cache_key_follows_data_spec_seed_and_file_bytes(tiny_model_dir, tmp_pat
     assert content_hash(job_for(tiny_model_dir, train)) != key
 
 
+def copies_of_every_kind(n: int) -> list[dict]:
+    """``n`` chat records among which exact copies, copies up to case and punctuation, reworded copies (MinHash),
+    PII and replies too long for 160 tokens, each kind far from the record it copies (other chunks, other workers)."""
+    rng = random.Random(7)
+    words = STORY.split()
+    rows = []
+    for i in range(n):
+        if i % 11 == 5 and i > 40:
+            rows.append(rows[i - 40])  # exact copy
+        elif i % 13 == 6 and i > 40:
+            source = rows[i - 37]["messages"]
+            rows.append(chat(source[0]["content"].upper() + "!", source[1]["content"]))  # near copy
+        elif i % 7 == 3 and i > 40:
+            source = rows[i - 29]["messages"]
+            rows.append(chat(source[0]["content"].replace(" box ", " carton "), source[1]["content"]))  # reworded
+        else:
+            story = " ".join(rng.sample(words, 20))
+            contact = f" mail {rng.choice(['ana', 'bo'])}{i}@example.com" if i % 5 == 0 else ""
+            reply = "category: shipping" + (" and more" * 80 if i % 17 == 0 else "")
+            rows.append(chat(f"ticket {i}: {story}{contact}", reply))
+    return rows
+
+
 @pytest.mark.slow
-def test_worker_processes_give_the_same_result(tokenizer, monkeypatch):
-    """Chunks go to 2 spawned worker processes; dedup stays in input order, so nothing changes."""
-    inline = prepare_data(DataSpec(train=str(SUPPORT)), tokenizer, seed=0)
-    monkeypatch.setenv("TUNERUN_DATA_WORKERS", "2")
-    monkeypatch.setattr(data_module, "CHUNK_RECORDS", 64)
-    parallel = prepare_data(DataSpec(train=str(SUPPORT)), tokenizer, seed=0)
-    assert parallel.train == inline.train and parallel.eval == inline.eval and parallel.report == inline.report
+def test_worker_processes_prepare_the_same_bytes(tokenizer, tmp_path, monkeypatch):
+    """One process or three workers (more than this machine's cores): the same train.jsonl and eval.jsonl, byte for
+    byte, and the same report, MinHash decisions included (copies within the training set, and evaluation records
+    that copy training ones). Chunks of 16 records spread every kind of copy over different chunks and workers;
+    only this process decides, in input order, which record is a copy."""
+    rows = copies_of_every_kind(440)
+    train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:400]), write_jsonl(tmp_path / "eval.jsonl", [
+        chat(r["messages"][0]["content"].replace(" the ", " a ", 1), r["messages"][1]["content"]) for r in rows[:20]
+    ] + rows[400:])
+    spec = DataSpec(train=str(train), eval=str(evals), max_seq_len=160, too_long="truncate")
+    monkeypatch.setattr(data_module, "CHUNK_RECORDS", 16)
+    outputs = {}
+    for workers in (1, 3):
+        monkeypatch.setenv("TUNERUN_DATA_WORKERS", str(workers))
+        report = prepare_files(spec, tokenizer, seed=0, out_dir=tmp_path / f"w{workers}")
+        outputs[workers] = (dataclasses.asdict(report), *((tmp_path / f"w{workers}" / name).read_bytes()
+                                                          for name in ("train.jsonl", "eval.jsonl")))
+    report = outputs[1][0]
+    assert report["duplicates"] > 0 and report["near_duplicates"] > 0 and report["fuzzy_duplicates"] > 0
+    assert report["contaminated_eval"] > 0 and report["truncated"] > 0 and report["pii_masked"]["email"] > 0
+    assert outputs[3] == outputs[1]

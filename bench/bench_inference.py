@@ -1,6 +1,6 @@
 """Inference through `tunerun serve` against the same requests sent straight to its vLLM engine.
 
-    python bench/bench_inference.py [--requests 32] [--max-tokens 64] [--concurrency 1 8]
+    python bench/bench_inference.py [--requests 32] [--max-tokens 64] [--concurrency 1 8] [--quick]
 
 A tiny Llama (examples/make_tiny_model.py) is the catalog model; `tunerun serve` starts its managed engine from
 .venv-vllm (scripts/setup-vllm makes it). For each concurrency, the same streamed completions (greedy,
@@ -8,7 +8,9 @@ A tiny Llama (examples/make_tiny_model.py) is the catalog model; `tunerun serve`
 and the stream passed on) and then to the engine's own port: generated tokens per second over the batch and the
 median time to the first token, and their ratios (target: the gateway at ≥ 0.95 of direct). Batches alternate
 between the two paths for ``--rounds`` rounds and the medians are shown: on a small machine the engine, the gateway
-and this client share the CPU, and its load drifts. Nothing here asserts: it prints what it measured.
+and this client share the CPU, and its load drifts. Nothing here asserts: it prints what it measured. ``--quick``
+(CI's smoke test, tests/bench/test_benchmarks_run.py): one round of 4 requests of 8 tokens at concurrency 1 and 2 —
+proof that both paths serve, not a measurement (the engine's start dominates it).
 """
 from __future__ import annotations
 
@@ -117,7 +119,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/direct batches; medians shown")
+    parser.add_argument("--quick", action="store_true", help="a few short requests: that it runs, not a figure")
     args = parser.parse_args()
+    if args.quick:  # the flags given still win over the quick sizes
+        parser.set_defaults(requests=4, max_tokens=8, concurrency=[1, 2], rounds=1)
+        args = parser.parse_args()
     made = subprocess.run([str(REPO / "scripts" / "setup-vllm")], cwd=REPO, capture_output=True, text=True)
     if made.returncode:
         raise SystemExit(made.stderr[-2000:])
@@ -129,6 +135,7 @@ def main() -> None:
             gateway = f"http://127.0.0.1:{port}"
             print(f"{'concurrency':>11} {'gateway tok/s':>14} {'direct tok/s':>13} {'ratio':>6} "
                   f"{'gateway TTFT':>13} {'direct TTFT':>12} {'ratio':>6}")
+            ratios = []
             for concurrency in args.concurrency:
                 direct, through = [], []
                 for _ in range(args.rounds):  # alternating: on a shared CPU, load drifts between batches
@@ -139,6 +146,8 @@ def main() -> None:
                 print(f"{concurrency:>11} {through[0]:>14.1f} {direct[0]:>13.1f} {through[0] / direct[0]:>6.2f} "
                       f"{through[1] * 1000:>11.1f}ms {direct[1] * 1000:>10.1f}ms "
                       f"{direct[1] / through[1] if through[1] else 0:>6.2f}")
+                ratios.append(f"{through[0] / direct[0]:.2f} at concurrency {concurrency}")
+            print(f"ratio gateway/direct tokens per second (target ≥ 0.95): {', '.join(ratios)}")
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)

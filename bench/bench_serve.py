@@ -1,7 +1,7 @@
 """`tunerun serve` under load: request latency with many jobs in the ledger, and what polling costs a training job.
 
     python bench/bench_serve.py [--jobs 1000] [--requests 200] [--dashboards 10] [--poll-seconds 20]
-                                [--clients 50] [--seconds 60] [--skip-s3] [--skip-training]
+                                [--clients 50] [--seconds 60] [--skip-s3] [--skip-training] [--quick]
 
 1. Latency. A ledger of ``--jobs`` finished jobs (run folders as the service writes them: service.json, run.json,
    events, metrics) is served by a real ``tunerun serve`` on loopback, from a local folder and then from an S3
@@ -14,7 +14,9 @@
 3. Load. One real job trains (the tiny model, 2 CPU workers) while ``--clients`` threads each poll
    ``retrieve`` and ``list_events`` once a second for ``--seconds``; every failed request is counted. The same
    job then runs unpolled; the ratio of their median step times says what the polling cost the training.
-Nothing here asserts: it prints what it measured.
+Nothing here asserts: it prints what it measured. ``--quick`` (CI's smoke test, tests/bench/test_benchmarks_run.py):
+parts 1 and 2 on 50 jobs of a local folder, 10 requests, 2 dashboards for 2 s — proof that they run, not a measurement.
+It skips the S3 case and part 3, two cold starts of a training job (minutes on a busy 2-core machine).
 """
 from __future__ import annotations
 
@@ -329,7 +331,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--skip-s3", action="store_true", help="no S3 case")
     parser.add_argument("--skip-training", action="store_true", help="measure latency only")
+    parser.add_argument("--quick", action="store_true", help="small counts, short waits: that it runs, not a figure")
     args = parser.parse_args()
+    if args.quick:  # the flags given still win over the quick sizes
+        parser.set_defaults(jobs=50, requests=10, dashboards=2, poll_seconds=2.0, skip_training=True, skip_s3=True)
+        args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tunerun-bench-serve-"))
     try:
         subprocess.run([sys.executable, str(REPO / "examples" / "make_tiny_model.py"), str(root / "model")],

@@ -1,6 +1,9 @@
 """tunerun's steady-state training step against the bare loop it wraps, same model, data and batch.
 
-    python bench/bench_step_overhead.py [--steps 40] [--warmup 5] [--threads 1]
+    python bench/bench_step_overhead.py [--steps 40] [--warmup 5] [--threads 1] [--quick]
+
+``--quick`` (CI's smoke test, tests/bench/test_benchmarks_run.py): both cases, 3 timed steps of 2 × 32 tokens —
+proof that it runs, not a measurement.
 
 Both sides run in the same process, one Ray Train worker (the context tunerun's engines need), so threads,
 allocator and Ray's runtime are the same for both:
@@ -198,7 +201,11 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     # One thread by default: on a small shared machine a second thread mostly measures the neighbours.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a few small steps: that it runs, not a figure")
     args = parser.parse_args()
+    if args.quick:  # the flags given still win over the quick sizes
+        parser.set_defaults(steps=3, warmup=1, seq=32, micro_batch=2)
+        args = parser.parse_args()
 
     import ray
     from ray.train import RunConfig, ScalingConfig

@@ -213,9 +213,17 @@ def health_check_interval(job: ResolvedJob) -> str:
 
 
 def import_trainer() -> None:
-    """What `fit` imports (Ray Train's torch trainer, the train loop: torch and transformers, seconds of work)."""
-    for module in ("ray.train.torch", "tunerun.trainer.loop"):
-        importlib.import_module(module)
+    """What `fit` imports: Ray Train's torch trainer (Ray Train and torch, seconds of work)."""
+    importlib.import_module("ray.train.torch")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What each Ray Train worker runs: `tunerun.trainer.loop`, imported there. Ray pickles this function by
+    reference, so the driver needs only this module: importing the loop here would make the driver import
+    transformers, PEFT and their stack (seconds of CPU while Ray starts beside it) only to name the function."""
+    from tunerun.trainer.loop import train_loop_per_worker as loop
+
+    loop(config)
 
 
 def ray_started() -> bool:
@@ -227,8 +235,6 @@ def ray_started() -> bool:
 def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from tunerun.trainer.loop import train_loop_per_worker
 
     resources = job.spec.resources
     storage_path, filesystem = _ray_storage(run)

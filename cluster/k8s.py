@@ -40,6 +40,10 @@ from tunerun.jobs.spec import Strict, suggest_name
 # within the 63-character label limit); the CRD schema does not check this, the operator does at reconcile time.
 MAX_RAYJOB_NAME = 47
 RAY_GROUP, RAY_VERSION, RAYJOBS = "ray.io", "v1", "rayjobs"
+# Kueue: the label that puts a job in a LocalQueue, and the Workload it then makes for the job (named from the
+# RayJob, labelled with the RayJob's uid: `kueue.x-k8s.io/job-uid`, which is how `observe` finds it).
+KUEUE_QUEUE_LABEL, KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/job-uid"
+KUEUE_GROUP, KUEUE_VERSION, WORKLOADS = "kueue.x-k8s.io", "v1beta1", "workloads"
 JOB_DIR = "/etc/tunerun"  # where the head pod mounts the ConfigMap
 SCRATCH = "/scratch"
 TEMPLATES = ("configmap.yaml.j2", "rayjob.yaml.j2")
@@ -56,6 +60,9 @@ class KubeRaySettings(Strict):
     """
 
     namespace: str = "default"
+    # Kueue LocalQueue in the namespace: the RayJob is created suspended with the queue label, and Kueue starts
+    # it once the queue's ClusterQueue has quota for it (`tunerun serve`: a project's `kubernetes.queue`).
+    queue: str | None = None
     image: str = "tunerun:latest"  # built from k8s/Dockerfile
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []
@@ -86,6 +93,11 @@ class KubeRaySettings(Strict):
     @classmethod
     def _namespace(cls, v: str) -> str:
         return cls.dns_label(v)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        return None if v is None else cls.queue_name(v)
 
     @field_validator("s3_secret", "mlflow_secret", "service_account", "priority_class", "scratch_storage_class")
     @classmethod
@@ -155,6 +167,13 @@ class KubeRaySettings(Strict):
             raise ValueError(f"{v!r} is not a valid name: at most 63 lowercase letters, digits or '-', starting "
                              f"and ending with a letter or digit — try '{suggest_name(v)}'")
         return v
+
+    @classmethod
+    def queue_name(cls, v: str) -> str:
+        """A Kueue LocalQueue: an object name that is also the value of the queue label (at most 63 characters)."""
+        if len(v) > 63:
+            raise ValueError(f"{v[:70]!r} is too long for a LocalQueue name: a label value holds at most 63 characters")
+        return cls.dns_subdomain(v)
 
     @staticmethod
     def dns_subdomain(v: str) -> str:
@@ -277,6 +296,8 @@ def _context(job: ResolvedJob) -> dict:
         env["AWS_DEFAULT_REGION"] = spec.storage.region
     return {
         **k8s.model_dump(), "name": name, "configmap": f"{name}-job", "labels": labels,
+        # Only the RayJob is queued: Kueue reads the label there (on a pod it would queue the pod on its own).
+        "rayjob_labels": {**labels, KUEUE_QUEUE_LABEL: k8s.queue} if k8s.queue else labels,
         "pod_labels": {role: {**labels, "app.kubernetes.io/component": role}
                        for role in ("head", "worker", "submitter")},
         "annotations": {"tunerun/run-id": job.run_id, "tunerun/run-uri": job.run_uri},
@@ -306,6 +327,10 @@ def _check(documents: list[dict], job: ResolvedJob) -> None:
         raise TargetError("the resolved job does not read back from the rendered ConfigMap unchanged")
     if rayjob["spec"]["entrypoint"] != _entrypoint(job):
         raise TargetError("the RayJob entrypoint did not survive rendering unchanged")
+    queue = KubeRayTarget.settings(job.spec).queue
+    if queue and (rayjob["metadata"]["labels"].get(KUEUE_QUEUE_LABEL) != queue or rayjob["spec"].get("suspend")
+                  is not True):
+        raise TargetError(f"the RayJob for LocalQueue {queue!r} must carry {KUEUE_QUEUE_LABEL} and be suspended")
 
 
 # ── the Kubernetes API ──────────────────────────────────────────────────────────────────────────────────────
@@ -391,6 +416,18 @@ class KubeApi:
         return self.call(f"read RayJob {namespace}/{name}", self.custom.get_namespaced_custom_object, RAY_GROUP,
                          RAY_VERSION, namespace, RAYJOBS, name, missing_ok=True)
 
+    def workload_of(self, namespace: str, job_uid: str) -> dict | None:
+        """Kueue's Workload for the job with uid ``job_uid`` (None when there is none yet); `TargetError` when the
+        cluster has no Kueue."""
+        found = self.call(f"list Kueue Workloads in {namespace}", self.custom.list_namespaced_custom_object,
+                          KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOADS,
+                          label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}", missing_ok=True)
+        if found is None:
+            raise TargetError(f"the cluster has no Kueue Workload resource ({KUEUE_GROUP}/{KUEUE_VERSION}): install "
+                              "Kueue, or remove the queue from targets.k8s")
+        items = found.get("items") or []
+        return max(items, key=lambda w: w["metadata"].get("creationTimestamp") or "") if items else None
+
     def delete(self, namespace: str, rayjob: str, configmap: str) -> bool:
         """Delete the RayJob (KubeRay then deletes its Ray cluster) and the ConfigMap; False if neither existed."""
         from kubernetes import client
@@ -431,6 +468,26 @@ class RayJobHandle(Handle):
     message: str | None = None
     failed: int | None = None
     error: str | None = None
+    queue: str | None = None  # the Kueue LocalQueue it waits in
+    waiting: str | None = None  # observed: why Kueue has not admitted it yet (its Workload's words)
+
+
+def kueue_waiting(queue: str, namespace: str, workload: dict | None) -> str | None:
+    """Why Kueue has not admitted a job, from its Workload as Kueue writes it (`status.conditions`); None once it
+    is admitted (the RayJob is unsuspended a moment later)."""
+    if workload is None:
+        return (f"waiting for Kueue to queue it in LocalQueue {namespace}/{queue} (no Workload yet: check that Kueue "
+                "manages RayJobs and that the LocalQueue exists)")
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+    if conditions.get("Admitted", {}).get("status") == "True":
+        return None
+    # QuotaReserved=False says why (no quota in the ClusterQueue, waiting for the cohort, an inadmissible queue);
+    # Evicted=True says why an admitted job was sent back (preempted by a higher priority, the cohort reclaimed).
+    for kind, status in (("Evicted", "True"), ("QuotaReserved", "False"), ("QuotaReserved", "True")):
+        condition = conditions.get(kind)
+        if condition and condition.get("status") == status and condition.get("message"):
+            return f"waiting in Kueue LocalQueue {queue}: {condition['message']}"
+    return f"waiting in Kueue LocalQueue {queue} for admission"
 
 
 class KubeRayTarget(Target):
@@ -448,7 +505,8 @@ class KubeRayTarget(Target):
         run = create_run(job, self.name, resume)
         namespace = rayjob["metadata"]["namespace"]
         record = {"namespace": namespace, "rayjob": rayjob["metadata"]["name"],
-                  "configmap": configmap["metadata"]["name"], "context": api.context, "api_server": api.host}
+                  "configmap": configmap["metadata"]["name"], "context": api.context, "api_server": api.host,
+                  "queue": rayjob["metadata"]["labels"].get(KUEUE_QUEUE_LABEL)}
         try:
             if api.create(configmap, exists_ok=resume) is None:
                 api.replace_configmap(configmap)  # a resumed run's earlier ConfigMap may still be there
@@ -468,20 +526,34 @@ class KubeRayTarget(Target):
         if not handle.rayjob:
             return None
         try:
-            rayjob = KubeApi().get_rayjob(handle.namespace, handle.rayjob)
+            api = KubeApi()
+            rayjob = api.get_rayjob(handle.namespace, handle.rayjob)
+            waiting = self._waiting(api, rayjob) if rayjob else None
         except TargetError as exc:
             return Observation(handle.model_copy(update={"error": str(exc)}))
         if rayjob is None:  # TTL after the end, or cancelled
             return Observation(handle.model_copy(update={"deployment_status": "deleted"}))
         found = rayjob.get("status") or {}
         view = {"job_status": found.get("jobStatus"), "deployment_status": found.get("jobDeploymentStatus"),
-                "reason": found.get("reason"), "message": found.get("message"), "failed": found.get("failed")}
+                "reason": found.get("reason"), "message": found.get("message"), "failed": found.get("failed"),
+                "waiting": waiting}
         ended = view["deployment_status"] in ("Complete", "Failed")
         error = (f"RayJob {handle.rayjob} ended ({view['deployment_status']}"
                  f"{', ' + view['reason'] if view['reason'] else ''}) without the driver recording an outcome"
                  f"{': ' + view['message'] if view['message'] else ''}")
-        return Observation(handle.model_copy(update={k: v for k, v in view.items() if v is not None}),
-                           ended=ended, error=error)
+        seen = {k: v for k, v in view.items() if v is not None}
+        return Observation(handle.model_copy(update={**seen, "waiting": waiting}), ended=ended, error=error,
+                           waiting=waiting)
+
+    @staticmethod
+    def _waiting(api: KubeApi, rayjob: dict) -> str | None:
+        """Kueue's reason a queued RayJob has not started: read from its Workload while the RayJob is suspended
+        (Kueue unsuspends it on admission, so a running one costs no second call)."""
+        queue = (rayjob["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        if not queue or not (rayjob.get("spec") or {}).get("suspend"):
+            return None
+        namespace = rayjob["metadata"]["namespace"]
+        return kueue_waiting(queue, namespace, api.workload_of(namespace, rayjob["metadata"]["uid"]))
 
     def stop(self, info: RunInfo) -> bool:
         """Delete the RayJob (its pods get SIGTERM and terminationGracePeriodSeconds to checkpoint) and the
@@ -501,7 +573,7 @@ class KubeRayTarget(Target):
             return None
         if k8s.error:
             return f"RayJob {k8s.namespace}/{k8s.rayjob}: not readable ({k8s.error})"
-        parts = [f"{key} {value}" for key in ("deployment_status", "job_status", "reason", "message")
+        parts = [f"{key} {value}" for key in ("deployment_status", "job_status", "reason", "message", "waiting")
                  if (value := getattr(k8s, key))]
         return f"RayJob {k8s.namespace}/{k8s.rayjob}" + (f": {', '.join(parts)}" if parts else "")
 

@@ -7,6 +7,7 @@ S3 credentials travel by name in ``--export``, never by value.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -33,17 +34,50 @@ SLURM_ACTIVE = {"PENDING": RunState.PENDING, "CONFIGURING": RunState.PENDING, "R
                 "REQUEUE_HOLD": RunState.PENDING, "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING,
                 "SUSPENDED": RunState.RUNNING, "RESIZING": RunState.RUNNING}
 CANCEL_GRACE_S = 60.0
+# squeue's reason (%r) for a pending job, in words a team can act on; the Assoc*/QOS* limits not named here are
+# explained by their prefix (`pending_reason`). Slurm's full list: squeue(1), JOB REASON CODES.
+PENDING_REASONS = {
+    "Priority": "waiting behind higher-priority jobs in the partition",
+    "Resources": "waiting for free nodes, CPUs or GPUs in the partition",
+    "Dependency": "waiting for the jobs it depends on",
+    "BeginTime": "waiting for its start time",
+    "PartitionDown": "its partition is down",
+    "PartitionInactive": "its partition is inactive",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows a job",
+    "PartitionTimeLimit": "its time limit is above the partition's",
+    "ReqNodeNotAvail": "the nodes it needs are not available (down, drained or reserved)",
+    "JobHeldUser": "held by its user (scontrol release)",
+    "JobHeldAdmin": "held by an administrator",
+    "QOSMaxJobsPerUserLimit": "waiting for the QOS's limit on running jobs per user",
+    "QOSMaxGRESPerUser": "waiting for the QOS's GPU limit per user",
+    "QOSGrpGRES": "waiting for the QOS's GPU limit",
+    "QOSGrpCpuLimit": "waiting for the QOS's CPU limit",
+    "QOSGrpJobsLimit": "waiting for the QOS's limit on running jobs",
+    "AssocGrpGRES": "waiting for the account's GPU limit",
+    "AssocGrpCpuLimit": "waiting for the account's CPU limit",
+    "AssocGrpJobsLimit": "waiting for the account's limit on running jobs",
+    "AssocMaxJobsLimit": "waiting for the account's limit on running jobs per user",
+}
 
 
 SLURM_WORD = r"^[A-Za-z0-9_.,+-]{1,64}$"  # partition/account/qos: values sbatch reads, never a shell
 
 
+def slurm_word(value: str | None) -> str | None:
+    """A partition, account or QOS name as it may stand on an ``#SBATCH`` line (`SLURM_WORD`)."""
+    if value is not None and not re.fullmatch(SLURM_WORD, value):
+        raise ValueError(f"{value[:70]!r} cannot stand on an #SBATCH line: expected up to 64 letters, digits, '_', "
+                         "'.', ',', '+' or '-' (no spaces, quotes or '$'), as `sacctmgr show account/qos` and "
+                         "`sinfo` name them")
+    return value
+
+
 class SlurmSettings(Strict):
     """`targets.slurm`: the sbatch script's resources and what runs before Ray starts on each node."""
 
-    partition: str | None = Field(None, pattern=SLURM_WORD)
-    account: str | None = Field(None, pattern=SLURM_WORD)
-    qos: str | None = Field(None, pattern=SLURM_WORD)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     time: str = Field("04:00:00", pattern=r"^(\d{1,3}-)?\d{1,3}(:\d{2}){0,2}$")
     mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
     exclusive: bool = False
@@ -57,6 +91,11 @@ class SlurmSettings(Strict):
     ray_port_max: int = Field(29999, ge=1024, le=65534)
     network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$")
     join_timeout_s: int = Field(300, ge=10)
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_word(cls, v: str | None) -> str | None:
+        return slurm_word(v)
 
     @field_validator("log_dir")
     @classmethod
@@ -127,19 +166,36 @@ def _check_rendered(script: str) -> None:
             raise TargetError(f"rendered an invalid sbatch directive: {line!r}")
 
 
-def slurm_state(job_id: str) -> str | None:
-    """Slurm's own view (squeue, then scontrol for recently ended jobs); None when it no longer knows the job."""
+def pending_reason(reason: str | None) -> str | None:
+    """squeue's reason for a pending job, explained (None when there is none to give: ``None``, empty)."""
+    if not reason or reason in ("None", "(null)"):
+        return None
+    if reason in PENDING_REASONS:
+        return f"{PENDING_REASONS[reason]} (Slurm: {reason})"
+    owner = "the account's" if reason.startswith("Assoc") else "the QOS's" if reason.startswith("QOS") else None
+    return f"waiting for {owner} limit (Slurm: {reason})" if owner else f"pending in Slurm: {reason}"
+
+
+def slurm_view(job_id: str) -> tuple[str | None, str | None]:
+    """(state, reason) as Slurm sees the job: squeue, then scontrol for recently ended jobs; (None, None) when it
+    no longer knows the job. The reason is squeue's (%r): why a pending job waits."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
         if out.strip():
-            return out.strip().splitlines()[0]
+            state, _, reason = out.strip().splitlines()[0].partition("|")
+            return state, reason or None
         shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
     except FileNotFoundError:
         raise TargetError("squeue is not on PATH: ask Slurm from a login node of the cluster") from None
     for field in shown.split():
         if field.startswith("JobState="):
-            return field.split("=", 1)[1]
-    return None
+            return field.split("=", 1)[1], None
+    return None, None
+
+
+def slurm_state(job_id: str) -> str | None:
+    """Slurm's own view of the job's state (`slurm_view`)."""
+    return slurm_view(job_id)[0]
 
 
 class SlurmHandle(Handle):
@@ -147,6 +203,7 @@ class SlurmHandle(Handle):
     script: str | None = None  # the sbatch script, relative to the run folder
     output: str | None = None  # the job's output file where the submitting machine sees it
     state: str | None = None  # observed by `status`: squeue / scontrol, None once Slurm forgot the job
+    reason: str | None = None  # observed: squeue's reason for a pending job (Priority, Resources, AssocGrpGRES…)
 
 
 class SlurmTarget(Target):
@@ -181,14 +238,15 @@ class SlurmTarget(Target):
     def observe(self, info: RunInfo) -> Observation | None:
         handle = self.handle(info)
         try:
-            state = slurm_state(handle.job_id)
+            state, reason = slurm_view(handle.job_id)
         except TargetError:  # not on a Slurm host: the run folder is all there is
             return None
-        handle = handle.model_copy(update={"state": state})
+        reason = reason if state == "PENDING" else None  # a running job's reason is "None"
+        handle = handle.model_copy(update={"state": state, "reason": reason})
         # A preempted run that Slurm requeued is pending or running again.
         return Observation(handle, active=SLURM_ACTIVE.get(state), ended=state is not None and state not in SLURM_ACTIVE,
                            error=f"Slurm job {handle.job_id} ended {state} without recording an outcome; "
-                                 "see the job's output")
+                                 "see the job's output", waiting=pending_reason(reason))
 
     def stop(self, info: RunInfo) -> bool:
         job_id = self.handle(info).job_id
@@ -203,7 +261,11 @@ class SlurmTarget(Target):
 
     def view(self, info: RunInfo) -> str | None:
         handle = self.handle(info)
-        return f"Slurm job {handle.job_id}: {handle.state or 'no longer known to Slurm'}" if handle else None
+        if handle is None:
+            return None
+        waiting = pending_reason(handle.reason)
+        return f"Slurm job {handle.job_id}: {handle.state or 'no longer known to Slurm'}" + (
+            f" — {waiting}" if waiting else "")
 
     def logs(self, run: RunFolder, write, follow: bool = False) -> None:
         """The job's output file where this machine sees it (a shared filesystem), else the copy in the run folder."""

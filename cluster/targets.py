@@ -25,16 +25,18 @@ from typing import ClassVar
 from pydantic import BaseModel, create_model
 
 from tunerun.cluster import space
-from tunerun.cluster.run_folder import DRIVER_LOG, RunFolder, last_complete_checkpoint, read_job
+from tunerun.cluster.run_folder import DRIVER_LOG, RunFolder, events, last_complete_checkpoint, read_job
 from tunerun.cluster.runs import (Handle, RunInfo, RunState, disk_full_message, read_info, record_cancelled,
                                   request_checkpoint_and_stop, resume_command)
-from tunerun.jobs.errors import TargetError
+from tunerun.jobs.errors import StorageError, TargetError
 from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.spec import JobSpec, Strict
 from tunerun.jobs.tracking import end_mlflow_run
 
 # Ended for good: nothing the target does changes them (a preempted run may be requeued, so it is not here).
 FINISHED = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+# The event that says why a run still waits in its target's queue (a Slurm pending reason, Kueue's condition).
+WAITING_EVENT = "run_waiting"
 # name → "module:class"; the order is the order `--target` lists them in.
 REGISTRY = {
     "local": "tunerun.cluster.local:LocalTarget",
@@ -72,13 +74,14 @@ class Observation:
     """What a target saw of a run: its handle with the observed fields filled in, and what that means for the
     run's state. ``ended``: the target says the driver is gone (``ended_as`` is then the state the run is in if
     the driver recorded nothing, with ``error`` saying why); ``active``: the target runs it again (a Slurm
-    requeue after preemption)."""
+    requeue after preemption); ``waiting``: why the target has not started it yet, in words a user can act on."""
 
     handle: BaseModel
     ended: bool = False
     ended_as: RunState = RunState.FAILED
     error: str | None = None
     active: RunState | None = None
+    waiting: str | None = None
 
 
 class Target(ABC):
@@ -138,6 +141,8 @@ class Target(ABC):
         seen = self.observe(info)
         if seen is None:
             return info
+        if seen.waiting and not info.state.terminal:
+            note_waiting(run, self.name, seen.waiting)
         info = info.model_copy(update={self.name: seen.handle})
         if seen.active is not None and (not info.state.terminal or info.state == RunState.PREEMPTED):
             return info.model_copy(update={"state": seen.active})
@@ -186,6 +191,20 @@ class Target(ABC):
         except (OSError, TargetError):  # the log is on a host or an API this machine cannot reach
             return []
         return [line for line in "".join(chunks).splitlines() if line.strip()][-lines:]
+
+
+def note_waiting(run: RunFolder, target: str, reason: str) -> None:
+    """Record why the run waits as a `WAITING_EVENT` when that is news (the last one said something else), so the
+    run's events tell a team what holds its job. Status is a read: one who may not write the run folder still
+    sees the reason in the target's view."""
+    last = next((e for e in reversed(events(run)) if e.get("event") == WAITING_EVENT), None)
+    if last is not None and last.get("reason") == reason:
+        return
+    try:
+        run.event(WAITING_EVENT, target=target, reason=reason)
+        run.flush()
+    except (OSError, StorageError):
+        pass
 
 
 def unrecorded_end(run: RunFolder, info: RunInfo, seen: Observation) -> dict:

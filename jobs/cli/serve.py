@@ -4,18 +4,25 @@
     tunerun serve keys create PROJECT --config server.yaml     # prints the key, once
     tunerun serve keys list --config server.yaml
     tunerun serve keys revoke KEY_ID --config server.yaml
+    tunerun serve audit --config server.yaml [--project P] [--since 7d] [--json]   # who changed what, from where
+    tunerun serve usage --config server.yaml [--since 30d] [--json]   # jobs, trained tokens, worker/GPU-hours
     tunerun serve render --config server.yaml | kubectl apply -f -   # the server itself on Kubernetes
 
 FastAPI and uvicorn load inside the commands: the rest of the CLI stays as quick to start as it was.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import re
+import time
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from tunerun.jobs.cli.options import console, user_errors
+from tunerun.jobs.cli.options import console, err_console, json_option, user_errors
 
 config_option = click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
                              help="The server's configuration (server.yaml).")
@@ -52,11 +59,27 @@ def keys():
     """API keys: one project each, shown once, stored only as a hash."""
 
 
-def _key_store(config_file: str):
+def _storage(config_file: str):
     from tunerun.jobs.service.config import load_server_config
+
+    return load_server_config(config_file).config.storage
+
+
+def _key_store(storage):
     from tunerun.jobs.service.keys import KeyStore
 
-    return KeyStore(load_server_config(config_file).config.storage)
+    return KeyStore(storage)
+
+
+def _audit_key_change(storage, action: str, record) -> None:
+    """The admin's key changes go into the server's audit trail too: the key id, never the key."""
+    from tunerun.jobs.service.audit import CLI_RESULT, AuditRecord, AuditTrail, cli_address
+
+    entry = AuditRecord(time=time.time(), action=action, result=CLI_RESULT, project=record.project,
+                        key_id=record.key_id, address=cli_address())
+    if not AuditTrail(storage).record(entry):
+        err_console.print(f"[yellow]warning[/yellow] done, but the audit trail could not record it ({action} "
+                          f"{record.key_id}): see the message above")
 
 
 @keys.command("create")
@@ -65,8 +88,10 @@ def _key_store(config_file: str):
 @user_errors
 def create_key(project, config_file):
     """Make a key for PROJECT and print it (it cannot be shown again)."""
-    _, key = _key_store(config_file).create(project)
+    storage = _storage(config_file)
+    record, key = _key_store(storage).create(project)
     click.echo(key)
+    _audit_key_change(storage, "create_key", record)
 
 
 @keys.command("list")
@@ -80,7 +105,7 @@ def list_keys(config_file):
         return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if t else "-"
 
     table = Table("project", "key id", "created", "last used", "revoked", box=None)
-    for record in _key_store(config_file).list():
+    for record in _key_store(_storage(config_file)).list():
         table.add_row(record.project, record.key_id, when(record.created_at), when(record.last_used_at),
                       when(record.revoked_at))
     console.print(table)
@@ -92,8 +117,84 @@ def list_keys(config_file):
 @user_errors
 def revoke_key(key_id, config_file):
     """Stop a key from working (at once, also for a running server)."""
-    record = _key_store(config_file).revoke(key_id)
+    storage = _storage(config_file)
+    record = _key_store(storage).revoke(key_id)
     console.print(f"revoked {record.key_id} (project {record.project})")
+    _audit_key_change(storage, "revoke_key", record)
+
+
+class Since(click.ParamType):
+    """A window's start: ``7d``, ``12h``, ``30m`` back from now, or a UTC date ``2026-11-01``; as a Unix time."""
+
+    name = "since"
+    AGO = re.compile(r"(\d+)([dhm])")
+    UNIT_S = {"d": 86400, "h": 3600, "m": 60}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        ago = self.AGO.fullmatch(value.strip())
+        if ago:
+            return time.time() - int(ago.group(1)) * self.UNIT_S[ago.group(2)]
+        try:
+            return dt.datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+        except ValueError:
+            self.fail(f"{value!r}: give a time back from now (7d, 12h, 30m) or a UTC date (2026-11-01)", param, ctx)
+
+
+def _utc(moment: float) -> str:
+    return dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@serve.command("audit")
+@config_option
+@click.option("--project", default=None, help="Only this project's records.")
+@click.option("--since", type=Since(), default="7d", show_default=True,
+              help="From when: 7d, 12h, 30m back, or a UTC date (2026-11-01).")
+@json_option
+@user_errors
+def audit(config_file, project, since, as_json):
+    """Who changed what, from where, and how it ended: uploads, deletions, jobs created, cancelled, paused and
+    resumed, sign-ins and -outs, keys made and revoked (key ids only, never a key or a file's content)."""
+    from tunerun.jobs.service.audit import AuditTrail
+
+    records = AuditTrail(_storage(config_file)).read(since=since, project=project)
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(record.to_json(), sort_keys=True))
+        return
+    table = Table("time (UTC)", "project", "key id", "address", "action", "object", "result", box=None)
+    for r in records:  # Text: a path or an address is the client's to choose, never rich markup
+        table.add_row(*(Text(str(value) if value is not None else "-") for value in
+                        (_utc(r.time), r.project, r.key_id, r.address, r.action, r.object, r.result)))
+    console.print(table)
+    console.print(f"{len(records)} records since {_utc(since)} UTC")
+
+
+@serve.command("usage")
+@config_option
+@click.option("--since", type=Since(), default="30d", show_default=True,
+              help="From when: 30d, 12h back, or a UTC date (2026-11-01).")
+@json_option
+@user_errors
+def usage(config_file, since, as_json):
+    """Per project: jobs by status, trained tokens and worker-hours (GPU-hours on GPUs), from the run folders."""
+    from tunerun.jobs.service.config import load_server_config
+    from tunerun.jobs.service.files import FileStore
+    from tunerun.jobs.service.fine_tuning import JobService
+    from tunerun.jobs.service.usage import usage_by_project
+
+    served = load_server_config(config_file)
+    found = usage_by_project(JobService(served, FileStore(served.config.storage)), since=since)
+    if as_json:
+        click.echo(json.dumps({"since": since, "projects": [u.to_json() for u in found.values()]}, indent=2))
+        return
+    table = Table("project", "jobs", "trained tokens", "worker-hours", "GPU-hours", box=None)
+    for u in found.values():
+        jobs = ", ".join(f"{count} {status}" for status, count in sorted(u.jobs.items()))
+        table.add_row(Text(u.project), jobs, f"{u.trained_tokens:,}", f"{u.worker_hours:,.2f}", f"{u.gpu_hours:,.2f}")
+    console.print(table)
+    console.print(f"since {_utc(since)} UTC · {len(found)} projects")
 
 
 @serve.command("render")

@@ -9,6 +9,9 @@ same targets, and every object the API returns is read from the run folders and 
 - `fine_tuning`: jobs from a catalog model's spec and the request; the local target's queue.
 - `objects`: run folders seen as OpenAI's job, event, checkpoint and file objects.
 - `app`: the FastAPI routes under ``/v1``; `errors`: OpenAI's error shape.
+- `audit`: the trail of state-changing requests and key changes; `usage`: per-project jobs, tokens, worker-hours.
+- `webhooks`: OpenAI's job events, signed per Standard Webhooks, to the endpoints the admin allows (an outbox
+  in the storage; OpenAI's ``/v1/webhook_endpoints`` for a project's own).
 
 Nothing here imports torch or Ray.
 """

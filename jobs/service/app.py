@@ -31,7 +31,8 @@ from tunerun.cluster.space import is_disk_full
 from tunerun.cluster.storage import cache_root
 from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.plan import TUNERUN_VERSION
-from tunerun.jobs.service import objects, outcomes
+from tunerun.jobs.service import objects, outcomes, usage
+from tunerun.jobs.service.audit import AuditRecorder, AuditTrail
 from tunerun.jobs.service.config import Served
 from tunerun.jobs.service.downloads import stream_tar
 from tunerun.jobs.service.engines import build_engines
@@ -43,6 +44,7 @@ from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.scheduler import Scheduler
 from tunerun.jobs.service.gate import RequestGate, error_response, project_of
 from tunerun.jobs.service.sessions import SESSION_COOKIE, Session, SessionSigner
+from tunerun.jobs.service.webhooks import Webhooks, webhook_routes
 
 COPY_CHUNK = 1 << 20
 logger = logging.getLogger("tunerun.serve")
@@ -59,11 +61,13 @@ class Service:
         self.jobs = JobService(served, self.files)
         self.sessions = SessionSigner(storage, served.config.sessions.hours * 3600)
         self.scheduler = Scheduler(self.jobs)
+        self.webhooks = Webhooks(served.config.webhooks, storage, self.jobs)  # endpoints' secrets: from the env
         self.validator = Validator(self.files)
         engines = build_engines(served.config.inference.engines,
                                 {name: served.templates[name].model.path for name in served.config.inference.engines},
                                 cache_root() / "serve" / "engines")
         self.gateway = Gateway(self, engines)
+        self.audit = AuditTrail(storage)
 
     def session_of(self, request: Request) -> Session | None:
         """The dashboard session of a request: a valid cookie whose key is still unrevoked."""
@@ -78,10 +82,12 @@ def create_app(served: Served) -> FastAPI:
     async def lifespan(_app):
         threading.Thread(target=service.validator.recover, daemon=True).start()
         service.scheduler.start()
+        service.webhooks.start()
         await service.gateway.open()
         yield
         await service.gateway.close()
         service.scheduler.stop()
+        service.webhooks.stop()
         service.validator.shutdown()
 
     app = FastAPI(title="tunerun", version=TUNERUN_VERSION, lifespan=lifespan,
@@ -102,10 +108,13 @@ def create_app(served: Served) -> FastAPI:
     _model_routes(app, service, project_of)
     _outcome_routes(app, service, project_of)
     inference_routes(app, service.gateway, project_of)
+    webhook_routes(app, service.webhooks, project_of)
     from tunerun.jobs.service.dashboard import dashboard_routes
 
     dashboard_routes(app, service)
     app.add_middleware(RequestGate, service=service)  # outermost: before any body is read
+    # Around the gate (it reads no body): it records what the gate refused once the request was a project's (413).
+    app.add_middleware(AuditRecorder, service=service, routes=app.router.routes)
     return app
 
 
@@ -270,12 +279,12 @@ def _model_routes(app: FastAPI, service: Service, project_of) -> None:
         created = int(service.served.loaded_at)
         callable_now = service.gateway.callable  # tunerun's own field: whether chat/completions would answer now
         found = [{"id": name, "object": "model", "created": created, "owned_by": "tunerun",
-                  "tunerun": {"callable": callable_now(name)}} for name in service.served.config.models]
+                  "tunerun": {"callable": callable_now(name)}} for name in service.served.config.models_of(project)]
         for run, record in service.jobs.jobs_of(project):
             if service.jobs.known_state(run) == "succeeded":
                 found.append({"id": objects.fine_tuned_model(record), "object": "model",
                               "created": int(record.created_at), "owned_by": project,
-                              "tunerun": {"callable": callable_now(record.model)}})
+                              "tunerun": {"callable": callable_now(record.model, run)}})
         return found
 
     @app.get("/v1/models")
@@ -322,8 +331,8 @@ def _outcome_routes(app: FastAPI, service: Service, project_of) -> None:
     def job_report(job_id: str, project: str = Depends(project_of)):
         run, _ = jobs.owned(project, job_id)
         if not run.exists(REPORT):
-            raise ApiError(404, f"Job {job_id} has no report yet: it is written when the run ends", "fine_tuning_job_id",
-                           "not_ready")
+            raise ApiError(404, f"Job {job_id} has no report yet: it is written when the run ends",
+                           "fine_tuning_job_id", "not_ready")
         return Response(run.read_bytes(REPORT), media_type="text/html",
                         headers={"content-security-policy": REPORT_POLICY})
 
@@ -347,12 +356,20 @@ def _outcome_routes(app: FastAPI, service: Service, project_of) -> None:
             raise bad_request("name two or more jobs to compare: job_ids=ftjob-…,ftjob-…", "job_ids")
         owned = [jobs.owned(project, job_id) for job_id in wanted]
         result = compare.compare([run for run, _ in owned]).to_json()
-        uploads = service.files.data_uri(project, "f").removesuffix("f.jsonl")  # the files' place in the storage is the server's business
+        # the files' place in the storage is the server's business
+        uploads = service.files.data_uri(project, "f").removesuffix("f.jsonl")
         for summary, (_, record) in zip(result["runs"], owned):
             summary["eval_set"] = summary["eval_set"].replace(uploads, "")
             summary.update(suffix=record.suffix, model=record.model, hyperparameters=record.hyperparameters
                            | {"seed": record.seed}, result_file=record.result_file)
         return {"object": "fine_tuning.comparison", **result}
+
+    @app.get("/v1/usage")
+    def project_usage(project: str = Depends(project_of), since: int | None = None):
+        """tunerun's own, not OpenAI's: the project's jobs by status, trained tokens and worker-hours (GPU-hours),
+        from ``since`` (a Unix time) on, else ever (`tunerun.jobs.service.usage`)."""
+        found = usage.usage_by_project(jobs, project, since)[project]
+        return {"object": "tunerun.usage", "since": since, **found.to_json()}
 
 
 # ── errors ──────────────────────────────────────────────────────────────────────────────────────────────────

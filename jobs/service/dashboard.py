@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunerun.jobs.errors import StorageError
 from tunerun.jobs.plan import TUNERUN_VERSION
+from tunerun.jobs.service.audit import identify
 from tunerun.jobs.service.errors import ApiError
 from tunerun.jobs.service.sessions import SESSION_COOKIE, SIGNIN_COOKIE, signin_token, tokens_match
 
@@ -121,6 +122,7 @@ def _signin_routes(app: FastAPI, service, page) -> None:
         if record is None:
             return signin_form(401, error="That API key is not valid: it is wrong, mistyped or revoked. Ask your "
                                           "platform team for your project's key (tr-…).")
+        identify(request, record.project, record.key_id)  # for the audit trail: the request carries no key
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(SESSION_COOKIE, service.sessions.issue(record), max_age=int(service.sessions.lifetime_s),
                             httponly=True, samesite="strict", secure=_https(request), path="/")
@@ -131,6 +133,8 @@ def _signin_routes(app: FastAPI, service, page) -> None:
     async def sign_out(request: Request):
         form = await request.form(max_files=0, max_fields=4)
         session = service.sessions.read(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            identify(request, session.project, session.key_id)
         if session is not None and not service.sessions.csrf_ok(session, str(form.get("csrf_token") or "")):
             return page("message", 400, title="Not signed out",
                         message="That sign-out form did not come from this dashboard. Use the Sign out button.")

@@ -7,7 +7,10 @@ Deployment (the same image as the training pods, restricted pod security, a read
 ClusterIP Service. Then, for each managed engine of server.yaml, a Deployment of vLLM's image on GPUs and its
 Service: an init container copies the base model from S3 and writes the chat template its weights carry, a sidecar
 keeps the model's succeeded adapters copied from the storage (`tunerun.jobs.service.engine_files`), and the
-ConfigMap's server.yaml names that engine as external at the Service's address. Rendered text is parsed back and
+ConfigMap's server.yaml names that engine as external at the Service's address. Last, for each namespace a project
+places its jobs in (``projects.<name>.kubernetes.namespace``) other than the server's, the same Role and a
+RoleBinding to the server's ServiceAccount (``k8s/serve-namespace.yaml.j2``); where a Kueue queue is set, the Role
+also reads Workloads, which say why a job waits. Rendered text is parsed back and
 checked before anyone sees it; the tests validate it against the core Kubernetes schemas, as the RayJob's
 manifests are.
 """
@@ -30,6 +33,13 @@ CONFIG_DIR = "/etc/tunerun"
 PORT = 8000
 KINDS = ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"]
 ENGINE_KINDS = ["Deployment", "Service"]  # per managed engine, after the server's own
+NAMESPACE_KINDS = ["Role", "RoleBinding"]  # per project namespace other than the server's, after the engines
+# What the server does in a namespace it places jobs in: the k8s target's RayJob and ConfigMap of each job, and,
+# where a project's jobs wait in a Kueue LocalQueue, reading the Workload that says why (`KUEUE_RULE`).
+JOB_RULES = [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "delete"]},
+             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "update", "patch", "delete"]}]
+KUEUE_RULE = {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list"]}
+WEBHOOK_SECRET = f"{NAME}-webhooks"  # the Secret holding one key per webhooks.endpoints.*.secret_env
 ENGINE_PREFIX = "tunerun-vllm-"
 ENGINE_PORT = 8000
 # The engine pod's emptyDirs: the base model and its chat template (init container), the adapters (sidecar).
@@ -44,15 +54,19 @@ def render_k8s(served: Served) -> str:
     context = _context(served)
     environment = template_environment()
     texts = [environment.get_template("serve.yaml.j2").render(**context),
-             *(environment.get_template("serve-engine.yaml.j2").render(**engine) for engine in context["engines"])]
+             *(environment.get_template("serve-engine.yaml.j2").render(**engine) for engine in context["engines"]),
+             *(environment.get_template("serve-namespace.yaml.j2").render(**context, project_namespace=namespace)
+               for namespace in context["project_namespaces"])]
     text = "---\n".join("\n".join(line for line in part.splitlines() if line.strip()) + "\n" for part in texts)
     documents = list(yaml.safe_load_all(text))
-    expected = KINDS + ENGINE_KINDS * len(context["engines"])
+    expected = (KINDS + ENGINE_KINDS * len(context["engines"])
+                + NAMESPACE_KINDS * len(context["project_namespaces"]))
     if [d["kind"] for d in documents] != expected:
         raise TargetError(f"k8s/serve*.yaml.j2 rendered {[d['kind'] for d in documents]}, expected {expected}")
     if yaml.safe_load(documents[3]["data"]["server.yaml"]) != context["server_yaml"]:
         raise TargetError("server.yaml does not read back from the rendered ConfigMap unchanged")
-    for engine, (deployment, service) in zip(context["engines"], zip(documents[6::2], documents[7::2])):
+    engines = documents[len(KINDS):len(KINDS) + len(ENGINE_KINDS) * len(context["engines"])]
+    for engine, (deployment, service) in zip(context["engines"], zip(engines[::2], engines[1::2])):
         if deployment["metadata"]["name"] != engine["name"] or service["metadata"]["name"] != engine["name"]:
             raise TargetError(f"k8s/serve-engine.yaml.j2 did not name {engine['model']}'s engine {engine['name']}")
     return text
@@ -98,7 +112,20 @@ def _context(served: Served) -> dict:
         "command": ["tunerun", "serve", "--config", f"{CONFIG_DIR}/server.yaml"], "port": PORT, "env": env,
         "config_dir": CONFIG_DIR, "tmp_size": "20Gi", "files": files, "server_yaml": server, "engines": engines,
         "config_digest": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+        **_reach(config), "webhook_secret": WEBHOOK_SECRET,
+        "webhook_secrets": sorted({endpoint.secret_env for endpoints in config.webhooks.endpoints.values()
+                                   for endpoint in endpoints}),
     }
+
+
+def _reach(config) -> dict:
+    """The server's Role rules, and the namespaces beyond its own that projects place jobs in (each gets the same
+    Role, bound to the server's ServiceAccount)."""
+    placements = [config.targets_for(project)["k8s"] for project in config.projects]
+    queued = config.targets.k8s.queue or any(k8s.get("queue") for k8s in placements)
+    own = config.targets.k8s.namespace
+    return {"rules": JOB_RULES + ([KUEUE_RULE] if queued else []),
+            "project_namespaces": sorted({k8s["namespace"] for k8s in placements} - {own})}
 
 
 def _pods(served: Served) -> dict:

@@ -5,7 +5,8 @@ either **managed** — `tunerun serve` starts ``python -m vllm.entrypoints.opena
 (scripts/setup-vllm), watches it, and starts it again with backoff when it dies — or **external**: a vLLM the
 platform team runs (on Kubernetes, on a GPU node), reached at its URL. Adapters are loaded at run time through
 vLLM's API (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when first asked for, and the least recently used one is unloaded
-once ``max_loras`` are in; an engine that restarted has none loaded, so they load again on next use.
+once ``max_loras`` are in; an engine that restarted has none loaded, so they load again on next use. A full
+fine-tune has no adapter: it is served by a managed engine of its own, started on demand (`full_engines`).
 """
 from __future__ import annotations
 
@@ -144,14 +145,16 @@ class EngineEntry(Strict):
 
 
 def vllm_arguments(settings: ManagedEngineSettings, model: str, model_path: str, host: str, port: int,
-                   more: list[str] | None = None) -> list[str]:
+                   more: list[str] | None = None, lora: bool = True) -> list[str]:
     """The arguments of ``python -m vllm.entrypoints.openai.api_server`` for ``model``'s engine, here or in a pod:
-    LoRA adapters at run time, served under the catalog name. ``more`` comes before the admin's ``extra_args``, so
-    those win (vLLM takes an option's last value)."""
+    LoRA adapters at run time (unless ``lora`` is off: a full fine-tune's own engine loads none), served under the
+    catalog name. ``more`` comes before the admin's ``extra_args``, so those win (vLLM takes an option's last
+    value)."""
     s = settings
-    arguments = ["--model", model_path, "--served-model-name", model, "--host", host, "--port", str(port),
-                 "--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank),
-                 "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
+    arguments = ["--model", model_path, "--served-model-name", model, "--host", host, "--port", str(port)]
+    if lora:
+        arguments += ["--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
+    arguments += ["--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
     if s.gpu_memory_utilization is not None:
         arguments += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
     return arguments + (more or []) + s.extra_args
@@ -188,6 +191,7 @@ class Engine:
         self.model, self.max_loras, self.max_model_len = model, max_loras, max_model_len
         self.headers = headers or {}
         self.generation = 0  # bumped when the engine (re)starts: adapters loaded before are gone
+        self.in_flight, self.last_used = 0, time.monotonic()  # requests now, when one last began or ended
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._loaded_generation = 0
         self._adapter_lock = asyncio.Lock()
@@ -201,6 +205,20 @@ class Engine:
 
     def health(self) -> dict:
         return {"url": self.url}
+
+    def begin(self) -> None:
+        """A request is about to be sent: `Unavailable` unless the engine serves now; else it is counted until
+        `release` (an engine started on demand is stopped only when none is in flight)."""
+        self.check_ready()
+        self.hold()
+
+    def hold(self) -> None:
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
 
     def start(self) -> None:
         """Managed engines start their process; an external one is already there."""
@@ -264,9 +282,10 @@ class ManagedEngine(Engine):
     def __init__(self, model: str, settings: ManagedEngineSettings, model_path: str, log_dir: Path):
         super().__init__(model, settings.max_loras, settings.max_model_len)
         self.settings, self.model_path, self.log = settings, model_path, Path(log_dir) / f"{model}.log"
-        self.state: Literal["starting", "ready", "restarting", "stopped"] = "stopped"
+        self.state: Literal["starting", "ready", "restarting", "stopping", "stopped"] = "stopped"
         self.port: int | None = None
-        self.restarts, self.error, self.started_at = 0, None, 0.0
+        self._held_port: int | None = None  # taken from `free_port` for this engine's process, until it ends
+        self.restarts, self.error, self.started_at, self.ready_at = 0, None, 0.0, 0.0
         self._process: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -302,6 +321,7 @@ class ManagedEngine(Engine):
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._terminate()  # one the supervisor started while it was being stopped
+        self._release_port()
         self.state = "stopped"
 
     def check_ready(self) -> None:
@@ -335,7 +355,8 @@ class ManagedEngine(Engine):
 
     def _run_once(self) -> bool:
         """Start the process and watch it until it ends; True if it had served long enough to count as healthy."""
-        self.port = free_port(self.settings.port_min, self.settings.port_max)
+        self._release_port()  # the process that held it has ended
+        self.port = self._held_port = free_port(self.settings.port_min, self.settings.port_max)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(self.command(self.port), stdout=log, stderr=subprocess.STDOUT,
@@ -348,7 +369,7 @@ class ManagedEngine(Engine):
         while self._process.poll() is None and not self._stop.is_set():
             if self.state == "starting":
                 if self._serves():
-                    self.state = "ready"
+                    self.state, self.ready_at = "ready", time.monotonic()
                     logger.info("engine %s ready after %.0f s", self.model, time.monotonic() - self.started_at)
                 elif time.monotonic() - self.started_at > self.settings.start_timeout_s:
                     self.error = f"not serving after {self.settings.start_timeout_s:.0f} s"
@@ -395,6 +416,11 @@ class ManagedEngine(Engine):
         except ProcessLookupError:
             pass
 
+    def _release_port(self) -> None:
+        if self._held_port is not None:
+            release_port(self._held_port)
+            self._held_port = None
+
     def _log_tail(self) -> str:
         try:
             with self.log.open("rb") as log:
@@ -405,15 +431,33 @@ class ManagedEngine(Engine):
         return lines[-1][:300] if lines else "no output"
 
 
+# Ports handed to this server's engines whose processes have not ended. A probe alone cannot see them: vLLM binds its
+# port seconds after it starts (with SO_REUSEADDR, so two engines starting together could both bind it) and listens
+# only once the model is loaded, so two engines started side by side would be given the same port.
+_TAKEN_PORTS: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def free_port(low: int, high: int) -> int:
-    for port in range(low, high + 1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
+    """A port in ``low``–``high`` that nothing has bound and no engine of this server was given; taken until
+    `release_port`."""
+    with _PORTS_LOCK:
+        for port in range(low, high + 1):
+            if port in _TAKEN_PORTS:
                 continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _TAKEN_PORTS.add(port)
             return port
     raise Unavailable(f"no free port in {low}–{high} for an engine", 30)
+
+
+def release_port(port: int) -> None:
+    with _PORTS_LOCK:
+        _TAKEN_PORTS.discard(port)
 
 
 def build_engines(entries: dict[str, EngineEntry], model_paths: dict[str, str], log_dir: Path) -> dict[str, Engine]:

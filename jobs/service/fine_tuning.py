@@ -11,8 +11,9 @@ trains ``dpo`` on preference pairs (OpenAI's method types; `METHODS`). The train
 the records that objective reads, which their file objects record at upload, so a mismatch is refused at creation.
 
 With the local target, jobs beyond ``max_concurrent_runs`` wait as ``queued`` (`tunerun.jobs.service.scheduler`
-starts them as slots free, detached, so they keep training while the server is down); other targets are given the
-job at once and queue it in the cluster's own scheduler.
+starts them as slots free, fairly across projects, detached, so they keep training while the server is down);
+other targets are given the job at once, placed where its project's jobs go, and queue it in the cluster's own
+scheduler. A project may hold at most its ``max_queued`` jobs waiting (429 beyond).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ PARAMS = {"training.seed": "seed", "data.train": "training_file", "data.eval": "
           "training.objective": "method.type",
           **{f"tracking.mlflow.{name}": "integrations" for name in ("experiment", "run_name", "tags")}}
 OPENAI_PAIR = '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
+WAITING = (RunState.QUEUED, RunState.PENDING)  # a job not started yet: queued here, or pending in the cluster
 HYPERPARAMETERS = {"training.epochs": "n_epochs", "training.global_batch_size": "batch_size",
                    "training.learning_rate": "learning_rate_multiplier", "training.dpo.beta": "beta"}
 
@@ -298,10 +300,18 @@ class JobService:
         self.index = JobIndex(self.config.storage, lambda: self.store.run_ids(), lambda data: ServiceRecord(**data))
         self._targets: dict[str, targets.Target] = {}
         self._lock = threading.Lock()
+        self._admitting: dict[str, threading.Lock] = {}
 
     # ── creating ────────────────────────────────────────────────────────────────────────────────────────────
 
     def create(self, project: str, request: JobRequest) -> RunFolder:
+        with self._lock:
+            admitting = self._admitting.setdefault(project, threading.Lock())
+        with admitting:  # this server's creates of one project pass the queue check one at a time
+            return self._create(project, request)
+
+    def _create(self, project: str, request: JobRequest) -> RunFolder:
+        self._check_queue(project)
         base, start = self._starting_point(project, request.model)
         hyper, at = request.chosen_hyperparameters(), request.hyperparameters_at()
         self._check_hyperparameters(base, hyper, at)
@@ -311,7 +321,7 @@ class JobService:
                                                                        "validation_file", request.method_type).id)
                 if request.validation_file else None}
         job_id = f"ftjob-{secrets.token_hex(12)}"
-        job = self._resolved_job(job_id, request, base, hyper, data, start)
+        job = self._resolved_job(job_id, request, base, hyper, data, start, project)
         self._check_budget(job, train, hyper, at)
         run = RunFolder(self.config.storage, job_id)
         template = self.served.templates[base].training
@@ -332,16 +342,36 @@ class JobService:
         self.index.add(run, record)
         return run
 
+    def _check_queue(self, project: str) -> None:
+        """429 when the project already has its ``max_queued`` jobs waiting (queued here, or pending in the
+        cluster's queue): one team's backlog has a bound the platform team chose."""
+        limit = self.config.project(project).max_queued
+        if limit is None:
+            return
+        waiting = sum(1 for run, _ in self.index.jobs_of(project) if self.known_state(run) in WAITING)
+        if waiting >= limit:
+            raise ApiError(429, f"Project {project} already has {waiting} jobs waiting to start, its limit "
+                                f"(max_queued: {limit}); create this job once one of them has started or been "
+                                "cancelled", None, "rate_limit_exceeded", type_="requests")
+
+    def _check_model_allowed(self, project: str, model: str) -> None:
+        allowed = self.config.models_of(project)
+        if model not in allowed:
+            raise ApiError(404, f"The model {model!r} is not available to project {project}; it may fine-tune: "
+                                f"{', '.join(allowed) or 'no model'}", "model", "model_not_found")
+
     def _starting_point(self, project: str, model: str) -> tuple[str, list[str]]:
         """(catalog model, --set items): a catalog model as it is, or a fine-tuned model of this project (OpenAI's
         ``ft:`` name, e.g. supervised first, then dpo on it), whose job's weights the new job starts from — its
         adapter as model.adapter, or a full fine-tune's model as model.path — on the catalog model's spec."""
         if model in self.served.templates:
+            self._check_model_allowed(project, model)
             return model, []
         run, record = self.fine_tuned(project, model) or (None, None)
         if record is None or record.model not in self.served.templates:
             raise ApiError(404, f"The model {model!r} is not in this server's catalog or among your fine-tuned "
                                 f"models; catalog: {', '.join(self.served.templates)}", "model", "model_not_found")
+        self._check_model_allowed(project, record.model)  # its catalog model may have been taken from the project
         state = self.known_state(run)
         if state != RunState.SUCCEEDED:
             raise bad_request(f"{model} cannot be trained on yet: its fine-tuning job is {state.value}; start from "
@@ -398,8 +428,9 @@ class JobService:
                               f"{self.config.limits.max_steps:,} per job (fewer epochs or a larger batch)", param)
 
     def _resolved_job(self, job_id: str, request: JobRequest, model: str, hyper: Hyperparameters, data: dict,
-                      start: list[str]) -> ResolvedJob:
-        """The catalog ``model``'s spec with the request's settings, starting from ``start`` (`_starting_point`)."""
+                      start: list[str], project: str) -> ResolvedJob:
+        """The catalog ``model``'s spec with the request's settings, starting from ``start`` (`_starting_point`),
+        placed where the project's jobs go (`ServerConfig.targets_for`)."""
         template = self.served.templates[model]
         overrides = [*start, f"data.train={json.dumps(data['train'])}"]
         if data["eval"]:
@@ -418,7 +449,7 @@ class JobService:
         try:
             spec = load_job_text(self.served.texts[model], f"model {model}", overrides,
                                  model=targets.job_model())
-            update = {"storage": self.config.storage, "targets": self.config.targets.model_dump()}
+            update = {"storage": self.config.storage, "targets": self.config.targets_for(project)}
             spec = spec.model_copy(update=update)
             return resolve(spec, run_id=job_id, source=f"model {model}")
         except SpecError as exc:

@@ -2,7 +2,8 @@
 
 The gateway resolves ``model`` within the caller's project (another project's fine-tune is 404 ``model_not_found``,
 exactly as a missing one), checks what the engine would refuse late (``n``, ``max_tokens`` beyond the context), has
-the adapter loaded, and forwards to the model's engine (`tunerun.jobs.service.engines`). A chat request is rendered
+the adapter loaded, and forwards to the model's engine (`tunerun.jobs.service.engines`); a full fine-tune has an engine
+of its own, started on demand (`tunerun.jobs.service.full_engines`). A chat request is rendered
 here with the chat template saved beside the run's weights (`tunerun.jobs.service.chat`) and sent as a completion,
 so the engine tokenizes the prompt as training did; the answer comes back in chat's shape. Streams are passed on
 as they arrive; when the client goes away the stream to the engine is closed, and vLLM aborts the request.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,9 +31,11 @@ from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_
 from tunerun.cluster.storage import cache_root
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.checkpoint_adapters import NoCheckpoint, NotAnAdapter, checkpoint_adapter
+from tunerun.jobs.service.engine_files import copy_prefix
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
 from tunerun.jobs.service.fine_tuning import CHECKPOINT_MODEL
+from tunerun.jobs.service.full_engines import FullFineTuneEngines
 from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
 
 # What a chat request passes on to the completion it becomes (the rest of OpenAI's chat parameters are refused
@@ -89,23 +93,33 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None
         self._templates: dict[str, ChatTemplate] = {}  # a catalog model's
         self._adapters: dict[str, tuple[str, ChatTemplate]] = {}  # a job's: where the engine reads it, its template
+        self.full = FullFineTuneEngines(self.limits.full_fine_tunes)
+        self._full_templates: dict[str, ChatTemplate] = {}  # a full fine-tune's, by job id
+        self._is_full: dict[str, bool] = {}  # by job id: a succeeded job's weights never change kind
+        self._copying = threading.Lock()  # one copy of a full fine-tune's weights at a time
 
     async def open(self) -> None:
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
         for engine in self.engines.values():
             engine.start()
+        self.full.start()
 
     async def close(self) -> None:
-        for engine in self.engines.values():
-            await run_in_threadpool(engine.stop)
+        # side by side: each engine can take seconds to stop, and the server's stop waits for all of them
+        await asyncio.gather(run_in_threadpool(self.full.close),
+                             *(run_in_threadpool(engine.stop) for engine in self.engines.values()))
         if self.client is not None:
             await self.client.aclose()
 
     def health(self) -> dict:
-        return {name: engine.health() for name, engine in self.engines.items()}
+        """Each catalog model's engine, and each full fine-tune's (by job id) started since the server started."""
+        return {**{name: engine.health() for name, engine in self.engines.items()}, **self.full.health()}
 
-    def callable(self, base: str) -> bool:
-        """Whether a request for ``base`` or one of its fine-tunes would reach an engine that serves now."""
+    def callable(self, base: str, run=None) -> bool:
+        """Whether a request for ``base`` or its fine-tune in ``run`` would reach an engine that serves now (a full
+        fine-tune: its own engine)."""
+        if run is not None and self._full_fine_tune(run):
+            return self.full.ready(run.run_id)
         engine = self.engines.get(base)
         try:
             return engine is not None and engine.check_ready() is None
@@ -115,7 +129,7 @@ class Gateway:
     # ── which model, where ──────────────────────────────────────────────────────────────────────────────────
 
     def route(self, project: str, model: str) -> Route:
-        if model in self.service.served.config.models:
+        if model in self.service.served.config.models_of(project):
             engine = self._engine(model, model)
             return Route(model, engine, model, None, self._base_template(model))
         checkpoint = CHECKPOINT_MODEL.fullmatch(model)
@@ -130,6 +144,8 @@ class Gateway:
             raise ApiError(409, f"{model} cannot be called yet: its fine-tuning job is {state.value}; it can be once "
                                 "the job has succeeded", "model", "model_not_ready")
         engine = self._engine(record.model, model)
+        if self._full_fine_tune(run):
+            return self._full_route(run, record.model, engine, model, step)
         # A succeeded job's weights do not change: where the engine reads them is looked up once; so is a checkpoint's.
         served = f"{job_id}-step-{step}" if step is not None else job_id
         if served not in self._adapters:
@@ -141,10 +157,6 @@ class Gateway:
         """Where the engine reads the job's adapter (a checkpoint's at ``step``), and the chat template the job
         trained with."""
         final = final_weights("adapter")
-        if not run.exists(f"{final}/{ADAPTER_CONFIG}"):
-            raise ApiError(400, f"{model} is a full fine-tune: serving full fine-tunes (an engine of their own) is "
-                                "not in this tunerun yet; call it after exporting it to your own vLLM", "model",
-                           "model_not_served")
         adapter = final
         if step is not None:
             try:
@@ -156,8 +168,48 @@ class Gateway:
         local = run.local_path(adapter) if run.is_local else \
             self._local_copy(run, adapter, served) if isinstance(engine, ManagedEngine) else None
         path = engine.adapter_path(str(local) if local else None, adapter_key(run.run_id, adapter))
-        template = run.read_text(f"{final}/{CHAT_TEMPLATE}") if run.exists(f"{final}/{CHAT_TEMPLATE}") else None
-        return path, ChatTemplate.of_weights(template, run.read_json_if_there(f"{final}/{TOKENIZER_CONFIG}", {}))
+        return path, _run_template(run, final)
+
+    def _full_fine_tune(self, run) -> bool:
+        """Whether the (succeeded) job in ``run`` is a full fine-tune: its final weights are not an adapter."""
+        if run.run_id not in self._is_full:
+            self._is_full[run.run_id] = not run.exists(f"{final_weights('adapter')}/{ADAPTER_CONFIG}")
+        return self._is_full[run.run_id]
+
+    def _full_route(self, run, base: str, engine: Engine, model: str, step: int | None) -> Route:
+        """A full fine-tune goes to an engine of its own, which needs its catalog model's engine to be managed."""
+        refused = f"{model} is a full fine-tune, which is served by an engine of its own that this server starts"
+        if step is not None:
+            raise ApiError(400, f"{model}: the checkpoints of a full fine-tune are not served (each would need an "
+                                "engine of its own); call the fine-tuned model, or export the checkpoint (tunerun "
+                                "export RUN --checkpoint N) and serve it with your own vLLM", "model",
+                           "model_not_served")
+        if not isinstance(engine, ManagedEngine):
+            raise ApiError(400, f"{refused}, and {base}'s engine is external (inference.engines.{base}.external): this "
+                                f"server starts no process for it. Give {base} a managed engine, or serve the "
+                                "fine-tune's weights with your own vLLM", "model", "model_not_served")
+        if self.full.settings is None:
+            raise ApiError(400, f"{refused}, and this server starts none: its admin turns them on with "
+                                "inference.full_fine_tunes: {max_engines, idle_stop_s} in server.yaml", "model",
+                           "model_not_served")
+        if run.run_id not in self._full_templates:
+            self._full_templates[run.run_id] = _run_template(run, final_weights("model"))
+        own = self.full.engine(run.run_id, base, engine.settings, lambda: self._local_model(run), engine.log.parent)
+        return Route(model, own, run.run_id, None, self._full_templates[run.run_id])
+
+    def _local_model(self, run) -> str:
+        """The folder of a full fine-tune's weights on this host, which a managed engine reads: one on S3 is copied
+        into the cache once, whole or not at all (called by the engine as it starts)."""
+        weights = final_weights("model")
+        if run.is_local:
+            return str(run.local_path(weights).absolute())
+        root = cache_root() / "serve" / "models"
+        target = root / run.run_id
+        with self._copying:
+            if not target.is_dir():
+                (root / ".incoming").mkdir(parents=True, exist_ok=True)
+                copy_prefix(run.backend, adapter_key(run.run_id, weights), target, root / ".incoming")
+        return str(target)
 
     def _engine(self, base: str, requested: str) -> Engine:
         engine = self.engines.get(base)
@@ -195,7 +247,17 @@ class Gateway:
     async def forward(self, request: Request, route: Route, body: dict, stream: bool, to_chat: bool):
         engine = route.engine
         try:
-            engine.check_ready()
+            engine.begin()  # counted in flight until released below (a stream: until its last event)
+        except Unavailable as exc:
+            raise _unavailable(str(exc), exc.retry_after) from None
+        try:
+            return await self._forward(request, route, body, stream, to_chat)
+        finally:
+            engine.release()
+
+    async def _forward(self, request: Request, route: Route, body: dict, stream: bool, to_chat: bool):
+        engine = route.engine
+        try:
             if route.adapter:
                 await engine.ensure_adapter(self.client, *route.adapter)
             sending = self.client.send(
@@ -230,6 +292,7 @@ class Gateway:
         opened: set[int] = set()
         served = re.compile(r'"model":\s*' + re.escape(json.dumps(route.served)))
         renamed = '"model":' + json.dumps(route.requested)
+        route.engine.hold()  # a stream is in flight until its end (`forward` released the request it began)
         try:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data:"):
@@ -254,6 +317,7 @@ class Gateway:
         finally:
             # A client that went away lands here inside a cancelled scope, where an unshielded await would be
             # cancelled before the connection closed, and vLLM would generate on for nobody.
+            route.engine.release()
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
 
@@ -363,6 +427,12 @@ def _unavailable(message: str, retry_after: int | None) -> ApiError:
 def _model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
                     "model_not_found")
+
+
+def _run_template(run, weights: str) -> ChatTemplate:
+    """The chat template the job trained with, saved beside its weights (``weights``: final/adapter, final/model)."""
+    template = run.read_text(f"{weights}/{CHAT_TEMPLATE}") if run.exists(f"{weights}/{CHAT_TEMPLATE}") else None
+    return ChatTemplate.of_weights(template, run.read_json_if_there(f"{weights}/{TOKENIZER_CONFIG}", {}))
 
 
 def _json_file(path: Path) -> dict:

@@ -1,5 +1,9 @@
 """The local target's queue: jobs beyond ``max_concurrent_runs`` wait as ``queued`` until a slot frees.
 
+Slots are shared fairly between projects: the next job is the oldest of the project with the fewest jobs running
+(of those below their own ``projects.<name>.max_concurrent_runs``), taking turns among equals, so one team's
+backlog never holds back another team whose own limit allows it a job (`fair_order`).
+
 The queue is the run folders, not this process: a restarted server, or a second one on the same storage, sees the
 same queue. So every launch is decided by a claim in the run folder (an exclusive create), and everything the
 scheduler leaves behind when it dies must be readable as "nobody is starting this" by the next one:
@@ -28,6 +32,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 
 from tunerun.cluster import targets
 from tunerun.cluster.run_folder import CONTROL, RunFolder, control, read_job
@@ -46,7 +52,8 @@ TRANSIENT = (OSError, StorageError)
 
 
 class Scheduler:
-    """Local target: starts queued jobs, oldest first, while fewer than ``max_concurrent_runs`` run.
+    """Local target: starts queued jobs, fairly across projects (`fair_order`), while fewer than
+    ``max_concurrent_runs`` run, and fewer than its own limit of each project.
 
     The drivers run detached (their own session, as `tunerun submit --target local` starts them): a server that
     stops leaves them training, and the next one counts them as running from their run folders.
@@ -65,6 +72,9 @@ class Scheduler:
         self._last_error: str | None = None
         self._last_tick: float | None = None
         self._read_all_at = -math.inf
+        # Which project this server started a job for most recently (`fair_order`): kept in memory, so a restarted
+        # server begins its round-robin afresh; the running counts it reads from the run folders come first anyway.
+        self._served: dict[str, int] = {}
 
     def start(self) -> None:
         if self.jobs.config.target == "local":
@@ -108,35 +118,32 @@ class Scheduler:
     def _start_queued(self) -> None:
         self._started = [p for p in self._started if p.poll() is None]  # reap finished drivers
         seen, abandoned = [], []
-        for run, info in self._service_runs():
-            (abandoned if _abandoned(info) else seen).append((run, info))
-        for run, info in abandoned:  # queued again now, started on a later tick
+        for project, run, info in self._service_runs():
+            (abandoned if _abandoned(info) else seen).append((project, run, info))
+        for _, run, info in abandoned:  # queued again now, started on a later tick
             self._attempt(run, self._requeue, info)
-        slots = self.jobs.config.max_concurrent_runs - sum(
-            1 for _, info in seen if info.state in (RunState.PENDING, RunState.RUNNING))
-        queued = sorted(((run, info) for run, info in seen if info.state == RunState.QUEUED),
-                        key=lambda item: item[1].updated_at or 0)
-        for run, info in queued:
-            if slots <= 0:
-                return
-            if self._attempt(run, self._launch, info):
-                slots -= 1
+        config = self.jobs.config
+        running = Counter(project for project, _, info in seen if info.state in (RunState.PENDING, RunState.RUNNING))
+        queued = [(project, info.updated_at or 0, (run, info)) for project, run, info in seen
+                  if info.state == RunState.QUEUED]
+        fair_order(queued, running, config.max_concurrent_runs, config.max_concurrent_runs_of,
+                   lambda job: self._attempt(job[0], self._launch, job[1]), self._served)
 
-    def _service_runs(self) -> list[tuple[RunFolder, RunInfo]]:
+    def _service_runs(self) -> list[tuple[str, RunFolder, RunInfo]]:
         """The service's runs that have not finished, as the local target sees them (all of them every
         `RECHECK_S`); one whose run.json cannot be read is left out."""
         from tunerun.cluster.local import LocalTarget
 
         index, target, seen = self.jobs.index, LocalTarget(), []
         read_all = time.monotonic() - self._read_all_at >= RECHECK_S
-        for run, _ in index.every_job() if read_all else index.unfinished():
+        for run, record in index.every_job() if read_all else index.unfinished():
             try:
                 info = target.status(run, ask_finished=False)
             except Exception as exc:  # noqa: BLE001 - one unreadable run must not hide the others
                 self._note(run.run_id, f"job {run.run_id}: its state cannot be read, skipped: {exc}")
                 continue
             index.note(run.run_id, info)
-            seen.append((run, info))
+            seen.append((record.project, run, info))
         if read_all:
             self._read_all_at = time.monotonic()
         return seen
@@ -221,6 +228,34 @@ class Scheduler:
         if self._logged.get(key) != message:
             self._logged[key] = message
             logger.log(level, "scheduler: %s", message, exc_info=exc if level >= logging.ERROR else None)
+
+
+def fair_order(queued: list[tuple[str, float, object]], running: Counter, slots: int, cap: Callable[[str], int],
+               start: Callable[[object], bool], served: dict[str, int] | None = None) -> list:
+    """Start jobs from ``queued`` ((project, queued since, job) each) fairly; the jobs that took a slot, in order.
+
+    ``running`` counts each project's running jobs, ``slots`` is the server's limit, ``served`` numbers each
+    project's latest start (higher: more recent; updated here). Each pick goes to the project with the fewest
+    running among those below ``cap(project)``, then to the one served longest ago (never first), then to the one
+    whose next job has waited longest, and takes that project's oldest job: round-robin across projects, so a
+    project that queued 30 jobs first does not start them all before another's one. ``start(job)`` says whether
+    it took a slot (False: it failed, or another server is starting it under its claim). Picking stops when the
+    server's slots are taken or no project may start another."""
+    waiting: dict[str, deque] = defaultdict(deque)
+    for project, since, job in sorted(queued, key=lambda item: item[1]):
+        waiting[project].append((since, job))
+    running, started, served = Counter(running), [], {} if served is None else served
+    while sum(running.values()) < slots:
+        allowed = [p for p, jobs in waiting.items() if jobs and running[p] < cap(p)]
+        if not allowed:
+            break
+        project = min(allowed, key=lambda p: (running[p], served.get(p, -1), waiting[p][0][0]))
+        job = waiting[project].popleft()[1]
+        if start(job):
+            running[project] += 1
+            served[project] = max(served.values(), default=0) + 1
+            started.append(job)
+    return started
 
 
 def _abandoned(info: RunInfo) -> bool:

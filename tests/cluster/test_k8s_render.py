@@ -267,11 +267,28 @@ def test_run_ids_that_cannot_name_a_run_folder_are_refused(run_id):
     ("targets.k8s.shm_size=8 GB", "targets.k8s.shm_size", "not a Kubernetes quantity"),
     ("targets.k8s.tolerations=[{key: gpu, operator: Has}]", "targets.k8s.tolerations", "Equal or Exists"),
     ("targets.k8s.affinity={nodeAfinity: {}}", "targets.k8s.affinity", "unknown affinity kind"),
+    ("targets.k8s.queue='q; kubectl delete ns x'", "targets.k8s.queue", "not a valid object name"),
+    ("targets.k8s.queue='q\\n  suspend: false'", "targets.k8s.queue", "not a valid object name"),
+    (f"targets.k8s.queue={'q' * 64}", "targets.k8s.queue", "at most 63 characters"),
 ])
 def test_hostile_spec_values_are_refused_with_a_clear_message(setting, field, says):
     with pytest.raises(SpecError) as caught:
         job_for(setting)
     assert any(p.path == field and says in p.message for p in caught.value.problems), str(caught.value)
+
+
+def test_a_queued_rayjob_carries_the_kueue_label_and_is_created_suspended_valid_against_the_crd():
+    """Kueue admits a RayJob by unsuspending it: created running, its pods would start before any quota check."""
+    documents = list(yaml.safe_load_all(k8s.render_manifests(job_for("targets.k8s.queue=acme-queue"))))
+    assert_valid(documents)
+    configmap, rayjob = documents
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "acme-queue"
+    assert rayjob["spec"]["suspend"] is True
+    # only the RayJob is queued: a labelled pod or ConfigMap would be a second Workload to Kueue
+    assert "kueue.x-k8s.io/queue-name" not in configmap["metadata"]["labels"]
+    assert all("kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"] for pod in pods_of(rayjob).values())
+    unqueued = k8s.manifests(job_for())[1]
+    assert "suspend" not in unqueued["spec"] and "kueue.x-k8s.io/queue-name" not in unqueued["metadata"]["labels"]
 
 
 def test_local_files_are_refused_because_pods_cannot_read_them(tmp_path, stub_model_dir):

@@ -88,6 +88,8 @@ class FakeApiServer:
             return self.status(404, "NotFound", "the server could not find the requested resource")
         if kind == "pods":
             return self.answer_pods(namespace, name, query)
+        if method == "GET" and name is None:
+            return self.answer_list(namespace, kind, query)
         key = f"{kind}/{namespace}/{name or (body or {}).get('metadata', {}).get('name')}"
         if method == "POST":
             if key in self.objects:
@@ -119,6 +121,13 @@ class FakeApiServer:
                                    "labels": {"job-name": selector.split("=", 1)[1]}}} for pod in self.pods]
             return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
         return 200, self.pods[name].encode()
+
+    def answer_list(self, namespace: str, kind: str, query: dict) -> tuple[int, dict]:
+        """A collection, filtered by an equality ``labelSelector`` (``key=value``) as the API server does."""
+        key, _, value = query.get("labelSelector", [""])[0].partition("=")
+        items = [o for k, o in self.objects.items() if k.startswith(f"{kind}/{namespace}/")
+                 and (not key or o["metadata"].get("labels", {}).get(key) == value)]
+        return 200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items}
 
     def calls(self) -> list[tuple[str, str]]:
         return [(r["method"], r["path"]) for r in self.requests]
@@ -296,3 +305,85 @@ def test_adopt_in_the_head_pod_starts_a_kubectl_applied_run_and_notes_a_retry(st
     update_info(run, state="running", started_at=1.0)  # the first attempt started, then its cluster died
     assert k8s.main(["adopt", str(job_file)]) == 0
     assert [e["event"] for e in run.read_jsonl("events.jsonl")] == ["run_created", "run_relaunched"]
+
+
+# ── Kueue ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+QUOTA_MESSAGE = ("couldn't assign flavors to pod set head: insufficient unused quota for cpu in flavor default-flavor, "
+                 "3 more needed")
+
+
+def kueue_workload(rayjob: dict, suffix: str, **conditions: tuple[str, str, str]) -> dict:
+    """A Workload as Kueue writes it for a RayJob: named from it, owned by it, labelled with its uid, and its
+    conditions ({type: (status, reason, message)})."""
+    meta = rayjob["metadata"]
+    return {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+            "metadata": {"name": f"rayjob-{meta['name']}-{suffix}", "namespace": meta["namespace"],
+                         "creationTimestamp": "2026-11-23T10:15:01Z",
+                         "labels": {"kueue.x-k8s.io/job-uid": meta["uid"],
+                                    "kueue.x-k8s.io/queue-name": meta["labels"]["kueue.x-k8s.io/queue-name"]},
+                         "ownerReferences": [{"apiVersion": "ray.io/v1", "kind": "RayJob", "name": meta["name"],
+                                              "uid": meta["uid"], "controller": True}]},
+            "spec": {"queueName": meta["labels"]["kueue.x-k8s.io/queue-name"]},
+            "status": {"conditions": [{"type": kind, "status": status, "reason": reason, "message": message,
+                                       "lastTransitionTime": "2026-11-23T10:15:02Z"}
+                                      for kind, (status, reason, message) in conditions.items()]}}
+
+
+def waiting_reasons(run: RunFolder) -> list[str]:
+    return [e["reason"] for e in run.read_jsonl("events.jsonl") if e["event"] == "run_waiting"]
+
+
+def test_a_queued_rayjob_is_created_suspended_and_waits_with_kueues_reason_in_status_and_events(api, storage):
+    from tunerun.jobs.service import objects
+
+    run = TARGET.submit(make_job(storage, "demo-20261123-101500", "targets.k8s.queue=acme-queue"))
+    key = "rayjobs/ml-jobs/demo-20261123-101500"
+    created = api.objects[key]
+    assert created["spec"]["suspend"] is True
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "acme-queue"
+    assert run.read_json("run.json")["k8s"]["queue"] == "acme-queue"
+    api.rayjob_status = {"jobDeploymentStatus": "Suspended"}
+
+    info = TARGET.status(run)  # Kueue has not made the Workload yet
+    assert info.state == "pending" and "no Workload yet" in TARGET.handle(info).waiting
+    listed = api.requests[-1]
+    assert listed["path"] == "/apis/kueue.x-k8s.io/v1beta1/namespaces/ml-jobs/workloads"
+    assert listed["query"]["labelSelector"] == [f"kueue.x-k8s.io/job-uid={created['metadata']['uid']}"]
+
+    other = {**created, "metadata": {**created["metadata"], "name": "someone-else", "uid": "another-uid"}}
+    api.objects["workloads/ml-jobs/rayjob-someone-else-1a2b3"] = kueue_workload(other, "1a2b3", QuotaReserved=(
+        "False", "Pending", "a message about another job"))
+    api.objects["workloads/ml-jobs/rayjob-demo-20261123-101500-9f8e7"] = kueue_workload(
+        created, "9f8e7", QuotaReserved=("False", "Pending", QUOTA_MESSAGE))
+    for _ in range(2):  # asked twice, recorded once: an event is news
+        info = TARGET.status(run)
+    assert info.state == "pending"
+    assert TARGET.handle(info).waiting == f"waiting in Kueue LocalQueue acme-queue: {QUOTA_MESSAGE}"
+    assert len(waiting_reasons(run)) == 2 and waiting_reasons(run)[-1].endswith(QUOTA_MESSAGE)
+    assert QUOTA_MESSAGE in TARGET.view(info)
+    shown = [e["message"] for e in objects.events(run)]  # the job's events, as the service's API lists them
+    assert f"Job queued in the cluster: waiting in Kueue LocalQueue acme-queue: {QUOTA_MESSAGE}" in shown
+
+    # admitted: Kueue unsuspends the RayJob; a running RayJob costs no Workload read and waits no more
+    api.objects["workloads/ml-jobs/rayjob-demo-20261123-101500-9f8e7"] = kueue_workload(
+        created, "9f8e7", QuotaReserved=("True", "QuotaReserved", "Quota reserved in ClusterQueue acme"),
+        Admitted=("True", "Admitted", "The workload is admitted"))
+    api.objects[key]["spec"]["suspend"] = False
+    api.rayjob_status = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    asked = len(api.requests)
+    info = TARGET.status(run)
+    assert api.calls()[asked:] == [("GET", "/apis/ray.io/v1/namespaces/ml-jobs/rayjobs/demo-20261123-101500")]
+    assert TARGET.handle(info).waiting is None and len(waiting_reasons(run)) == 2
+
+
+def test_an_evicted_workload_says_why_and_a_cluster_without_kueue_says_so(api, storage):
+    run = TARGET.submit(make_job(storage, "demo-20261123-101500", "targets.k8s.queue=acme-queue"))
+    created = api.objects["rayjobs/ml-jobs/demo-20261123-101500"]
+    api.objects["workloads/ml-jobs/w"] = kueue_workload(created, "w", QuotaReserved=(
+        "False", "Pending", "waiting for the cohort"), Evicted=("True", "Preempted", "Preempted to accommodate a "
+                                                                  "workload in the cohort"))
+    assert "Preempted to accommodate" in TARGET.handle(TARGET.status(run)).waiting
+    api.missing_kinds.add("workloads")
+    error = TARGET.handle(TARGET.status(run)).error
+    assert "no Kueue Workload resource" in error and "install Kueue" in error

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunerun.cluster.slurm import render_sbatch
+from tunerun.cluster.slurm import pending_reason, render_sbatch
 from tunerun.cluster.targets import job_model
 from tunerun.jobs.errors import SpecError
 from tunerun.jobs.loader import load_job, load_job_text
@@ -76,6 +76,30 @@ def test_hostile_values_for_sbatch_lines_are_refused(user_project, key, value):
     with pytest.raises(SpecError) as error:
         load_job(EXAMPLES[0], [*FIXED, f"{key}={value}"], model=job_model())
     assert key in str(error.value)
+
+
+def test_account_qos_and_partition_are_one_sbatch_line_each(user_project):
+    """What `tunerun serve` sets per project (projects.<name>.slurm) reaches sbatch as these lines."""
+    script = rendered(EXAMPLES[0], "targets.slurm.account=acme", "targets.slurm.qos=normal",
+                      "targets.slurm.partition=gpu-a100")
+    lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert {"#SBATCH --account=acme", "#SBATCH --qos=normal", "#SBATCH --partition=gpu-a100"} <= set(lines)
+    with pytest.raises(SpecError, match="cannot stand on an #SBATCH line"):
+        rendered(EXAMPLES[0], "targets.slurm.account=acme --qos=high")
+
+
+@pytest.mark.parametrize("reason, says", [
+    ("Priority", "waiting behind higher-priority jobs in the partition (Slurm: Priority)"),
+    ("Resources", "waiting for free nodes, CPUs or GPUs in the partition (Slurm: Resources)"),
+    ("QOSMaxJobsPerUserLimit", "waiting for the QOS's limit on running jobs per user (Slurm: QOSMaxJobsPerUserLimit)"),
+    ("AssocGrpGRES", "waiting for the account's GPU limit (Slurm: AssocGrpGRES)"),
+    ("AssocGrpMemLimit", "waiting for the account's limit (Slurm: AssocGrpMemLimit)"),  # by its prefix
+    ("QOSGrpNodeLimit", "waiting for the QOS's limit (Slurm: QOSGrpNodeLimit)"),
+    ("Reservation", "pending in Slurm: Reservation"),
+    ("None", None), (None, None),
+])
+def test_squeue_pending_reasons_read_as_words_a_team_can_act_on(reason, says):
+    assert pending_reason(reason) == says
 
 
 def test_a_newline_cannot_start_a_new_directive_or_command(user_project):

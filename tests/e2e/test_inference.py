@@ -4,13 +4,16 @@ One server for the module, with a managed engine for the catalog model; one job 
 chat completions of the fine-tuned model on the held-out prompts give what tunerun's own evaluation generated
 (and the same exact match), streamed or not; the base answers differently; another project cannot call the
 model; a model still training is refused; an engine killed mid-stream gives the client an error and is started
-again, the adapter loaded anew; a server started again loads the adapter on first use.
+again, the adapter loaded anew; a server started again loads the adapter on first use. A second catalog model's job
+is a full fine-tune: its first request starts an engine of its own (503 with Retry-After), which then answers as
+the run's evaluation did, stops after `idle_stop_s` without a request and starts again on the next one.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -39,6 +42,13 @@ eval: {{every_steps: 48, max_examples: {held_out}, max_new_tokens: 8, metrics: [
 checkpoint: {{every_steps: 48}}
 resources: {{workers_per_node: 2}}
 """
+FULL_STEPS = 24
+# The same task as a full fine-tune (ZeRO-3 on the 2 workers): a second catalog model, served on engines of its own
+FULL_TEMPLATE = TEMPLATE.replace("name: support\n", "name: support-full\n").replace(
+    "method: {{kind: lora, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}", "method: {{kind: full, zero: {{stage: 3}}}}") \
+    .replace("max_steps: 48", f"max_steps: {FULL_STEPS}").replace("learning_rate: 3.0e-3", "learning_rate: 1.0e-3") \
+    .replace("every_steps: 48", f"every_steps: {FULL_STEPS}")
+IDLE_STOP_S = 15  # a full fine-tune's engine stops after this long without a request
 HELD_OUT = 50  # prompts the run's evaluation generates for, and the service answers
 TURN = re.compile(r"<\|(system|user|assistant)\|>\n(.*?)\n(?=<\|)", re.S)
 ENGINE_WAIT_S = 300
@@ -57,11 +67,14 @@ def vllm_python():
 def served(tmp_path_factory, tiny_model_dir, free_port, tunerun, vllm_python):
     root = tmp_path_factory.mktemp("inference")
     (root / "support.yaml").write_text(TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))
+    (root / "support-full.yaml").write_text(FULL_TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))
     engine_port = free_port()
+    managed = (f"{{managed: {{python: {vllm_python}, port_min: {engine_port}, port_max: {engine_port + 40}, "
+               "dtype: float32, max_model_len: 512, kv_cache_gib: 1}}")
     (root / "server.yaml").write_text(
-        "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\ninference:\n  max_n: 2\n  engines:\n"
-        f"    support-tiny: {{managed: {{python: {vllm_python}, port_min: {engine_port}, "
-        f"port_max: {engine_port + 40}, dtype: float32, max_model_len: 512, kv_cache_gib: 1}}}}\n")
+        "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\n  support-full: {job: support-full.yaml}"
+        f"\ninference:\n  max_n: 2\n  full_fine_tunes: {{max_engines: 1, idle_stop_s: {IDLE_STOP_S}}}\n  engines:\n"
+        f"    support-tiny: {managed}\n    support-full: {managed}\n")
     server, keys = start_with_keys(root, free_port(), tunerun)
     yield root, server, keys
     server.stop()
@@ -79,10 +92,10 @@ def health(served) -> dict:
         return json.loads(answer.read())
 
 
-def wait_for_engine(served, after_restarts: int = 0) -> dict:
+def wait_for_engine(served, after_restarts: int = 0, name: str = "support-tiny") -> dict:
     deadline = time.monotonic() + ENGINE_WAIT_S
     while time.monotonic() < deadline:
-        engine = health(served)["engines"]["support-tiny"]
+        engine = health(served)["engines"][name]
         if engine["state"] == "ready" and engine["restarts"] >= after_restarts:
             return engine
         time.sleep(1)
@@ -99,27 +112,42 @@ def uploaded(api: openai.OpenAI) -> str:
     return found.id
 
 
-@pytest.fixture(scope="module")
-def tuned(served):
-    """A job trained through the API, and the held-out conversations its evaluation generated for."""
+def trained(served, model: str, **options):
+    """A job of ``model`` trained through the API, once it has succeeded."""
     api = client(served)
-    job = api.fine_tuning.jobs.create(model="support-tiny", training_file=uploaded(api), suffix="tickets")
+    job = api.fine_tuning.jobs.create(model=model, training_file=uploaded(api), **options)
     deadline = time.monotonic() + 900
     while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, job
         time.sleep(1)
     assert job.status == "succeeded", job.error
+    return job
+
+
+@pytest.fixture(scope="module")
+def tuned(served):
+    """A job trained through the API, and the held-out conversations its evaluation generated for."""
+    job = trained(served, "support-tiny", suffix="tickets")
     wait_for_engine(served)
     run = served[0] / "runs" / job.id
     return job, run, held_out(run)
 
 
-def held_out(run: Path) -> list[dict]:
+@pytest.fixture(scope="module")
+def full_tuned(served, tuned):
+    """A full fine-tune trained through the API (after the LoRA job: one job runs at a time), and its held-out
+    conversations."""
+    job = trained(served, "support-full")
+    run = served[0] / "runs" / job.id
+    return job, run, held_out(run, "model", FULL_STEPS)
+
+
+def held_out(run: Path, weights: str = "adapter", steps: int = 48) -> list[dict]:
     """The evaluation's prompts as chat messages, with the reference and, for the kept examples, the output the
     run generated: the prompt ids decoded and split at tunerun's turn markers (what the model saw)."""
-    tokenizer = AutoTokenizer.from_pretrained(run / "final" / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final" / weights)
     examples = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()]
-    final = json.loads((run / "eval" / "step-000048.json").read_text())
+    final = json.loads((run / "eval" / f"step-{steps:06d}.json").read_text())
     outputs = {e["index"]: e["output"] for e in final["examples"]}
     found = []
     for item in eval_items(examples, HELD_OUT):
@@ -135,17 +163,24 @@ def chat(api: openai.OpenAI, model: str, messages: list[dict], **options) -> str
     return answer.choices[0].message.content
 
 
+def assert_answers_as_evaluated(api: openai.OpenAI, model: str, run: Path, prompts: list[dict], steps: int) -> list:
+    """Greedy chat answers on the held-out prompts are the outputs the run's evaluation generated, with its exact
+    match; the answers."""
+    assert len(prompts) == HELD_OUT and all(p["messages"][-1]["role"] == "user" for p in prompts)
+    answers = [chat(api, model, p["messages"]) for p in prompts]
+    kept = [(answer, p["output"]) for answer, p in zip(answers, prompts) if p["output"] is not None]
+    assert len(kept) == 6 and sum(a.strip() == o.strip() for a, o in kept) >= 5, kept  # a dtype-level tie at most
+    served_em = sum(exact_match(a, p["reference"]) for a, p in zip(answers, prompts)) / len(prompts)
+    final = json.loads((run / "eval" / f"step-{steps:06d}.json").read_text())
+    assert abs(served_em - final["metrics"]["exact_match"]) <= 0.02 + 1e-9, (served_em, final["metrics"])
+    return answers
+
+
 @pytest.mark.slow
 def test_the_fine_tuned_model_answers_as_tunerun_evaluated_it(served, tuned):
     job, run, prompts = tuned
     api = client(served)
-    assert len(prompts) == HELD_OUT and all(p["messages"][-1]["role"] == "user" for p in prompts)
-    answers = [chat(api, job.fine_tuned_model, p["messages"]) for p in prompts]
-    kept = [(answer, p["output"]) for answer, p in zip(answers, prompts) if p["output"] is not None]
-    assert len(kept) == 6 and sum(a.strip() == o.strip() for a, o in kept) >= 5, kept  # a dtype-level tie at most
-    served_em = sum(exact_match(a, p["reference"]) for a, p in zip(answers, prompts)) / len(prompts)
-    final = json.loads((run / "eval" / "step-000048.json").read_text())
-    assert abs(served_em - final["metrics"]["exact_match"]) <= 0.02 + 1e-9, (served_em, final["metrics"])
+    answers = assert_answers_as_evaluated(api, job.fine_tuned_model, run, prompts, 48)
     base = [chat(api, "support-tiny", p["messages"]) for p in prompts[:6]]
     assert all(b != a for b, a in zip(base, answers[:6])), base
     # the checkpoint of the last step holds the final weights: its checkpoint model answers alike
@@ -184,7 +219,8 @@ def test_streamed_chat_and_completions_give_the_same_answer(served, tuned):
     completion = api.completions.create(model=job.fine_tuned_model, prompt=rendered, temperature=0, max_tokens=8)
     assert completion.model == job.fine_tuned_model and completion.choices[0].text == streamed
     listed = {m.id: m.tunerun["callable"] for m in api.models.list().data}
-    assert listed == {"support-tiny": True, job.fine_tuned_model: True}
+    assert set(listed) == {"support-tiny", "support-full", job.fine_tuned_model}  # support-full's engine may start
+    assert listed["support-tiny"] is listed[job.fine_tuned_model] is True
 
 
 @pytest.mark.slow
@@ -256,6 +292,10 @@ def test_a_client_that_goes_away_stops_its_generation_at_the_engine(served, tune
             else:  # nothing comes back before the whole answer: watch the engine take the request
                 deadline = time.monotonic() + 60
                 while not running(served):
+                    if select.select([connection], [], [], 0)[0]:  # answered between two looks: the next try
+                        answer = connection.recv(4096)
+                        assert answer.startswith(b"HTTP/1.1 200"), f"the server refused it: {answer[:500]!r}"
+                        break
                     assert time.monotonic() < deadline, "the request never reached the engine"
                     time.sleep(0.05)
         # the client has gone; leaving at once (not after asking the engine's metrics) gives the race to the client
@@ -334,13 +374,95 @@ def test_the_playground_answers_a_held_out_example_with_both_models(served, tune
     assert page.locator("#playground-rendered b").count() == 0  # the message stays text
 
 
+def engine_stopped(engine: dict) -> None:
+    """The engine's process group has no live process left and nothing listens on its port."""
+    pid, port = engine["pid"], int(engine["url"].rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30  # vLLM's engine core leaves a moment after its API server
+    while group_alive(pid):
+        assert time.monotonic() < deadline, f"processes of engine {pid} still run: {group_alive(pid)}"
+        time.sleep(0.5)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on port {port}"
+
+
+def group_alive(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that have not exited (zombies are gone but for their parent's wait)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def starts_on_request(api: openai.OpenAI, served, job, messages: list[dict]) -> dict:
+    """A request for a full fine-tune whose engine is not running: 503 with Retry-After, and the engine starting."""
+    with pytest.raises(openai.InternalServerError) as starting:
+        chat(api, job.fine_tuned_model, messages)
+    assert starting.value.status_code == 503 and int(starting.value.response.headers["retry-after"]) > 0
+    assert starting.value.body["code"] == "engine_unavailable" and "started it" in starting.value.body["message"]
+    engine = health(served)["engines"][job.id]
+    assert engine["kind"] == "full_fine_tune" and engine["base"] == "support-full" and engine["state"] == "starting"
+    return engine
+
+
 @pytest.mark.slow
-def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned):
+def test_a_full_fine_tune_starts_an_engine_of_its_own_and_answers_as_evaluated(served, tuned, full_tuned):
+    job, run, prompts = full_tuned
+    api = client(served)
+    assert job.id not in health(served)["engines"]  # none runs before its first request
+    assert starts_on_request(api, served, job, prompts[0]["messages"])["starts"] == 1
+    listed = {m.id: m.tunerun["callable"] for m in api.models.list().data}
+    assert listed[job.fine_tuned_model] is False  # its engine starts: not callable yet
+    engine = wait_for_engine(served, name=job.id)
+    assert engine["in_flight"] == 0 and engine["idle_stop_s"] == IDLE_STOP_S
+    answers = assert_answers_as_evaluated(api, job.fine_tuned_model, run, prompts, FULL_STEPS)
+    base = [chat(api, "support-full", p["messages"]) for p in prompts[:6]]
+    assert all(b != a for b, a in zip(base, answers[:6])), base
+    assert {m.id: m.tunerun["callable"] for m in api.models.list().data}[job.fine_tuned_model] is True
+    # its engine serves the whole model: a LoRA fine-tune of the other catalog model still answers beside it
+    assert chat(api, tuned[0].fine_tuned_model, tuned[2][0]["messages"])
+    with pytest.raises(openai.BadRequestError) as checkpoint:
+        chat(api, f"{job.fine_tuned_model}:ckpt-step-{FULL_STEPS}", prompts[0]["messages"])
+    assert checkpoint.value.body["code"] == "model_not_served"
+
+
+@pytest.mark.slow
+def test_an_idle_full_fine_tune_engine_stops_and_the_next_request_starts_it_again(served, full_tuned):
+    job, run, prompts = full_tuned
+    root, server, keys = served
+    patient = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=keys["acme"], max_retries=30,
+                            timeout=120)  # honours Retry-After while the engine starts
+    answer = chat(patient, job.fine_tuned_model, prompts[0]["messages"])
+    asked = time.monotonic()
+    engine = health(served)["engines"][job.id]
+    assert engine["state"] == "ready"
+    deadline = asked + IDLE_STOP_S + 30
+    while (now := health(served)["engines"][job.id])["state"] != "stopped":
+        assert time.monotonic() < deadline, now
+        time.sleep(0.5)
+    assert time.monotonic() - asked >= IDLE_STOP_S and now["pid"] is None and now["url"] is None
+    engine_stopped(engine)
+    assert {m.id: m.tunerun["callable"] for m in client(served).models.list().data}[job.fine_tuned_model] is False
+    assert starts_on_request(client(served), served, job, prompts[0]["messages"])["starts"] == engine["starts"] + 1
+    assert chat(patient, job.fine_tuned_model, prompts[0]["messages"]) == answer
+
+
+@pytest.mark.slow
+def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned, full_tuned):
     job, run, prompts = tuned
     api = client(served)
     first = chat(api, job.fine_tuned_model, prompts[1]["messages"])
     root, server, keys = served
-    server.stop()  # stops its engine too
+    running = health(served)["engines"]
+    server.stop()  # stops its engines too: the catalog models' and a full fine-tune's
+    for engine in running.values():
+        if engine.get("pid"):
+            engine_stopped(engine)
     server.start()
+    assert full_tuned[0].id not in health(served)["engines"]  # none runs until its next request
     wait_for_engine(served)
     assert chat(api, job.fine_tuned_model, prompts[1]["messages"]) == first

@@ -94,6 +94,26 @@ def test_the_role_reaches_only_rayjobs_and_configmaps(project):
         "serviceAccountName"]
 
 
+def test_a_projects_own_namespace_gets_the_same_role_and_kueue_workloads_are_readable(project):
+    (project / "server.yaml").write_text(SERVER + """projects:
+  acme: {kubernetes: {namespace: acme, queue: acme-queue}}
+  globex: {kubernetes: {queue: globex-queue}}
+  initech: {kubernetes: {namespace: ml-jobs}}
+""")
+    rendered = list(yaml.safe_load_all(render_k8s(load_server_config(project / "server.yaml"))))
+    version = kubernetes_validate.latest_version()
+    for document in rendered:
+        kubernetes_validate.validate(document, version, strict=True)
+    # globex's namespace defaults to its name; initech places in the server's own: nothing more for it
+    extra = [(d["kind"], d["metadata"]["namespace"]) for d in rendered[6:]]
+    assert extra == [("Role", "acme"), ("RoleBinding", "acme"), ("Role", "globex"), ("RoleBinding", "globex")]
+    kueue = {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list"]}
+    assert all(kueue in d["rules"] for d in (rendered[1], rendered[6], rendered[8]))  # a queue is set
+    assert rendered[6]["rules"] == rendered[1]["rules"]
+    assert rendered[7]["subjects"] == [{"kind": "ServiceAccount", "name": rendered[0]["metadata"]["name"],
+                                        "namespace": "ml-jobs"}]
+
+
 def test_the_pod_is_restricted_and_gets_credentials_only_by_reference(project):
     pod = documents(project)["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -225,6 +245,20 @@ def test_the_engine_pod_is_restricted_and_only_the_tunerun_containers_get_creden
         assert secrets == {"AWS_ACCESS_KEY_ID": "s3-credentials", "AWS_SECRET_ACCESS_KEY": "s3-credentials",
                            "AWS_SESSION_TOKEN": "s3-credentials"}
     assert not any("valueFrom" in e for e in container(pod, "vllm")["env"])
+
+
+def test_webhook_secrets_reach_the_server_from_a_secret_by_reference(project, monkeypatch):
+    monkeypatch.setenv("ACME_HOOK", "whsec_" + "A" * 32)
+    (project / "server.yaml").write_text(SERVER + """webhooks:
+  allow: [https://hooks.example.com]
+  endpoints:
+    acme: [{url: https://hooks.example.com/acme, secret_env: ACME_HOOK}]
+""")
+    text = render_k8s(load_server_config(project / "server.yaml"))
+    server = next(d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment")
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ACME_HOOK"]["valueFrom"] == {"secretKeyRef": {"name": "tunerun-serve-webhooks", "key": "ACME_HOOK"}}
+    assert "whsec_" not in text
 
 
 def test_no_credential_value_reaches_the_manifests(project, monkeypatch):

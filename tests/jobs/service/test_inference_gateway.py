@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +18,9 @@ from tunerun.jobs.errors import SpecError
 from tunerun.jobs.service.app import create_app
 from tunerun.jobs.service.chat import ChatTemplate
 from tunerun.jobs.service.config import load_server_config
-from tunerun.jobs.service.engines import ADAPTER_RETRY_S, ManagedEngine, ManagedEngineSettings
+from tunerun.jobs.service.engines import ADAPTER_RETRY_S, ManagedEngine, ManagedEngineSettings, Unavailable, \
+    free_port, release_port
+from tunerun.jobs.service.full_engines import FullFineTuneEngines, FullFineTuneSettings
 from tunerun.jobs.service.inference import ChatRequest, Route, as_chat, as_chat_chunk, completion_body
 
 MANAGED = ("inference:\n  engines:\n    {name}: {{managed: {{python: /nonexistent/python, port_min: 9100, "
@@ -63,6 +67,17 @@ def test_a_managed_engine_runs_vllm_from_its_own_venv_with_runtime_lora(monkeypa
     assert "secret" not in env.values()  # the engine gets no credential of the server's
     assert env["OMP_NUM_THREADS"] == "4" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert env["PATH"] == os.environ["PATH"]
+
+
+def test_engines_started_side_by_side_get_different_ports():
+    """vLLM binds its port only seconds after it starts: a port given to one engine is not given to another until
+    its process has ended (two engines on one port served each other's requests)."""
+    first, second = free_port(9200, 9210), free_port(9200, 9210)
+    assert first != second
+    release_port(first)
+    assert free_port(9200, 9210) == first
+    for port in (first, second):
+        release_port(port)
 
 
 def test_an_engine_that_cannot_start_is_a_503_with_retry_after_and_shows_in_healthz(served, keys, tmp_path):
@@ -185,3 +200,210 @@ def test_completions_come_back_in_chats_shape_whole_and_streamed():
     assert second["choices"][0]["delta"] == {"content": "egory"} and second["choices"][0]["finish_reason"] == "length"
     usage = as_chat_chunk({"id": "cmpl-abc", "model": "ft:x", "choices": [], "usage": {"total_tokens": 9}}, opened)
     assert usage["choices"] == [] and usage["usage"] == {"total_tokens": 9}
+
+
+# ── full fine-tunes: an engine of their own ─────────────────────────────────────────────────────────────────
+
+def succeeded_job(served, kind: str = "model", storage=None) -> str:
+    """A succeeded job of acme's in the storage whose final weights are ``final/<kind>``."""
+    job = "ftjob-" + ("f" if kind == "model" else "a") * 24
+    run = RunFolder(storage or served.config.storage, job)
+    run.write_json(SERVICE_RECORD, {"job_id": job, "project": "acme", "model": "support-tiny",
+                                    "created_at": time.time(), "request": {"training_file": "file-1"},
+                                    "result_file": "file-2", "hyperparameters": {}, "seed": 0})
+    run.write_json(RUN_INFO, {"run_id": job, "state": "succeeded", "target": "local"})
+    run.write_text(f"{final_weights(kind)}/{ADAPTER_CONFIG if kind == 'adapter' else 'config.json'}", "{}")
+    return job
+
+
+def test_full_fine_tunes_settings_are_checked_with_the_field_named(served, tmp_path):
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny") + "  full_fine_tunes: {max_engine: 2}\n")
+    with pytest.raises(SpecError, match="inference.full_fine_tunes.max_engine.*did you mean 'max_engines'"):
+        load_server_config(tmp_path / "server.yaml")
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny") + "  full_fine_tunes: {idle_stop_s: 0}\n")
+    with pytest.raises(SpecError, match="inference.full_fine_tunes.idle_stop_s"):
+        load_server_config(tmp_path / "server.yaml")
+
+
+def test_a_full_fine_tune_is_refused_by_name_where_no_engine_of_its_own_can_start(served, keys, tmp_path):
+    """An external engine cannot start processes; without inference.full_fine_tunes the server starts none; a full
+    fine-tune's checkpoints are not served. Each is a 400 that names what to change."""
+    job = succeeded_job(served)
+    model = f"ft:support-tiny:acme::{job}"
+
+    def chat(app, called=model):
+        return app.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys['acme']}"},
+                        json={"model": called, "messages": [{"role": "user", "content": "hi"}]})
+
+    server_yaml(tmp_path, "inference: {full_fine_tunes: {}, engines: {support-tiny: {external: {url: "
+                          "'http://127.0.0.1:9', adapters: /adapters}}}}\n")
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        error = chat(app).json()["error"]
+    assert error["code"] == "model_not_served" and error["param"] == "model"
+    assert "inference.engines.support-tiny.external" in error["message"] and "managed engine" in error["message"]
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny"))
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        error = chat(app).json()["error"]
+        assert error["code"] == "model_not_served" and "inference.full_fine_tunes" in error["message"]
+        error = chat(app, f"{model}:ckpt-step-4").json()["error"]
+        assert error["code"] == "model_not_served" and "checkpoints of a full fine-tune" in error["message"]
+
+
+def test_a_full_fine_tune_starts_its_engine_on_its_first_request_and_healthz_shows_it(served, keys, tmp_path):
+    job, adapter_job = succeeded_job(served), succeeded_job(served, "adapter")
+    server_yaml(tmp_path, MANAGED.format(name="support-tiny") + "  full_fine_tunes: {max_engines: 1}\n")
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        auth = {"Authorization": f"Bearer {keys['acme']}"}
+        assert job not in app.get("/healthz").json()["engines"]  # none runs before its first request
+        answer = app.post("/v1/chat/completions", headers=auth, json={
+            "model": f"ft:support-tiny:acme::{job}", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0
+        assert answer.json()["error"]["code"] == "engine_unavailable" and "started it" in answer.json()["error"][
+            "message"]
+        engine = app.get("/healthz").json()["engines"][job]
+        assert engine["kind"] == "full_fine_tune" and engine["base"] == "support-tiny" and engine["starts"] == 1
+        assert engine["state"] in ("starting", "restarting")  # /nonexistent/python never serves
+        models = {m["id"]: m["tunerun"]["callable"] for m in app.get("/v1/models", headers=auth).json()["data"]}
+        assert models[f"ft:support-tiny:acme::{job}"] is False and f"ft:support-tiny:acme::{adapter_job}" in models
+    # the server stopped: so did the engine it started
+    assert app.app.state.service.gateway.full.health()[job]["state"] == "stopped"
+
+
+STAND_IN_VLLM = """
+import argparse, json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int)
+parser.add_argument("--model")
+options, _ = parser.parse_known_args()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.answer({})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.answer({"choices": [{"index": 0, "text": options.model, "finish_reason": "stop"}]})
+
+    def answer(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+ThreadingHTTPServer(("127.0.0.1", options.port), Handler).serve_forever()
+"""
+
+
+def stand_in_vllm(root) -> str:
+    """A folder to put on PYTHONPATH where ``python -m vllm.entrypoints.openai.api_server`` is a small HTTP server
+    answering /health and /v1/completions: real processes, ports and signals for the engines' lifecycle, in a
+    second each (tests/e2e/test_inference.py runs the real vLLM)."""
+    package = root / "stand-in" / "vllm" / "entrypoints" / "openai"
+    package.mkdir(parents=True)
+    for folder in (package, package.parent, package.parent.parent):
+        (folder / "__init__.py").write_text("")
+    (package / "api_server.py").write_text(STAND_IN_VLLM)
+    return str(root / "stand-in")
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the port (a bind test would fail on TIME_WAIT sockets)."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_full_fine_tune_engines_make_room_for_a_new_one_and_stop_when_idle(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", stand_in_vllm(tmp_path))
+    base = ManagedEngineSettings(python=sys.executable, port_min=9150, port_max=9190, kv_cache_gib=4,
+                                 gpu_memory_utilization=0.9)
+    pool = FullFineTuneEngines(FullFineTuneSettings(max_engines=1, idle_stop_s=4, gpu_memory_utilization=0.3))
+    pool.start()
+    try:
+        first, second = (pool.engine(job, "support-tiny", base, lambda job=job: str(tmp_path / job), tmp_path / "logs")
+                         for job in ("ftjob-first", "ftjob-second"))
+        with pytest.raises(Unavailable, match="this request started it") as starting:
+            first.begin()
+        assert starting.value.retry_after > 0
+        wait_until(lambda: first.state == "ready")
+        command = " ".join(first.command(9150))
+        assert f"--model {tmp_path / 'ftjob-first'} --served-model-name ftjob-first" in command
+        assert "--enable-lora" not in command and "--gpu-memory-utilization 0.3" in command  # its own share
+        assert first.environment()["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the catalog model's engine's
+        first.begin()  # a request in flight: the one engine allowed is in use
+        with pytest.raises(Unavailable, match=r"at most 1 engine\(s\).*inference.full_fine_tunes.max_engines"):
+            second.begin()
+        assert second.state == "stopped"
+        first.release()
+        pid, port = first.health()["pid"], first.port
+        with pytest.raises(Unavailable, match="started it"):  # the first is idle now: stopped to make room
+            second.begin()
+        wait_until(lambda: first.state == "stopped" and second.state == "ready")
+        assert process_gone(pid) and pool.health()["ftjob-first"]["pid"] is None
+        assert second.port == port or not listening(port)  # the second may take the port the first freed
+        second.begin()
+        second.release()
+        pid, port = second.health()["pid"], second.port
+        wait_until(lambda: second.state == "stopped", timeout=20)  # 4 s without a request
+        assert second.idle_s() >= 4 and process_gone(pid) and not listening(port)
+        assert pool.health()["ftjob-second"]["state"] == "stopped"
+        with pytest.raises(Unavailable, match="started it"):  # the next request starts it again
+            second.begin()
+        assert pool.health()["ftjob-second"]["starts"] == 2
+        wait_until(lambda: second.state == "ready")
+    finally:
+        pool.close()
+    assert first.state == second.state == "stopped" and process_gone(second._process.pid)
+
+
+def test_a_full_fine_tune_on_s3_is_copied_to_this_host_once_as_its_engine_starts(served, s3_server, tmp_path,
+                                                                                monkeypatch):
+    from tunerun.jobs.service.keys import KeyStore
+    from tunerun.jobs.spec import StorageSpec
+
+    storage = StorageSpec(uri=f"s3://{s3_server.bucket('full-fine-tunes')}/tunerun", endpoint_url=s3_server.endpoint)
+    job = succeeded_job(served, storage=storage)
+    RunFolder(storage, job).write_bytes(f"{final_weights('model')}/model.safetensors", b"weights" * 1000)
+    monkeypatch.setenv("PYTHONPATH", stand_in_vllm(tmp_path))
+    monkeypatch.setenv("TUNERUN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "server.yaml").write_text(
+        f"storage: {{uri: '{storage.uri}', endpoint_url: '{storage.endpoint_url}'}}\nmodels:\n  support-tiny: {{job: "
+        f"support.yaml}}\ninference:\n  full_fine_tunes: {{}}\n  engines:\n    support-tiny: {{managed: {{python: "
+        f"{sys.executable}, port_min: 9160, port_max: 9190}}}}\n")
+    key = KeyStore(storage).create("acme")[1]
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        def chat():
+            return app.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json={
+                "model": f"ft:support-tiny:acme::{job}", "messages": [{"role": "user", "content": "hi"}]})
+
+        render = app.post("/v1/chat/completions/render", headers={"Authorization": f"Bearer {key}"}, json={
+            "model": f"ft:support-tiny:acme::{job}", "messages": [{"role": "user", "content": "hi"}]})
+        assert render.status_code == 200 and not (tmp_path / "cache" / "serve" / "models").exists()  # no copy yet
+        assert chat().status_code == 503
+        wait_until(lambda: app.get("/healthz").json()["engines"][job]["state"] == "ready")
+        copy = tmp_path / "cache" / "serve" / "models" / job
+        assert (copy / "model.safetensors").read_bytes() == b"weights" * 1000 and (copy / "config.json").is_file()
+        answer = chat().json()  # the stand-in answers with the folder it was started on
+        assert answer["choices"][0]["message"]["content"] == str(copy)

@@ -18,7 +18,8 @@ from service_calls import TICKETS, client, upload
 
 from tunerun.cluster import local
 from tunerun.cluster.runs import RunState, create_run, read_info, update_info
-from tunerun.jobs.service.scheduler import Scheduler
+from tunerun.jobs.service.config import ProjectSettings
+from tunerun.jobs.service.scheduler import Scheduler, fair_order
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 HOUR = 3600.0
@@ -95,6 +96,49 @@ def test_only_max_concurrent_runs_start_longest_queued_first_and_a_finished_one_
     queue.tick()
     assert launches.started == [second, third, first]
     assert queue.health()["last_error"] is None
+
+
+def test_fair_order_serves_the_project_with_fewest_running_first_and_each_within_its_own_limit():
+    """Ordering only (no jobs): acme's backlog of 4 does not hold back ops or ml, and ml's limit of 1 holds."""
+    queued = [("acme", 1.0, "acme-1"), ("acme", 2.0, "acme-2"), ("acme", 3.0, "acme-3"), ("acme", 4.0, "acme-4"),
+              ("ops", 5.0, "ops-1"), ("ml", 6.0, "ml-1"), ("ml", 7.0, "ml-2"), ("ops", 8.0, "ops-2")]
+    caps = {"ml": 1}.get
+    order = fair_order(queued, {}, 8, lambda p: caps(p, 8), lambda job: True)
+    assert order == ["acme-1", "ops-1", "ml-1", "acme-2", "ops-2", "acme-3", "acme-4"]  # ml-2: ml's limit is 1
+    # ops already runs 2: acme, then ml catch up first; the server's 4 slots less the 2 running leave 2
+    assert fair_order(queued, {"ops": 2}, 4, lambda p: 8, lambda job: True) == ["acme-1", "ml-1"]
+    # a job that does not take its slot (its launch failed) leaves the pick to the next in line
+    assert fair_order(queued, {}, 2, lambda p: 8, lambda job: job != "acme-1") == ["acme-2", "ops-1"]
+    # one slot, ticks apart: projects take turns although acme's whole backlog was queued first
+    served, order = {}, []
+    for _ in range(4):
+        left = [item for item in queued if item[2] not in order]
+        order += fair_order(left, {}, 1, lambda p: 8, lambda job: True, served)
+    assert order == ["acme-1", "ops-1", "ml-1", "acme-2"]
+
+
+def test_a_project_with_a_backlog_does_not_hold_back_another_project(service, jobs, app, keys, monkeypatch):
+    """Through the server's API and its scheduler: acme queued 3 jobs before ops queued 1; with 2 slots the
+    second goes to ops, and acme's per-project limit of 1 keeps its next job queued while a slot is free."""
+    acme = jobs(3)
+    found = upload(app, keys["other"], "other", TICKETS)
+    [other] = [client(app, keys["other"]).fine_tuning.jobs.create(model="support-tiny", training_file=found.id).id]
+    service.jobs.config = service.jobs.config.model_copy(update={"max_concurrent_runs": 2})
+    launches = launched(monkeypatch)
+    queue = Scheduler(service.jobs)
+    queue.tick()
+    assert launches.started == [acme[0], other]  # oldest-first alone would have started acme's first two
+
+    service.jobs.config = service.jobs.config.model_copy(update={
+        "max_concurrent_runs": 3, "projects": {"acme": ProjectSettings(max_concurrent_runs=1)}})
+    queue.tick()
+    assert launches.started == [acme[0], other]  # a free slot, but acme has its one job running
+    set_run_json(service, acme[0], state="succeeded", finished_at=time.time())
+    queue.tick()
+    assert launches.started == [acme[0], other, acme[1]]
+    api = client(app, keys["acme"])
+    assert [api.fine_tuning.jobs.retrieve(j).status for j in acme[1:]] == ["queued", "queued"]
+    assert state(service, acme[2]).state == RunState.QUEUED
 
 
 def test_a_full_disk_at_launch_is_tried_again_on_later_ticks_and_logged_once(service, jobs, monkeypatch, caplog):

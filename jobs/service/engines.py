@@ -312,6 +312,7 @@ class ManagedEngine(Engine):
 
     def start(self) -> None:
         self._stop.clear()
+        self.state = "starting"  # from now, not once the supervisor thread first runs: a request may come first
         self._thread = threading.Thread(target=self._supervise, name=f"engine-{self.model}", daemon=True)
         self._thread.start()
 

@@ -1,24 +1,12 @@
 """The service's app in this process (no training): a catalog of one stub model, two projects' keys."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from service_calls import TEMPLATE
 
 from tunerun.jobs.service.app import create_app
 from tunerun.jobs.service.config import load_server_config
 from tunerun.jobs.service.keys import KeyStore
-
-REPO = Path(__file__).resolve().parents[3]
-TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
-TEMPLATE = """
-name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
-resources: {workers_per_node: 2}
-"""
 
 
 @pytest.fixture

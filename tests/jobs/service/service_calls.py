@@ -8,6 +8,15 @@ from fastapi.testclient import TestClient
 
 REPO = Path(__file__).resolve().parents[3]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
+# The catalog model's job spec the service tests serve (MODEL: the stub model's folder)
+TEMPLATE = """
+name: support
+model: {path: MODEL}
+method: {kind: lora}
+data: {eval_fraction: 0.1, max_seq_len: 128}
+training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
+resources: {workers_per_node: 2}
+"""
 
 
 def client(app, key: str) -> openai.OpenAI:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from loopback import serving
-from service_calls import TICKETS, client, upload
+from service_calls import TEMPLATE, TICKETS, client, upload
 
 from tunerun.cluster.run_folder import EVENTS, SERVICE_RECORD, RunFolder, TrainRow, append_metrics
 from tunerun.cluster.runs import update_info
@@ -26,14 +26,7 @@ from tunerun.jobs.service.fine_tuning import JobService
 from tunerun.jobs.service.usage import usage_by_project
 
 DAY, HOUR = 86400.0, 3600.0
-GPU_TEMPLATE = """
-name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
-resources: {workers_per_node: 2, gpus_per_worker: 1}
-"""
+GPU_TEMPLATE = TEMPLATE.replace("workers_per_node: 2}", "workers_per_node: 2, gpus_per_worker: 1}")
 
 
 @pytest.fixture

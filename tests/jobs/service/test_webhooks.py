@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from service_calls import TICKETS, client, upload
+from service_calls import TEMPLATE, TICKETS, client, upload
 
 from tunerun.jobs.errors import SpecError
 from tunerun.jobs.service import webhooks
@@ -29,14 +29,6 @@ from tunerun.jobs.service.config import load_server_config
 from tunerun.jobs.service.keys import KeyStore
 from tunerun.jobs.service.webhooks import OUTBOX, DeliveryError, checked_address, job_event, parse_secret
 
-TEMPLATE = """
-name: support
-model: {path: MODEL}
-method: {kind: lora}
-data: {eval_fraction: 0.1, max_seq_len: 128}
-training: {epochs: 1, micro_batch_size: 2, global_batch_size: 8, learning_rate: 1.0e-3}
-resources: {workers_per_node: 2}
-"""
 SERVER = """
 storage: {{uri: ./runs}}
 models:

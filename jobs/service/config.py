@@ -45,7 +45,7 @@ from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
 from tunerun.jobs.service.engines import EngineEntry
 from tunerun.jobs.service.full_engines import FullFineTuneSettings
-from tunerun.jobs.service.keys import PROJECT_PATTERN
+from tunerun.jobs.service.keys import project_name_problem
 from tunerun.jobs.service.webhooks import WebhookSettings
 from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, field_error
 
@@ -162,24 +162,23 @@ class ServerConfig(Strict):
     def _engines_serve_catalog_models(self):
         for name in self.inference.engines:
             if name not in self.models:
-                close = difflib.get_close_matches(name, self.models, n=1)
-                raise field_error(f"inference.engines.{name}", f"'{name}' is not a model under models:"
-                                  + (f" — did you mean '{close[0]}'?" if close else
-                                     f" (they are {', '.join(self.models)})"))
+                raise self._not_in_catalog(f"inference.engines.{name}", name)
         return self
+
+    def _not_in_catalog(self, field: str, name: str):
+        close = difflib.get_close_matches(name, self.models, n=1)
+        return field_error(field, f"'{name}' is not a model under models:" + (
+            f" — did you mean '{close[0]}'?" if close else f" (they are {', '.join(self.models)})"))
 
     @model_validator(mode="after")
     def _projects_fit(self):
         for name, project in self.projects.items():
-            if not PROJECT_PATTERN.fullmatch(name):
-                raise field_error(f"projects.{name}", f"{name!r} is not a project name: a lowercase letter, then up "
-                                  "to 39 lowercase letters, digits or '-' (as `tunerun serve keys create` takes)")
+            problem = project_name_problem(name)
+            if problem:
+                raise field_error(f"projects.{name}", f"{problem}, as `tunerun serve keys create` takes")
             for model in project.models or []:
                 if model not in self.models:
-                    close = difflib.get_close_matches(model, self.models, n=1)
-                    raise field_error(f"projects.{name}.models", f"'{model}' is not a model under models:"
-                                      + (f" — did you mean '{close[0]}'?" if close else
-                                         f" (they are {', '.join(self.models)})"))
+                    raise self._not_in_catalog(f"projects.{name}.models", model)
             if project.kubernetes and project.kubernetes.namespace is None:
                 try:  # the project's name becomes its namespace
                     KubeRaySettings.dns_label(name)

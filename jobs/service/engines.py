@@ -279,6 +279,8 @@ class ExternalEngine(Engine):
 class ManagedEngine(Engine):
     """A vLLM process on this host, kept running by a supervisor thread."""
 
+    LORA = True  # adapters loaded at run time (a full fine-tune's own engine loads none)
+
     def __init__(self, model: str, settings: ManagedEngineSettings, model_path: str, log_dir: Path):
         super().__init__(model, settings.max_loras, settings.max_model_len)
         self.settings, self.model_path, self.log = settings, model_path, Path(log_dir) / f"{model}.log"
@@ -302,7 +304,7 @@ class ManagedEngine(Engine):
 
     def command(self, port: int) -> list[str]:
         return [self.settings.python, "-m", VLLM_SERVER,
-                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port)]
+                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port, lora=self.LORA)]
 
     def environment(self) -> dict[str, str]:
         """The server's environment without its credentials (the engine reads adapters the server copied to this

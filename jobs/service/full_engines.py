@@ -19,8 +19,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tunerun.jobs.service.engines import VLLM_SERVER, ManagedEngine, ManagedEngineSettings, Unavailable, \
-    vllm_arguments
+from tunerun.jobs.service.engines import ManagedEngine, ManagedEngineSettings, Unavailable
 from tunerun.jobs.spec import Strict
 
 logger = logging.getLogger("tunerun.serve.engines")
@@ -53,15 +52,13 @@ class FullFineTuneEngine(ManagedEngine):
     running. ``weights`` gives the folder vLLM loads, on this host: called when it starts (a run on S3 is copied
     then, not by a request that only renders a prompt)."""
 
+    LORA = False
+
     def __init__(self, job_id: str, base: str, settings: ManagedEngineSettings, weights: Callable[[], str],
                  log_dir: Path, pool: FullFineTuneEngines):
         super().__init__(job_id, settings, "", log_dir)
         self.base, self.weights, self.pool, self.starts = base, weights, pool, 0
         self._stopper: threading.Thread | None = None
-
-    def command(self, port: int) -> list[str]:
-        return [self.settings.python, "-m", VLLM_SERVER,
-                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port, lora=False)]
 
     def begin(self) -> None:
         self.pool.begin(self)

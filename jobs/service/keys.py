@@ -38,6 +38,14 @@ from tunerun.jobs.spec import StorageSpec
 KEYS = "_service/keys"
 LEGACY_KEYS = "_service/keys.json"
 PROJECT_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,39}")
+
+
+def project_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a project (keys, server.yaml's projects and webhooks take the same names), or None."""
+    if PROJECT_PATTERN.fullmatch(name):
+        return None
+    return (f"{name[:60]!r} is not a project name: a lowercase letter, then up to 39 lowercase letters, digits or "
+            "'-' (e.g. support-team)")
 KEY_PATTERN = re.compile(r"tr-([0-9a-f]{12})-([A-Za-z0-9_-]{43})")
 KEY_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 KEY_OBJECT_PATTERN = re.compile(r"([0-9a-f]{12})\.(json|revoked|used)")
@@ -85,9 +93,9 @@ class KeyStore:
 
     def create(self, project: str) -> tuple[KeyRecord, str]:
         """A new key for ``project``: (its record, the key itself — the only time anyone sees it)."""
-        if not PROJECT_PATTERN.fullmatch(project):
-            raise KeyStoreError(f"project {project!r}: use a lowercase letter, then up to 39 lowercase letters, digits "
-                                "or '-' (e.g. support-team)")
+        problem = project_name_problem(project)
+        if problem:
+            raise KeyStoreError(problem)
         legacy = self._legacy()
         while True:  # 48-bit ids rarely collide; when they do, the exclusive create says so and we draw again
             key_id = secrets.token_hex(6)

@@ -20,6 +20,7 @@ STATUS = {RunState.QUEUED: "queued", RunState.PENDING: "queued", RunState.RUNNIN
           RunState.SUCCEEDED: "succeeded", RunState.FAILED: "failed", RunState.CANCELLED: "cancelled",
           RunState.PREEMPTED: "paused"}
 RESULT_COLUMNS = ("step", "train_loss", "learning_rate", "tokens_per_s", "valid_loss", *SCORES)
+HELD_OUT_BESIDE_LOSS = (*SCORES, *PREFERENCE)  # what a checkpoint or a result row shows where it was measured
 
 
 _tail = JsonlTail()  # one per server: the job pages of every client share what it parsed
@@ -163,7 +164,7 @@ def checkpoints(run: RunFolder, record: ServiceRecord) -> list[dict]:
         at_step = train.get(step)
         metrics = {"step": step, "train_loss": at_step.loss if at_step else None,
                    "valid_loss": measured.get("loss"), "full_valid_loss": measured.get("loss"),
-                   **{name: measured[name] for name in (*SCORES, *PREFERENCE) if measured.get(name) is not None}}
+                   **{name: measured[name] for name in HELD_OUT_BESIDE_LOSS if measured.get(name) is not None}}
         found.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{record.job_id[6:]}-{step}",
                       "created_at": int(at_step.time if at_step else record.created_at),
                       "fine_tuned_model_checkpoint": checkpoint_model(record, step),
@@ -190,7 +191,7 @@ def result_csv(run: RunFolder) -> bytes:
         if isinstance(m, TrainRow):
             row.update(train_loss=m.loss, learning_rate=m.lr, tokens_per_s=m.tokens_per_s)
         else:
-            row.update(valid_loss=m.value("eval_loss"), **{k: m.value(f"eval_{k}") for k in (*SCORES, *PREFERENCE)})
+            row.update(valid_loss=m.value("eval_loss"), **{k: m.value(f"eval_{k}") for k in HELD_OUT_BESIDE_LOSS})
     pairs = [k for k in PREFERENCE if any(row.get(k) is not None for row in rows.values())]  # a dpo run's columns
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=[*RESULT_COLUMNS, *pairs], extrasaction="ignore")

@@ -66,7 +66,7 @@ from tunerun.cluster.storage import backend_for
 from tunerun.jobs.errors import Problem, SpecError, StorageError
 from tunerun.jobs.plan import TUNERUN_VERSION
 from tunerun.jobs.service.errors import bad_request, not_found
-from tunerun.jobs.service.keys import PROJECT_PATTERN
+from tunerun.jobs.service.keys import project_name_problem
 from tunerun.jobs.spec import StorageSpec, Strict, field_error, os_path
 
 if TYPE_CHECKING:
@@ -163,9 +163,9 @@ class WebhookSettings(Strict):
     @model_validator(mode="after")
     def _endpoints_allowed(self):
         for project, entries in self.endpoints.items():
-            if not PROJECT_PATTERN.fullmatch(project):
-                raise field_error(f"endpoints.{project}", f"{project[:60]!r} is not a project name (a lowercase "
-                                  "letter, then up to 39 lowercase letters, digits or '-')")
+            problem = project_name_problem(project)
+            if problem:
+                raise field_error(f"endpoints.{project}", problem)
             for index, entry in enumerate(entries):
                 if not allowed(entry.url, self.allow):
                     raise field_error(f"endpoints.{project}.{index}.url", f"{entry.url[:200]} is not under "

@@ -6,12 +6,25 @@ from pathlib import Path
 
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes of session ``sid``, read from /proc."""
+    return _live_pids(SESSION_FIELD, sid)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
+    return _live_pids(GROUP_FIELD, pgid)
+
+
+# /proc/<pid>/stat after the ")" that ends the command name: state, ppid, pgrp, session, …
+GROUP_FIELD, SESSION_FIELD = 2, 3
+
+
+def _live_pids(field: int, value: int) -> list[int]:
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             pids.append(int(stat.parent.name))
     return pids

@@ -24,6 +24,7 @@ from pathlib import Path
 import openai
 import pytest
 from browser import launch_chromium, sign_in
+from processes import group_pids
 from serve_process import start_with_keys, stop_drivers
 from transformers import AutoTokenizer
 
@@ -378,24 +379,11 @@ def engine_stopped(engine: dict) -> None:
     """The engine's process group has no live process left and nothing listens on its port."""
     pid, port = engine["pid"], int(engine["url"].rsplit(":", 1)[1])
     deadline = time.monotonic() + 30  # vLLM's engine core leaves a moment after its API server
-    while group_alive(pid):
-        assert time.monotonic() < deadline, f"processes of engine {pid} still run: {group_alive(pid)}"
+    while group_pids(pid):
+        assert time.monotonic() < deadline, f"processes of engine {pid} still run: {group_pids(pid)}"
         time.sleep(0.5)
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on port {port}"
-
-
-def group_alive(pgid: int) -> list[int]:
-    """The processes of group ``pgid`` that have not exited (zombies are gone but for their parent's wait)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
 
 
 def starts_on_request(api: openai.OpenAI, served, job, messages: list[dict]) -> dict:

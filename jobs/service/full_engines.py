@@ -3,7 +3,14 @@
 A full fine-tune (``method.kind: full``) has no adapter to load into its catalog model's engine: its weights are a
 whole model (``final/model``), so it is served by an engine of its own — a managed engine
 (`tunerun.jobs.service.engines.ManagedEngine`) with the settings of its catalog model's managed engine (python,
-ports, dtype, context, memory) and the run's weights as ``--model``. Such an engine costs what the base's does, so it
+ports, dtype, context, memory, ``extra_args``) and the run's weights as ``--model``. It runs with LoRA on, as the
+catalog model's does: a LoRA or QLoRA job trained on top of the full fine-tune (its ``model.path`` is the run's
+``final/model``, e.g. a job created from the ``ft:`` model) is served by loading its adapter into this engine — on
+the catalog model's engine it would meet the wrong base weights. So the catalog engine's LoRA options in
+``extra_args`` (``--max-cpu-loras``, ``--lora-dtype``…) hold here too, and the engine's command is the catalog
+engine's with another ``--model``. vLLM pre-allocates room for ``max_loras`` adapters of ``max_lora_rank`` in
+every layer it can adapt, and runs the LoRA kernels on each batch, so an engine with LoRA on costs a little memory
+and time even while it serves only the full fine-tune. Such an engine costs what the base's does, so it
 runs only while it is used: a request for a fine-tune whose engine is not running starts it (and is 503 with
 ``Retry-After``, as for any starting engine); an engine that no request has used for ``idle_stop_s`` is stopped; at
 most ``max_engines`` run at once — a new one stops the least recently used idle one, and when every one is serving
@@ -47,12 +54,11 @@ class FullFineTuneSettings(Strict):
 
 
 class FullFineTuneEngine(ManagedEngine):
-    """One full fine-tune's engine: the run's weights, served under the job's id, without LoRA. `FullFineTuneEngines`
-    starts it (`launch`) and stops it (`retire`); a request goes through `begin`, which starts it when it is not
-    running. ``weights`` gives the folder vLLM loads, on this host: called when it starts (a run on S3 is copied
-    then, not by a request that only renders a prompt)."""
-
-    LORA = False
+    """One full fine-tune's engine: the run's weights, served under the job's id, and the adapters trained on them
+    loaded at run time, as into a catalog model's engine. `FullFineTuneEngines` starts it (`launch`) and stops it
+    (`retire`); a request goes through `begin`, which starts it when it is not running. ``weights`` gives the folder
+    vLLM loads, on this host: called when it starts (a run on S3 is copied then, not by a request that only renders
+    a prompt)."""
 
     def __init__(self, job_id: str, base: str, settings: ManagedEngineSettings, weights: Callable[[], str],
                  log_dir: Path, pool: FullFineTuneEngines):

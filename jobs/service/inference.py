@@ -3,10 +3,12 @@
 The gateway resolves ``model`` within the caller's project (another project's fine-tune is 404 ``model_not_found``,
 exactly as a missing one), checks what the engine would refuse late (``n``, ``max_tokens`` beyond the context), has
 the adapter loaded, and forwards to the model's engine (`tunerun.jobs.service.engines`); a full fine-tune has an engine
-of its own, started on demand (`tunerun.jobs.service.full_engines`). A chat request is rendered
-here with the chat template saved beside the run's weights (`tunerun.jobs.service.chat`) and sent as a completion,
-so the engine tokenizes the prompt as training did; the answer comes back in chat's shape. Streams are passed on
-as they arrive; when the client goes away the stream to the engine is closed, and vLLM aborts the request.
+of its own, started on demand (`tunerun.jobs.service.full_engines`). An adapter goes to the engine of the weights it
+was trained on, which its run's job.yaml names (``model.path``): the catalog model's, or — for a LoRA job trained on
+top of a full fine-tune, e.g. one created from its ``ft:`` model — that full fine-tune's own engine. A chat request
+is rendered here with the chat template saved beside the run's weights (`tunerun.jobs.service.chat`) and sent as a
+completion, so the engine tokenizes the prompt as training did; the answer comes back in chat's shape. Streams are
+passed on as they arrive; when the client goes away the stream to the engine is closed, and vLLM aborts the request.
 """
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, TOKENIZER_CONFIG, final_weights
+from tunerun.cluster.run_folder import ADAPTER_CONFIG, CHAT_TEMPLATE, JOB, TOKENIZER_CONFIG, RunFolder, final_weights, \
+    read_job
 from tunerun.cluster.storage import cache_root
+from tunerun.jobs.errors import UnreadableJob
 from tunerun.jobs.service.chat import ChatTemplate, TemplateRefused
 from tunerun.jobs.service.checkpoint_adapters import NoCheckpoint, NotAnAdapter, checkpoint_adapter
 from tunerun.jobs.service.engine_files import copy_prefix
 from tunerun.jobs.service.engines import Engine, ManagedEngine, Unavailable, adapter_key
 from tunerun.jobs.service.errors import ApiError, bad_request, tenant_text
-from tunerun.jobs.service.fine_tuning import CHECKPOINT_MODEL
-from tunerun.jobs.service.full_engines import FullFineTuneEngines
+from tunerun.jobs.service.fine_tuning import CHECKPOINT_MODEL, JOB_ID, fine_tuned_model
+from tunerun.jobs.service.k8s_engines import KubernetesEngines, full_fine_tune_engines
 from tunerun.jobs.service.gate import CHAT_PATH, CHAT_RENDER_PATH, COMPLETIONS_PATH
 
 # What a chat request passes on to the completion it becomes (the rest of OpenAI's chat parameters are refused
@@ -93,9 +97,10 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None
         self._templates: dict[str, ChatTemplate] = {}  # a catalog model's
         self._adapters: dict[str, tuple[str, ChatTemplate]] = {}  # a job's: where the engine reads it, its template
-        self.full = FullFineTuneEngines(self.limits.full_fine_tunes)
+        self.full = full_fine_tune_engines(service.served.config)  # processes here, or Kubernetes objects
         self._full_templates: dict[str, ChatTemplate] = {}  # a full fine-tune's, by job id
         self._is_full: dict[str, bool] = {}  # by job id: a succeeded job's weights never change kind
+        self._trained_on: dict[str, str | None] = {}  # by job id: the full fine-tune an adapter was trained on
         self._copying = threading.Lock()  # one copy of a full fine-tune's weights at a time
 
     async def open(self) -> None:
@@ -117,13 +122,15 @@ class Gateway:
 
     def callable(self, base: str, run=None) -> bool:
         """Whether a request for ``base`` or its fine-tune in ``run`` would reach an engine that serves now (a full
-        fine-tune: its own engine)."""
+        fine-tune, and an adapter trained on one: the full fine-tune's own engine)."""
         if run is not None and self._full_fine_tune(run):
             return self.full.ready(run.run_id)
         engine = self.engines.get(base)
         try:
+            if run is not None and (under := self._full_fine_tune_under(run)):
+                return self.full.ready(under)
             return engine is not None and engine.check_ready() is None
-        except Unavailable:
+        except (Unavailable, ApiError):
             return False
 
     # ── which model, where ──────────────────────────────────────────────────────────────────────────────────
@@ -146,6 +153,9 @@ class Gateway:
         engine = self._engine(record.model, model)
         if self._full_fine_tune(run):
             return self._full_route(run, record.model, engine, model, step)
+        under = self._full_fine_tune_under(run)
+        if under is not None:
+            engine = self._under_full_engine(under, record.model, engine, model)
         # A succeeded job's weights do not change: where the engine reads them is looked up once; so is a checkpoint's.
         served = f"{job_id}-step-{step}" if step is not None else job_id
         if served not in self._adapters:
@@ -178,12 +188,22 @@ class Gateway:
 
     def _full_route(self, run, base: str, engine: Engine, model: str, step: int | None) -> Route:
         """A full fine-tune goes to an engine of its own, which needs its catalog model's engine to be managed."""
-        refused = f"{model} is a full fine-tune, which is served by an engine of its own that this server starts"
         if step is not None:
             raise ApiError(400, f"{model}: the checkpoints of a full fine-tune are not served (each would need an "
                                 "engine of its own); call the fine-tuned model, or export the checkpoint (tunerun "
                                 "export RUN --checkpoint N) and serve it with your own vLLM", "model",
                            "model_not_served")
+        refused = f"{model} is a full fine-tune, which is served by an engine of its own that this server starts"
+        own = self._own_engine(run, base, engine, refused)
+        if run.run_id not in self._full_templates:
+            self._full_templates[run.run_id] = _run_template(run, final_weights("model"))
+        return Route(model, own, run.run_id, None, self._full_templates[run.run_id])
+
+    def _own_engine(self, run, base: str, engine: Engine, refused: str) -> Engine:
+        """The engine of the full fine-tune in ``run`` (of catalog model ``base``, whose engine is ``engine``); 400
+        ``model_not_served`` where this server cannot start one, the message led by ``refused``."""
+        if isinstance(self.full, KubernetesEngines) and self.full.serves(base):  # objects, not a process
+            return self.full.engine(run.run_id, base)
         if not isinstance(engine, ManagedEngine):
             raise ApiError(400, f"{refused}, and {base}'s engine is external (inference.engines.{base}.external): this "
                                 f"server starts no process for it. Give {base} a managed engine, or serve the "
@@ -192,10 +212,30 @@ class Gateway:
             raise ApiError(400, f"{refused}, and this server starts none: its admin turns them on with "
                                 "inference.full_fine_tunes: {max_engines, idle_stop_s} in server.yaml", "model",
                            "model_not_served")
-        if run.run_id not in self._full_templates:
-            self._full_templates[run.run_id] = _run_template(run, final_weights("model"))
-        own = self.full.engine(run.run_id, base, engine.settings, lambda: self._local_model(run), engine.log.parent)
-        return Route(model, own, run.run_id, None, self._full_templates[run.run_id])
+        return self.full.engine(run.run_id, base, engine.settings, lambda: self._local_model(run), engine.log.parent)
+
+    def _full_fine_tune_under(self, run) -> str | None:
+        """The job id of the full fine-tune whose weights the (succeeded, adapter) job in ``run`` trained on: its
+        job.yaml's ``model.path`` is that run's ``final/model`` in this server's storage. None: it trained on its
+        catalog model (a run with no job.yaml, written by hand, is taken as such)."""
+        if run.run_id not in self._trained_on:
+            try:
+                self._trained_on[run.run_id] = _full_fine_tune_under(run) if run.exists(JOB) else None
+            except UnreadableJob as exc:  # which weights it needs is not known: serving it on a guess could be wrong
+                raise ApiError(400, f"{fine_tuned_model(self.service.jobs.record(run))} cannot be served: "
+                                    f"{tenant_text(str(exc))}", "model", "model_not_served") from None
+        return self._trained_on[run.run_id]
+
+    def _under_full_engine(self, under: str, base: str, engine: Engine, model: str) -> Engine:
+        """The engine an adapter trained on the full fine-tune ``under`` is loaded into: that fine-tune's own."""
+        found = self.service.jobs.index.find(under)
+        refused = (f"{model} is an adapter trained on the full fine-tune "
+                   f"{fine_tuned_model(found[1]) if found else under}, so it is served on that model's own engine, "
+                   "which this server starts")
+        gone = found is None or self.service.jobs.known_state(found[0]) != "succeeded"
+        if gone or not self._full_fine_tune(found[0]):
+            raise ApiError(400, f"{refused}; its weights are no longer there to serve", "model", "model_not_served")
+        return self._own_engine(found[0], base, engine, refused)
 
     def _local_model(self, run) -> str:
         """The folder of a full fine-tune's weights on this host, which a managed engine reads: one on S3 is copied
@@ -427,6 +467,19 @@ def _unavailable(message: str, retry_after: int | None) -> ApiError:
 def _model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
                     "model_not_found")
+
+
+def _full_fine_tune_under(run) -> str | None:
+    """`Gateway._full_fine_tune_under`, read from the run's job.yaml."""
+    trained_on = read_job(run).spec.model.path.rstrip("/")
+    weights = final_weights("model")
+    folder, ends, rest = trained_on.rpartition(f"/{weights}")
+    under = folder.rsplit("/", 1)[-1]
+    if not ends or rest or not JOB_ID.fullmatch(under):
+        return None
+    full = RunFolder(run.storage, under).uri(weights)
+    same = Path(full).resolve() == Path(trained_on).resolve() if run.is_local else full == trained_on
+    return under if same else None
 
 
 def _run_template(run, weights: str) -> ChatTemplate:

@@ -6,7 +6,10 @@ chat completions of the fine-tuned model on the held-out prompts give what tuner
 model; a model still training is refused; an engine killed mid-stream gives the client an error and is started
 again, the adapter loaded anew; a server started again loads the adapter on first use. A second catalog model's job
 is a full fine-tune: its first request starts an engine of its own (503 with Retry-After), which then answers as
-the run's evaluation did, stops after `idle_stop_s` without a request and starts again on the next one.
+the run's evaluation did, stops after `idle_stop_s` without a request and starts again on the next one. A LoRA job
+trained on top of that full fine-tune (its ``ft:`` model as the base, once the admin's spec trains adapters) is
+served on the full fine-tune's engine and answers as its own evaluation did. Last, the server is SIGKILLed: its
+engines' process groups are gone soon after, their ports free.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from browser import launch_chromium, sign_in
 from processes import group_pids
 from serve_process import start_with_keys, stop_drivers
@@ -49,6 +53,15 @@ FULL_TEMPLATE = TEMPLATE.replace("name: support\n", "name: support-full\n").repl
     "method: {{kind: lora, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}", "method: {{kind: full, zero: {{stage: 3}}}}") \
     .replace("max_steps: 48", f"max_steps: {FULL_STEPS}").replace("learning_rate: 3.0e-3", "learning_rate: 1.0e-3") \
     .replace("every_steps: 48", f"every_steps: {FULL_STEPS}")
+# A LoRA job on top of the full fine-tune: support-full's spec, as its admin turns it to adapters, a few steps
+ON_FULL_STEPS = 8
+ON_FULL_TEMPLATE = FULL_TEMPLATE.replace("method: {{kind: full, zero: {{stage: 3}}}}",
+                                         "method: {{kind: lora, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}") \
+    .replace(f"max_steps: {FULL_STEPS}", f"max_steps: {ON_FULL_STEPS}") \
+    .replace("learning_rate: 1.0e-3", "learning_rate: 3.0e-3").replace(f"every_steps: {FULL_STEPS}",
+                                                                       f"every_steps: {ON_FULL_STEPS}")
+# The catalog engines' LoRA options, which hold for the full fine-tunes' engines too (they run with LoRA on)
+LORA_EXTRA_ARGS = "[--max-cpu-loras, '8']"
 IDLE_STOP_S = 15  # a full fine-tune's engine stops after this long without a request
 HELD_OUT = 50  # prompts the run's evaluation generates for, and the service answers
 TURN = re.compile(r"<\|(system|user|assistant)\|>\n(.*?)\n(?=<\|)", re.S)
@@ -71,7 +84,7 @@ def served(tmp_path_factory, tiny_model_dir, free_port, tunerun, vllm_python):
     (root / "support-full.yaml").write_text(FULL_TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))
     engine_port = free_port()
     managed = (f"{{managed: {{python: {vllm_python}, port_min: {engine_port}, port_max: {engine_port + 40}, "
-               "dtype: float32, max_model_len: 512, kv_cache_gib: 1}}")
+               f"dtype: float32, max_model_len: 512, kv_cache_gib: 1, extra_args: {LORA_EXTRA_ARGS}}}}}")
     (root / "server.yaml").write_text(
         "storage: {uri: ./runs}\nmodels:\n  support-tiny: {job: support.yaml}\n  support-full: {job: support-full.yaml}"
         f"\ninference:\n  max_n: 2\n  full_fine_tunes: {{max_engines: 1, idle_stop_s: {IDLE_STOP_S}}}\n  engines:\n"
@@ -439,6 +452,43 @@ def test_an_idle_full_fine_tune_engine_stops_and_the_next_request_starts_it_agai
     assert chat(patient, job.fine_tuned_model, prompts[0]["messages"]) == answer
 
 
+def engine_adapters(engine: dict) -> list[str]:
+    """The adapters loaded into a running engine (vLLM lists them beside its model)."""
+    with urllib.request.urlopen(engine["url"] + "/v1/models", timeout=10) as answer:
+        return [m["id"] for m in json.loads(answer.read())["data"] if m.get("parent")]
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_a_full_fine_tune_is_served_on_its_engine_as_evaluated(served, full_tuned,
+                                                                                    tiny_model_dir):
+    """OpenAI users continue training an ``ft:`` model: here a LoRA job on the full fine-tune's final/model. Its
+    adapter goes to the full fine-tune's own engine (LoRA on, the catalog's LoRA options kept) and answers greedily
+    as the run's evaluation generated; the catalog model's engine, whose weights it was not trained on, never
+    loads it."""
+    full, full_run, _ = full_tuned
+    root, server, keys = served
+    spec = root / "support-full.yaml"
+    trains_full = spec.read_text()
+    spec.write_text(ON_FULL_TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))  # the catalog's base
+    try:
+        server.stop()  # the catalog's specs are read when the server starts
+        server.start()
+        job = trained(served, full.fine_tuned_model, suffix="on-full")
+    finally:
+        spec.write_text(trains_full)
+    run = root / "runs" / job.id
+    trained_on = yaml.safe_load((run / "job.yaml").read_text())["spec"]["model"]["path"]
+    assert Path(trained_on) == (full_run / "final" / "model").resolve()
+    prompts = held_out(run, steps=ON_FULL_STEPS)
+    patient = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=keys["acme"], max_retries=30,
+                            timeout=120)  # honours Retry-After while the full fine-tune's engine starts
+    chat(patient, job.fine_tuned_model, prompts[0]["messages"])
+    engines = health(served)["engines"]
+    assert engines[full.id]["state"] == "ready" and engine_adapters(engines[full.id]) == [job.id]
+    assert_answers_as_evaluated(client(served), job.fine_tuned_model, run, prompts, ON_FULL_STEPS)
+    assert job.id not in engine_adapters(wait_for_engine(served, name="support-full"))
+
+
 @pytest.mark.slow
 def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned, full_tuned):
     job, run, prompts = tuned
@@ -454,3 +504,16 @@ def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned, full_t
     assert full_tuned[0].id not in health(served)["engines"]  # none runs until its next request
     wait_for_engine(served)
     assert chat(api, job.fine_tuned_model, prompts[1]["messages"]) == first
+
+
+@pytest.mark.slow
+def test_engines_die_with_a_server_that_was_sigkilled(served):
+    """Last in the module: it kills the module's server. A SIGKILLed server cannot stop its engines; each engine's
+    launcher is signalled by the kernel as the server dies and takes its process group down (vLLM, its engine
+    core): nothing of them is left within 30 s, and their ports are free."""
+    root, server, keys = served
+    engines = [wait_for_engine(served, name=name) for name in ("support-tiny", "support-full")]
+    assert all(group_pids(engine["pid"]) for engine in engines)
+    server.kill()
+    for engine in engines:
+        engine_stopped(engine)

@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -276,20 +278,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int)
 parser.add_argument("--model")
+parser.add_argument("--enable-lora", action="store_true")
 options, _ = parser.parse_known_args()
+loaded = {}  # adapter name -> the folder it was loaded from
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.answer({})
+    def do_GET(self):  # /health, and /v1/models: the loaded adapters, as vLLM lists them
+        self.answer({"data": [{"id": name, "root": path} for name, path in loaded.items()]})
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
-        self.answer({"choices": [{"index": 0, "text": options.model, "finish_reason": "stop"}]})
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path == "/v1/load_lora_adapter":
+            if not options.enable_lora:  # as vLLM refuses it
+                return self.answer({"object": "error", "message": "LoRA is not enabled"}, 400)
+            loaded[body["lora_name"]] = body["lora_path"]
+            return self.answer({})
+        # a completion says which weights and which adapter made it
+        made_by = {"weights": options.model, "model": body["model"], "adapter": loaded.get(body["model"])}
+        self.answer({"choices": [{"index": 0, "text": json.dumps(made_by), "finish_reason": "stop"}]})
 
-    def answer(self, body):
+    def answer(self, body, status=200):
         data = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -350,7 +361,7 @@ def test_full_fine_tune_engines_make_room_for_a_new_one_and_stop_when_idle(tmp_p
         wait_until(lambda: first.state == "ready")
         command = " ".join(first.command(9150))
         assert f"--model {tmp_path / 'ftjob-first'} --served-model-name ftjob-first" in command
-        assert "--enable-lora" not in command and "--gpu-memory-utilization 0.3" in command  # its own share
+        assert "--gpu-memory-utilization 0.3" in command  # its own share
         assert first.environment()["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the catalog model's engine's
         first.begin()  # a request in flight: the one engine allowed is in use
         with pytest.raises(Unavailable, match=r"at most 1 engine\(s\).*inference.full_fine_tunes.max_engines"):
@@ -406,4 +417,108 @@ def test_a_full_fine_tune_on_s3_is_copied_to_this_host_once_as_its_engine_starts
         copy = tmp_path / "cache" / "serve" / "models" / job
         assert (copy / "model.safetensors").read_bytes() == b"weights" * 1000 and (copy / "config.json").is_file()
         answer = chat().json()  # the stand-in answers with the folder it was started on
-        assert answer["choices"][0]["message"]["content"] == str(copy)
+        assert json.loads(answer["choices"][0]["message"]["content"])["weights"] == str(copy)
+
+
+def test_a_full_fine_tunes_engine_is_the_catalog_engines_command_with_its_weights_and_lora_on():
+    """Adapters trained on a full fine-tune are loaded into its engine, so it runs with LoRA on, as the catalog
+    model's does; the catalog engine's LoRA options (which vLLM refuses without --enable-lora) hold for it too."""
+    lora_options = ["--max-cpu-loras", "16", "--lora-dtype", "bfloat16", "--enable-lora"]
+    base = ManagedEngineSettings(python="/opt/vllm/bin/python", max_loras=8, max_lora_rank=32,
+                                 extra_args=["--tensor-parallel-size", "2", *lora_options])
+    catalog = ManagedEngine("support-8b", base, "/models/llama-8b", "/tmp/logs")
+    pool = FullFineTuneEngines(FullFineTuneSettings())
+    own = pool.engine("ftjob-full", "support-8b", base, lambda: "/runs/ftjob-full/final/model", "/tmp/logs")
+    own.model_path = own.weights()  # what its start does
+    command = own.command(8123)
+    expected = catalog.command(8123)
+    for name, mine in (("--model", "/runs/ftjob-full/final/model"), ("--served-model-name", "ftjob-full")):
+        at = expected.index(name) + 1
+        expected[at] = mine
+    assert command == expected
+    assert " ".join(command).endswith("--enable-lora --max-loras 8 --max-lora-rank 32 --dtype bfloat16 "
+                                      "--max-model-len 2048 --tensor-parallel-size 2 " + " ".join(lora_options))
+    # the process started is the launcher, which starts that command and dies with this server
+    launched = own.launch_command(8123)
+    assert launched[:2] == ["/opt/vllm/bin/python", "-c"] and launched[3] == str(os.getpid())
+    assert launched[5:] == command[1:]
+
+
+def succeed(served, job_id: str, weights: str, files: dict[str, str]) -> None:
+    """What the trainer leaves when a job succeeds: its final weights (``final/<weights>``) and run.json."""
+    from tunerun.cluster.runs import RunState, record_outcome
+
+    run = RunFolder(served.config.storage, job_id)
+    for name, text in files.items():
+        run.write_text(f"{final_weights(weights)}/{name}", text)
+    record_outcome(run, RunState.SUCCEEDED)
+
+
+def test_an_adapter_trained_on_a_full_fine_tune_is_served_on_that_fine_tunes_engine(served, keys, tmp_path,
+                                                                                    monkeypatch):
+    """A LoRA job created from a full fine-tune's ``ft:`` model trained on its final/model (the job.yaml says so):
+    its adapter is loaded into the full fine-tune's own engine, never into the catalog model's, whose weights it
+    was not trained on. Where that engine cannot run, the request is refused by name."""
+    from service_calls import TICKETS, client, upload
+
+    from tunerun.cluster import targets
+    from tunerun.jobs.loader import load_job_text
+    from tunerun.jobs.service.config import UPLOAD_PLACEHOLDER
+
+    monkeypatch.setenv("PYTHONPATH", stand_in_vllm(tmp_path))
+    server_yaml(tmp_path, f"inference:\n  full_fine_tunes: {{max_engines: 1}}\n  engines:\n    support-tiny: "
+                          f"{{managed: {{python: {sys.executable}, port_min: 9230, port_max: 9260}}}}\n")
+    config = load_server_config(tmp_path / "server.yaml")
+
+    def retemplate(kind: str) -> None:  # the admin's catalog spec trains full fine-tunes, then LoRA adapters
+        text = config.texts["support-tiny"].replace("method: {kind: lora}", f"method: {{kind: {kind}}}")
+        config.texts["support-tiny"] = text
+        config.templates["support-tiny"] = load_job_text(text, "support.yaml", [f"data.train={UPLOAD_PLACEHOLDER}"],
+                                                         model=targets.job_model())
+
+    app = create_app(config)
+    api = client(app, keys["acme"])  # no lifespan yet: the jobs are created, not started
+    tickets = upload(app, keys["acme"], "acme", TICKETS)
+    retemplate("full")
+    full = api.fine_tuning.jobs.create(model="support-tiny", training_file=tickets.id, suffix="full")
+    succeed(served, full.id, "model", {"config.json": "{}"})
+    full_model = api.fine_tuning.jobs.retrieve(full.id).fine_tuned_model
+    retemplate("lora")
+    on_full = api.fine_tuning.jobs.create(model=full_model, training_file=tickets.id, suffix="on-full")
+    succeed(served, on_full.id, "adapter", {ADAPTER_CONFIG: "{}"})
+    model = api.fine_tuning.jobs.retrieve(on_full.id).fine_tuned_model
+    runs = tmp_path / "runs"
+    auth = {"Authorization": f"Bearer {keys['acme']}"}
+    with TestClient(app) as served_app:
+        def chat():
+            return served_app.post("/v1/chat/completions", headers=auth,
+                                   json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+        def engines() -> dict:
+            return served_app.get("/healthz").json()["engines"]
+
+        starting = chat()  # the full fine-tune's engine was not running: this request started it
+        assert starting.status_code == 503 and "started it" in starting.json()["error"]["message"]
+        assert engines()[full.id]["kind"] == "full_fine_tune"
+        wait_until(lambda: engines()[full.id]["state"] == "ready" and engines()["support-tiny"]["state"] == "ready")
+        listed = {m["id"]: m["tunerun"]["callable"] for m in served_app.get("/v1/models", headers=auth).json()["data"]}
+        assert listed[model] is listed[full_model] is True
+        answer = chat()
+        assert answer.status_code == 200, answer.text
+        made_by = json.loads(answer.json()["choices"][0]["message"]["content"])
+        assert made_by["model"] == on_full.id  # the adapter's name in the engine: the job's id
+        assert Path(made_by["weights"]).resolve() == (runs / full.id / "final" / "model").resolve()
+        assert Path(made_by["adapter"]).resolve() == (runs / on_full.id / "final" / "adapter").resolve()
+        loaded = {name: [m["id"] for m in httpx.get(engine["url"] + "/v1/models").json()["data"]]
+                  for name, engine in engines().items()}
+        assert loaded == {full.id: [on_full.id], "support-tiny": []}  # the catalog engine was never given it
+    # the catalog model's engine is external: this server cannot start the full fine-tune's engine, nor serve
+    # its adapters
+    server_yaml(tmp_path, "inference: {full_fine_tunes: {}, engines: {support-tiny: {external: {url: "
+                          "'http://127.0.0.1:9', adapters: /adapters}}}}\n")
+    with TestClient(create_app(load_server_config(tmp_path / "server.yaml"))) as app:
+        error = app.post("/v1/chat/completions", headers=auth, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}]}).json()["error"]
+    assert error["code"] == "model_not_served" and error["param"] == "model"
+    assert f"an adapter trained on the full fine-tune {full_model}" in error["message"]
+    assert "inference.engines.support-tiny.external" in error["message"]

@@ -7,6 +7,7 @@ DPO training itself is tests/trainer/test_dpo.py and tests/e2e/test_preference.p
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import openai
@@ -223,3 +224,27 @@ def test_dpo_on_a_fine_tuned_model_starts_from_its_adapter_and_other_projects_ca
         client(app, keys["other"]).fine_tuning.jobs.create(model=name, training_file=pairs.id,
                                                            method={"type": "dpo"})
     assert hidden.value.body["code"] == "model_not_found"
+
+
+def test_a_lora_trained_on_a_full_fine_tune_is_continued_on_that_fine_tunes_weights(app, keys, served, pairs,
+                                                                                      tickets):
+    """Full fine-tune → LoRA on it → DPO on that LoRA: the adapter is continued on the weights it was trained on
+    (the full fine-tune's final/model), not on the catalog model's (where it would mean something else)."""
+    from tunerun.cluster.run_folder import RunFolder
+    from tunerun.cluster.runs import RunState, record_outcome
+
+    acme = client(app, keys["acme"])
+    retemplate(served, "method: {kind: lora}", "method: {kind: full}")
+    full = acme.fine_tuning.jobs.create(model=MODEL, training_file=tickets.id, suffix="full")
+    shutil.copytree(served.templates[MODEL].model.path, Path("runs") / full.id / "final" / "model")
+    record_outcome(RunFolder(served.config.storage, full.id), RunState.SUCCEEDED)
+    retemplate(served, "method: {kind: full}", "method: {kind: lora}")
+    lora = acme.fine_tuning.jobs.create(model=f"ft:{MODEL}:acme:full:{full.id}", training_file=tickets.id,
+                                        suffix="lora")
+    full_weights = str((Path("runs") / full.id / "final" / "model").absolute())
+    assert spec_of(lora)["model"]["path"] == full_weights and spec_of(lora)["model"].get("adapter") is None
+    succeed_with_adapter(lora.id, served)
+    dpo = acme.fine_tuning.jobs.create(model=f"ft:{MODEL}:acme:lora:{lora.id}", training_file=pairs.id,
+                                       method={"type": "dpo"})
+    assert spec_of(dpo)["model"]["path"] == full_weights
+    assert spec_of(dpo)["model"]["adapter"] == str((Path("runs") / lora.id / "final" / "adapter").absolute())

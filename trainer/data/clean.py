@@ -20,7 +20,6 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
-from datasketch import MinHash
 
 PII_KINDS = ("email", "phone", "ip_address", "iban", "credit_card")
 # Report kinds, each the placeholder's entity in lower case except this one: a bad-checksum IBAN is <IBAN> too.
@@ -43,6 +42,7 @@ IBAN_LENGTHS = {
 
 _INNER_BLANKS = re.compile(r"(?<=\S)[ \t\f\v\u00a0]{2,}|(?<=\S)[\t\f\v\u00a0]")
 _TRAILING_BLANKS = re.compile(r"[ \t\f\v\u00a0]+$", re.MULTILINE)
+_ODD_BLANKS = ("\t", "\f", "\v", "\u00a0")
 _PUNCTUATION = re.compile(r"[^\w\s]")
 _DIGIT = re.compile(r"\d")
 
@@ -73,8 +73,11 @@ def normalize_text(text: str) -> str:
     if not unicodedata.is_normalized("NFKC", text):  # a quick check in C; most text already is
         text = unicodedata.normalize("NFKC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _TRAILING_BLANKS.sub("", text)
-    return _INNER_BLANKS.sub(" ", text).strip()
+    # Both patterns need two blanks in a row, a blank other than a space, or a blank ending a line: substring
+    # checks at C speed skip them for most texts (the regexes, with their lookbehinds, cost ~15 µs per text).
+    if "  " in text or " \n" in text or text.endswith(" ") or any(blank in text for blank in _ODD_BLANKS):
+        text = _INNER_BLANKS.sub(" ", _TRAILING_BLANKS.sub("", text))
+    return text.strip()
 
 
 def exact_key(parts: list[str]) -> str:
@@ -214,41 +217,98 @@ def digest(text: str) -> bytes:
 # 64 permutations estimate a Jaccard of 0.85 within ±0.045 (1 sd); 128 would halve LSH speed for ±0.03.
 MINHASH_PERMUTATIONS = 64
 SHINGLE_WORDS = 3
-_TEMPLATE: MinHash | None = None
+MINHASH_SEED = 1
+# (bands, rows) of `band_layout` at the spec's default threshold, as datasketch's optimiser finds them: it runs
+# scipy, whose import costs a second in every process. tests/trainer/data checks them against datasketch.
+_STORED_LAYOUTS = {0.85: (8, 8)}
+
+
+@functools.lru_cache(maxsize=1)
+def _permutations() -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's ``MinHash(num_perm=64, seed=1)`` permutations (its default scheme, affine32: ``a·h + b`` mod 2³²,
+    ``a`` odd), drawn the way it draws them, so signatures equal those of datasketch (tests/trainer/data checks)."""
+    gen = np.random.RandomState(MINHASH_SEED)
+    a = gen.randint(0, 1 << 31, MINHASH_PERMUTATIONS, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, MINHASH_PERMUTATIONS, dtype=np.uint32)
+    return a, b
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer, which datasketch applies to each input hash before the permutations."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def minhash_signatures(texts: list[str]) -> np.ndarray:
+    """MinHash of the word 3-grams of each text (already near-normalised): one row of 64 uint32 hash values each.
+
+    The values are those of datasketch's ``MinHash(num_perm=64, seed=1, hashfunc=zlib.crc32)`` fed the set of
+    UTF-8 shingles, computed for many texts in one numpy pass: datasketch builds a sketch object per text, which
+    cost more than the hashing. crc32 rather than sha1: 3× faster, deterministic across processes, and the
+    permutations applied on top spread its values well enough for similarity estimates.
+    """
+    hashes, starts = [], []
+    for text in texts:
+        starts.append(len(hashes))
+        words = text.split()
+        # A list, not a set: a repeated shingle cannot change a minimum.
+        hashes += [zlib.crc32(" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8", "surrogatepass"))
+                   for i in range(max(1, len(words) - SHINGLE_WORDS + 1))]
+    if not texts:
+        return np.empty((0, MINHASH_PERMUTATIONS), dtype=np.uint32)
+    a, b = _permutations()
+    permuted = _fmix32(np.asarray(hashes, dtype=np.uint32))[:, None] * a + b  # wraps: mod 2³²
+    return np.minimum.reduceat(permuted, np.asarray(starts), axis=0)
 
 
 def minhash_signature(text: str) -> np.ndarray:
-    """MinHash of the word 3-grams of ``text`` (already near-normalised): its hash values.
-
-    crc32 rather than datasketch's default sha1: it is 3× faster, deterministic across processes, and the
-    permutations applied on top spread its values well enough for similarity estimates.
-    """
-    global _TEMPLATE
-    if _TEMPLATE is None:  # drawing the permutations is the slow part of building a MinHash; do it once
-        _TEMPLATE = MinHash(num_perm=MINHASH_PERMUTATIONS, seed=1, hashfunc=zlib.crc32)
-    words = text.split()
-    shingles = {" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8", "surrogatepass")
-                for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
-    m = MinHash(permutations=_TEMPLATE.permutations, scheme=_TEMPLATE.scheme, hashfunc=zlib.crc32,
-                num_perm=MINHASH_PERMUTATIONS)
-    m.update_batch(shingles)
-    return m.hashvalues
+    """`minhash_signatures` of one text."""
+    return minhash_signatures([text])[0]
 
 
 @functools.lru_cache(maxsize=8)
 def band_layout(threshold: float) -> tuple[tuple[int, int], ...]:
     """[start, end) of each band of a signature, for `FuzzyIndex` at ``threshold`` (see there why lower)."""
+    bands, rows = _STORED_LAYOUTS.get(threshold) or _optimal_layout(max(0.5, threshold - 0.15))
+    return tuple((i * rows, (i + 1) * rows) for i in range(bands))
+
+
+def _optimal_layout(threshold: float) -> tuple[int, int]:
     from datasketch import MinHashLSH
 
-    layout = MinHashLSH(threshold=max(0.5, threshold - 0.15), num_perm=MINHASH_PERMUTATIONS)
-    return tuple((i * layout.r, (i + 1) * layout.r) for i in range(layout.b))
+    lsh = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
+    return lsh.b, lsh.r
+
+
+# Odd 64-bit multipliers, one per signature position, that mix a band's values into one key.
+_BAND_MIX = np.random.RandomState(2).randint(0, 1 << 62, MINHASH_PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + 1
+
+
+def band_keys_of(signatures: np.ndarray, threshold: float) -> list[tuple[int, ...]]:
+    """One 64-bit key per band of each row of ``signatures``: equal bands give equal keys. Deterministic, unlike
+    Python's `hash` (which differs per process): worker processes compute these and the process that deduplicates
+    looks them up. Two different bands may share a key; `FuzzyIndex` checks every candidate's similarity, so that
+    costs a comparison, never a record."""
+    mixed = signatures.astype(np.uint64) * _BAND_MIX  # wraps: mod 2⁶⁴
+    columns = [_fmix64(mixed[:, start:end].sum(axis=1, dtype=np.uint64) + np.uint64(end - start))
+               for start, end in band_layout(threshold)]
+    return list(zip(*(c.tolist() for c in columns))) if columns else [() for _ in signatures]
 
 
 def band_keys(signature: np.ndarray, threshold: float) -> tuple[int, ...]:
-    """One 64-bit key per band of ``signature``. A keyed hash, not Python's `hash`, which differs per process:
-    worker processes compute these and the process that deduplicates looks them up."""
-    return tuple(int.from_bytes(hashlib.blake2b(signature[start:end].tobytes(), digest_size=8).digest(), "little")
-                 for start, end in band_layout(threshold))
+    """`band_keys_of` one signature."""
+    return band_keys_of(signature[None, :], threshold)[0]
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
 
 
 class FuzzyIndex:

@@ -63,8 +63,16 @@ NOT_NAMES = frozenset("""
 """.split())
 
 
+# What every rule's match contains: a cue (or a title, or "--") followed by separators and a name's capital. One
+# pass of it costs what one rule does; most texts have no such spot, and then no rule can match, so none runs.
+# (Where it finds one, all rules run in order as before: a rule that changed nothing leaves the next the same text.)
+_ANY_CUE = regex.compile(rf"(?:\b(?:{_GREETING}|{_SIGN_OFF}|{_INTRO}|{_TITLE})|--)[ \t,!.:–—\n-]*\p{{Lu}}")
+
+
 def mask_names(text: str, counts: dict[str, int]) -> str:
     """Replace the names the rules find with ``<PERSON>``; counts them under ``person``."""
+    if _ANY_CUE.search(text) is None:
+        return text
     for rule in RULES:
         text = rule.sub(lambda m: _masked(m, counts), text)
     return text

@@ -49,8 +49,8 @@ import numpy as np
 from tunerun.cluster.run_folder import EVAL_FILE, TRAIN_FILE
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import RULE_ENTITIES
-from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, band_keys, custom_rules, digest,
-                                      exact_key, mask_custom, mask_pii, minhash_signature, near_key, normalize_text)
+from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, band_keys_of, custom_rules, digest,
+                                      exact_key, mask_custom, mask_pii, minhash_signatures, near_key, normalize_text)
 from tunerun.trainer.data.names import mask_names
 from tunerun.trainer.data.formats import (PREFERENCE_FORMATS, Conversation, detect_format, to_conversation,
                                           trainable)
@@ -179,13 +179,17 @@ def _process_chunk(rows: list, ctx: _Context) -> list[_Outcome]:
             outcome.error = str(e)
     if ctx.ner_entities and cleaned:
         _mask_entities(cleaned, ctx)
+    shingled = []  # (outcome, the text its MinHash signature is of)
     for outcome, conversation in cleaned:
         try:
-            _key(conversation, ctx, outcome)
+            said = _key(conversation, ctx, outcome)
             if not (outcome.empty or outcome.equal_answers):
                 rendered.append((outcome, ctx.objective.render(conversation, ctx.tokenizer)))
+                if said is not None:
+                    shingled.append((outcome, said))
         except DataError as e:
             outcome.error = str(e)
+    _sign(shingled, ctx)
     for (outcome, _), example in zip(rendered, ctx.objective.encode([r for _, r in rendered], ctx.tokenizer)):
         outcome.example = example
     return outcomes
@@ -246,25 +250,40 @@ def _mask_entities(cleaned: list[tuple[_Outcome, Conversation]], ctx: _Context) 
         _visit_texts(conversation, lambda _: next(masked))
 
 
-def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> None:
-    """Empty or not, and the keys that recognise copies; from the cleaned text, so masked values don't count."""
+def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> str | None:
+    """Empty or not, and the keys that recognise copies; from the cleaned text, so masked values don't count.
+    Returns the text to take the MinHash signature of (None: no fuzzy dedup), which `_sign` does for a chunk."""
     messages = conversation.messages
     if not any(trainable(m) and (m["content"] or m.get("tool_calls")) for m in messages):
         outcome.empty = True
-        return
+        return None
     if conversation.is_pair and _said(messages[conversation.answer_start:]) == _said(conversation.rejected):
         outcome.equal_answers = True  # nothing to prefer (often two answers that differed only in masked PII)
-        return
+        return None
     # A pair is a copy of another when prompt and both answers are: the rejected answer is part of its key.
     messages = conversation.all_messages()
-    parts = [f"{m['role']}: {m['content']}" + json.dumps(m.get("tool_calls", ""), sort_keys=True) for m in messages]
-    outcome.exact = digest(exact_key(parts) + json.dumps(conversation.tools, sort_keys=True))
+    parts = [f"{m['role']}: {m['content']}" + _json_key(m.get("tool_calls", "")) for m in messages]
+    outcome.exact = digest(exact_key(parts) + _json_key(conversation.tools))
     outcome.near = digest(near_key(parts))
-    if ctx.fuzzy:
-        # System prompts repeat by design (often longer than the reply): they would make every record alike.
-        said = [p for m, p in zip(messages, parts) if m["role"] != "system"]
-        outcome.signature = minhash_signature(near_key(said).replace("\x1f", " "))
-        outcome.bands = band_keys(outcome.signature, ctx.clean.near_dedup_threshold)
+    if not ctx.fuzzy:
+        return None
+    # System prompts repeat by design (often longer than the reply): they would make every record alike.
+    return near_key([p for m, p in zip(messages, parts) if m["role"] != "system"]).replace("\x1f", " ")
+
+
+def _json_key(value) -> str:
+    """``json.dumps(value, sort_keys=True)``, without the call for the values most messages hold."""
+    return '""' if value == "" else "[]" if value == [] else json.dumps(value, sort_keys=True)
+
+
+def _sign(shingled: list[tuple[_Outcome, str]], ctx: _Context) -> None:
+    """MinHash signatures and their band keys for a chunk's records, in one numpy pass."""
+    if not shingled:
+        return
+    signatures = minhash_signatures([text for _, text in shingled])
+    for (outcome, _), signature, bands in zip(shingled, signatures,
+                                              band_keys_of(signatures, ctx.clean.near_dedup_threshold)):
+        outcome.signature, outcome.bands = signature, bands
 
 
 def _said(answer: list[dict]) -> list:
@@ -685,7 +704,8 @@ def count_cleaning(path: Path, clean: CleanSpec) -> DataReport:
                 _visit_texts(conversation, lambda text, counts=outcome.pii: _clean_text(text, ctx, counts))
                 if ctx.ner_entities:
                     _mask_entities([(outcome, conversation)], ctx)
-                _key(conversation, ctx, outcome)
+                said = _key(conversation, ctx, outcome)
+                _sign([(outcome, said)] if said is not None else [], ctx)
             except DataError as exc:
                 outcome.error = str(exc)
         if outcome.error is not None:

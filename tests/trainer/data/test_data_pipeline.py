@@ -79,6 +79,29 @@ def test_minhash_removes_reworded_copies_at_the_threshold(tokenizer, tmp_path):
     assert prepare_data(off, tokenizer, seed=0).report.fuzzy_duplicates == 0
 
 
+def test_minhash_signatures_and_band_layout_are_datasketchs():
+    """The numpy MinHash gives datasketch's values for the same shingles (prepared data cached before it stay
+    valid), and the stored band layout is the one datasketch's optimiser picks for the default threshold."""
+    import zlib
+
+    from datasketch import MinHash, MinHashLSH
+
+    from tunerun.trainer.data import clean
+
+    rng = random.Random(3)
+    texts = [" ".join(rng.choice(STORY.split() + ["é", "日本"]) for _ in range(rng.randint(0, 30)))
+             for _ in range(50)] + ["", "one", "two words"]
+    template = MinHash(num_perm=clean.MINHASH_PERMUTATIONS, seed=clean.MINHASH_SEED, hashfunc=zlib.crc32)
+    for text, signature in zip(texts, clean.minhash_signatures(texts)):
+        words = text.split()
+        sketch = template.copy()
+        sketch.update_batch({" ".join(words[i:i + 3]).encode() for i in range(max(1, len(words) - 2))})
+        assert signature.tolist() == sketch.hashvalues.tolist(), text
+    default = CleanSpec().near_dedup_threshold
+    lsh = MinHashLSH(threshold=default - 0.15, num_perm=clean.MINHASH_PERMUTATIONS)
+    assert clean.band_layout(default) == tuple((i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b))
+
+
 def test_contamination_counts_fuzzy_copies_of_training_examples(tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [chat(STORY, "category: shipping"), chat("reset password", "login")])
     evals = write_jsonl(tmp_path / "eval.jsonl", [chat(STORY.replace("two", "four"), "category: shipping"),

@@ -8,8 +8,8 @@ ZeRO-3 gathers each layer's partitioned 4-bit weights before it computes and fre
 again in the backward pass; DDP holds the whole base and only all-reduces the adapter gradients. The ratio is
 that price, paid to fit a base that one GPU cannot hold. Step times come from ``metrics.jsonl`` (``elapsed_s``
 over the steps after the first, which includes warm-up); memory from ``memory.json``. ``--quick`` (CI's smoke test,
-tests/bench/test_benchmarks_run.py): 3 steps on 300 records, 8 held-out examples of 4 new tokens — proof that both
-modes run, not a measurement.
+tests/bench/test_benchmarks_run.py): one worker, 2 steps on 200 records, 4 held-out examples of 4 new tokens — proof
+that both modes run (ZeRO-3 partitions over one rank too), not a measurement.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few small steps: that it runs, not a figure")
     args = parser.parse_args()
     if args.quick:  # the flags given still win over the quick sizes
-        parser.set_defaults(steps=3, records=300, eval_examples=8, max_new_tokens=4)
+        parser.set_defaults(steps=2, workers=1, records=200, eval_examples=4, max_new_tokens=4)
         args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-qlora-zero3-"))
     model = _example("make_tiny_model").make_tiny_model(work / "model")

@@ -53,7 +53,29 @@ class FullFineTuneSettings(Strict):
                                        if getattr(self, name) is not None})
 
 
-class FullFineTuneEngine(ManagedEngine):
+class PooledEngine:
+    """What `FullFineTuneEngines` asks of each of its engines beyond `Engine`'s, the same for a process here
+    (`FullFineTuneEngine`) and for Kubernetes objects (`tunerun.jobs.service.k8s_engines.KubernetesFullEngine`):
+    requests go through the pool, idleness is measured alike, and stopping (seconds: vLLM's, or the API's) runs in
+    a thread of its own. The engine sets ``pool``, ``ready_at`` and ``_stopper`` and has ``stop``."""
+
+    def begin(self) -> None:
+        self.pool.begin(self)
+
+    def idle_s(self) -> float:
+        """Since a request last began or ended, or since it became ready (a start can outlast ``idle_stop_s``)."""
+        return time.monotonic() - max(self.last_used, self.ready_at)
+
+    def retire(self) -> threading.Thread:
+        """Stop it in a thread of its own; the thread, to wait for."""
+        if self._stopper is None or not self._stopper.is_alive():
+            self.state = "stopping"
+            self._stopper = threading.Thread(target=self.stop, name=f"stop-{self.model}", daemon=True)
+            self._stopper.start()
+        return self._stopper
+
+
+class FullFineTuneEngine(PooledEngine, ManagedEngine):
     """One full fine-tune's engine: the run's weights, served under the job's id, and the adapters trained on them
     loaded at run time, as into a catalog model's engine. `FullFineTuneEngines` starts it (`launch`) and stops it
     (`retire`); a request goes through `begin`, which starts it when it is not running. ``weights`` gives the folder
@@ -65,13 +87,6 @@ class FullFineTuneEngine(ManagedEngine):
         super().__init__(job_id, settings, "", log_dir)
         self.base, self.weights, self.pool, self.starts = base, weights, pool, 0
         self._stopper: threading.Thread | None = None
-
-    def begin(self) -> None:
-        self.pool.begin(self)
-
-    def idle_s(self) -> float:
-        """Since a request last began or ended, or since it became ready (a start can outlast ``idle_stop_s``)."""
-        return time.monotonic() - max(self.last_used, self.ready_at)
 
     def launch(self, after: list[threading.Thread]) -> None:
         """Start it once the engines stopping to make room for it (``after``) have stopped."""
@@ -91,14 +106,6 @@ class FullFineTuneEngine(ManagedEngine):
 
         self._thread = threading.Thread(target=supervise, name=f"engine-{self.model}", daemon=True)
         self._thread.start()
-
-    def retire(self) -> threading.Thread:
-        """Stop it in a thread of its own (vLLM takes seconds to stop); the thread, to wait for."""
-        if self._stopper is None or not self._stopper.is_alive():
-            self.state = "stopping"
-            self._stopper = threading.Thread(target=self.stop, name=f"stop-{self.model}", daemon=True)
-            self._stopper.start()
-        return self._stopper
 
     def health(self) -> dict:
         shown = super().health()

@@ -33,7 +33,7 @@ from tunerun.jobs.errors import TunerunError
 from tunerun.jobs.service.errors import ApiError
 from tunerun.jobs.service.engines import MISSES, WATCH_S, Engine, K8sEngineSettings, ManagedEngineSettings, \
     Unavailable
-from tunerun.jobs.service.full_engines import FullFineTuneEngines, FullFineTuneSettings
+from tunerun.jobs.service.full_engines import FullFineTuneEngines, FullFineTuneSettings, PooledEngine
 from tunerun.jobs.spec import Strict
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class FullFineTunesOnKubernetes(Strict):
         return settings.model_copy(update={"k8s": settings.k8s.model_copy(update=pod)})
 
 
-class KubernetesFullEngine(Engine):
+class KubernetesFullEngine(PooledEngine, Engine):
     """One full fine-tune's engine as a Deployment and a Service: what `FullFineTuneEngines` asks of an engine
     (`begin`, `launch`, `retire`, `check_ready`, `idle_s`, `health`, ``state``, ``starts``), where launching creates
     the objects and retiring deletes them. A thread follows it: ``starting`` until the Service answers ``/health``,
@@ -134,13 +134,6 @@ class KubernetesFullEngine(Engine):
         raise ApiError(400, f"this model is an adapter trained on the full fine-tune {self.model}, whose engine on "
                             "Kubernetes loads no adapters; serve the adapter with your own vLLM", "model",
                        "model_not_served")
-
-    def begin(self) -> None:
-        self.pool.begin(self)
-
-    def idle_s(self) -> float:
-        """Since a request last began or ended, or since it became ready (a start can outlast ``idle_stop_s``)."""
-        return time.monotonic() - max(self.last_used, self.ready_at)
 
     def check_ready(self) -> None:
         if self.state == "ready":
@@ -205,14 +198,6 @@ class KubernetesFullEngine(Engine):
             return self._http.get(self.url + "/health").status_code == 200
         except httpx.HTTPError:
             return False
-
-    def retire(self) -> threading.Thread:
-        """Delete its objects in a thread of its own; the thread, to wait for."""
-        if self._stopper is None or not self._stopper.is_alive():
-            self.state = "stopping"
-            self._stopper = threading.Thread(target=self.stop, name=f"stop-{self.model}", daemon=True)
-            self._stopper.start()
-        return self._stopper
 
     def stop(self) -> None:
         self.detach()

@@ -1,6 +1,9 @@
 """Process helpers for end-to-end tests that stop or kill whole process sessions (a run, a Ray node)."""
 from __future__ import annotations
 
+import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -12,6 +15,27 @@ def session_pids(sid: int) -> list[int]:
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
     return _live_pids(GROUP_FIELD, pgid)
+
+
+@contextmanager
+def stopped(sid: int):
+    """Every process of session ``sid`` (a run's driver, its Ray, its workers) held still (SIGSTOP) inside the block,
+    so that a test acts on a run at a known step on a machine of any speed."""
+    pids = session_pids(sid)
+    for pid in pids:
+        _signal(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 # /proc/<pid>/stat after the ")" that ends the command name: state, ppid, pgrp, session, …

@@ -14,11 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from processes import session_pids
+from processes import session_pids, stopped
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -64,16 +63,6 @@ def driver_pid(run: Path) -> int:
     return json.loads((run / "run.json").read_text())["local"]["pid"]
 
 
-@contextmanager
-def paused(session: int):
-    """The run's whole process group (driver, Ray, workers) stopped while the test changes the disk under it."""
-    os.killpg(session, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(session, signal.SIGCONT)
-
-
 def checkpoint_bytes(folder: Path) -> int:
     return sum(entry["size"] for entry in json.loads((folder / "manifest.json").read_text())["files"])
 
@@ -97,7 +86,7 @@ def stopped_run(tmp_path_factory, tiny_model_dir, tmpfs):
         run = disk / "runs" / "full"
         first = run / "checkpoints" / "step-000010"
         wait_for(first / "manifest.json", process)
-        with paused(driver_pid(run)):
+        with stopped(driver_pid(run)):
             size = checkpoint_bytes(first)
             fill(disk, leave=(1 << 20) + size // 2)  # 1 MiB for logs (the check's reserve) + half a checkpoint
         out, err = process.communicate(timeout=RUN_TIMEOUT_S)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from processes import session_pids
+from processes import session_pids, stopped
 from serve_process import WAIT_S, serve_models, stop_drivers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,10 @@ def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
             pytest.fail(f"job {job_id} ended {job.status} while waiting for {what}: {job.error}")
         time.sleep(1.0)
     pytest.fail(f"job {job_id} did not reach {what} within {WAIT_S} s: {job}")
+
+
+def driver_pid(root: Path, job_id: str) -> int:
+    return json.loads((root / "runs" / job_id / "run.json").read_text())["local"]["pid"]
 
 
 def assert_continued_to_the_end(api: openai.OpenAI, run: Path, job_id: str, stopped_at: int) -> None:
@@ -146,8 +150,7 @@ def test_a_long_job_is_cancelled(finished, service):
                                       hyperparameters={"n_epochs": 30})
     wait_for(api, job.id, lambda j: (j.tunerun or {}).get("step"), "a first step")
     assert api.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    pid = json.loads((service[0] / "runs" / job.id / "run.json").read_text())["local"]["pid"]
-    assert session_pids(pid) == []  # the driver and its Ray workers are gone
+    assert session_pids(driver_pid(service[0], job.id)) == []  # the driver and its Ray workers are gone
     assert api.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
 
@@ -159,11 +162,15 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
     server.kill()
     time.sleep(2)
-    server.start()  # the job trained on while no server ran: its driver is detached
-    seen = wait_for(api, job.id, lambda j: j.status == "running", "running again")
-    assert seen.tunerun["step"] >= 2
-    paused = api.fine_tuning.jobs.pause(job.id)
-    assert paused.status in ("running", "paused")
+    assert session_pids(driver_pid(root, job.id)), "the job's driver died with its server"
+    # held still until it is asked to pause: a fast machine trained all steps in the server's absence and the
+    # pause found the job done
+    with stopped(driver_pid(root, job.id)):
+        server.start()
+        seen = wait_for(api, job.id, lambda j: j.status == "running", "running again")
+        assert seen.tunerun["step"] >= 2
+        paused = api.fine_tuning.jobs.pause(job.id)
+        assert paused.status in ("running", "paused")
     paused = wait_for(api, job.id, lambda j: j.status == "paused", "paused")
     stopped_at = paused.tunerun["step"]
     assert 2 <= stopped_at < LONG and stopped_at in [c.step_number for c in
@@ -181,7 +188,7 @@ def test_a_job_resumed_after_its_paused_driver_exited_continues_the_steps(servic
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
     api.fine_tuning.jobs.pause(job.id)
     stopped_at = wait_for(api, job.id, lambda j: j.status == "paused", "paused").tunerun["step"]
-    pid = json.loads((root / "runs" / job.id / "run.json").read_text())["local"]["pid"]
+    pid = driver_pid(root, job.id)
     deadline = time.monotonic() + WAIT_S
     while session_pids(pid) and time.monotonic() < deadline:  # the driver shuts its Ray down, then exits
         time.sleep(1.0)

@@ -458,24 +458,48 @@ def engine_adapters(engine: dict) -> list[str]:
         return [m["id"] for m in json.loads(answer.read())["data"] if m.get("parent")]
 
 
+@pytest.fixture(scope="module")
+def restarted(served, tuned, full_tuned, tiny_model_dir):
+    """The server stopped and started again once for the two tests below (a restart stops and starts every engine:
+    the most expensive step of this module). Before it: an answer of the LoRA model and the engines that ran. While
+    it is down, the admin turns support-full's spec to adapters (the catalog's specs are read when the server
+    starts), so that a job created from the full fine-tune's ``ft:`` model trains a LoRA on its weights. After it:
+    the engines the server reports at once."""
+    job, run, prompts = tuned
+    root, server, keys = served
+    first = chat(client(served), job.fine_tuned_model, prompts[1]["messages"])
+    running = health(served)["engines"]
+    server.stop()  # stops its engines too: the catalog models' and a full fine-tune's
+    spec = root / "support-full.yaml"
+    trains_full = spec.read_text()
+    spec.write_text(ON_FULL_TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))  # the catalog's base
+    try:
+        server.start()
+        yield {"first": first, "before": running, "after": health(served)["engines"]}
+    finally:
+        spec.write_text(trains_full)
+
+
 @pytest.mark.slow
-def test_an_adapter_trained_on_a_full_fine_tune_is_served_on_its_engine_as_evaluated(served, full_tuned,
-                                                                                    tiny_model_dir):
+def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned, full_tuned, restarted):
+    job, run, prompts = tuned
+    for engine in restarted["before"].values():
+        if engine.get("pid"):
+            engine_stopped(engine)
+    assert full_tuned[0].id not in restarted["after"]  # none runs until its next request
+    wait_for_engine(served)
+    assert chat(client(served), job.fine_tuned_model, prompts[1]["messages"]) == restarted["first"]
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_a_full_fine_tune_is_served_on_its_engine_as_evaluated(served, full_tuned, restarted):
     """OpenAI users continue training an ``ft:`` model: here a LoRA job on the full fine-tune's final/model. Its
     adapter goes to the full fine-tune's own engine (LoRA on, the catalog's LoRA options kept) and answers greedily
     as the run's evaluation generated; the catalog model's engine, whose weights it was not trained on, never
     loads it."""
     full, full_run, _ = full_tuned
     root, server, keys = served
-    spec = root / "support-full.yaml"
-    trains_full = spec.read_text()
-    spec.write_text(ON_FULL_TEMPLATE.format(model=tiny_model_dir, held_out=HELD_OUT))  # the catalog's base
-    try:
-        server.stop()  # the catalog's specs are read when the server starts
-        server.start()
-        job = trained(served, full.fine_tuned_model, suffix="on-full")
-    finally:
-        spec.write_text(trains_full)
+    job = trained(served, full.fine_tuned_model, suffix="on-full")
     run = root / "runs" / job.id
     trained_on = yaml.safe_load((run / "job.yaml").read_text())["spec"]["model"]["path"]
     assert Path(trained_on) == (full_run / "final" / "model").resolve()
@@ -487,23 +511,6 @@ def test_an_adapter_trained_on_a_full_fine_tune_is_served_on_its_engine_as_evalu
     assert engines[full.id]["state"] == "ready" and engine_adapters(engines[full.id]) == [job.id]
     assert_answers_as_evaluated(client(served), job.fine_tuned_model, run, prompts, ON_FULL_STEPS)
     assert job.id not in engine_adapters(wait_for_engine(served, name="support-full"))
-
-
-@pytest.mark.slow
-def test_a_restarted_server_loads_the_adapter_on_first_use(served, tuned, full_tuned):
-    job, run, prompts = tuned
-    api = client(served)
-    first = chat(api, job.fine_tuned_model, prompts[1]["messages"])
-    root, server, keys = served
-    running = health(served)["engines"]
-    server.stop()  # stops its engines too: the catalog models' and a full fine-tune's
-    for engine in running.values():
-        if engine.get("pid"):
-            engine_stopped(engine)
-    server.start()
-    assert full_tuned[0].id not in health(served)["engines"]  # none runs until its next request
-    wait_for_engine(served)
-    assert chat(api, job.fine_tuned_model, prompts[1]["messages"]) == first
 
 
 @pytest.mark.slow

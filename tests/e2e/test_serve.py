@@ -24,9 +24,9 @@ from serve_process import WAIT_S, serve_models, stop_drivers
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
-# support-long's steps: enough that a job is still training after the server was killed and started again (24 were
-# done before the restarted server could pause it once a launch took 10 s less)
-LONG = 48
+# support-long's steps (an epoch of the ticket data): well after the step a test sees before it pauses the job (held
+# still meanwhile: processes.stopped), at ~0.1 s a step and the status read once a second
+LONG = 64
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
     root = tmp_path_factory.mktemp("serve")
@@ -60,7 +60,7 @@ def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
             return job
         if job.status in ("failed", "cancelled") and what not in ("failed", "cancelled"):
             pytest.fail(f"job {job_id} ended {job.status} while waiting for {what}: {job.error}")
-        time.sleep(1.0)
+        time.sleep(0.25)  # a step takes ~0.1 s: the pause tests act on a step seen early
     pytest.fail(f"job {job_id} did not reach {what} within {WAIT_S} s: {job}")
 
 
@@ -160,12 +160,12 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     root, server, _ = service
     job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
-    server.kill()
-    time.sleep(2)
-    assert session_pids(driver_pid(root, job.id)), "the job's driver died with its server"
-    # held still until it is asked to pause: a fast machine trained all steps in the server's absence and the
-    # pause found the job done
+    # held still from before the kill until it is asked to pause: a step takes ~0.1 s, and a fast machine trained
+    # every step while the server was away, so the pause found the job done
     with stopped(driver_pid(root, job.id)):
+        server.kill()
+        time.sleep(2)
+        assert session_pids(driver_pid(root, job.id)), "the job's driver died with its server"  # it is detached
         server.start()
         seen = wait_for(api, job.id, lambda j: j.status == "running", "running again")
         assert seen.tunerun["step"] >= 2
@@ -186,7 +186,8 @@ def test_a_job_resumed_after_its_paused_driver_exited_continues_the_steps(servic
     training_file = uploaded(api, TICKETS)
     job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
-    api.fine_tuning.jobs.pause(job.id)
+    with stopped(driver_pid(root, job.id)):  # so that the pause finds it running on a machine of any speed
+        api.fine_tuning.jobs.pause(job.id)
     stopped_at = wait_for(api, job.id, lambda j: j.status == "paused", "paused").tunerun["step"]
     pid = driver_pid(root, job.id)
     deadline = time.monotonic() + WAIT_S

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from processes import session_pids
+from processes import driver_pid, session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -90,7 +90,7 @@ def train_sharded_killed_and_resumed(cwd: Path, tiny_model_dir: Path, data: Path
     while not (first.exists() and _logged_steps(folder) >= SHARDED_EVERY + 2):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
-    for pid in session_pids(json.loads((folder / "run.json").read_text())["local"]["pid"]):
+    for pid in session_pids(driver_pid(folder)):
         os.kill(pid, signal.SIGKILL)
     process.communicate(timeout=60)
     shutil.rmtree(killed_env["RAY_TMPDIR"], ignore_errors=True)

@@ -1,6 +1,7 @@
 """Process helpers for end-to-end tests that stop or kill whole process sessions (a run, a Ray node)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from contextlib import contextmanager
@@ -15,6 +16,11 @@ def session_pids(sid: int) -> list[int]:
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group ``pgid``, read from /proc."""
     return _live_pids(GROUP_FIELD, pgid)
+
+
+def driver_pid(run: Path) -> int:
+    """The session of a local run's detached driver (its pid, as run.json records it)."""
+    return json.loads((run / "run.json").read_text())["local"]["pid"]
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import session_pids, stopped
+from processes import driver_pid, session_pids, stopped
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -57,10 +57,6 @@ def wait_for(path: Path, process: subprocess.Popen | None = None) -> None:
         assert process is None or process.poll() is None, f"the run ended before {path} appeared"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
-
-
-def driver_pid(run: Path) -> int:
-    return json.loads((run / "run.json").read_text())["local"]["pid"]
 
 
 def checkpoint_bytes(folder: Path) -> int:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import session_pids
+from processes import driver_pid, session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -110,7 +110,7 @@ def test_cancel_stops_every_ray_process_and_keeps_checkpoints(tmp_path, tiny_mod
     while not (run / "checkpoints" / "step-000005" / "manifest.json").exists():
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    session = json.loads((run / "run.json").read_text())["local"]["pid"]
+    session = driver_pid(run)
     cancelled = subprocess.run([*cli, "cancel", "cx", "--storage", str(tmp_path / "runs")], capture_output=True,
                                text=True, timeout=60)
     assert cancelled.returncode == 0 and "cancelled cx" in cancelled.stdout

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import openai
 import pytest
-from processes import session_pids, stopped
+from processes import driver_pid, session_pids, stopped
 from serve_process import WAIT_S, serve_models, stop_drivers
 
 REPO = Path(__file__).resolve().parents[2]
 TICKETS = REPO / "examples" / "data" / "support_tickets.jsonl"
 # support-long's steps (an epoch of the ticket data): well after the step a test sees before it pauses the job (held
-# still meanwhile: processes.stopped), at ~0.1 s a step and the status read once a second
+# still meanwhile: processes.stopped), at ~0.1 s a step and the status read 4 times a second
 LONG = 64
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model_dir, free_port, tunerun):
@@ -62,10 +62,6 @@ def wait_for(api: openai.OpenAI, job_id: str, done, what: str):
             pytest.fail(f"job {job_id} ended {job.status} while waiting for {what}: {job.error}")
         time.sleep(0.25)  # a step takes ~0.1 s: the pause tests act on a step seen early
     pytest.fail(f"job {job_id} did not reach {what} within {WAIT_S} s: {job}")
-
-
-def driver_pid(root: Path, job_id: str) -> int:
-    return json.loads((root / "runs" / job_id / "run.json").read_text())["local"]["pid"]
 
 
 def assert_continued_to_the_end(api: openai.OpenAI, run: Path, job_id: str, stopped_at: int) -> None:
@@ -150,7 +146,7 @@ def test_a_long_job_is_cancelled(finished, service):
                                       hyperparameters={"n_epochs": 30})
     wait_for(api, job.id, lambda j: (j.tunerun or {}).get("step"), "a first step")
     assert api.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    assert session_pids(driver_pid(service[0], job.id)) == []  # the driver and its Ray workers are gone
+    assert session_pids(driver_pid(service[0] / "runs" / job.id)) == []  # the driver and its Ray workers are gone
     assert api.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
 
@@ -160,12 +156,13 @@ def test_a_server_killed_mid_job_then_pause_and_resume_continue_the_steps(finish
     root, server, _ = service
     job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
+    session = driver_pid(root / "runs" / job.id)
     # held still from before the kill until it is asked to pause: a step takes ~0.1 s, and a fast machine trained
     # every step while the server was away, so the pause found the job done
-    with stopped(driver_pid(root, job.id)):
+    with stopped(session):
         server.kill()
         time.sleep(2)
-        assert session_pids(driver_pid(root, job.id)), "the job's driver died with its server"  # it is detached
+        assert session_pids(session), "the job's driver died with its server"  # it is detached
         server.start()
         seen = wait_for(api, job.id, lambda j: j.status == "running", "running again")
         assert seen.tunerun["step"] >= 2
@@ -186,10 +183,10 @@ def test_a_job_resumed_after_its_paused_driver_exited_continues_the_steps(servic
     training_file = uploaded(api, TICKETS)
     job = api.fine_tuning.jobs.create(model="support-long", training_file=training_file.id)
     wait_for(api, job.id, lambda j: ((j.tunerun or {}).get("step") or 0) >= 2, "step 2")
-    with stopped(driver_pid(root, job.id)):  # so that the pause finds it running on a machine of any speed
+    pid = driver_pid(root / "runs" / job.id)
+    with stopped(pid):  # so that the pause finds it running on a machine of any speed
         api.fine_tuning.jobs.pause(job.id)
     stopped_at = wait_for(api, job.id, lambda j: j.status == "paused", "paused").tunerun["step"]
-    pid = driver_pid(root, job.id)
     deadline = time.monotonic() + WAIT_S
     while session_pids(pid) and time.monotonic() < deadline:  # the driver shuts its Ray down, then exits
         time.sleep(1.0)

@@ -28,7 +28,7 @@ from tunerun.jobs.plan import ResolvedJob
 from tunerun.jobs.data_files import resolve_files
 from tunerun.trainer.objectives import DEFAULT as DEFAULT_OBJECTIVE
 
-FORMAT_VERSION = 2  # bump when the prepared files would come out different for the same inputs
+FORMAT_VERSION = 3  # bump when the prepared files would come out different for the same inputs
 MARKER = "COMPLETE"
 TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".py", ".tiktoken")
 MAX_TOKENIZER_FILE = 64 << 20  # skips weights stored under those suffixes; tokenizer files are smaller

@@ -26,15 +26,28 @@ _WORD = regex.compile(r"\p{Lu}[\p{L}\p{M}]+(?:['’-]\p{L}+)*")
 _NAME = rf"(?P<name>{_WORD.pattern}(?:[ \t]+{_WORD.pattern}){{0,2}})"
 # Where a cue is followed by prose ("Thanks. Printer broken"), only a name that ends the phrase counts.
 _ENDS = r"(?=[ \t]*(?:[,;:!?.)]|$))"
-_TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Sig|Sig\.ra|Signor|Signora|Dott|Dott\.ssa)\.?"
-_GREETING = (r"Dear|Hi|Hello|Hey|Good (?:morning|afternoon|evening)|Liebe|Lieber|Liebes|Hallo|Sehr geehrte|"
-             r"Sehr geehrter|Guten Tag|Ciao|Caro|Cara|Gentile|Gentilissim[oa]|Buongiorno|Salve")
-_SIGN_OFF = (r"Kind regards|Best regards|Warm regards|Warmest regards|Kindest regards|Regards|Best wishes|"
-             r"All the best|Best|Many thanks|Thanks again|Thanks|Thank you|Cheers|Sincerely|Yours sincerely|"
-             r"Yours truly|Yours faithfully|Yours|Cordially|Respectfully|Take care|"
-             r"Mit freundlichen Grüßen|Freundliche Grüße|Viele Grüße|Beste Grüße|Liebe Grüße|Grüße|Danke|"
-             r"Cordiali saluti|Distinti saluti|Saluti|Un saluto|Grazie mille|Grazie|A presto")
-_INTRO = r"my name is|my name's|I am called|I'm called|name:|signed:|mein Name ist|ich heiße|mi chiamo|il mio nome è"
+# The cues, as the words themselves: the rules below are built from them, and so is `_has_cue`'s quick look.
+TITLES = ("Mr", "Mrs", "Ms", "Miss", "Mx", "Dr", "Prof", "Herr", "Frau", "Sig", "Sig.ra", "Signor", "Signora", "Dott",
+          "Dott.ssa")
+GREETINGS = ("Dear", "Hi", "Hello", "Hey", "Good morning", "Good afternoon", "Good evening", "Liebe", "Lieber",
+             "Liebes", "Hallo", "Sehr geehrte", "Sehr geehrter", "Guten Tag", "Ciao", "Caro", "Cara", "Gentile",
+             "Gentilissimo", "Gentilissima", "Buongiorno", "Salve")
+SIGN_OFFS = ("Kind regards", "Best regards", "Warm regards", "Warmest regards", "Kindest regards", "Regards",
+             "Best wishes", "All the best", "Best", "Many thanks", "Thanks again", "Thanks", "Thank you", "Cheers",
+             "Sincerely", "Yours sincerely", "Yours truly", "Yours faithfully", "Yours", "Cordially", "Respectfully",
+             "Take care", "Mit freundlichen Grüßen", "Freundliche Grüße", "Viele Grüße", "Beste Grüße", "Liebe Grüße",
+             "Grüße", "Danke", "Cordiali saluti", "Distinti saluti", "Saluti", "Un saluto", "Grazie mille", "Grazie",
+             "A presto")
+INTROS = ("my name is", "my name's", "I am called", "I'm called", "name:", "signed:", "mein Name ist", "ich heiße",
+          "mi chiamo", "il mio nome è")
+
+
+def _alternation(cues: tuple[str, ...]) -> str:
+    return "|".join(regex.escape(cue, literal_spaces=True) for cue in cues)
+
+
+_TITLE = rf"(?:{_alternation(TITLES)})\.?"
+_GREETING, _SIGN_OFF, _INTRO = (_alternation(cues) for cues in (GREETINGS, SIGN_OFFS, INTROS))
 
 # Cue words in any case ("KIND REGARDS, JOSÉ" is the same sign-off); the name still starts uppercase.
 _GREETING, _SIGN_OFF, _INTRO, _TITLE = (f"(?i:{cue})" for cue in (_GREETING, _SIGN_OFF, _INTRO, _TITLE))
@@ -63,15 +76,31 @@ NOT_NAMES = frozenset("""
 """.split())
 
 
-# What every rule's match contains: a cue (or a title, or "--") followed by separators and a name's capital. One
-# pass of it costs what one rule does; most texts have no such spot, and then no rule can match, so none runs.
-# (Where it finds one, all rules run in order as before: a rule that changed nothing leaves the next the same text.)
-_ANY_CUE = regex.compile(rf"(?:\b(?:{_GREETING}|{_SIGN_OFF}|{_INTRO}|{_TITLE})|--)[ \t,!.:–—\n-]*\p{{Lu}}")
+# Between a cue (or a title, or "--") and the capital a name begins with, every rule allows only these.
+_SEPARATORS = frozenset(" \t,!.:–—\n-")
+# The cues case-folded, without the separators they may end in ("name:"), for `str.endswith`.
+_FOLDED_CUES = tuple({cue.casefold().rstrip("".join(_SEPARATORS)) for cue in (*TITLES, *GREETINGS, *SIGN_OFFS, *INTROS)})
+_LONGEST_CUE = max(map(len, _FOLDED_CUES))
+_CAPITAL = regex.compile(r"\p{Lu}")
+
+
+def _has_cue(text: str) -> bool:
+    """Is some capital letter preceded by separators and a cue (or "--")? Every rule's match contains such a spot;
+    most texts have none, and then no rule can match, so none runs. (Where there is one, all rules run in order: a
+    rule that changed nothing leaves the next the same text.) It looks back from each capital rather than running
+    one case-insensitive alternation of all cues over the text, which cost ~30 µs per text, as much as one rule."""
+    for capital in _CAPITAL.finditer(text):
+        end = capital.start()
+        while end and text[end - 1] in _SEPARATORS:
+            end -= 1
+        if "--" in text[end:capital.start()] or text[max(0, end - _LONGEST_CUE):end].casefold().endswith(_FOLDED_CUES):
+            return True
+    return False
 
 
 def mask_names(text: str, counts: dict[str, int]) -> str:
     """Replace the names the rules find with ``<PERSON>``; counts them under ``person``."""
-    if _ANY_CUE.search(text) is None:
+    if not _has_cue(text):
         return text
     for rule in RULES:
         text = rule.sub(lambda m: _masked(m, counts), text)

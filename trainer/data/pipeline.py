@@ -50,7 +50,8 @@ from tunerun.cluster.run_folder import EVAL_FILE, TRAIN_FILE
 from tunerun.jobs.errors import DataError
 from tunerun.jobs.spec import RULE_ENTITIES
 from tunerun.trainer.data.clean import (IBAN_CHECKSUM_FAILED, FuzzyIndex, band_keys_of, custom_rules, digest,
-                                      exact_key, mask_custom, mask_pii, minhash_signatures, near_key, normalize_text)
+                                      exact_key, mask_custom, mask_pii, minhash_signatures, near_key, near_text,
+                                      normalize_text)
 from tunerun.trainer.data.names import mask_names
 from tunerun.trainer.data.formats import (PREFERENCE_FORMATS, Conversation, detect_format, to_conversation,
                                           trainable)
@@ -263,12 +264,13 @@ def _key(conversation: Conversation, ctx: _Context, outcome: _Outcome) -> str | 
     # A pair is a copy of another when prompt and both answers are: the rejected answer is part of its key.
     messages = conversation.all_messages()
     parts = [f"{m['role']}: {m['content']}" + _json_key(m.get("tool_calls", "")) for m in messages]
+    near = [near_text(p) for p in parts]
     outcome.exact = digest(exact_key(parts) + _json_key(conversation.tools))
-    outcome.near = digest(near_key(parts))
+    outcome.near = digest(near_key(near))
     if not ctx.fuzzy:
         return None
     # System prompts repeat by design (often longer than the reply): they would make every record alike.
-    return near_key([p for m, p in zip(messages, parts) if m["role"] != "system"]).replace("\x1f", " ")
+    return " ".join(n for m, n in zip(messages, near) if m["role"] != "system")
 
 
 def _json_key(value) -> str:

@@ -121,8 +121,7 @@ def encode(rendered: list[tuple[str, Spans]], tokenizer) -> list[tuple[list[int]
     """Token ids and labels (-100 outside the spans) for each rendered text, BOS added where the tokenizer
     adds one and the template did not."""
     if getattr(tokenizer, "is_fast", False):
-        out = [_labels_from_offsets(e.ids, e.offsets, spans)
-               for e, (_, spans) in zip(_encode_fast(tokenizer, [t for t, _ in rendered]), rendered)]
+        out = [_labels_of(e, spans) for e, (_, spans) in zip(_encode_fast(tokenizer, [t for t, _ in rendered]), rendered)]
     else:
         out = [_encode_segments(text, spans, tokenizer) for text, spans in rendered]
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
@@ -144,16 +143,43 @@ def _encode_fast(tokenizer, texts: list[str]) -> list:
     return backend.encode_batch(texts, add_special_tokens=False)
 
 
+def _labels_of(encoding, spans: Spans) -> tuple[list[int], list[int]]:
+    """Token ids, and labels from the tokens that overlap a span: e.g. "▁Sure" begins on the space before the reply.
+
+    Each span's first and last token are asked of the encoding (`char_to_token`, then a step over neighbours where
+    needed), which spares turning every token's offsets into Python tuples, the costliest part of labelling. Where
+    a span edge is a character no token covers, every offset is read (`_labels_from_offsets`).
+    """
+    ids, chars = encoding.ids, encoding.token_to_chars
+    labels, text_end = [IGNORE_INDEX] * len(ids), chars(len(ids) - 1)[1] if ids else 0
+    for start, end in spans:
+        first, last = encoding.char_to_token(start), len(ids) if end >= text_end else encoding.char_to_token(end)
+        if first is None or last is None:
+            return _labels_from_offsets(ids, encoding.offsets, spans)
+        while first and _right_edge(chars(first - 1)) > start:  # a zero-width token right at the start trains
+            first -= 1
+        while last > first and chars(last - 1)[0] >= end:
+            last -= 1
+        while last < len(ids) and chars(last)[0] < end:
+            last += 1
+        labels[first:last] = ids[first:last]
+    return ids, labels
+
+
+def _right_edge(offsets: tuple[int, int]) -> int:
+    """Where a token ends, a zero-width one counted one character wide: it still sits somewhere."""
+    return max(offsets[1], offsets[0] + 1)
+
+
 def _labels_from_offsets(ids: list[int], offsets: list, spans: Spans) -> tuple[list[int], list[int]]:
-    """A token trains when it overlaps a span: e.g. "▁Sure" begins on the space before the reply.
+    """`_labels_of` from every token's offsets: a token trains when it overlaps a span.
 
     Offsets of one encoding only grow, so each span covers one run of tokens, found by bisection rather than
-    a Python loop over every token (the hottest loop of data preparation otherwise).
+    a Python loop over every token.
     """
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
-        # A zero-width token still sits somewhere: treat it as one character wide.
-        first = bisect.bisect_right(offsets, start, key=lambda o: max(o[1], o[0] + 1))
+        first = bisect.bisect_right(offsets, start, key=_right_edge)
         last = bisect.bisect_left(offsets, end, lo=first, key=lambda o: o[0])
         labels[first:last] = ids[first:last]
     return list(ids), labels

@@ -82,16 +82,15 @@ def test_minhash_removes_reworded_copies_at_the_threshold(tokenizer, tmp_path):
 def test_minhash_signatures_and_band_layout_are_datasketchs():
     """The numpy MinHash gives datasketch's values for the same shingles (prepared data cached before it stay
     valid), and the stored band layout is the one datasketch's optimiser picks for the default threshold."""
-    import zlib
-
     from datasketch import MinHash, MinHashLSH
 
     from tunerun.trainer.data import clean
 
     rng = random.Random(3)
     texts = [" ".join(rng.choice(STORY.split() + ["é", "日本"]) for _ in range(rng.randint(0, 30)))
-             for _ in range(50)] + ["", "one", "two words"]
-    template = MinHash(num_perm=clean.MINHASH_PERMUTATIONS, seed=clean.MINHASH_SEED, hashfunc=zlib.crc32)
+             for _ in range(50)] + ["", "one", "two words", "", "three words here"]
+    template = MinHash(num_perm=clean.MINHASH_PERMUTATIONS, seed=clean.MINHASH_SEED,
+                       hashfunc=clean.shingle_hash)
     for text, signature in zip(texts, clean.minhash_signatures(texts)):
         words = text.split()
         sketch = template.copy()

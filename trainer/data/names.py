@@ -79,7 +79,8 @@ NOT_NAMES = frozenset("""
 # Between a cue (or a title, or "--") and the capital a name begins with, every rule allows only these.
 _SEPARATORS = frozenset(" \t,!.:–—\n-")
 # The cues case-folded, without the separators they may end in ("name:"), for `str.endswith`.
-_FOLDED_CUES = tuple({cue.casefold().rstrip("".join(_SEPARATORS)) for cue in (*TITLES, *GREETINGS, *SIGN_OFFS, *INTROS)})
+_FOLDED_CUES = tuple({cue.casefold().rstrip("".join(_SEPARATORS))
+                      for cue in (*TITLES, *GREETINGS, *SIGN_OFFS, *INTROS)})
 _LONGEST_CUE = max(map(len, _FOLDED_CUES))
 _CAPITAL = regex.compile(r"\p{Lu}")
 

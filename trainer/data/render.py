@@ -121,7 +121,8 @@ def encode(rendered: list[tuple[str, Spans]], tokenizer) -> list[tuple[list[int]
     """Token ids and labels (-100 outside the spans) for each rendered text, BOS added where the tokenizer
     adds one and the template did not."""
     if getattr(tokenizer, "is_fast", False):
-        out = [_labels_of(e, spans) for e, (_, spans) in zip(_encode_fast(tokenizer, [t for t, _ in rendered]), rendered)]
+        encodings = _encode_fast(tokenizer, [text for text, _ in rendered])
+        out = [_labels_of(e, spans) for e, (_, spans) in zip(encodings, rendered)]
     else:
         out = [_encode_segments(text, spans, tokenizer) for text, spans in rendered]
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None

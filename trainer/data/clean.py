@@ -300,9 +300,11 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     mixed = sum(words[shingles + i] * _SHINGLE_MIX[i] for i in range(SHINGLE_WORDS))  # wraps: mod 2⁶⁴
     hashes = (_fmix64(mixed) >> np.uint64(32)).astype(np.uint32)
     a, b = _permutations()
-    # A list, not a set: a repeated shingle cannot change a minimum.
-    permuted = _fmix32(hashes)[:, None] * a + b  # wraps: mod 2³²
-    return np.minimum.reduceat(permuted, np.asarray(firsts), axis=0)
+    # A list, not a set: a repeated shingle cannot change a minimum. Permutations along rows and shingles along
+    # columns: the minimum over each text's run of columns is 8× faster than over runs of rows.
+    permuted = np.multiply.outer(a, _fmix32(hashes))  # wraps: mod 2³²
+    permuted += b[:, None]
+    return np.ascontiguousarray(np.minimum.reduceat(permuted, np.asarray(firsts), axis=1).T)
 
 
 def minhash_signature(text: str) -> np.ndarray:
@@ -377,22 +379,38 @@ class FuzzyIndex:
     def matches(self, signature: np.ndarray, bands: tuple[int, ...] | None = None) -> list[int]:
         """Keys of the kept records at least ``threshold`` similar to ``signature`` (estimated Jaccard); ``bands``:
         its `band_keys`, where already computed."""
-        candidates: set[int] = set()
-        for band, buckets in zip(bands or band_keys(signature, self.threshold), self.buckets):
-            hit = buckets.get(band)
-            if hit is not None:
-                candidates.update(hit if isinstance(hit, list) else (hit,))
-        return sorted(k for k in candidates if float(np.mean(self.signature(k) == signature)) >= self.threshold)
+        return self._similar(signature, self._hits(signature, bands))
 
     def add(self, signature: np.ndarray, bands: tuple[int, ...] | None = None) -> int:
         """Index a kept record's signature (``bands``: its `band_keys`, where already computed); returns its key
         (0, 1, 2, … in the order added)."""
+        bands = bands or band_keys(signature, self.threshold)
+        return self._insert(signature, bands, self._hits(signature, bands))
+
+    def add_unless_similar(self, signature: np.ndarray, bands: tuple[int, ...]) -> bool:
+        """`add` unless `matches` finds a similar kept record (then False), looking up each band once for both:
+        deduplication asks this of every record."""
+        hits = self._hits(signature, bands)
+        if any(hit is not None for hit in hits) and self._similar(signature, hits):
+            return False
+        self._insert(signature, bands, hits)
+        return True
+
+    def _hits(self, signature: np.ndarray, bands: tuple[int, ...] | None) -> list[int | list[int] | None]:
+        """What each band's bucket holds for ``signature``'s band keys."""
+        return [buckets.get(band) for band, buckets in zip(bands or band_keys(signature, self.threshold),
+                                                            self.buckets)]
+
+    def _similar(self, signature: np.ndarray, hits: list) -> list[int]:
+        candidates = {k for hit in hits if hit is not None for k in (hit if isinstance(hit, list) else (hit,))}
+        return sorted(k for k in candidates if float(np.mean(self.signature(k) == signature)) >= self.threshold)
+
+    def _insert(self, signature: np.ndarray, bands: tuple[int, ...], hits: list) -> int:
         key = self.count
         if key % self.BLOCK == 0:
             self.blocks.append(np.empty((self.BLOCK, MINHASH_PERMUTATIONS), dtype=signature.dtype))
         self.blocks[-1][key % self.BLOCK] = signature
-        for band, buckets in zip(bands or band_keys(signature, self.threshold), self.buckets):
-            found = buckets.get(band)
+        for band, buckets, found in zip(bands, self.buckets, hits):
             if found is None:
                 buckets[band] = key
             elif isinstance(found, list):

@@ -36,13 +36,23 @@ JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 BRACKET = re.compile(r"[\[\]{}]")
 
 
-def read_records(files: list[Path], columns: Mapping[str, str] | None = None) -> Iterator[Row]:
-    """Yield ``(where, record, error)`` for every record of every file; exactly one of record/error is None."""
+class JsonLine(str):
+    """A line of a JSONL file left unparsed: `parse_line` makes it a record where the record is processed."""
+
+
+def read_records(files: list[Path], columns: Mapping[str, str] | None = None, parse: bool = True) -> Iterator[Row]:
+    """Yield ``(where, record, error)`` for every record of every file; exactly one of record/error is None.
+
+    ``parse=False``: a line of a JSONL file (or a .json file of lines) without ``columns`` comes as a `JsonLine`
+    for the caller to `parse_line` elsewhere: data preparation's worker processes parse their own records, and
+    a line crosses to them at a fraction of a record's cost."""
     for path in files:
         path = Path(path)
-        reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
-        rows = _mapped(path, reader[path.suffix.lower()](path), dict(columns or {}))
-        yield from _json_cells(rows) if path.suffix.lower() == ".csv" else rows
+        suffix, parse = path.suffix.lower(), parse or bool(columns)  # renaming columns needs the record here
+        reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}[suffix]
+        rows = reader(path, parse) if suffix in (".jsonl", ".json") else reader(path)
+        rows = _mapped(path, rows, dict(columns or {}))
+        yield from _json_cells(rows) if suffix == ".csv" else rows
 
 
 def _mapped(path: Path, rows: Iterator[Row], columns: dict[str, str]) -> Iterator[Row]:
@@ -54,8 +64,8 @@ def _mapped(path: Path, rows: Iterator[Row], columns: dict[str, str]) -> Iterato
     """
     first, seen = True, set()
     for where, record, error in rows:
-        if error is None and not isinstance(record, dict):
-            record, error = None, f"expected a JSON object, got {type(record).__name__}"
+        if error is None and not isinstance(record, (dict, JsonLine)):
+            record, error = None, _not_an_object(record)
         if record is not None and columns:
             if first:
                 _check_columns(where, record, {f: c for f, c in columns.items() if f not in OPTIONAL_FIELDS},
@@ -82,22 +92,45 @@ def _check_columns(where: str, record: dict, columns: dict[str, str], problem: s
 # ---------------------------------------------------------------- JSON
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    """One JSON object per line, streamed. Bytes are decoded line by line so an encoding error has a line."""
+def _not_an_object(record) -> str:
+    return f"expected a JSON object, got {type(record).__name__}"
+
+
+def parse_line(line: JsonLine) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, why it is malformed): what `read_records` yields for a line it parses."""
+    if too_deep(line):
+        return None, TOO_DEEP
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    return (record, None) if isinstance(record, dict) else (None, _not_an_object(record))
+
+
+def _jsonl_rows(path: Path, parse: bool = True) -> Iterator[Row]:
+    """One JSON object per line, streamed. Bytes are decoded line by line so an encoding error has a line.
+    ``parse=False``: lines as `JsonLine`, except a last line without its newline, which may be cut off."""
     with _open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
             line = _decode(path, number, raw)
             if not line.strip():
                 continue
-            if too_deep(line):
-                yield f"{path}:{number}", None, TOO_DEEP
+            where = f"{path}:{number}"
+            if not parse and raw.endswith(b"\n"):
+                yield where, JsonLine(line), None
                 continue
-            try:
-                yield f"{path}:{number}", json.loads(line), None
-            except json.JSONDecodeError as e:
-                if not raw.endswith(b"\n") and _incomplete(line, e):
-                    raise DataError(_cut_off(path, number)) from None
-                yield f"{path}:{number}", None, f"not valid JSON ({e.msg} at column {e.colno})"
+            record, error = parse_line(line)
+            if error is not None and not raw.endswith(b"\n") and _cut_short(line):
+                raise DataError(_cut_off(path, number))
+            yield where, record, error
+
+
+def _cut_short(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        return _incomplete(line, e)
+    return False
 
 
 def too_deep(text: str) -> bool:
@@ -114,11 +147,11 @@ def _incomplete(text: str, e: json.JSONDecodeError) -> bool:
     return e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
 
 
-def _json_rows(path: Path) -> Iterator[Row]:
+def _json_rows(path: Path, parse: bool = True) -> Iterator[Row]:
     """A ``.json`` file holds one JSON array of records, or (like JSONL) one object per line."""
     text = _read_text(path)
     if not text.lstrip().startswith("["):
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, parse)
         return
     for line, value, error in _array_elements(path, text):
         yield f"{path}:{line}", value, error

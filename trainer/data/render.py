@@ -125,11 +125,13 @@ def encode(rendered: list[tuple[str, Spans]], tokenizer) -> list[tuple[list[int]
         out = [_labels_of(e, spans) for e, (_, spans) in zip(encodings, rendered)]
     else:
         out = [_encode_segments(text, spans, tokenizer) for text, spans in rendered]
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    if bos is None:
-        return out
-    return [(ids, labels) if text.startswith(tokenizer.bos_token) else ([bos, *ids], [IGNORE_INDEX, *labels])
-            for (text, _), (ids, labels) in zip(rendered, out)]
+    if adds_bos(tokenizer):
+        bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+        for (text, _), (ids, labels) in zip(rendered, out):
+            if not text.startswith(bos):
+                ids.insert(0, bos_id)
+                labels.insert(0, IGNORE_INDEX)
+    return out
 
 
 def _encode_fast(tokenizer, texts: list[str]) -> list:

@@ -20,11 +20,11 @@ def project(tmp_path: Path, tiny_model_dir: Path) -> Path:
 def test_prepare_writes_the_cache_then_reuses_it(tunerun, project):
     first = tunerun("data", "prepare", "job.yaml", "--cache-dir", "cache", "--out", "prepared", cwd=project)
     assert first.returncode == 0, first.stderr
-    summary = "data   600 records (chat) → 588 kept (duplicates 5, near-duplicates 3, fuzzy duplicates 4)"
+    summary = "data   600 records (chat) → 589 kept (duplicates 5, near-duplicates 3, fuzzy duplicates 3)"
     assert summary in first.stdout
-    assert "PII    masked 360:" in first.stdout and "person 310" in first.stdout and "(prepared)" in first.stdout
+    assert "PII    masked 359:" in first.stdout and "person 309" in first.stdout and "(prepared)" in first.stdout
     report = json.loads((project / "prepared" / "data_report.json").read_text())
-    assert report["train_records"] + report["eval_records"] == 588
+    assert report["train_records"] + report["eval_records"] == 589
     assert {p.name for p in (project / "prepared").iterdir()} >= {"train.jsonl", "eval.jsonl", "data_report.html",
                                                                 "data_report.png"}
     again = tunerun("data", "prepare", "job.yaml", "--cache-dir", "cache", cwd=project)
@@ -40,8 +40,8 @@ def test_inspect_shows_steps_lengths_and_examples_as_the_model_sees_them(tunerun
     out = result.stdout
     for step in ("malformed", "empty", "duplicates", "near-duplicates", "fuzzy duplicates", "too long"):
         assert step in out
-    assert "tokens min 53 · mean 79.8 · p50 80 · p95 94 · max 142  (data.max_seq_len 256)" in out
-    assert "packed 559 examples into" in out
+    assert "tokens min 53 · mean 79.7 · p50 80 · p95 94 · max 142  (data.max_seq_len 256)" in out
+    assert "packed 560 examples into" in out
     assert out.count("── example ") == 2
     # The trained span is marked; the prompt is shown as decoded tokens, BOS included.
     assert "<s> <|system|>\nClassify the support ticket.\n<|user|>\n" in out

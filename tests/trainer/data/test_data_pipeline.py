@@ -80,8 +80,8 @@ def test_minhash_removes_reworded_copies_at_the_threshold(tokenizer, tmp_path):
 
 
 def test_minhash_signatures_and_band_layout_are_datasketchs():
-    """The numpy MinHash gives datasketch's values for the same shingles (prepared data cached before it stay
-    valid), and the stored band layout is the one datasketch's optimiser picks for the default threshold."""
+    """The numpy MinHash gives datasketch's values for the same shingles and shingle hash, and the stored band
+    layout is the one datasketch's optimiser picks for the default threshold."""
     from datasketch import MinHash, MinHashLSH
 
     from tunerun.trainer.data import clean

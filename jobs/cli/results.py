@@ -115,8 +115,9 @@ def _export_gguf(run, job, checkpoint, quant, to, system, check_prompts) -> None
     console.print(f"export {run.run_id} · merge → GGUF {quant} → check against the HF model on held-out prompts…")
     done = export_gguf(run, job, checkpoint, quant, to, system, check_prompts)
     check = done.check
+    ties = f" (+{check['near_ties']} parting at a near-tie)" if check.get("near_ties") else ""
     console.print(f"check  greedy tokens equal to the HF model's on {check['same_tokens']}/{check['prompts']} "
-                  f"prompts · exact match GGUF {format_value(check['exact_match_gguf'])} vs HF (unquantised) "
+                  f"prompts{ties} · exact match GGUF {format_value(check['exact_match_gguf'])} vs HF (unquantised) "
                   f"{format_value(check['exact_match_hf'])} · prompt text → same ids in llama.cpp "
                   f"{check['prompt_texts_same_ids']}/{check['prompt_texts']}")
     console.print(f"export {done.weights.name} → {done.target}/{done.gguf_name} · {done.size / 1e6:.1f} MB · "

@@ -157,7 +157,7 @@ def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunerun.trainer.export.gguf import greedy
+    from tunerun.trainer.export.gguf import TIE_MARGIN, greedy
 
     records = {}
     for quant in ("f16", "q8_0"):
@@ -168,8 +168,10 @@ def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_pat
         records[quant] = json.loads((run / "eval" / "exports" / f"final-gguf-{quant}.json").read_text())
         print(f"\n{done.stdout.strip()}")
     f16, q8 = records["f16"], records["q8_0"]
-    assert f16["prompts"] >= 100 and f16["same_tokens"] == f16["prompts"]
-    assert f16["exact_match_gguf"] == f16["exact_match_hf"] >= TUNED_AT_LEAST
+    # A prompt may part from the HF model only where its first two choices are tied (f16 rounding breaks the tie).
+    assert f16["prompts"] >= 100 and f16["same_tokens"] + f16["near_ties"] == f16["prompts"] and f16["near_ties"] <= 3
+    assert abs(f16["exact_match_gguf"] - f16["exact_match_hf"]) <= f16["near_ties"] / f16["prompts"]
+    assert f16["exact_match_hf"] >= TUNED_AT_LEAST
     assert q8["exact_match_hf"] == f16["exact_match_hf"] and q8["exact_match_gguf"] >= TUNED_AT_LEAST
     card = (run / "exports" / "final-gguf-q8_0" / "README.md").read_text()
     assert f"| exact match | {q8['exact_match_hf']:.4f} | {q8['exact_match_gguf']:.4f} |" in card
@@ -187,9 +189,15 @@ def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_pat
         example = json.loads(line)
         prompt = example["input_ids"][:next(i for i, label in enumerate(example["labels"]) if label != -100)]
         with torch.no_grad():
-            hf = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
-                                pad_token_id=eos)[0, len(prompt):].tolist()
-        assert greedy(llm, prompt, 16, {eos}) == [t for t in hf[:hf.index(eos) if eos in hf else None]]
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos, output_scores=True, return_dict_in_generate=True)
+        hf = out.sequences[0, len(prompt):].tolist()
+        ours, want = greedy(llm, prompt, 16, {eos}), hf[:hf.index(eos) if eos in hf else None]
+        if ours != want:  # only where transformers' first two choices are tied, and llama.cpp took the second
+            at = next((i for i, (x, y) in enumerate(zip(ours, want)) if x != y), min(len(ours), len(want)))
+            top = torch.topk(out.scores[at][0], 2)
+            assert float(top.values[0] - top.values[1]) < TIE_MARGIN, (ours, want, top)
+            assert (ours[at] if at < len(ours) else eos) == int(top.indices[1]), (ours, want, top)
     llm.close()
     print(f"gguf: f16 same greedy tokens {f16['same_tokens']}/{f16['prompts']}; exact match q8_0 "
           f"{q8['exact_match_gguf']:.3f} vs unquantised {q8['exact_match_hf']:.3f}")

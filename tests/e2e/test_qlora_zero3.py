@@ -111,7 +111,7 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
                    env=sharded.env, timeout=900)
     assert gguf.returncode == 0, gguf.stdout + gguf.stderr
     check = json.loads((sharded.folder / "eval" / "exports" / "final-gguf-f16.json").read_text())
-    assert check["prompts"] >= 16 and check["same_tokens"] == check["prompts"]
+    assert check["prompts"] >= 16 and check["same_tokens"] + check["near_ties"] == check["prompts"]
 
 
 def test_dpo_continues_the_sharded_adapter_against_it_frozen(sharded_qlora, tunerun, tiny_model_dir):

@@ -162,10 +162,10 @@ class _Outcome:
         fields = [getattr(self, name) for name in self.__slots__]
         if self.signature is not None:
             fields[_SIGNATURE] = self.signature.tobytes()
-        return _outcome, tuple(fields)
+        return _outcome_from_fields, tuple(fields)
 
 
-def _outcome(*fields) -> _Outcome:
+def _outcome_from_fields(*fields) -> _Outcome:
     outcome = _Outcome(*fields)
     if outcome.signature is not None:
         outcome.signature = np.frombuffer(outcome.signature, dtype=np.uint32)

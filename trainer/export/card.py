@@ -69,7 +69,9 @@ def _gguf_sections(name: str, gguf: dict) -> list[str]:
              f"{check['prompts']} held-out prompts:", "",
              f"| | merged HF model | GGUF {gguf['quant']} |", "|---|---|---|",
              f"| exact match | {format_value(check['exact_match_hf'])} | {format_value(check['exact_match_gguf'])} |",
-             f"| same tokens as the HF model | – | {check['same_tokens']} / {check['prompts']} |", "",
+             f"| same tokens as the HF model | – | {check['same_tokens']} / {check['prompts']}"
+             + (f" (+{check['near_ties']} parting where its first two choices are tied)" if check.get("near_ties")
+                else "") + " |", "",
              f"llama.cpp's tokenizer turns {check['prompt_texts_same_ids']} of {check['prompt_texts']} prompt texts "
              "into the token ids training used (Ollama sends text).", ""]
     if quantised:

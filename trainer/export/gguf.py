@@ -219,6 +219,7 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(target)
     # One prompt per call: left padding in a batch would change the reference's arithmetic slightly.
     hf = [generate(model, tokenizer, [ids], max_new_tokens, target)[0] for ids, _ in prompts]
+    runners_up = [_runners_up(model, ids, out, target) for (ids, _), out in zip(prompts, hf)]
     del model
     stops = set(_stop_ids(merged, tokenizer))
     try:
@@ -232,21 +233,54 @@ def check_against_hf(llama_cpp, gguf: Path, merged: Path, tokenizer, prompts, qu
     finally:
         llm.close()
     same = [a == b for a, b in zip(ours, hf)]
+    ties = [not equal and _broke_a_tie(a, b, runner_up, stops)
+            for equal, a, b, runner_up in zip(same, ours, hf, runners_up)]
     references = [ref for _, ref in prompts]
     check = {
         "prompts": len(prompts),
         "same_tokens": sum(same),
+        "near_ties": sum(ties),  # prompts that part where the HF model's first two choices are within TIE_MARGIN
         "prompt_texts": texts,
         "prompt_texts_same_ids": texts_same,
         "exact_match_hf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(hf, references)),
         "exact_match_gguf": _mean(exact_match(decode(tokenizer, ids), ref) for ids, ref in zip(ours, references)),
         "first_difference": _first_difference(ours, hf, tokenizer),
     }
-    if quant in UNQUANTISED and not all(same):
+    parted = [not (equal or tie) for equal, tie in zip(same, ties)]
+    if quant in UNQUANTISED and any(parted):
+        first = _first_difference([a for a, p in zip(ours, parted) if p], [b for b, p in zip(hf, parted) if p],
+                                  tokenizer)
         raise ExportError(f"the {quant} GGUF does not answer like the model it was converted from: greedy tokens "
-                          f"differ on {len(same) - sum(same)} of {len(same)} held-out prompts "
-                          f"({check['first_difference']}); nothing was written")
+                          f"differ on {sum(parted)} of {len(same)} held-out prompts where the model has a clear "
+                          f"first choice ({first}); nothing was written")
     return check
+
+
+# Two candidates whose logits the reference puts this close are a tie: f16 arithmetic (weights rounded from bf16,
+# another summation order) may break it the other way without anything being wrong with the conversion. Seen: 0.002
+# on a tiny Llama's label token ('refund' vs 'billing'); a conversion error moves logits by far more.
+TIE_MARGIN = 0.05
+
+
+def _runners_up(model, prompt: list[int], out: list[int], device) -> list[tuple[int, float]]:
+    """(second choice, logit gap to the first) of the reference at each token it generated and at the one after
+    (a stop token, or the next token past ``max_new_tokens``), from one forward pass over prompt + output."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out], device=device)).logits[0, len(prompt) - 1:]
+    top = torch.topk(logits.float(), 2, dim=-1)
+    return [(int(ids[1]), float(values[0] - values[1])) for ids, values in zip(top.indices, top.values)]
+
+
+def _broke_a_tie(ours: list[int], reference: list[int], runners_up: list[tuple[int, float]], stops: set[int]) -> bool:
+    """Did the GGUF first part from the reference by taking its second choice where the first two were tied?"""
+    at = next((i for i, (x, y) in enumerate(zip(ours, reference)) if x != y), min(len(ours), len(reference)))
+    if at >= len(runners_up):
+        return False
+    second, gap = runners_up[at]
+    taken = ours[at] if at < len(ours) else None  # None: llama.cpp stopped here, on one of the stop tokens
+    return gap < TIE_MARGIN and (taken == second or (taken is None and second in stops))
 
 
 def prompt_text_tokenization(llm, tokenizer, prompts: list[list[int]]) -> tuple[int, int]:

@@ -39,7 +39,7 @@ def test_f16_gguf_answers_like_the_merged_model_and_q8_0_is_measured(lora_run, t
     tickets = len(run.read_text("data/eval.jsonl").splitlines())  # six held-out prompts
     f16 = export_gguf.export_gguf(run, job, None, "f16", str(tmp_path / "f16"))
     assert sorted(p.name for p in Path(f16.target).iterdir()) == ["Modelfile", "README.md", "t-f16.gguf"]
-    assert f16.check["prompts"] == tickets and f16.check["same_tokens"] == tickets
+    assert f16.check["prompts"] == tickets and f16.check["same_tokens"] + f16.check["near_ties"] == tickets
     # Ollama sends text: llama.cpp's tokenizer gives the training ids for these (single-turn) prompt texts.
     assert f16.check["prompt_texts_same_ids"] == f16.check["prompt_texts"] == tickets
 

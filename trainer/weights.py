@@ -40,8 +40,6 @@ def find_weights(run, job, checkpoint: int | None, scratch: Path | None = None) 
     complete checkpoint. Raises StorageError naming what exists when there is nothing usable."""
     from tunerun.trainer.methods import method_for
 
-    method = method_for(job.spec.method)
-    full = not method.ADAPTER
     if checkpoint is not None:
         name = checkpoint_name(checkpoint)
         if not run.exists(f"{name}/{CHECKPOINT_MANIFEST}"):
@@ -52,17 +50,26 @@ def find_weights(run, job, checkpoint: int | None, scratch: Path | None = None) 
         problem = verify(folder)
         if problem:
             raise StorageError(f"{run.run_id}: checkpoint step {checkpoint} is damaged: {problem}")
-        return RunWeights(name, checkpoint, folder, full)
+        return RunWeights(name, checkpoint, folder, _full(job))
     final_step = _exported_step(run)
     if final_step is not None:
-        return RunWeights(FINAL, final_step, run_local_path(run, final_weights(method.FINAL_DIR), scratch), full)
+        folder = run_local_path(run, final_weights(method_for(job.spec.method).FINAL_DIR), scratch)
+        return RunWeights(FINAL, final_step, folder, _full(job))
     folder, skipped = ckpt.latest_complete(run, Path(scratch or tempfile.mkdtemp(prefix="tunerun-fetch-")))
     if folder is None:
         notes = f" (skipped: {'; '.join(skipped)})" if skipped else ""
         raise StorageError(f"{run.run_id} has no final weights and no complete checkpoint{notes}; "
                            "nothing to evaluate or export yet")
     step = step_of(folder.name)
-    return RunWeights(checkpoint_name(step), step, folder, full)
+    return RunWeights(checkpoint_name(step), step, folder, _full(job))
+
+
+def _full(job) -> bool:
+    """Whether the run's weights are whole (full fine-tune) rather than an adapter. Asked only once weights are
+    found: the method's module imports peft and transformers, seconds that a user's mistake need not wait for."""
+    from tunerun.trainer.methods import method_for
+
+    return not method_for(job.spec.method).ADAPTER
 
 
 def _exported_step(run) -> int | None:

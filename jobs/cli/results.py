@@ -69,8 +69,6 @@ def eval_command(run_id, checkpoint, storage):
 def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system, to, mlflow_model, storage):
     """Export a run's weights: LoRA adapter (PEFT), merged model or full model, as safetensors + model card;
     or, with --format gguf, the merged model as GGUF + Ollama Modelfile."""
-    from tunerun.trainer.export.hf import export_run
-
     run = open_run(run_id, storage)
     job = read_job(run)
     checkpoint = checkpoint_step(run, job, checkpoint)
@@ -82,6 +80,8 @@ def export_command(run_id, checkpoint, merge, fmt, quant, check_prompts, system,
         return
     if merge and job.spec.method.kind == "full":
         console.print("note   a full fine-tune is already a whole model: --merge changes nothing")
+    from tunerun.trainer.export.hf import export_run  # torch: not before the run and the checkpoint are known
+
     target, weights = export_run(run, job, checkpoint, merge, to)
     if isinstance(target, str):  # uploaded to object storage
         console.print(f"export {weights.name} → {target} · download the folder and load it with "

@@ -275,7 +275,7 @@ def _runners_up(model, prompt: list[int], out: list[int], device) -> list[tuple[
 
 def _broke_a_tie(ours: list[int], reference: list[int], runners_up: list[tuple[int, float]], stops: set[int]) -> bool:
     """Did the GGUF first part from the reference by taking its second choice where the first two were tied?"""
-    at = next((i for i, (x, y) in enumerate(zip(ours, reference)) if x != y), min(len(ours), len(reference)))
+    at = _parting(ours, reference)
     if at >= len(runners_up):
         return False
     second, gap = runners_up[at]
@@ -335,10 +335,15 @@ def _stop_ids(merged: Path, tokenizer) -> list[int]:
 def _first_difference(ours: list[list[int]], hf: list[list[int]], tokenizer) -> str | None:
     for index, (a, b) in enumerate(zip(ours, hf)):
         if a != b:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            at = _parting(a, b)
             return (f"prompt {index}, token {at}: GGUF {tokenizer.decode(a[at:at + 5])!r} vs "
                     f"HF {tokenizer.decode(b[at:at + 5])!r}")
     return None
+
+
+def _parting(a: list[int], b: list[int]) -> int:
+    """The first position where two token lists differ (one ending early counts as differing there)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _mean(values) -> float:

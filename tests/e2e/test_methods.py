@@ -1,7 +1,11 @@
-"""End to end through the CLI, as a user runs it: `tunerun run` on an embedded Ray with 2 CPU workers.
+"""End to end through the CLI, as a user runs it: `tunerun run` of the quickstart (LoRA) on an embedded Ray with 2
+CPU workers and local storage.
 
-Each method trains the tiny Llama from `examples/make_tiny_model.py` (loaded through `from_pretrained`, the path
-a real 8B model takes), writes checkpoints with manifests and a final artifact, and its loss falls.
+It trains the tiny Llama from `examples/make_tiny_model.py` (loaded through `from_pretrained`, the path a real 8B
+model takes), writes checkpoints with manifests and a final adapter, keeps the newest and the best, and its loss
+falls. The other methods' runs share one launch with the checks of their storage: QLoRA (resumed on fewer workers)
+and full ZeRO-3 (exported weights plain transformers loads) in test_s3_runs.py, QLoRA + ZeRO-3 in
+test_qlora_zero3.py, DPO in test_preference.py.
 """
 from __future__ import annotations
 
@@ -55,21 +59,6 @@ def assert_complete_checkpoints(run: Path, expected_steps: list[int]) -> None:
         assert any(entry["path"] == "progress.json" for entry in manifest["files"])
 
 
-def assert_relaunch_resumes(tunerun, tmp_path: Path, tiny_model_dir: Path, run: Path, overrides: list[str],
-                            from_step: int, to_step: int) -> None:
-    """`--resume` continues from the newest complete checkpoint, not from step 0."""
-    before = train_losses(run)
-    result, _ = run_job(tunerun, tmp_path, tiny_model_dir, *overrides, f"training.max_steps={to_step}", resume=True)
-    assert_run_succeeded(result, run)
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    resumed = [e for e in events if e["event"] == "resumed"]
-    assert resumed and resumed[-1]["step"] == from_step, resumed
-    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps.count(from_step + 1) == 1  # nothing before the checkpoint was trained twice
-    after = train_losses(run)[len(before):]
-    assert after[0] < before[0], (before, after)  # the curve continues rather than restarts
-
-
 def assert_loss_falls(run: Path) -> None:
     losses = train_losses(run)
     assert len(losses) >= 6
@@ -96,44 +85,3 @@ def test_lora_quickstart_trains_and_held_out_loss_falls(tunerun, tmp_path, tiny_
         assert manifest["metrics"]["exact_match"] == scores[step]
     adapter = run / "final" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-
-
-def test_qlora_trains_4bit_base_with_adapters(tunerun, tmp_path, tiny_model_dir):
-    method = ["method.kind=qlora",
-              "method.quantization={quant_type: nf4, double_quant: true, compute_dtype: bfloat16}",
-              "checkpoint.every_steps=4", "eval.every_steps=8"]
-    result, run = run_job(tunerun, tmp_path, tiny_model_dir, *method, "training.max_steps=8")
-    assert_run_succeeded(result, run)
-    assert_loss_falls(run)
-    assert_complete_checkpoints(run, [4, 8])
-    # saved by 2 workers, resumed by 1: adapter, optimizer and data position are not sharded by rank
-    assert_relaunch_resumes(tunerun, tmp_path, tiny_model_dir, run, [*method, "resources.workers_per_node=1"],
-                            from_step=8, to_step=10)
-    resumed = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
-               if '"resumed"' in line]
-    assert resumed[-1]["world_size"] == 1
-    progress = json.loads((run / "checkpoints" / "step-000008" / "progress.json").read_text())
-    assert progress["world_size"] == 2
-    config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 16
-
-
-def test_full_zero3_trains_and_exports_loadable_weights(tunerun, tmp_path, tiny_model_dir):
-    method = ["method={kind: full, zero: {stage: 3}}", "training.learning_rate=1e-3",
-              "checkpoint.every_steps=4", "eval.every_steps=8"]
-    result, run = run_job(tunerun, tmp_path, tiny_model_dir, *method, "training.max_steps=8")
-    assert_run_succeeded(result, run)
-    assert_loss_falls(run)
-    assert_complete_checkpoints(run, [4, 8])
-    # one optimizer-state shard per rank: ZeRO-3 really partitioned the states
-    shards = list((run / "checkpoints" / "step-000008").rglob("*optim_states.pt"))
-    assert len(shards) == 2, shards
-
-    from transformers import AutoModelForCausalLM
-
-    tuned = AutoModelForCausalLM.from_pretrained(run / "final" / "model")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    changed = [n for n, p in tuned.state_dict().items() if not p.equal(base.state_dict()[n])]
-    assert len(changed) > 10
-
-    assert_relaunch_resumes(tunerun, tmp_path, tiny_model_dir, run, method, from_step=8, to_step=10)

@@ -90,7 +90,7 @@ def one_worker_context(monkeypatch):
     only exists inside a Ray Train worker. For one worker it then moves the model to the device and, as the world
     size is 1, wraps nothing (Ray 2.60, ray/train/v2/torch/train_loop_utils.py): the context below is a worker's
     as Ray Train reports it, and the real prepare_model runs. DDP across two workers runs in
-    tests/e2e/test_methods.py."""
+    tests/e2e/test_methods.py and test_s3_runs.py."""
     from types import SimpleNamespace
 
     import ray.train

@@ -46,10 +46,14 @@ class ExampleWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+# json.dumps with any option builds a new encoder on each call: half of the ~28 µs an example's line took.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def example_line(example: dict) -> str:
     """An example as a line of a prepared file; data preparation's worker processes serialise with it, so only
     text crosses back to the process that writes."""
-    return json.dumps(example, separators=(",", ":")) + "\n"
+    return _COMPACT.encode(example) + "\n"
 
 
 def load_examples(path: Path) -> list[dict]:

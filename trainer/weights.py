@@ -14,7 +14,6 @@ from pathlib import Path
 from tunerun.cluster.run_folder import (CHECKPOINT_MANIFEST, FINAL, checkpoint_name, complete_checkpoints, events,
                                         final_weights, step_of, verify)
 from tunerun.jobs.errors import StorageError
-from tunerun.trainer import checkpoint as ckpt
 
 
 @dataclass
@@ -55,7 +54,9 @@ def find_weights(run, job, checkpoint: int | None, scratch: Path | None = None) 
     if final_step is not None:
         folder = run_local_path(run, final_weights(method_for(job.spec.method).FINAL_DIR), scratch)
         return RunWeights(FINAL, final_step, folder, _full(job))
-    folder, skipped = ckpt.latest_complete(run, Path(scratch or tempfile.mkdtemp(prefix="tunerun-fetch-")))
+    from tunerun.trainer.checkpoint import latest_complete  # torch: only once no final weights answered
+
+    folder, skipped = latest_complete(run, Path(scratch or tempfile.mkdtemp(prefix="tunerun-fetch-")))
     if folder is None:
         notes = f" (skipped: {'; '.join(skipped)})" if skipped else ""
         raise StorageError(f"{run.run_id} has no final weights and no complete checkpoint{notes}; "

@@ -11,19 +11,20 @@ def evaluate_run(run, job, checkpoint: int | None) -> dict:
     from tunerun.cluster.run_folder import EVAL_DATA, on_demand_record_name
     from tunerun.jobs.errors import DataError
     from tunerun.trainer.data.pack import load_examples
+    from tunerun.trainer.weights import find_weights, run_local_path
+
+    eval_file = run_local_path(run, EVAL_DATA)
+    eval_set = load_examples(eval_file)
+    if not eval_set:  # said before torch and the method's stack are imported: seconds a mistake need not wait
+        what = "is missing" if not eval_file.is_file() else "holds no examples"
+        raise DataError(f"{run.run_id}: the evaluation set {EVAL_DATA} {what}; set data.eval or "
+                        "data.eval_fraction > 0 in the job and rerun to evaluate")
     from tunerun.trainer.engines import EvalOnlyEngine, worker_device
     from tunerun.trainer.evaluation.records import build_record, judge
     from tunerun.trainer.methods import method_for
     from tunerun.trainer.objectives import objective_for
     from tunerun.trainer.tokenizer import load_tokenizer
-    from tunerun.trainer.weights import find_weights, run_local_path
 
-    eval_file = run_local_path(run, EVAL_DATA)
-    eval_set = load_examples(eval_file)
-    if not eval_set:
-        what = "is missing" if not eval_file.is_file() else "holds no examples"
-        raise DataError(f"{run.run_id}: the evaluation set {EVAL_DATA} {what}; set data.eval or "
-                        "data.eval_fraction > 0 in the job and rerun to evaluate")
     weights = find_weights(run, job, checkpoint)
     tokenizer = load_tokenizer(job)
     engine = EvalOnlyEngine(method_for(job.spec.method).load_trained(job, weights), worker_device(),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from processes import session_pids
+from test_methods import assert_loss_falls
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "jobs" / "examples" / "quickstart.yaml"
@@ -102,11 +103,6 @@ def run_through_outage(s3_server, tiny_model_dir, tmp_path_factory) -> tuple[S3R
         s3run.server.thaw()
     out, err = process.communicate(timeout=600)
     return s3run, subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def assert_loss_falls(losses: list[float]) -> None:
-    assert len(losses) >= 6
-    assert sum(losses[-2:]) / 2 < 0.8 * (sum(losses[:2]) / 2), losses
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -112,8 +112,20 @@ def example_module():
     return load_example
 
 
+# Tests that train, serve or benchmark through Ray, Slurm and vLLM want most of a small machine each and share
+# module- and session-scoped runs: each folder's run in order on one pytest-xdist worker (scripts/test runs
+# --dist loadgroup; xdist hands out the largest group first), beside the other folder's and the unit tests.
+IN_ORDER = ("e2e", "bench")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is present (a lent GPU machine) and skip, saying why, everywhere else."""
+    """The end-to-end tests and the benchmarks' runs go to an xdist worker each, in order (IN_ORDER). `gpu` tests
+    run where CUDA is present (a lent GPU machine) and skip, saying why, everywhere else."""
+    root = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(root).parts[0]
+        if folder in IN_ORDER:
+            item.add_marker(pytest.mark.xdist_group(folder))
     try:
         import torch
 

@@ -78,8 +78,8 @@ def test_worker_killed_mid_run_is_replaced_and_training_continues(tmp_path, tiny
     while not (run / "checkpoints" / "step-000005" / "manifest.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
         time.sleep(0.2)
-    victims = _train_worker_pids()
-    assert victims, "no RayTrainWorker process found"
+    victims = _train_worker_pids(driver_pid(run))
+    assert victims, "no RayTrainWorker process found in the run's session"
     os.kill(victims[0], signal.SIGKILL)
     code, out, err = finish(process)
     assert code == 0, (out, err, (run / "logs" / "driver.log").read_text()[-3000:])
@@ -91,9 +91,11 @@ def test_worker_killed_mid_run_is_replaced_and_training_continues(tmp_path, tiny
     assert steps[-1] == 40
 
 
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+def _train_worker_pids(session: int) -> list[int]:
+    """This run's Ray Train workers: those of its driver's session, not another test's run beside it."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "RayTrainWorker" in line and "ps -eo" not in line and int(line.split()[1]) == session]
 
 
 @pytest.mark.slow

@@ -377,6 +377,9 @@ class EvalSpec(Strict):
     metrics: list[Literal[metric_names.REQUESTABLE]] = ["loss", *metric_names.GENERATION]
     max_new_tokens: int = Field(64, ge=1, le=32768)
     max_examples: int = Field(200, ge=1)  # generation is the slow part of an eval: cap the examples it sees
+    # Prompts per generate call on each worker. Under ZeRO-3 every forward gathers all the weights whatever the
+    # batch, so a larger batch makes fewer gathers; it costs a KV cache per prompt.
+    generation_batch_size: int = Field(8, ge=1, le=1024)
     label_pattern: str | None = None  # regex, group 1 = the label, e.g. "^category: (\\w+)" → label_accuracy
     general: str | None = "default"  # general-instructions file for the forgetting check; default = bundled; null = off
     forgetting_metric: Literal[metric_names.GENERATION] = "rouge_l"

@@ -11,12 +11,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunerun.jobs.spec import EvalSpec
 from tunerun.trainer.data.render import IGNORE_INDEX
 from tunerun.trainer.evaluation.metrics import score
 
 GENERAL_DEFAULT = Path(__file__).with_name("general_eval.jsonl")
 EXAMPLES_KEPT = 6  # examples (prompt, reference, output) kept per eval record for the report
-GENERATION_BATCH = 8  # prompts per generate call; eval holds no gradients, so this can exceed micro_batch_size
+# Prompts per generate call when the caller does not say (the spec's default); eval holds no gradients, so this can
+# exceed micro_batch_size.
+GENERATION_BATCH = EvalSpec.model_fields["generation_batch_size"].default
 
 
 # ── prompts and references ──────────────────────────────────────────────────────────────────────────────────
@@ -80,8 +83,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, *,
-             lockstep: bool = False, calls: int | None = None) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (left-padded batches), cut at the first stop token.
+             lockstep: bool = False, calls: int | None = None, batch: int = GENERATION_BATCH) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (left-padded batches of ``batch``), cut at the first stop token.
 
     With ``lockstep`` (collective forwards: DeepSpeed ZeRO-3 gathers parameters from all ranks) the caller passes
     the same ``calls`` on every rank; missing batches run on a dummy prompt and are thrown away, and
@@ -94,7 +97,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                               pad_token_id=pad, use_cache=True)
-    batches = [prompts[i:i + GENERATION_BATCH] for i in range(0, len(prompts), GENERATION_BATCH)]
+    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     if calls is not None:
         dummy = prompts[:1] or [[stops[0]]]
         batches += [dummy] * (calls - len(batches))
@@ -126,7 +129,7 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 
 def generate_sharded(model, tokenizer, items: list[EvalItem], max_new_tokens: int, device,
-                     lockstep: bool = False) -> dict[int, str]:
+                     lockstep: bool = False, batch: int = GENERATION_BATCH) -> dict[int, str]:
     """{example index: output text} for all ``items``; every rank generates its shard, all ranks get all."""
     import torch.distributed as dist
 
@@ -134,9 +137,9 @@ def generate_sharded(model, tokenizer, items: list[EvalItem], max_new_tokens: in
     rank = dist.get_rank() if dist.is_initialized() else 0
     shard = items[rank::world]
     # Equal call counts on every rank, from numbers every rank knows without talking to the others.
-    calls = math.ceil(math.ceil(len(items) / world) / GENERATION_BATCH) if lockstep else None
+    calls = math.ceil(math.ceil(len(items) / world) / batch) if lockstep else None
     generated = generate(model, tokenizer, [it.prompt_ids for it in shard], max_new_tokens, device,
-                         lockstep=lockstep, calls=calls)
+                         lockstep=lockstep, calls=calls, batch=batch)
     local = {it.index: decode(tokenizer, ids) for it, ids in zip(shard, generated)}
     if world == 1:
         return local
@@ -149,7 +152,8 @@ def evaluate_generation(model, tokenizer, examples: list[dict], eval_spec, devic
                         lockstep: bool = False, label_pattern: str | None = None) -> tuple[dict, list[dict]]:
     """(metric means, the first EXAMPLES_KEPT examples as prompt/reference/output) for ``examples``."""
     items = eval_items(examples, eval_spec.max_examples)
-    outputs = generate_sharded(model, tokenizer, items, eval_spec.max_new_tokens, device, lockstep)
+    outputs = generate_sharded(model, tokenizer, items, eval_spec.max_new_tokens, device, lockstep,
+                               eval_spec.generation_batch_size)
     references = [decode(tokenizer, it.reference_ids) for it in items]
     predictions = [outputs[it.index] for it in items]
     result = score(predictions, references, metrics, label_pattern)

@@ -55,6 +55,21 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
     assert generation.generate(model, tokenizer, prompts[:1], 8, torch.device("cpu"), calls=3) == single[:1]
 
 
+def test_the_generation_batch_size_sets_the_generate_calls_not_the_outputs(tiny, monkeypatch):
+    """eval.generation_batch_size: fewer, larger calls (fewer ZeRO-3 gathers), the same greedy outputs."""
+    import torch
+
+    model, tokenizer = tiny
+    prompts = [tokenizer(f"ticket {i} about my invoice")["input_ids"] for i in range(5)]
+    calls, original = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or original(**kw))
+    by_two = generation.generate(model, tokenizer, prompts, 6, torch.device("cpu"), batch=2)
+    assert calls == [2, 2, 1]
+    calls.clear()
+    assert generation.generate(model, tokenizer, prompts, 6, torch.device("cpu"), batch=32) == by_two
+    assert calls == [5]
+
+
 def test_generation_stops_at_eos(tiny):
     import torch
 

@@ -113,25 +113,34 @@ def example_module():
 
 
 # Tests that train, serve or benchmark through Ray, Slurm and vLLM want most of a small machine each and share
-# module- and session-scoped runs: each folder's run in order on one pytest-xdist worker (scripts/test runs
-# --dist loadgroup; xdist hands out the largest group first), beside the other folder's and the unit tests.
-IN_ORDER = ("e2e", "bench")
+# module- and session-scoped runs (a session fixture is made once per worker): each group below runs in order on
+# one pytest-xdist worker, beside the other group, and the unit tests go to whichever worker is free (scripts/test
+# runs --dist loadgroup). Sizes from a run one test after another (37e58bf, 2 cores): end-to-end 1,993 s; the other
+# group 1,382 s, and the unit tests' 537 s come after it, so both cores stay busy to the end. The first path prefix
+# that matches names a test's group.
+GROUPS = {
+    "tests/bench/": "benchmarks, learning, S3",
+    "tests/e2e/test_learning.py": "benchmarks, learning, S3",  # with test_qlora_zero3: one sharded run for both
+    "tests/e2e/test_qlora_zero3.py": "benchmarks, learning, S3",
+    "tests/e2e/test_preference.py": "benchmarks, learning, S3",
+    "tests/e2e/test_s3_runs.py": "benchmarks, learning, S3",
+    "tests/e2e/": "end-to-end",
+}
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, called only where it runs the tests
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadgroup by folder (IN_ORDER): xdist's own groups are xdist_group marks, which it adds to each test's
-    id, and pytest 9 ids no longer take the addition."""
+    """--dist loadgroup by path (GROUPS): xdist's own groups are xdist_group marks, which it adds to each test's id,
+    and pytest 9 ids no longer take the addition."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class FolderGroups(LoadScopeScheduling):
+    class PathGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            folder = nodeid.split("/")[1] if nodeid.startswith("tests/") else ""
-            return folder if folder in IN_ORDER else nodeid
+            return next((group for prefix, group in GROUPS.items() if nodeid.startswith(prefix)), nodeid)
 
-    return FolderGroups(config, log)
+    return PathGroups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Evaluation: does the model now answer the way the eval set says it should?
 
-- `metrics`: exact match, token F1 (SQuAD normalisation), ROUGE-L (`rouge-score`), label accuracy; torch-free.
+- `metrics`: exact match, token F1 (SQuAD normalisation), ROUGE-L (as `rouge-score` scores it), label accuracy;
+  torch-free.
 - `generation`: prompts and references from tokenized examples, greedy generation, sharded across ranks.
 - `loss`: the held-out loss, token-weighted, each rank scoring its shard.
 - `records`: one eval record (loss + generation + the forgetting sample), the forgetting check, the gates, and

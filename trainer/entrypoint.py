@@ -33,6 +33,7 @@ EXIT_PREEMPTED = 3  # stopped at a checkpoint on request: launch the same run ag
 EXIT_DISK_FULL = 4  # a disk filled and not even the reserved outcome file could record it
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"  # Ray Train's record of reported checkpoints
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's own variable (ray.train.v2 constants)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # ditto
 SMALL_WORKER_GROUP = 16
 
 
@@ -288,6 +289,9 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
                  runtime_env={"env_vars": {HEALTH_CHECK_ENV: env[HEALTH_CHECK_ENV]}})
         return
+    # Ray Train's preemption watcher (an actor polling for nodes about to be drained) has nothing to watch on the
+    # one node an embedded Ray runs on: ~3 s of CPU per run to start it. The environment may still ask for it.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     needed = job.spec.resources.num_workers * job.spec.resources.cpus_per_worker
     # Logical CPUs only gate scheduling: on a 2-core laptop two 1-CPU workers plus Ray's own actors must fit.
     # address="local": always a fresh embedded Ray, even when a `ray start` cluster runs on this machine.

@@ -27,7 +27,7 @@ from tunerun.trainer import checkpoint as ckpt
 from tunerun.trainer.batches import BatchSchedule
 from tunerun.trainer.data.pack import load_examples
 from tunerun.trainer.inputs import localize_model
-from tunerun.trainer.methods import method_for
+from tunerun.trainer.methods import method_for, skip_quantization_imports
 from tunerun.trainer.preemption import StopPoll
 from tunerun.trainer.tokenizer import load_tokenizer
 from tunerun.trainer.tracking import open_worker_trackers
@@ -52,6 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
                              spec.training.seed)
     total_steps = spec.training.max_steps or schedule.steps_per_epoch * spec.training.epochs
 
+    skip_quantization_imports(spec.method)
     method = method_for(spec.method)
     load_started = time.time()
     model = method.load_model(job)

@@ -6,6 +6,7 @@ evaluation and export ask the method instead of comparing ``job.spec.method.kind
 """
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from tunerun.trainer.weights import RunWeights
 
 METHODS = ("full", "lora", "qlora")
+QUANTIZED = ("qlora",)  # the methods whose base bitsandbytes loads in 4 bits
 
 
 @runtime_checkable
@@ -57,6 +59,14 @@ def get_method(kind: str) -> Method:
     if kind not in METHODS:
         raise ValueError(f"unknown method {kind!r}")
     return import_module(f"tunerun.trainer.methods.{kind}")
+
+
+def skip_quantization_imports(method: MethodSpec) -> None:
+    """In a process that serves one job (a Ray Train worker), make bitsandbytes absent unless the method quantizes:
+    peft imports it when it is installed, and it imports torch's compiler stack (~2 s of CPU in every worker of
+    a LoRA or full fine-tune). peft and transformers then see it as not installed, as their checks ask."""
+    if method.kind not in QUANTIZED and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec answers None
 
 
 def method_for(method: MethodSpec) -> Method:

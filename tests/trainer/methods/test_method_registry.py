@@ -2,6 +2,10 @@
 ``method.kind`` with a name."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tunerun.trainer.methods import METHODS, Method, get_method
@@ -42,3 +46,16 @@ def test_the_resolved_method_picks_its_module(tmp_path, method, module, sharded)
     chosen = method_for(resolve(spec).spec.method)
     assert chosen.__name__ == f"tunerun.trainer.methods.{module}" and isinstance(chosen, Method)
     assert chosen.SHARDED_STATE == sharded and chosen.ADAPTER == (method["kind"] != "full")
+
+
+@pytest.mark.parametrize("kind,loaded", [("lora", False), ("full", False), ("qlora", True)])
+def test_a_worker_imports_bitsandbytes_only_for_a_method_that_quantizes(kind, loaded):
+    """What a Ray Train worker does before it loads its method (a fresh process: sys.modules is changed)."""
+    script = ("import sys; from tunerun.jobs.spec import MethodSpec\n"
+              "from tunerun.trainer.methods import get_method, skip_quantization_imports\n"
+              f"skip_quantization_imports(MethodSpec(kind={kind!r})); get_method({kind!r}); import peft\n"
+              "from transformers.utils.import_utils import is_bitsandbytes_available\n"
+              "print(sys.modules.get('bitsandbytes') is not None, is_bitsandbytes_available())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
+    assert out == [str(loaded), str(loaded)]

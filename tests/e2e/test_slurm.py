@@ -91,7 +91,7 @@ def test_qlora_job_runs_under_slurm_and_status_shows_it_completed(slurm_job):
 
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_job):
-    job_id = slurm_job.submit("sr", "training.max_steps=200", "checkpoint.every_steps=20")
+    job_id = slurm_job.submit("sr", "training.max_steps=80", "checkpoint.every_steps=20")
     deadline = time.monotonic() + 400
     while not slurm_job.exists("sr", "checkpoints/step-000020/manifest.json"):
         assert time.monotonic() < deadline

@@ -235,8 +235,8 @@ def ray_started() -> bool:
 
 def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
+    TorchTrainer = _torch_trainer(embedded=_embedded_ray())
     resources = job.spec.resources
     storage_path, filesystem = _ray_storage(run)
     # Resume reads tunerun's manifests, and retention deletes checkpoints Ray never hears about: Ray's own list
@@ -269,6 +269,34 @@ def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
         raise preemption.Preempted(f"stopped at the checkpoint of step {step} on {', '.join(received) or 'request'}")
 
 
+def _torch_trainer(embedded: bool):
+    """Ray Train's TorchTrainer; on an embedded Ray, without its placement-group cleaner. That detached actor removes
+    a run's placement group from a long-lived cluster when the controller dies; an embedded Ray dies with the driver,
+    and the cleaner cannot work there anyway: it asks the state API, which an embedded Ray without a dashboard lacks.
+    It failed with a traceback in every driver log, and where an old `ray start` had left its address in
+    /tmp/ray, it kept retrying that address and held every run's end for 12 s (its stop timeout)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray Train layout: its defaults, as a cluster gets them
+        return TorchTrainer
+    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
+
+
+def _embedded_ray() -> bool:
+    """A Ray started by this driver (the local target); otherwise RAY_ADDRESS names the cluster (Slurm, KubeRay)."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 def _ray_storage(run: RunFolder):
     """Where Ray Train persists checkpoints: the run folder's parent, through pyarrow for object storage."""
     if run.is_local:
@@ -285,7 +313,7 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
     import ray
 
     os.environ.update(env)
-    if os.environ.get("RAY_ADDRESS"):
+    if not _embedded_ray():
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
                  runtime_env={"env_vars": {HEALTH_CHECK_ENV: env[HEALTH_CHECK_ENV]}})
         return

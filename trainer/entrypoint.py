@@ -236,7 +236,7 @@ def ray_started() -> bool:
 def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    TorchTrainer = _torch_trainer(embedded=_embedded_ray())
+    trainer_class = _torch_trainer(embedded=_embedded_ray())
     resources = job.spec.resources
     storage_path, filesystem = _ray_storage(run)
     # Resume reads tunerun's manifests, and retention deletes checkpoints Ray never hears about: Ray's own list
@@ -244,7 +244,7 @@ def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
     run.delete(RAY_CHECKPOINT_LIST)
     received = preemption.install_driver_handlers(run)
     run.flush()  # rank 0 appends to events.jsonl from here on
-    trainer = TorchTrainer(
+    trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(mode="json")},
         scaling_config=ScalingConfig(
@@ -277,11 +277,11 @@ def _torch_trainer(embedded: bool):
     /tmp/ray, it kept retrying that address and held every run's end for 12 s (its stop timeout)."""
     from ray.train.torch import TorchTrainer
 
+    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray Train layout: its defaults, as a cluster gets them
-        return TorchTrainer
-    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
 
     class EmbeddedTorchTrainer(TorchTrainer):

@@ -35,6 +35,10 @@ RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"  # Ray Train's record o
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's own variable (ray.train.v2 constants)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # ditto
 SMALL_WORKER_GROUP = 16
+# ray._private.node's words when the raylet has not registered within its fixed 30 s: it first waits for its agents
+# (Python processes), which on a machine at a load of 15+ can take that long. Another start usually makes it.
+RAY_NODE_TIMEOUT = "timed out during startup"
+EMBEDDED_RAY_ATTEMPTS = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,10 +325,47 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
     # one node an embedded Ray runs on: ~3 s of CPU per run to start it. The environment may still ask for it.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     needed = job.spec.resources.num_workers * job.spec.resources.cpus_per_worker
-    # Logical CPUs only gate scheduling: on a 2-core laptop two 1-CPU workers plus Ray's own actors must fit.
-    # address="local": always a fresh embedded Ray, even when a `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed + 1), include_dashboard=False,
-             log_to_driver=True)
+    for attempt in range(1, EMBEDDED_RAY_ATTEMPTS + 1):
+        before = _ray_processes()
+        try:
+            # Logical CPUs only gate scheduling: on a 2-core laptop two 1-CPU workers plus Ray's own actors must fit.
+            # address="local": always a fresh embedded Ray, even when a `ray start` cluster runs on this machine.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed + 1), include_dashboard=False,
+                     log_to_driver=True)
+            return
+        except Exception as exc:
+            if RAY_NODE_TIMEOUT not in str(exc) or attempt == EMBEDDED_RAY_ATTEMPTS:
+                raise
+            _say(f"warning: Ray's node did not start within its 30 s (a busy machine: its agents start slowly); "
+                 f"starting it again ({attempt + 1} of {EMBEDDED_RAY_ATTEMPTS})")
+            _stop_processes(_ray_processes() - before)
+
+
+def _ray_processes() -> set:
+    """This driver's descendants that run Ray's own programs (GCS, raylet, monitors), not its data-prep workers."""
+    import psutil
+    import ray
+
+    home = os.path.dirname(ray.__file__)
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(home in part for part in child.cmdline()):
+                found.add(child)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
+def _stop_processes(processes: set) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(processes), timeout=10)
 
 
 def _worker_resources(job: ResolvedJob) -> dict:

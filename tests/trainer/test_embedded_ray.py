@@ -1,11 +1,21 @@
 """What the driver hands Ray Train on an embedded Ray, against what a cluster gets."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import pytest
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from tunerun.trainer.entrypoint import _embedded_ray, _torch_trainer
+from tunerun.trainer.entrypoint import PREEMPTION_WATCHER_ENV, _embedded_ray, _start_ray, _torch_trainer
+
+ONE_WORKER = SimpleNamespace(spec=SimpleNamespace(resources=SimpleNamespace(num_workers=1, cpus_per_worker=1)))
 
 
 def _callbacks(trainer_class) -> list[type]:
@@ -25,3 +35,53 @@ def test_ray_address_says_a_cluster(monkeypatch):
     assert _embedded_ray()
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert not _embedded_ray()
+
+
+def test_a_node_that_times_out_on_a_busy_machine_is_started_again_and_its_leftovers_stopped(
+        monkeypatch, capsys):
+    """Ray gives its raylet a fixed 30 s to register, and the raylet first waits for its Python agents: at a load of
+    15+ that is too short (a CI run lost a module to it). The half-started node is stopped and Ray started again."""
+    import ray
+
+    real_init, calls, leftovers = ray.init, [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # the half-started node: a process of Ray's own, then Ray's error
+            leftovers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                               os.path.dirname(ray.__file__)]))
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="tr-ray-", dir="/tmp"))  # short: Ray's sockets
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "0")
+    try:
+        _start_ray(ONE_WORKER, {})
+        assert ray.is_initialized() and len(calls) == 2 and calls[0] == calls[1]
+        assert leftovers[0].poll() is not None  # stopped before the second start
+    finally:
+        ray.shutdown()
+        for process in leftovers:
+            process.kill()
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    assert "Ray's node did not start within its 30 s" in capsys.readouterr().err
+
+
+def test_any_other_failure_to_start_ray_is_not_retried(monkeypatch):
+    import ray
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("num_cpus must be positive")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "0")
+    with pytest.raises(ValueError):
+        _start_ray(ONE_WORKER, {})
+    assert len(calls) == 1

@@ -274,24 +274,39 @@ def fit(run: RunFolder, job: ResolvedJob, env: dict) -> None:
 
 
 def _torch_trainer(embedded: bool):
-    """Ray Train's TorchTrainer; on an embedded Ray, without its placement-group cleaner. That detached actor removes
-    a run's placement group from a long-lived cluster when the controller dies; an embedded Ray dies with the driver,
-    and the cleaner cannot work there anyway: it asks the state API, which an embedded Ray without a dashboard lacks.
-    It failed with a traceback in every driver log, and where an old `ray start` had left its address in
-    /tmp/ray, it kept retrying that address and held every run's end for 12 s (its stop timeout)."""
+    """Ray Train's TorchTrainer; on an embedded Ray, without the parts that serve a long-lived, autoscaled cluster and
+    Ray Data, each an actor (a Ray worker process, ~1.5 s of CPU to start) that an embedded run pays for nothing:
+    - the placement-group cleaner removes a run's placement group when its controller dies; an embedded Ray dies with
+      the driver. It also asks the state API, which an embedded Ray without a dashboard lacks: a traceback in every
+      driver log, and where an old `ray start` had left its address in /tmp/ray, a 12 s stall at every run's end;
+    - the dataset manager shards Ray Datasets: tunerun's workers read their prepared shard from the run folder;
+    - the autoscaling coordinator asks an autoscaler for the workers' resources: an embedded Ray has none."""
     from ray.train.torch import TorchTrainer
 
-    if not embedded or not hasattr(TorchTrainer, "_create_default_callbacks"):
+    if not embedded:
         return TorchTrainer
     try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     except ImportError:  # another Ray Train layout: its defaults, as a cluster gets them
         return TorchTrainer
 
+    class FixedWorkers(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # the base class registers the workers with the autoscaling coordinator here
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
     class EmbeddedTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            left_out = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["scaling_policy"] = FixedWorkers(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return EmbeddedTorchTrainer
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from tunerun.trainer.entrypoint import PREEMPTION_WATCHER_ENV, _embedded_ray, _start_ray, _torch_trainer
@@ -18,16 +19,34 @@ from tunerun.trainer.entrypoint import PREEMPTION_WATCHER_ENV, _embedded_ray, _s
 ONE_WORKER = SimpleNamespace(spec=SimpleNamespace(resources=SimpleNamespace(num_workers=1, cpus_per_worker=1)))
 
 
-def _callbacks(trainer_class) -> list[type]:
-    trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+def _callbacks(trainer_class, **datasets) -> list[type]:
+    trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=datasets or None)
     return [type(c) for c in trainer._create_default_callbacks()]
 
 
-def test_an_embedded_ray_gets_every_default_callback_but_the_placement_group_cleaner():
+def test_an_embedded_ray_gets_every_default_callback_but_the_cluster_and_ray_data_ones():
     on_cluster, embedded = _callbacks(_torch_trainer(embedded=False)), _callbacks(_torch_trainer(embedded=True))
-    assert PlacementGroupCleanerCallback in on_cluster
-    assert embedded == [c for c in on_cluster if c is not PlacementGroupCleanerCallback]
+    assert PlacementGroupCleanerCallback in on_cluster and DatasetsCallback in on_cluster
+    assert embedded == [c for c in on_cluster if c not in (PlacementGroupCleanerCallback, DatasetsCallback)]
     assert issubclass(_torch_trainer(embedded=True), TorchTrainer) and _torch_trainer(embedded=False) is TorchTrainer
+
+
+def test_an_embedded_trainer_given_ray_datasets_still_shards_them():
+    datasets = {"train": lambda: None}  # a dataset factory, called on the workers' start (made here, it starts Ray)
+    assert DatasetsCallback in _callbacks(_torch_trainer(embedded=True), **datasets)
+
+
+def test_an_embedded_controller_asks_no_autoscaler_for_its_workers(monkeypatch):
+    """The fixed scaling policy registers the workers with Ray Data's autoscaling coordinator, a detached actor; an
+    embedded Ray has no autoscaler to ask. The workers asked for stay the same."""
+    given = {}
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kwargs: given.update(kwargs))
+    trainer = _torch_trainer(embedded=True)(lambda: None, scaling_config=ScalingConfig(num_workers=2))
+    trainer._initialize_and_run_controller(scaling_policy=None, callbacks=[])
+    policy = given["scaling_policy"]
+    policy.after_controller_start(train_run_context=None)
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert decision.num_workers == 2 and policy._coordinator_client is None and given["callbacks"] == []
 
 
 def test_ray_address_says_a_cluster(monkeypatch):

@@ -114,8 +114,8 @@ def test_on_demand_evaluation_scores_what_the_last_training_eval_measured(learne
     assert "exact_match" in output and "gates" in output
 
 
-def test_the_merged_model_loads_with_plain_transformers_and_answers_like_the_run(merged, on_demand):
-    assert_merged_model_answers(merged, on_demand[0]["examples"])
+def test_the_merged_model_loads_with_plain_transformers_and_answers_like_the_run(learned, merged):
+    assert_merged_model_answers(merged, learned)
 
 
 def test_the_report_shows_the_base_vs_tuned_numbers(reported):
@@ -132,20 +132,35 @@ def test_gguf_exports_answer_like_the_merged_model(tunerun, learned, ray_env, me
     assert_gguf_exports_answer_like_the_merged_model(tunerun, learned, learned.parent.parent, ray_env, merged)
 
 
-def assert_merged_model_answers(folder: Path, examples: list[dict]) -> None:
+def assert_merged_model_answers(folder: Path, run: Path) -> None:
+    """The merged folder, loaded as any transformers user would, scores on the held-out prompts what the run's last
+    evaluation measured, within a few answers: the merge adds the adapter to the unquantised base, while the run
+    answered with the 4-bit one, so single answers on a near-tie may differ (they did, 2 of 6 on one machine)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunerun.trainer.evaluation.generation import decode, eval_items
+    from tunerun.trainer.evaluation.metrics import exact_match
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
+    examples = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()]
+    items, eos = eval_items(examples, len(examples)), model.generation_config.eos_token_id
     right = 0
-    for example in examples:
-        ids = tokenizer(example["prompt"], return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-        right += tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
-            == example["reference"]
-    assert right >= len(examples) - 1, (right, examples)
+    for start in range(0, len(items), 16):  # left-padded batches, as the run's evaluation generates
+        batch = items[start:start + 16]
+        longest = max(len(item.prompt_ids) for item in batch)
+        ids = torch.tensor([[eos] * (longest - len(i.prompt_ids)) + i.prompt_ids for i in batch])
+        mask = torch.tensor([[0] * (longest - len(i.prompt_ids)) + [1] * len(i.prompt_ids) for i in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos)
+        for item, answer in zip(batch, out[:, longest:].tolist()):
+            right += exact_match(decode(tokenizer, answer), decode(tokenizer, item.reference_ids))
+    merged, measured = right / len(items), final_eval(run)["eval_exact_match"]
+    print(f"\nmerged model: exact match {merged:.3f} on {len(items)} held-out prompts; the run measured {measured:.3f}")
+    assert len(items) >= 100 and merged >= TUNED_AT_LEAST and abs(merged - measured) <= 0.05
 
 
 def assert_gguf_exports_answer_like_the_merged_model(tunerun, run: Path, tmp_path: Path, env: dict,

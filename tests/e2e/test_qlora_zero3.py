@@ -98,12 +98,13 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            want = with_adapter.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+            want = with_adapter.generate(input_ids=ids, max_new_tokens=12, do_sample=False, output_scores=True,
+                                         return_dict_in_generate=True)
             got = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
             plain = with_adapter.get_base_model()
             with with_adapter.disable_adapter():
                 untrained = plain.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
-        assert got.tolist() == want.tolist()
+        assert_same_greedy_tokens(got[0, len(prompt):].tolist(), want)
         changed += got.tolist() != untrained.tolist()
     assert changed >= len(prompts) // 2  # the adapter changes what the model says
 
@@ -112,6 +113,22 @@ def test_eval_and_exports_answer_like_the_adapter_on_the_unquantised_base(sharde
     assert gguf.returncode == 0, gguf.stdout + gguf.stderr
     check = json.loads((sharded.folder / "eval" / "exports" / "final-gguf-f16.json").read_text())
     assert check["prompts"] >= 16 and check["same_tokens"] + check["near_ties"] == check["prompts"]
+
+
+def assert_same_greedy_tokens(got: list[int], want) -> None:
+    """The merged model's greedy tokens are the adapter's, but where the adapter's first two choices are tied: the
+    merge rounds base + adapter to bf16 once, the adapter adds its product at every step, and a tie may break
+    either way without anything being wrong with the merge (the GGUF check allows the same)."""
+    import torch
+
+    from tunerun.trainer.export.gguf import TIE_MARGIN
+
+    wanted = want.sequences[0, -len(want.scores):].tolist()
+    if got == wanted:
+        return
+    at = next((i for i, (x, y) in enumerate(zip(got, wanted)) if x != y), min(len(got), len(wanted)))
+    top = torch.topk(want.scores[min(at, len(want.scores) - 1)][0].float(), 2)
+    assert float(top.values[0] - top.values[1]) < TIE_MARGIN, (got, wanted, top)
 
 
 def test_dpo_continues_the_sharded_adapter_against_it_frozen(sharded_qlora, tunerun, tiny_model_dir):

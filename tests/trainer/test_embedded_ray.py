@@ -67,8 +67,8 @@ def test_a_node_that_times_out_on_a_busy_machine_is_started_again_and_its_leftov
     import ray._private.services as ray_services
 
     real_get_node, real_init, starts = ray_services.get_node, ray.init, []
-    slow = SimpleNamespace(monotonic=lambda: len(starts) * 40.0 * next(readings), sleep=time.sleep, time=time.time)
     readings = itertools.count(1)
+    slow = SimpleNamespace(monotonic=lambda: 40.0 * next(readings), sleep=time.sleep, time=time.time)
 
     def get_node(*args, **kwargs):
         if len(starts) == 1:

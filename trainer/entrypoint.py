@@ -357,7 +357,9 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
 
 
 def _ray_processes() -> set:
-    """This driver's descendants that run Ray's own programs (GCS, raylet, monitors), not its data-prep workers."""
+    """This driver's descendants that run Ray's own programs (GCS, raylet, monitors: a binary or script in Ray's
+    package), not its data-preparation workers, whose command line only mentions Ray's folder in the sys.path it
+    passes on (Ray puts its thirdparty_files there)."""
     import psutil
     import ray
 
@@ -365,7 +367,7 @@ def _ray_processes() -> set:
     found = set()
     for child in psutil.Process().children(recursive=True):
         try:
-            if any(home in part for part in child.cmdline()):
+            if any(part.startswith(home) for part in child.cmdline()):
                 found.add(child)
         except psutil.Error:  # gone meanwhile
             pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -66,7 +68,7 @@ def test_a_node_that_times_out_on_a_busy_machine_is_started_again_and_its_leftov
     import ray._private.node as ray_node
     import ray._private.services as ray_services
 
-    real_get_node, real_init, starts = ray_services.get_node, ray.init, []
+    real_get_node, real_init, starts, others = ray_services.get_node, ray.init, [], []
     readings = itertools.count(1)
     slow = SimpleNamespace(monotonic=lambda: 40.0 * next(readings), sleep=time.sleep, time=time.time)
 
@@ -77,6 +79,8 @@ def test_a_node_that_times_out_on_a_busy_machine_is_started_again_and_its_leftov
 
     def init(**kwargs):
         starts.append(kwargs)
+        if len(starts) == 1:  # meanwhile the data preparation starts its workers (sys.path, Ray's folder in it, passed)
+            others.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(120)  # {sys.path}"]))
         monkeypatch.setattr(ray_node, "time", slow if len(starts) == 1 else time)
         return real_init(**kwargs)
 
@@ -91,8 +95,11 @@ def test_a_node_that_times_out_on_a_busy_machine_is_started_again_and_its_leftov
         assert ray.get(ray.remote(lambda: 42).remote()) == 42
         names = [p.name() for p in psutil.Process().children(recursive=True)]
         assert sum("gcs_server" in n for n in names) == 1 and sum("raylet" in n for n in names) == 1, names
+        assert others[0].poll() is None  # not Ray's: left running
     finally:
         ray.shutdown()
+        for process in others:
+            process.kill()
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     assert "Ray's node did not start within its 30 s" in capsys.readouterr().err
 

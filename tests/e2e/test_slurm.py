@@ -91,7 +91,10 @@ def test_qlora_job_runs_under_slurm_and_status_shows_it_completed(slurm_job):
 
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_job):
-    job_id = slurm_job.submit("sr", "training.max_steps=80", "checkpoint.every_steps=20")
+    # The stop lands ~5 s after the step-20 checkpoint shows (S3 poll, scancel, the driver's handler, the workers'
+    # 2 s poll): on a fast machine that is 60 steps and more, and an 80-step run ended before it stopped (seen).
+    # 200 steps leave room; one evaluation at the end keeps them cheap where steps are slow.
+    job_id = slurm_job.submit("sr", "training.max_steps=200", "checkpoint.every_steps=20", "eval.every_steps=200")
     deadline = time.monotonic() + 400
     while not slurm_job.exists("sr", "checkpoints/step-000020/manifest.json"):
         assert time.monotonic() < deadline

@@ -341,7 +341,6 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     needed = job.spec.resources.num_workers * job.spec.resources.cpus_per_worker
     for attempt in range(1, EMBEDDED_RAY_ATTEMPTS + 1):
-        before = _ray_processes()
         try:
             # Logical CPUs only gate scheduling: on a 2-core laptop two 1-CPU workers plus Ray's own actors must fit.
             # address="local": always a fresh embedded Ray, even when a `ray start` cluster runs on this machine.
@@ -353,7 +352,7 @@ def _start_ray(job: ResolvedJob, env: dict) -> None:
                 raise
             _say(f"warning: Ray's node did not start within its 30 s (a busy machine: its agents start slowly); "
                  f"starting it again ({attempt + 1} of {EMBEDDED_RAY_ATTEMPTS})")
-            _stop_processes(_ray_processes() - before)
+            _stop_processes(_ray_processes())  # this driver started no Ray before: all of them are the failed start's
 
 
 def _ray_processes() -> set:

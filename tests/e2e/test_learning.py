@@ -139,25 +139,18 @@ def assert_merged_model_answers(folder: Path, run: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunerun.trainer.evaluation.generation import decode, eval_items
+    from tunerun.trainer.evaluation.generation import decode, eval_items, generate
     from tunerun.trainer.evaluation.metrics import exact_match
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
     examples = [json.loads(line) for line in (run / "data" / "eval.jsonl").read_text().splitlines()]
-    items, eos = eval_items(examples, len(examples)), model.generation_config.eos_token_id
-    right = 0
-    for start in range(0, len(items), 16):  # left-padded batches, as the run's evaluation generates
-        batch = items[start:start + 16]
-        longest = max(len(item.prompt_ids) for item in batch)
-        ids = torch.tensor([[eos] * (longest - len(i.prompt_ids)) + i.prompt_ids for i in batch])
-        mask = torch.tensor([[0] * (longest - len(i.prompt_ids)) + [1] * len(i.prompt_ids) for i in batch])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos)
-        for item, answer in zip(batch, out[:, longest:].tolist()):
-            right += exact_match(decode(tokenizer, answer), decode(tokenizer, item.reference_ids))
+    items = eval_items(examples, len(examples))
+    # greedy, left-padded batches, cut at the stop tokens: as the run's evaluation generated
+    answers = generate(model, tokenizer, [item.prompt_ids for item in items], 16, torch.device("cpu"), batch=16)
+    right = sum(exact_match(decode(tokenizer, answer), decode(tokenizer, item.reference_ids))
+                for item, answer in zip(items, answers))
     merged, measured = right / len(items), final_eval(run)["eval_exact_match"]
     print(f"\nmerged model: exact match {merged:.3f} on {len(items)} held-out prompts; the run measured {measured:.3f}")
     assert len(items) >= 100 and merged >= TUNED_AT_LEAST and abs(merged - measured) <= 0.05

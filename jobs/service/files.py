@@ -225,8 +225,10 @@ class Validator:
             self._release(local.parent)
 
     def _examine(self, project: str, file_id: str, local: Path) -> FileObject | None:
-        """The verdict on the file; None when it was deleted before one could be given."""
+        """The verdict on the file; None when it was deleted before one could be given, or already has one."""
         try:
+            if self.files.get(project, file_id).status != "uploaded":
+                return None  # a start's recovery listed it while its upload's own validation was queued or running
             return self.files.examine(project, file_id, local)
         except Exception:  # noqa: BLE001 - whatever failed is the server's: the file must not wait forever
             if not self.files.exists(project, file_id):

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import openai
@@ -140,6 +141,22 @@ def test_a_restarted_server_removes_what_a_crashed_one_left(served, tmp_path, mo
         assert time.monotonic() < deadline, "the orphan that was young at start is still there"
         time.sleep(0.1)
     assert sorted(p.name for p in project.iterdir()) == sorted([f"{whole.id}.json", f"{whole.id}.jsonl"])
+
+
+def test_a_recovery_that_listed_an_upload_in_validation_gives_no_second_verdict(app, keys, tmp_path):
+    # A start's recovery lists every file still `uploaded`: one uploaded meanwhile is queued twice, once by the
+    # upload and once by the recovery; the second turn must leave the first verdict (and later edits) alone.
+    store, validator = app.state.service.files, app.state.service.validator
+    found = client(app, keys["acme"]).files.create(file=write_lines(tmp_path / "ok.jsonl", [GOOD]).open("rb"),
+                                                   purpose="fine-tune")
+    verdict = settled(app, "acme", found.id)
+    assert verdict.status == "processed" and verdict.format == "chat"
+    store.save("acme", replace(verdict, format=None))  # as stored before formats were recorded
+    again = store.fetch("acme", found.id, upload_folder() / "data.jsonl")
+    validator.later("acme", found.id, again)  # the recovery's turn, after the upload's
+    validator.pool.submit(lambda: None).result(timeout=30)  # one worker: every earlier turn is done
+    assert store.get("acme", found.id) == replace(verdict, format=None)
+    assert not again.parent.exists()
 
 
 def test_a_recovery_that_meets_a_storage_error_is_logged_and_the_server_goes_on(app, monkeypatch, caplog):

@@ -289,14 +289,7 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     """
     if not texts:
         return np.empty((0, MINHASH_PERMUTATIONS), dtype=np.uint32)
-    words, shingles, firsts = [], [], []  # word crc32s (each text's followed by 0s), where each shingle starts
-    for text in texts:
-        firsts.append(len(shingles))
-        start, hashes = len(words), list(map(zlib.crc32, text.encode("utf-8", "surrogatepass").split()))
-        words += hashes
-        words += (0,) * SHINGLE_WORDS
-        shingles.extend(range(start, start + max(1, len(hashes) - SHINGLE_WORDS + 1)))
-    words, shingles = np.asarray(words, dtype=np.uint64), np.asarray(shingles)
+    words, shingles, firsts = _shingle_layout(texts)
     mixed = sum(words[shingles + i] * _SHINGLE_MIX[i] for i in range(SHINGLE_WORDS))  # wraps: mod 2⁶⁴
     hashes = (_fmix64(mixed) >> np.uint64(32)).astype(np.uint32)
     a, b = _permutations()
@@ -304,7 +297,58 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     # columns: the minimum over each text's run of columns is 8× faster than over runs of rows.
     permuted = np.multiply.outer(a, _fmix32(hashes))  # wraps: mod 2³²
     permuted += b[:, None]
-    return np.ascontiguousarray(np.minimum.reduceat(permuted, np.asarray(firsts), axis=1).T)
+    return np.ascontiguousarray(np.minimum.reduceat(permuted, firsts, axis=1).T)
+
+
+def _shingle_layout(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The word crc32s of all ``texts``, each text's followed by `SHINGLE_WORDS` zeros; where each shingle starts in
+    them (a text of fewer words than a shingle has one, padded); where each text's shingles start. In numpy over
+    all texts at once: a Python loop over texts and words cost 20 µs per record, 90 % of the MinHash."""
+    encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+    joined = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    text_ends = np.cumsum([len(e) + 1 for e in encoded])  # each text's end in ``joined``, its space included
+    blank = _ASCII_BLANK[joined]  # where `bytes.split` splits
+    begins = np.flatnonzero(~blank & np.concatenate(([True], blank[:-1])))
+    ends = np.flatnonzero(~blank & np.concatenate((blank[1:], [True]))) + 1
+    hashes = _crc32s(joined, begins, ends)
+    counts = np.diff(np.searchsorted(begins, text_ends), prepend=0)  # words per text
+    gap = np.arange(len(texts)) * SHINGLE_WORDS  # the zeros after the texts before each
+    words = np.zeros(len(hashes) + len(texts) * SHINGLE_WORDS, dtype=np.uint64)
+    words[np.arange(len(hashes)) + np.repeat(gap, counts)] = hashes
+    starts = np.cumsum(counts) - counts + gap  # each text's first word in ``words``
+    per_text = np.maximum(1, counts - SHINGLE_WORDS + 1)
+    firsts = np.cumsum(per_text) - per_text
+    shingles = np.repeat(starts - firsts, per_text) + np.arange(int(per_text.sum()))
+    return words, shingles, firsts
+
+
+_ASCII_BLANK = np.zeros(256, dtype=bool)
+_ASCII_BLANK[list(b" \t\n\r\x0b\x0c")] = True
+# zlib's CRC-32 (reflected, polynomial 0xEDB88320), one byte at a time
+_CRC_TABLE = np.array([functools.reduce(lambda c, _: (c >> 1) ^ (0xEDB88320 if c & 1 else 0), range(8), n)
+                       for n in range(256)], dtype=np.uint32)
+_VECTOR_CRC_BYTES = 32  # longer words (a URL, a hash) are few: zlib takes them one by one
+
+
+def _crc32s(data: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``zlib.crc32`` of each ``data[begins[i]:ends[i]]``: byte k of every word at once, longest words first."""
+    lengths = ends - begins
+    order = np.argsort(-lengths, kind="stable")
+    crc = np.full(len(order), 0xFFFFFFFF, dtype=np.uint32)
+    short = order[lengths[order] <= _VECTOR_CRC_BYTES]
+    first = len(order) - len(short)  # the long words come first in ``order``
+    starts, left = begins[short], lengths[short]
+    for k in range(int(left[0]) if len(left) else 0):
+        m = int(np.searchsorted(-left, -k, side="left"))  # words longer than k: a prefix
+        part = crc[first:first + m]
+        crc[first:first + m] = _CRC_TABLE[(part ^ data[starts[:m] + k]) & 0xFF] ^ (part >> np.uint32(8))
+    crc ^= np.uint32(0xFFFFFFFF)
+    raw = data.tobytes() if first else b""
+    for i, word in enumerate(order[:first]):
+        crc[i] = zlib.crc32(raw[begins[word]:ends[word]])
+    out = np.empty(len(order), dtype=np.uint64)
+    out[order] = crc
+    return out
 
 
 def minhash_signature(text: str) -> np.ndarray:

@@ -9,9 +9,10 @@ the ones before it in its row. Evaluation examples are not packed.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+import orjson
 
 from tunerun.trainer.data.render import IGNORE_INDEX
 
@@ -46,22 +47,18 @@ class ExampleWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-# json.dumps with any option builds a new encoder on each call: half of the ~28 µs an example's line took.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-
-
 def example_line(example: dict) -> str:
     """An example as a line of a prepared file; data preparation's worker processes serialise with it, so only
-    text crosses back to the process that writes."""
-    return _COMPACT.encode(example) + "\n"
+    text crosses back to the process that writes. orjson: ~2 µs for a few hundred token ids, json's ~19."""
+    return orjson.dumps(example).decode() + "\n"
 
 
 def load_examples(path: Path) -> list[dict]:
     """The examples of a prepared file (absent file: none)."""
     if not path.is_file():
         return []
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    with path.open("rb") as handle:
+        return [orjson.loads(line) for line in handle if line.strip()]
 
 
 class Packer:

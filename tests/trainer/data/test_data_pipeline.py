@@ -56,6 +56,22 @@ def test_custom_pii_patterns_mask_and_count(tokenizer, tmp_path):
     assert "<EMPLOYEE_ID>" in tokenizer.decode(data.train[0]["input_ids"])
 
 
+def test_a_text_repeated_across_records_is_masked_and_counted_in_each(tokenizer, tmp_path, monkeypatch):
+    # A system prompt every record shares is cleaned once per process: the others must still carry its mask
+    # and count its PII, also after the memory of cleaned texts has been emptied (here every 2 texts).
+    system = {"role": "system", "content": "Escalate to  help@example.com."}
+    words = STORY.split()
+    rows = [{"messages": [system, *chat(" ".join(random.Random(i).sample(words, 12)), "shipping")["messages"]]}
+            for i in range(5)]
+    spec = DataSpec(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), eval_fraction=0)
+    for remembered in (data_module.CLEANED_TEXTS, 2):
+        monkeypatch.setattr(data_module, "CLEANED_TEXTS", remembered)
+        data = prepare_data(spec, tokenizer, seed=0)
+        assert data.report.pii_masked["email"] == 5 and data.report.train_records == 5
+        for example in data.train:
+            assert "Escalate to <EMAIL>." in tokenizer.decode(example["input_ids"])
+
+
 def test_invalid_pii_pattern_is_refused_when_the_spec_loads():
     with pytest.raises(ValidationError, match=r"EMPLOYEE_ID: 'EMP-\(\\d' is not a valid regular expression"):
         CleanSpec(pii_patterns={"EMPLOYEE_ID": r"EMP-(\d"})
@@ -89,6 +105,8 @@ def test_minhash_signatures_and_band_layout_are_datasketchs():
     rng = random.Random(3)
     texts = [" ".join(rng.choice(STORY.split() + ["é", "日本"]) for _ in range(rng.randint(0, 30)))
              for _ in range(50)] + ["", "one", "two words", "", "three words here"]
+    # words past the vectorised CRC's 32 bytes (zlib takes those), at its edge, and other ASCII blanks
+    texts += [f"see https://example.com/{'x' * 60} now {'a' * 32} {'b' * 33} ok", "tab\tand\nnew line é" * 3]
     template = MinHash(num_perm=clean.MINHASH_PERMUTATIONS, seed=clean.MINHASH_SEED,
                        hashfunc=clean.shingle_hash)
     for text, signature in zip(texts, clean.minhash_signatures(texts)):

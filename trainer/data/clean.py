@@ -337,9 +337,9 @@ def _crc32s(data: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarra
     crc = np.full(len(order), 0xFFFFFFFF, dtype=np.uint32)
     short = order[lengths[order] <= _VECTOR_CRC_BYTES]
     first = len(order) - len(short)  # the long words come first in ``order``
-    starts, left = begins[short], lengths[short]
-    for k in range(int(left[0]) if len(left) else 0):
-        m = int(np.searchsorted(-left, -k, side="left"))  # words longer than k: a prefix
+    starts, shorter = begins[short], -lengths[short]  # ascending: for searchsorted
+    for k in range(int(-shorter[0]) if len(shorter) else 0):
+        m = int(np.searchsorted(shorter, -k))  # the words longer than k bytes: a prefix
         part = crc[first:first + m]
         crc[first:first + m] = _CRC_TABLE[(part ^ data[starts[:m] + k]) & 0xFF] ^ (part >> np.uint32(8))
     crc ^= np.uint32(0xFFFFFFFF)

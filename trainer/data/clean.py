@@ -335,8 +335,8 @@ def _crc32s(data: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarra
     lengths = ends - begins
     order = np.argsort(-lengths, kind="stable")
     crc = np.full(len(order), 0xFFFFFFFF, dtype=np.uint32)
-    short = order[lengths[order] <= _VECTOR_CRC_BYTES]
-    first = len(order) - len(short)  # the long words come first in ``order``
+    first = int(np.count_nonzero(lengths > _VECTOR_CRC_BYTES))  # the long words come first in ``order``
+    short = order[first:]
     starts, shorter = begins[short], -lengths[short]  # ascending: for searchsorted
     for k in range(int(-shorter[0]) if len(shorter) else 0):
         m = int(np.searchsorted(shorter, -k))  # the words longer than k bytes: a prefix

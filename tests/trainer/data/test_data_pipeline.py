@@ -252,7 +252,23 @@ def test_worker_processes_prepare_the_same_bytes(tokenizer, tmp_path, monkeypatc
     """One process or three workers (more than this machine's cores): the same train.jsonl and eval.jsonl, byte for
     byte, and the same report, MinHash decisions included (copies within the training set, and evaluation records
     that copy training ones). Chunks of 16 records spread every kind of copy over different chunks and workers;
-    only this process decides, in input order, which record is a copy."""
+    only this process decides, in input order, which record is a copy. While the workers start, chunks are prepared
+    here: the first three are, then this process waits for the workers, which get every later chunk."""
+    runners, prepared_here = [], []
+    start_runner, prepare_chunk = data_module._ChunkRunner.__init__, data_module._prepare_chunk
+
+    def runner(self, *args):
+        start_runner(self, *args)
+        runners.append(self)
+
+    def prepare_here(rows, ctx):  # in this process only: the workers import the module afresh
+        prepared_here.append(len(rows))
+        if len(prepared_here) == 3 and runners[-1].pool is not None:
+            runners[-1].started.result(timeout=120)
+        return prepare_chunk(rows, ctx)
+
+    monkeypatch.setattr(data_module._ChunkRunner, "__init__", runner)
+    monkeypatch.setattr(data_module, "_prepare_chunk", prepare_here)
     rows = copies_of_every_kind(440)
     train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:400]), write_jsonl(tmp_path / "eval.jsonl", [
         chat(r["messages"][0]["content"].replace(" the ", " a ", 1), r["messages"][1]["content"]) for r in rows[:20]
@@ -262,7 +278,9 @@ def test_worker_processes_prepare_the_same_bytes(tokenizer, tmp_path, monkeypatc
     outputs = {}
     for workers in (1, 3):
         monkeypatch.setenv("TUNERUN_DATA_WORKERS", str(workers))
+        prepared_here.clear()
         report = prepare_files(spec, tokenizer, seed=0, out_dir=tmp_path / f"w{workers}")
+        assert sum(prepared_here) == 460 if workers == 1 else prepared_here == [16] * 3  # 400 + 60 records
         outputs[workers] = (dataclasses.asdict(report), *((tmp_path / f"w{workers}" / name).read_bytes()
                                                           for name in ("train.jsonl", "eval.jsonl")))
     report = outputs[1][0]

@@ -435,15 +435,14 @@ class FuzzyIndex:
         """`add` unless `matches` finds a similar kept record (then False), looking up each band once for both:
         deduplication asks this of every record."""
         hits = self._hits(signature, bands)
-        if any(hit is not None for hit in hits) and self._similar(signature, hits):
+        if hits.count(None) < len(hits) and self._similar(signature, hits):
             return False
         self._insert(signature, bands, hits)
         return True
 
     def _hits(self, signature: np.ndarray, bands: tuple[int, ...] | None) -> list[int | list[int] | None]:
         """What each band's bucket holds for ``signature``'s band keys."""
-        return [buckets.get(band) for band, buckets in zip(bands or band_keys(signature, self.threshold),
-                                                            self.buckets)]
+        return list(map(dict.get, self.buckets, bands or band_keys(signature, self.threshold)))
 
     def _similar(self, signature: np.ndarray, hits: list) -> list[int]:
         candidates = {k for hit in hits if hit is not None for k in (hit if isinstance(hit, list) else (hit,))}

@@ -27,16 +27,17 @@ class ExampleWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.handle = self.tmp.open("w", encoding="utf-8")
+        self.handle = self.tmp.open("wb")
         self.count = 0
 
     def write(self, example: dict) -> None:
-        self.write_line(example_line(example))
+        self.write_lines([example_line(example)])
 
-    def write_line(self, line: str) -> None:
-        """An example already serialised by `example_line` (e.g. a line of another `ExampleWriter`'s file)."""
-        self.handle.write(line if line.endswith("\n") else line + "\n")
-        self.count += 1
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Examples already serialised by `example_line` (e.g. lines of another `ExampleWriter`'s file), each
+        ending in its newline."""
+        self.handle.write(b"".join(lines))
+        self.count += len(lines)
 
     def commit(self) -> None:
         self.handle.close()
@@ -47,10 +48,11 @@ class ExampleWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def example_line(example: dict) -> str:
-    """An example as a line of a prepared file; data preparation's worker processes serialise with it, so only
-    text crosses back to the process that writes. orjson: ~2 µs for a few hundred token ids, json's ~19."""
-    return orjson.dumps(example).decode() + "\n"
+def example_line(example: dict) -> bytes:
+    """An example as a line of a prepared file, its newline included; data preparation's worker processes
+    serialise with it, so only bytes cross back to the process that writes. orjson: ~2 µs for a few hundred
+    token ids, json's ~19."""
+    return orjson.dumps(example, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def load_examples(path: Path) -> list[dict]:

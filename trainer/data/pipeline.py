@@ -160,7 +160,7 @@ class _Outcome:
     pii: dict[str, int] = field(default_factory=dict)
     example: dict | None = None  # as the objective encodes it, before `_fit_length`
     verdict: str = ""  # what `_fit_length` did: kept, truncated, too_long or empty
-    line: str | None = None  # the fitted example as a line of the prepared file; None when dropped
+    line: bytes | None = None  # the fitted example as a line of the prepared file; None when dropped
     length: int = 0  # the fitted example's tokens (the objective's `length`)
 
     def __reduce__(self):
@@ -461,9 +461,9 @@ def _done(outcomes: list[_Outcome]) -> Future:
 # ---------------------------------------------------------------- one set: read → clean → dedup → length
 
 
-@dataclass
+@dataclass(slots=True)
 class _Kept:
-    line: str  # of train.jsonl or eval.jsonl
+    line: bytes  # of train.jsonl or eval.jsonl, its newline included
     length: int  # tokens
     near: bytes
     key: int  # in the set's `_Dedup`
@@ -498,26 +498,35 @@ class _Dedup:
     def signature(self, key: int) -> np.ndarray | None:
         return self.fuzzy.signature(key) if self.fuzzy is not None else None
 
-    def holds_copy(self, near: bytes, signature: np.ndarray | None, near_keys: set[bytes], keys: set[int]) -> bool:
-        """Is a record (its near key and signature) a near or fuzzy copy of one of ``keys`` kept here?"""
-        if near in near_keys:
-            return True
-        if self.fuzzy is None or signature is None:
-            return False
-        return any(k in keys for k in self.fuzzy.matches(signature))
+    def copies(self, records: list[tuple[bytes, np.ndarray | None]], near_keys: set[bytes], keys: set[int]) -> int:
+        """How many ``records`` (near key, signature) are near or fuzzy copies of one of ``keys`` kept here; the
+        band keys of the signatures in one numpy pass."""
+        found, signatures = 0, []
+        for near, signature in records:
+            if near in near_keys:
+                found += 1
+            elif self.fuzzy is not None and signature is not None:
+                signatures.append(signature)
+        if not signatures:
+            return found
+        bands = band_keys_of(np.stack(signatures), self.clean.near_dedup_threshold)
+        return found + sum(any(k in keys for k in self.fuzzy.matches(signature, b))
+                           for signature, b in zip(signatures, bands))
 
 
 def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunner, report: DataReport,
-                dedup: _Dedup, formats: list[str]) -> Iterator[_Kept]:
-    """Kept examples of the files ``pattern`` names, in input order; counts go into ``report``."""
+                dedup: _Dedup, formats: list[str]) -> Iterator[list[_Kept]]:
+    """Kept examples of the files ``pattern`` names, in input order, a chunk's at a time; counts go into
+    ``report``."""
     files = resolve_files(pattern)
     report.files += [str(f) for f in files]
     read_before, bad = report.records_read, []
     for path in files:
         file_format, first_where, unknown = None, "", None
         for outcomes in runner.map(read_records([path], spec.columns, parse=False)):
+            report.records_read += len(outcomes)
+            kept = []
             for o in outcomes:
-                report.records_read += 1
                 if o.error is None and file_format is None:
                     file_format, first_where = o.format, o.where
                     _check_objective_reads(ctx.objective, path, o)
@@ -531,10 +540,11 @@ def _stream_set(pattern: str, spec: DataSpec, ctx: _Context, runner: _ChunkRunne
                 elif o.equal_answers:
                     report.equal_answers += 1
                 elif (key := dedup.keep(o, report)) is not None:
-                    if (kept := _fitted(o, key, report)) is not None:
+                    if (fitted := _fitted(o, key, report)) is not None:
                         for kind, n in o.pii.items():  # kept records only: the report describes what trains
                             report.pii_masked[kind] = report.pii_masked.get(kind, 0) + n
-                        yield kept
+                        kept.append(fitted)
+            yield kept
         if file_format is None and unknown:
             raise DataError(unknown)  # no record of the file has a known shape: say which keys it saw
         if file_format and file_format not in formats:
@@ -657,10 +667,10 @@ class _Preparation:
     def _keep_training_examples(self) -> tuple[_Dedup, list[tuple[bytes, int]]]:
         """Write the kept training examples to the scratch file; (near key, dedup key) of each."""
         dedup, kept, formats, writer = _Dedup(self.spec.clean), [], [], self._writer(self.scratch.name)
-        for ex in _stream_set(self.spec.train, self.spec, self.ctx, self.runner, self.report, dedup, formats):
-            writer.write_line(ex.line)
-            kept.append((ex.near, ex.key))
-            self.lengths.append(ex.length)
+        for chunk in _stream_set(self.spec.train, self.spec, self.ctx, self.runner, self.report, dedup, formats):
+            writer.write_lines([ex.line for ex in chunk])
+            kept += [(ex.near, ex.key) for ex in chunk]
+            self.lengths += [ex.length for ex in chunk]
         self.report.format = ", ".join(formats)
         if not kept:
             raise DataError(_nothing_left(self.report.files, self.spec, self.report))
@@ -671,11 +681,11 @@ class _Preparation:
         """data.eval, read and cleaned like the training data; contamination checked against all of train."""
         writer, eval_dedup = self._writer(EVAL_FILE), _Dedup(self.spec.clean)
         train_near, train_keys = {near for near, _ in kept}, {key for _, key in kept}
-        for ex in _stream_set(self.spec.eval, self.spec, self.ctx, self.runner, self.report, eval_dedup, []):
-            writer.write_line(ex.line)
-            self.lengths.append(ex.length)
-            signature = eval_dedup.signature(ex.key)
-            self.report.contaminated_eval += train_dedup.holds_copy(ex.near, signature, train_near, train_keys)
+        for chunk in _stream_set(self.spec.eval, self.spec, self.ctx, self.runner, self.report, eval_dedup, []):
+            writer.write_lines([ex.line for ex in chunk])
+            self.lengths += [ex.length for ex in chunk]
+            self.report.contaminated_eval += train_dedup.copies(
+                [(ex.near, eval_dedup.signature(ex.key)) for ex in chunk], train_near, train_keys)
         if not writer.count:
             raise DataError(f"no evaluation records in {self.spec.eval}; fix data.eval, or leave it unset to split "
                             "data.eval_fraction off the training data")
@@ -685,23 +695,24 @@ class _Preparation:
     def _write_held_out(self, dedup: _Dedup, kept: list, held_out: set[int], train: list[int]) -> int:
         writer = self._writer(EVAL_FILE)
         train_near, train_keys = {kept[i][0] for i in train}, {kept[i][1] for i in train}
-        for i, line in _lines(self.scratch, held_out):
-            writer.write_line(line)
-            near, key = kept[i]
-            self.report.contaminated_eval += dedup.holds_copy(near, dedup.signature(key), train_near, train_keys)
+        for chunk in _chunks(_lines(self.scratch, held_out), CHUNK_RECORDS):
+            writer.write_lines([line for _, line in chunk])
+            records = [(kept[i][0], dedup.signature(kept[i][1])) for i, _ in chunk]
+            self.report.contaminated_eval += dedup.copies(records, train_near, train_keys)
         writer.commit()
         return writer.count
 
     def _write_train(self, train) -> None:
         writer = self._writer(TRAIN_FILE)
         packer = Packer(self.spec.max_seq_len, writer) if self.spec.packing and self.objective.packs else None
-        for _, line in _lines(self.scratch, train):
-            if packer is None:
-                writer.write_line(line)
-            else:
+        lines = (line for _, line in _lines(self.scratch, train))
+        if packer is None:
+            for batch in _chunks(lines, CHUNK_RECORDS):
+                writer.write_lines(batch)
+        else:
+            for line in lines:
                 example = orjson.loads(line)
                 packer.add(example["input_ids"], example["labels"])
-        if packer is not None:
             packer.close()
             self.report.packed_rows, self.report.packing_efficiency = packer.rows, round(packer.efficiency, 4)
         writer.commit()
@@ -732,9 +743,9 @@ def _held_out(n: int, fraction: float, seed: int) -> set[int]:
     return set(order[:k])
 
 
-def _lines(path: Path, wanted) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, wanted) -> Iterator[tuple[int, bytes]]:
     wanted = set(wanted)
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for i, line in enumerate(handle):
             if i in wanted:
                 yield i, line

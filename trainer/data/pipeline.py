@@ -41,8 +41,8 @@ import random
 import tempfile
 import threading
 from collections import deque
-from concurrent.futures import Future
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -55,7 +55,8 @@ EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Z
 # above each (tests/trainer/data/test_pii_rules.py). Not for EMAIL: its first class holds most characters.
 # \b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b
 IBAN = re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]){11,30}\b")
-CARD = re.compile(r"\d(?<![\w-]\d)(?:[ -]?\d){12,18}(?![\w-])")  # (?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])
+# (?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])
+CARD = re.compile(r"\d(?<![\w-]\d)(?:[ -]?\d){12,18}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # (?<![\w.]){_OCTET}(?:\.{_OCTET}){3}(?![\w]|\.\d): the first octet's forms go on from its first digit.
 IPV4 = re.compile(r"\d(?<![\w.]\d)(?:(?<=2)5[0-5]|(?<=2)[0-4]\d|(?<=1)\d\d|(?<=[1-9])\d|)"

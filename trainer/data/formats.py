@@ -36,7 +36,6 @@ from tunerun.jobs.errors import DataError
 FORMATS = ("chat", "sharegpt", "alpaca", "text")
 PREFERENCE_FORMATS = ("openai_preference", "trl_preference", "sharegpt_ranking", "alpaca_ranking")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-_TEXT_ROLES = frozenset(CHAT_ROLES)  # a message of these with a string content and no other key is kept as is
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant",
                   "observation": "tool", "system": "system"}
 FORMAT_SHAPES = ('chat {"messages": [...]}, sharegpt {"conversations": [...]}, '
@@ -158,7 +157,7 @@ def _chat(record: dict) -> Conversation:
         raise DataError(f"messages must be a list, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
-        if type(m) is dict and len(m) == 2 and type(m.get("content")) is str and m.get("role") in _TEXT_ROLES:
+        if type(m) is dict and len(m) == 2 and type(m.get("content")) is str and m.get("role") in CHAT_ROLES:
             out.append({"role": m["role"], "content": m["content"]})  # most messages: what the checks below give
             continue
         if not isinstance(m, dict):

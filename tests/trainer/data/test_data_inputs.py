@@ -195,6 +195,19 @@ def test_roles_out_of_order(tokenizer, tmp_path, roles, problem):
     assert f"{tmp_path / 't.jsonl'}:1: {problem}" in message
 
 
+@pytest.mark.parametrize("message, problem", [
+    ({"role": ["user"], "content": "hi"}, "messages[0].role ['user'] is not one of system, user, assistant, tool"),
+    ({"role": {"user": 1}, "content": "hi"}, "messages[0].role {'user': 1} is not one of"),
+    ({"role": "human", "content": "hi"}, "messages[0].role 'human' is not one of"),
+    ({"role": "user", "content": 7}, "messages[0].content must be a string, got int"),
+    ({"role": "user", "content": ["hi"]}, "messages[0].content: only text parts"),
+    (["user", "hi"], "messages[0] must be an object with role and content"),
+])
+def test_a_message_of_the_wrong_shape_is_named(tokenizer, tmp_path, message, problem):
+    record = {"messages": [message, {"role": "assistant", "content": "hello"}]}
+    assert problem in refused(tokenizer, spec(write_jsonl(tmp_path / "t.jsonl", [record])))
+
+
 def test_sharegpt_roles_out_of_order(tokenizer, tmp_path):
     record = {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "hi"},
                                 {"from": "gpt", "value": "How can I help?"}]}

@@ -21,12 +21,13 @@ Pipeline, in order (each step counted in `DataReport`):
 6. **pack** (``data.packing``, where the objective `packs`): training examples share rows of ``max_seq_len``
    tokens, each with position ids from 0, which keeps attention inside each example (see `pack`).
 
-Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`): everything per
-record happens there, MinHash signatures, the length fit and the example's JSON line included. This process
-only decides, in input order, which records are copies of earlier ones, and writes the lines it keeps; so
-the prepared files and the report do not depend on the number of workers. Examples stream to disk as they are
-made: memory holds the dedup keys, not the tokens (measured on 100k chat records: +60 MB with MinHash off,
-+170 MB with it, whatever the token count), plus at most two chunks per worker in flight.
+Steps 1–4 run on chunks of records, in worker processes for large inputs (`data_workers`; the first chunks here,
+while the workers start): everything per record happens there, MinHash signatures, the length fit and the
+example's JSON line included. This process only decides, in input order, which records are copies of earlier
+ones, and writes the lines it keeps; so the prepared files and the report do not depend on the number of workers.
+Examples stream to disk as they are made: memory holds the dedup keys, not the tokens (measured on 100k chat
+records: +60 MB with MinHash off, +170 MB with it, whatever the token count), plus at most two chunks per worker
+in flight.
 
 torch is imported only by `collate`: preparing data does not need it.
 """

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -253,21 +254,28 @@ def test_worker_processes_prepare_the_same_bytes(tokenizer, tmp_path, monkeypatc
     byte, and the same report, MinHash decisions included (copies within the training set, and evaluation records
     that copy training ones). Chunks of 16 records spread every kind of copy over different chunks and workers;
     only this process decides, in input order, which record is a copy. While the workers start, chunks are prepared
-    here: the first three are, then this process waits for the workers, which get every later chunk."""
-    runners, prepared_here = [], []
-    start_runner, prepare_chunk = data_module._ChunkRunner.__init__, data_module._prepare_chunk
+    here: the workers start after the third, and this process waits for them, so they get every later chunk."""
+    runners, prepared_here, three_here = [], [], threading.Event()
+    start_runner, start_workers = data_module._ChunkRunner.__init__, data_module._ChunkRunner._start_workers
+    prepare_chunk = data_module._prepare_chunk
 
     def runner(self, *args):
         start_runner(self, *args)
         runners.append(self)
 
+    def start_after_three(self, workers):  # a fork server left running by an earlier test starts workers at once
+        three_here.wait(timeout=120)
+        start_workers(self, workers)
+
     def prepare_here(rows, ctx):  # in this process only: the workers import the module afresh
         prepared_here.append(len(rows))
         if len(prepared_here) == 3 and runners[-1].pool is not None:
+            three_here.set()
             runners[-1].started.result(timeout=120)
         return prepare_chunk(rows, ctx)
 
     monkeypatch.setattr(data_module._ChunkRunner, "__init__", runner)
+    monkeypatch.setattr(data_module._ChunkRunner, "_start_workers", start_after_three)
     monkeypatch.setattr(data_module, "_prepare_chunk", prepare_here)
     rows = copies_of_every_kind(440)
     train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:400]), write_jsonl(tmp_path / "eval.jsonl", [

@@ -408,7 +408,7 @@ def _worker_processes(tokenizer):
 class _ChunkRunner:
     """Maps `_prepare_chunk` over chunks in order; with workers, at most 2 chunks per worker are in flight
     so a large file is never read ahead into memory. Workers take about a second to start (the fork server
-    imports transformers before it forks them): until all have, chunks are prepared in this process."""
+    imports transformers before it forks them): until they are up, chunks are prepared in this process."""
 
     def __init__(self, ctx: _Context, workers: int):
         self.ctx, self.pool, self.window = ctx, None, 2 * workers
@@ -422,8 +422,8 @@ class _ChunkRunner:
                              daemon=True).start()
 
     def _start_workers(self, workers: int) -> None:
-        """Start every worker and wait until each has run a task; in a thread, because starting the first one
-        blocks until the fork server has imported its modules."""
+        """Start the workers (the pool starts one per task submitted, up to ``workers``) and wait until their tasks
+        have run; in a thread, because starting the first one blocks until the fork server has imported its modules."""
         try:
             for started in [self.pool.submit(os.getpid) for _ in range(workers)]:
                 started.result()
